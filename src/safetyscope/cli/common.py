@@ -1,0 +1,66 @@
+"""Helpers shared by CLI commands: prompt-set options, error handling, output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import typer
+
+from .settings import Settings, opt
+
+# Exceptions whose message is already a one-line, user-facing explanation with the fix.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError)
+
+
+@dataclass
+class PromptSettings(Settings):
+    harmful: str = opt("", "Harmful prompts file (JSONL/CSV/TXT); empty = the built-in harmful set.")
+    harmless: str = opt("", "Harmless prompts file (JSONL/CSV/TXT); empty = the built-in harmless set.")
+    split: str = opt("train", "Split of the built-in sets to use: train, val, test or all.")
+    n_prompts: int = opt(0, "Use at most this many prompts per group (0 = all), sampled with --seed.")
+
+
+def prompt_sets(s: PromptSettings, split: str | None = None) -> tuple[Any, Any]:
+    """(harmful, harmless) PromptSets from files or the built-in sets, non-empty and capped."""
+    from ..prompts import builtin_prompts, load_prompts
+
+    out = []
+    for kind, path in (("harmful", s.harmful), ("harmless", s.harmless)):
+        ps = load_prompts(path, label=kind) if path else builtin_prompts(kind, split or s.split, seed=s.seed)
+        if s.n_prompts:
+            ps = ps.sample(s.n_prompts, seed=s.seed)
+        out.append(ps.require_nonempty(f"{kind} prompts"))
+    return out[0], out[1]
+
+
+def emit(s: Settings, result: Any, render: Callable[[], None] | None = None) -> None:
+    """Print JSON (--json) or the human rendering (unless --quiet)."""
+    from ..io import _clean
+
+    if s.json:
+        print(json.dumps(_clean(result), indent=2))
+    elif render is not None and not s.quiet:
+        render()
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn known errors into one clean line on stderr and exit code 2 (tracebacks only with SAFETYSCOPE_DEBUG)."""
+    import os
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("interrupted: finished results are saved; rerun the same command to resume", file=sys.stderr)
+        raise typer.Exit(130) from None
+    except USER_ERRORS as exc:
+        if os.environ.get("SAFETYSCOPE_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        raise typer.Exit(2) from None

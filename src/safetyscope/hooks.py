@@ -1,0 +1,214 @@
+"""Capture and intervention context managers. Every hook is removed in ``finally``.
+
+The batch being run is published through a context variable by :func:`forward` (and by
+generation helpers), so hooks can select positions without the caller threading it through.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models.adapter import LoadedModel
+from .positions import Batch, PositionSpec, parse_positions, select_positions
+from .sites import Site
+
+_CURRENT_BATCH: contextvars.ContextVar[Batch | None] = contextvars.ContextVar("safetyscope_batch", default=None)
+
+# An edit gets the site's activation in its natural shape (e.g. [batch, pos, d_model], or
+# [batch, pos, n_heads, d_head] for attn.heads) and the running batch (None when unknown), and
+# returns the replacement (same shape) or None to leave it as it is.
+EditFn = Callable[[torch.Tensor, "Batch | None"], "torch.Tensor | None"]
+
+
+class NaNActivationError(FloatingPointError):
+    """Non-finite activations were captured."""
+
+
+def current_batch() -> Batch | None:
+    return _CURRENT_BATCH.get()
+
+
+@contextmanager
+def running(batch: Batch | None) -> Iterator[None]:
+    """Publish ``batch`` to hooks for the duration of a forward or a generation."""
+    token = _CURRENT_BATCH.set(batch)
+    try:
+        yield
+    finally:
+        _CURRENT_BATCH.reset(token)
+
+
+def forward(lm: LoadedModel, batch: Batch, *, last_only: bool = False) -> torch.Tensor:
+    """Run the model on a batch; logits [batch, pos, vocab] ([batch, 1, vocab] with last_only)."""
+    batch = batch.to(lm.input_device)
+    kwargs: dict[str, Any] = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "position_ids": batch.position_ids,
+        "use_cache": False,
+    }
+    if last_only:
+        kwargs["logits_to_keep"] = 1
+    with running(batch):
+        return lm.model(**kwargs).logits
+
+
+# ---- low-level hook plumbing -------------------------------------------------------------------
+def _first(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _view(site: Site, lm: LoadedModel, t: torch.Tensor) -> torch.Tensor:
+    if site.kind == "attn.heads":
+        return t.view(*t.shape[:-1], lm.dims.n_heads, lm.dims.d_head)  # [batch, pos, n_heads, d_head]
+    return t
+
+
+def _unview(site: Site, t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(-2) if site.kind == "attn.heads" else t
+
+
+def _input_tensor(args: tuple, kwargs: dict) -> tuple[torch.Tensor, str | int]:
+    if args:
+        return args[0], 0
+    for key in ("hidden_states", "input", "x"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key], key
+    raise RuntimeError("could not find the input tensor of a hooked module")
+
+
+def add_site_hook(lm: LoadedModel, site: Site, fn: EditFn) -> torch.utils.hooks.RemovableHandle:
+    """Register ``fn`` on a site; returns the handle (callers remove it in ``finally``)."""
+    module, spec = lm.resolve(site)
+
+    def apply(t: torch.Tensor) -> torch.Tensor | None:
+        new = fn(_view(site, lm, t), _CURRENT_BATCH.get())
+        if new is None:
+            return None
+        return _unview(site, new).to(device=t.device, dtype=t.dtype)
+
+    if spec.hook == "output":
+
+        def out_hook(_m: nn.Module, _args: Any, output: Any) -> Any:
+            new = apply(_first(output))
+            if new is None:
+                return None
+            if isinstance(output, tuple):
+                return (new, *output[1:])
+            if isinstance(output, list):
+                return [new, *output[1:]]
+            return new
+
+        return module.register_forward_hook(out_hook)
+
+    def in_hook(_m: nn.Module, args: tuple, kwargs: dict) -> Any:
+        t, where = _input_tensor(args, kwargs)
+        new = apply(t)
+        if new is None:
+            return None
+        if spec.write == "inplace":  # the block keeps this tensor as its residual: edit it
+            t.copy_(new)
+            return None
+        if isinstance(where, int):
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, where: new}
+
+    return module.register_forward_pre_hook(in_hook, with_kwargs=True)
+
+
+@contextmanager
+def hooks(lm: LoadedModel, edits: Mapping[Site, EditFn] | Iterable[tuple[Site, EditFn]]) -> Iterator[None]:
+    """Register several site hooks at once; all are removed on exit, also on exceptions."""
+    pairs = list(edits.items()) if isinstance(edits, Mapping) else list(edits)
+    handles = []
+    try:
+        for site, fn in pairs:
+            handles.append(add_site_hook(lm, site, fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---- capture ----------------------------------------------------------------------------------
+@dataclass
+class Capture:
+    """Activations of the last forward pass at each site, positions already selected.
+
+    ``values[site]``: [batch, k, *site_shape]; ``grads[site]`` (with grad=True, after backward)
+    is the gradient of the backward's target with respect to the same selected entries.
+    """
+
+    sites: list[Site]
+    positions: str | tuple[int, ...]
+    to_cpu: bool = False
+    grad: bool = False
+    values: dict[Site, torch.Tensor] = field(default_factory=dict)
+    grads: dict[Site, torch.Tensor] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.values.clear()
+        self.grads.clear()
+
+    def check_finite(self) -> None:
+        for site, v in self.values.items():
+            if not torch.isfinite(v).all():
+                raise NaNActivationError(
+                    f"non-finite activations at {site.name}; use --dtype float32, check the model's weights, "
+                    "or shorten the prompts"
+                )
+
+    def _record(self, site: Site, t: torch.Tensor, batch: Batch | None) -> None:
+        if batch is None:
+            raise RuntimeError("capture needs the batch: run the model through safetyscope.hooks.forward")
+        sel = select_positions(t, self.positions, batch)
+        self.values[site] = sel.detach().to("cpu") if self.to_cpu else sel.detach()
+        if self.grad and t.requires_grad:
+
+            def store(g: torch.Tensor, site: Site = site, batch: Batch = batch) -> None:
+                gsel = select_positions(g, self.positions, batch).detach()
+                self.grads[site] = gsel.to("cpu") if self.to_cpu else gsel
+
+            t.register_hook(store)
+
+
+@contextmanager
+def capture(
+    lm: LoadedModel,
+    sites: str | Site | Iterable[str | Site],
+    positions: PositionSpec = "last",
+    *,
+    to_cpu: bool = False,
+    grad: bool = False,
+) -> Iterator[Capture]:
+    """Capture every requested site in one forward pass.
+
+    >>> with capture(lm, "blocks.*.resid_post", "last") as cap:
+    ...     forward(lm, batch)
+    >>> cap.values[site]  # [batch, 1, d_model]
+    """
+    parsed = lm.sites(sites)
+    cap = Capture(parsed, parse_positions(positions), to_cpu=to_cpu, grad=grad)
+
+    def make(site: Site) -> EditFn:
+        def fn(t: torch.Tensor, batch: Batch | None) -> None:
+            cap._record(site, t, batch)
+
+        return fn
+
+    pairs: list[tuple[Site, EditFn]] = [(s, make(s)) for s in parsed]
+    if grad:
+        # Parameters are frozen, so nothing downstream would carry a graph: start one at the embeddings.
+        def track(t: torch.Tensor, _batch: Batch | None) -> torch.Tensor | None:
+            return t if t.requires_grad or not torch.is_grad_enabled() else t.detach().requires_grad_(True)
+
+        pairs.insert(0, (Site("embed"), track))
+    with hooks(lm, pairs):
+        yield cap

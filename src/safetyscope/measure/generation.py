@@ -1,0 +1,106 @@
+"""Model-driving measurement: batched greedy generation and the one-pass logit refusal score.
+
+Interventions are applied by the caller (``with artifact.apply(lm): generate(...)``); these
+functions publish each batch to the hooks, so position-aware interventions work here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import torch
+
+from ..hooks import forward, running
+from ..models.adapter import LoadedModel
+from ..positions import Batch
+from ..runner import batched
+from .metrics import refusal_score
+from .refusal_tokens import refusal_token_ids
+
+
+def _stop_ids(lm: LoadedModel) -> list[int]:
+    tok = lm.tokenizer
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, (list, tuple)):
+        ids.update(gen_eos)
+    for name in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
+        tid = tok.convert_tokens_to_ids(name) if name in tok.get_vocab() else None
+        if isinstance(tid, int):
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def generate_batch(lm: LoadedModel, batch: Batch, max_new_tokens: int = 64, do_sample: bool = False, **kwargs: Any) -> list[str]:
+    """Greedy (unless asked) continuation of one batch; returns the decoded replies."""
+    batch = batch.to(lm.input_device)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
+    with running(batch), torch.inference_mode():
+        out = cast(Any, lm.model).generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=None if not do_sample else kwargs.pop("temperature", 1.0),
+            top_p=None,
+            top_k=None,
+            eos_token_id=_stop_ids(lm),
+            pad_token_id=pad,
+            **kwargs,
+        )
+    new = out[:, batch.seq_len :]
+    return [lm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+
+def generate(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    system: str | None = None,
+    do_sample: bool = False,
+) -> list[str]:
+    """Replies to ``prompts`` in their original order (greedy decoding unless ``do_sample``)."""
+    replies: list[str] = [""] * len(prompts)
+    for batch, outs in batched(
+        lm,
+        prompts,
+        lambda b: generate_batch(lm, b, max_new_tokens, do_sample),
+        batch_size=batch_size,
+        system=system,
+        description="generating",
+    ):
+        for i, reply in zip(batch.index, outs):
+            replies[i] = reply
+    return replies
+
+
+def last_logits(lm: LoadedModel, prompts: Sequence[str], *, batch_size: int = 16, system: str | None = None) -> torch.Tensor:
+    """Next-token logits at the first response position, [n_prompts, vocab] float32 on CPU."""
+    rows: dict[int, torch.Tensor] = {}
+
+    def step(batch: Batch) -> torch.Tensor:
+        with torch.inference_mode():
+            return forward(lm, batch, last_only=True)[:, -1].float().cpu()
+
+    for batch, logits in batched(lm, prompts, step, batch_size=batch_size, system=system, description="scoring"):
+        for i, row in zip(batch.index, logits):
+            rows[i] = row
+    return torch.stack([rows[i] for i in range(len(prompts))])
+
+
+def refusal_scores(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    token_ids: Sequence[int] | None = None,
+    batch_size: int = 16,
+    system: str | None = None,
+) -> torch.Tensor:
+    """Logit refusal score (log-odds of refusal-opening tokens) per prompt, [n_prompts]; no generation."""
+    ids = list(token_ids) if token_ids is not None else refusal_token_ids(lm.tokenizer)
+    return refusal_score(last_logits(lm, prompts, batch_size=batch_size, system=system), ids)

@@ -1,0 +1,1 @@
+"""Methods: each reads activations through the capture layer and produces a frozen artifact or result."""

@@ -1,0 +1,38 @@
+"""Shared fitter: per-group running moments of many sites, one forward pass per batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from ..models.adapter import LoadedModel
+from ..positions import PositionSpec
+from ..runner import run_capture
+from ..sites import Site
+from ..stats import GroupMoments
+
+
+def fit_group_moments(
+    lm: LoadedModel,
+    groups: Mapping[str, Sequence[str]],
+    sites: str | Site | Iterable[str | Site],
+    positions: PositionSpec = "last",
+    *,
+    batch_size: int = 8,
+    system: str | None = None,
+    into: GroupMoments | None = None,
+) -> GroupMoments:
+    """Running mean / variance (float64) per group and site over prompts.
+
+    Keys are site names; each statistic has shape [k, *site_shape] (k selected positions), so
+    memory does not grow with the number of prompts.
+    """
+    stats = into if into is not None else GroupMoments()
+    for group, prompts in groups.items():
+        if not prompts:
+            raise ValueError(f"the {group!r} prompt set is empty; give at least one prompt")
+        for _batch, values in run_capture(
+            lm, prompts, sites, positions, batch_size=batch_size, system=system, description=f"capturing {group}"
+        ):
+            for site, v in values.items():  # v: [batch, k, *shape]
+                stats.update(group, site.name, v)
+    return stats

@@ -1,0 +1,101 @@
+"""Batched runs over prompt lists: length-sorted batches, out-of-memory back-off, one-pass capture."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
+
+import torch
+
+from .hooks import capture, forward
+from .models.adapter import LoadedModel
+from .positions import Batch, PositionSpec
+from .progress import progress_bar
+from .prompts.chat import tokenize_prompts
+from .sites import Site
+
+T = TypeVar("T")
+
+
+class OutOfMemory(RuntimeError):
+    """Even a batch of one prompt does not fit."""
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _free() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def batched(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    fn: Callable[[Batch], T],
+    *,
+    batch_size: int = 8,
+    system: str | None = None,
+    description: str = "running",
+    sort_by_length: bool = True,
+) -> Iterator[tuple[Batch, T]]:
+    """Apply ``fn`` to chat-formatted batches of ``prompts``; halve the batch on out-of-memory.
+
+    Batches carry ``index`` (positions in ``prompts``), so results can be put back in order.
+    """
+    if not prompts:
+        raise ValueError("empty prompt set: give at least one prompt")
+    order = list(range(len(prompts)))
+    if sort_by_length:
+        order.sort(key=lambda i: len(prompts[i]))
+    max_len = lm.dims.max_positions
+    size = max(1, int(batch_size))
+    start = 0
+    with progress_bar(len(prompts), description) as advance:
+        while start < len(order):
+            rows = order[start : start + size]
+            batch = tokenize_prompts(
+                lm.tokenizer, [prompts[i] for i in rows], system=system, max_length=max_len, index=rows
+            )
+            try:
+                result = fn(batch)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                _free()
+                if size == 1:
+                    raise OutOfMemory(
+                        "out of memory with a batch of one prompt; use a smaller model, --dtype bfloat16, "
+                        "--device-map auto across GPUs, or shorter prompts"
+                    ) from None
+                size = max(1, size // 2)
+                continue
+            yield batch, result
+            start += len(rows)
+            advance(len(rows))
+
+
+def run_capture(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    sites: str | Site | Iterable[str | Site],
+    positions: PositionSpec = "last",
+    *,
+    batch_size: int = 8,
+    system: str | None = None,
+    to_cpu: bool = True,
+    description: str = "capturing",
+) -> Iterator[tuple[Batch, dict[Site, torch.Tensor]]]:
+    """One forward pass per batch fills every site; yields (batch, {site: [batch, k, *shape]})."""
+    parsed = lm.sites(sites)
+
+    def step(batch: Batch) -> dict[Site, torch.Tensor]:
+        with torch.inference_mode(), capture(lm, parsed, positions, to_cpu=to_cpu) as cap:
+            forward(lm, batch, last_only=True)
+        cap.check_finite()
+        return dict(cap.values)
+
+    yield from batched(lm, prompts, step, batch_size=batch_size, system=system, description=description)

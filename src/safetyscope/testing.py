@@ -1,0 +1,99 @@
+"""Tiny random models and an offline tokenizer for tests and benchmarks (no download).
+
+Every family in the architecture tables has a config here; ``llama_mqa`` and ``qwen2`` (GQA) and
+``gpt2`` (MHA) cover the attention variants.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import torch
+
+from .models.adapter import LoadedModel
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+
+
+def tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> Any:
+    """A character-level fast tokenizer (about 100 tokens) with a ChatML-style template."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(SPECIALS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
+    fast.chat_template = chat_template
+    fast.padding_side = "left"
+    return fast
+
+
+VOCAB = 128
+
+
+def _configs() -> dict[str, Any]:
+    import transformers as tf
+
+    common: dict[str, Any] = {"vocab_size": VOCAB, "max_position_embeddings": 512}
+    llama_like: dict[str, Any] = {
+        **common,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
+    return {
+        "llama": lambda: tf.LlamaConfig(**llama_like),
+        "llama_mqa": lambda: tf.LlamaConfig(**{**llama_like, "num_key_value_heads": 1}),
+        "qwen2": lambda: tf.Qwen2Config(**llama_like),
+        "mistral": lambda: tf.MistralConfig(**{**llama_like, "num_key_value_heads": 4, "sliding_window": None}),
+        "gemma": lambda: tf.GemmaConfig(**llama_like, head_dim=8),
+        "gemma2": lambda: tf.Gemma2Config(**llama_like, head_dim=8),
+        "gemma3_text": lambda: tf.Gemma3TextConfig(**llama_like, head_dim=8),
+        "phi3": lambda: tf.Phi3Config(**llama_like),
+        "gpt2": lambda: tf.GPT2Config(
+            vocab_size=VOCAB, n_positions=512, n_embd=32, n_layer=3, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        ),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(
+            vocab_size=VOCAB,
+            max_position_embeddings=512,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+        ),
+    }
+
+
+TINY_FAMILIES: tuple[str, ...] = (
+    "llama", "llama_mqa", "qwen2", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox",
+)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> LoadedModel:
+    """A randomly initialised model of the given family wrapped as a LoadedModel (eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    config = _configs()[family]()
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 2, 3, 0
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():  # norms start at 1 (or 0 for Gemma's 1+w): randomise them so tests see real scales
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name.lower() or name.endswith(("ln_1.weight", "ln_2.weight")):
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel.wrap(model, tiny_tokenizer(), name=f"tiny-{family}")

@@ -1,0 +1,141 @@
+"""Foundation invariants on tiny random models of every family in the tables."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safetyscope.hooks import capture, forward, hooks
+from safetyscope.models.arch import ArchitectureError
+from safetyscope.prompts.chat import tokenize_prompts
+from safetyscope.runner import run_capture
+from safetyscope.sites import Site
+from safetyscope.testing import TINY_FAMILIES, tiny_model
+
+
+@pytest.fixture(scope="module", params=TINY_FAMILIES)
+def lm(request):
+    return tiny_model(request.param)
+
+
+def _hook_count(lm) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+
+
+def _batch(lm, prompts):
+    return tokenize_prompts(lm.tokenizer, prompts)
+
+
+def test_resid_post_equals_hidden_states(lm, prompts):
+    b = _batch(lm, prompts)
+    with torch.no_grad(), capture(lm, "blocks.*.resid_post", "all") as cap:
+        forward(lm, b)
+    with torch.no_grad():
+        hs = lm.model(
+            input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+            output_hidden_states=True, use_cache=False,
+        ).hidden_states
+    mask = b.attention_mask.bool()
+    # hidden_states[i] is the input of block i; the last entry is after the final norm.
+    for layer in range(lm.n_layers - 1):
+        got = cap.values[Site("resid_post", layer)]
+        torch.testing.assert_close(got[mask], hs[layer + 1][mask], rtol=1e-5, atol=1e-5)
+
+
+def test_resid_pre_is_previous_resid_post(lm, prompts):
+    b = _batch(lm, prompts)
+    with torch.no_grad(), capture(lm, ["blocks.*.resid_pre", "blocks.*.resid_post"], "last") as cap:
+        forward(lm, b)
+    for layer in range(1, lm.n_layers):
+        torch.testing.assert_close(cap.values[Site("resid_pre", layer)], cap.values[Site("resid_post", layer - 1)])
+
+
+def test_mlp_neurons_match_recomputation(lm, prompts):
+    """The neurons are the input of the down projection: recompute it from the module's weights."""
+    b = _batch(lm, prompts)
+    seen = {}
+    mlp_out = lm.module(lm.table.mlp_out_proj.replace("{block}", lm.table.block_path(1)))
+    h = mlp_out.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o))
+    try:
+        with torch.no_grad(), capture(lm, "blocks.1.mlp.neurons", "all") as cap:
+            forward(lm, b)
+    finally:
+        h.remove()
+    neurons = cap.values[Site("mlp.neurons", 1)]  # [batch, pos, d_mlp]
+    assert neurons.shape[-1] == lm.dims.d_mlp
+    w = mlp_out.weight
+    recomputed = neurons @ (w if lm.table.conv1d else w.T)
+    if getattr(mlp_out, "bias", None) is not None:
+        recomputed = recomputed + mlp_out.bias
+    torch.testing.assert_close(recomputed, seen["out"], rtol=1e-5, atol=1e-5)
+
+
+def test_heads_recombine_to_attention_output(lm, prompts):
+    b = _batch(lm, prompts)
+    proj = lm.module(lm.table.attn_out_proj.replace("{block}", lm.table.block_path(0)))
+    seen = {}
+    h = proj.register_forward_hook(lambda m, a, o: seen.__setitem__("o", o))
+    try:
+        with torch.no_grad(), capture(lm, ["blocks.0.attn.heads", "blocks.0.attn.out"], "all") as cap:
+            forward(lm, b)
+    finally:
+        h.remove()
+    heads = cap.values[Site("attn.heads", 0)]  # [batch, pos, n_heads, d_head]
+    assert heads.shape[-2:] == (lm.dims.n_heads, lm.dims.d_head)
+    w = proj.weight if lm.table.conv1d else proj.weight.T  # [n_heads*d_head, d_model]
+    per_head = torch.einsum("bphd,hdm->bphm", heads, w.view(lm.dims.n_heads, lm.dims.d_head, -1))
+    total = per_head.sum(2) + (proj.bias if getattr(proj, "bias", None) is not None else 0)
+    torch.testing.assert_close(total, seen["o"], rtol=1e-5, atol=1e-5)
+    if not lm.table.post_norms:  # with post-norms attn.out is the normed projection
+        torch.testing.assert_close(total, cap.values[Site("attn.out", 0)], rtol=1e-5, atol=1e-5)
+
+
+def test_hooks_removed_restore_logits_bit_identical(lm, prompts):
+    b = _batch(lm, prompts)
+    n_hooks = _hook_count(lm)
+    with torch.no_grad():
+        before = forward(lm, b)
+        with capture(lm, ["blocks.*.resid_post", "blocks.*.mlp.neurons", "blocks.*.attn.heads"], "mean"):
+            forward(lm, b)
+        with hooks(lm, {Site("resid_post", 0): lambda x, _b: x * 0}):
+            changed = forward(lm, b)
+        after = forward(lm, b)
+    assert torch.equal(before, after)
+    assert not torch.equal(before, changed)
+    assert _hook_count(lm) == n_hooks
+
+
+def test_exception_inside_context_removes_hooks(lm, prompts):
+    n_hooks = _hook_count(lm)
+    with pytest.raises(KeyError), capture(lm, "blocks.*.resid_post"):
+        raise KeyError("boom")
+    with pytest.raises(RuntimeError), hooks(lm, {Site("mlp.neurons", 0): lambda x, _b: x}):
+        raise RuntimeError("boom")
+    assert _hook_count(lm) == n_hooks
+
+
+@pytest.mark.parametrize("positions", ["last", "post_instruction", "mean"])
+def test_batched_equals_unbatched(lm, prompts, positions):
+    sites = ["blocks.*.resid_post", "blocks.1.mlp.neurons", "embed"]
+    together = {}
+    for batch, values in run_capture(lm, prompts, sites, positions, batch_size=4):
+        for i, idx in enumerate(batch.index):
+            together[idx] = {s: v[i] for s, v in values.items()}
+    for idx, p in enumerate(prompts):
+        (_, alone), = list(run_capture(lm, [p], sites, positions, batch_size=1))
+        for s, v in alone.items():
+            torch.testing.assert_close(together[idx][s], v[0], rtol=1e-4, atol=1e-4)
+
+
+def test_editing_resid_mid_changes_the_residual(lm, prompts):
+    """resid_mid is written in place: zeroing it must zero what the MLP adds to (not just its input)."""
+    if lm.table.parallel_residual:  # no resid_mid exists: the site must be refused clearly
+        with pytest.raises(ArchitectureError, match="parallel residual"):
+            lm.sites("blocks.0.resid_mid")
+        return
+    b = _batch(lm, prompts)
+    with torch.no_grad(), capture(lm, ["blocks.0.mlp.out", "blocks.0.resid_post"], "all") as cap, hooks(
+        lm, {Site("resid_mid", 0): lambda x, _b: torch.zeros_like(x)}
+    ):
+        forward(lm, b)
+    torch.testing.assert_close(cap.values[Site("resid_post", 0)], cap.values[Site("mlp.out", 0)])
