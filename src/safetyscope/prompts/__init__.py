@@ -1,0 +1,45 @@
+"""Prompt sets: types, file loaders and the built-in harmful/harmless/over-refusal data."""
+
+from __future__ import annotations
+
+from .builtin import (
+    BUILTIN_KINDS,
+    CAPABILITY_KINDS,
+    builtin_prompts,
+    capability_passages,
+    capability_texts,
+    minimal_pairs,
+)
+from .loaders import FORMATS, load_prompts, parse_csv, parse_jsonl, parse_txt
+from .types import (
+    LABELS,
+    SPLITS,
+    MinimalPair,
+    Prompt,
+    PromptError,
+    PromptSet,
+    normalize_label,
+)
+
+# --- chat templating (prompts/chat.py, maintained separately): add `from .chat import ...` lines below ---
+
+__all__ = [
+    "BUILTIN_KINDS",
+    "CAPABILITY_KINDS",
+    "FORMATS",
+    "LABELS",
+    "SPLITS",
+    "MinimalPair",
+    "Prompt",
+    "PromptError",
+    "PromptSet",
+    "builtin_prompts",
+    "capability_passages",
+    "capability_texts",
+    "load_prompts",
+    "minimal_pairs",
+    "normalize_label",
+    "parse_csv",
+    "parse_jsonl",
+    "parse_txt",
+]
