@@ -1,0 +1,88 @@
+"""The CLI as a user runs it: first analysis on the real default and small models, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "SAFETYSCOPE_QUIET": "1"}
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "safetyscope", *args], capture_output=True, text=True, env=ENV, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["default", "small"])
+def test_capture_on_shipped_models(model, tmp_path):
+    proc = run("capture", model, "--n-prompts", "6", "--out", str(tmp_path), "--json", "--batch-size", "6")
+    result = json.loads(proc.stdout)
+    n_layers = result["model"]["n_layers"]
+    assert n_layers == (24 if model == "default" else 30)
+    assert len(result["layers"]) == n_layers
+    assert result["n_harmful"] == result["n_harmless"] == 6
+    norms = [row["diff_norm"] for row in result["layers"]]
+    assert all(n > 0 for n in norms)
+    assert all(-1 <= row["cosine"] <= 1 for row in result["layers"])
+    saved = json.loads((tmp_path / "capture" / "summary.json").read_text())
+    assert saved["layers"] == result["layers"]
+    assert (tmp_path / "capture" / "moments.safetensors").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_info_on_default_model():
+    desc = json.loads(run("info", "default", "--json").stdout)
+    assert (desc["n_layers"], desc["d_model"], desc["d_mlp"], desc["n_heads"], desc["n_kv_heads"]) == (24, 896, 4864, 14, 2)
+    assert desc["chat_template"] is True
+    assert "blocks.{0-23}.mlp.neurons" in desc["sites"]
+
+
+def test_models_lists_architectures():
+    data = json.loads(run("models", "--json").stdout)
+    assert {"llama", "gpt2", "gemma2", "gpt_neox", "phi3"} <= set(data["architectures"])
+    assert "qwen2" in data["architectures"]["llama"]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["capture", "default", "--harmful", "/nonexistent/h.jsonl"], "not found"),
+        (["capture", "no/such-model-anywhere", "--harmful", "/nonexistent/h.jsonl"], "not found"),
+        (["capture", "./missing-dir"], "not found"),
+        (["capture", "default", "--positions", "middle"], "unknown position"),
+    ],
+)
+def test_bad_input_gives_one_line_error(args, needle, tmp_path):
+    proc = run(*args, "--out", str(tmp_path), check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_empty_prompt_file_is_refused(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only a comment\n")
+    proc = run("capture", "default", "--harmful", str(empty), "--out", str(tmp_path), check=False)
+    assert proc.returncode == 2
+    assert "empty" in proc.stderr.lower()
+
+
+def test_config_file_feeds_settings_and_flags_override(tmp_path):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text('[common]\nmodel = "./nowhere-from-config"\n[capture]\npositions = "last"\n')
+    proc = run("capture", "--config", str(cfg), "--out", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "nowhere-from-config" in proc.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[common]\nno_such_option = 1\n")
+    proc = run("capture", "--config", str(bad), check=False)
+    assert proc.returncode != 0 and "no_such_option" in proc.stderr
