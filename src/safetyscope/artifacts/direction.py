@@ -1,0 +1,345 @@
+"""The refusal direction as an artifact: directional ablation, activation addition, weight orthogonalisation.
+
+Directional ablation (Arditi et al. 2024) removes the component along a unit vector ``r`` from
+everything that is written into the residual stream, ``x <- x - w (x . r) r``. The hook set is chosen
+so that the hooked model equals the weight-orthogonalised one (``export``) up to rounding:
+
+* ``blocks.0.resid_pre`` with ``embed_weight``: the block-0 input is the sum of every embedding
+  (token, and positional where the model has one), so projecting it equals orthogonalising each
+  embedding matrix;
+* ``blocks.{l}.attn.out`` and ``blocks.{l}.mlp.out`` with ``layer_weights[l]``: what block ``l``'s
+  attention and MLP add to the residual, i.e. the output of the table's ``writers`` (o_proj /
+  down_proj and their biases);
+* for full ablation (every weight 1) also ``blocks.{l}.resid_pre`` of every block and the last
+  block's output (the final norm's input). In exact arithmetic these are already free of ``r``
+  (the projection is idempotent); re-projecting keeps the residual's component at rounding level,
+  as Arditi et al. do.
+
+With ``post_norms`` tables (Gemma 2/3) ``attn.out``/``mlp.out`` are the post-norm outputs, so the hooks
+are still exact there, but no weight edit reproduces them: ``export`` refuses.
+
+``norm_preserving=True`` is a different, non-linear variant: wherever the residual stream is read
+(``resid_pre`` of every block, ``resid_mid`` where the architecture has it, and the final norm's
+input) the direction is projected out and the vector is rescaled to its original norm, so later
+writes keep their relative size. It exists only as hooks.
+
+Activation addition (``add``) adds ``coeff * norm * r`` (``norm`` = the difference-of-means norm,
+so ``coeff=1`` adds the raw difference of means) to ``blocks.{layer}.resid_pre`` at every position,
+generated tokens included.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..hooks import EditFn, hooks
+from ..io import atomic_dir, write_json
+from ..positions import Batch
+from ..sites import Site
+from .base import Artifact, ArtifactError, register
+
+# A direction source: a fixed unit vector [d_model], or a function of the running batch returning
+# one vector per row [batch, d_model] (used to score many candidates in one forward pass).
+DirectionFn = Callable[["Batch | None"], torch.Tensor]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def project_out(x: torch.Tensor, r: torch.Tensor, weight: float = 1.0, norm_preserving: bool = False) -> torch.Tensor:
+    """``x - weight * (x . r) r`` (optionally rescaled to ``||x||``), in at least float32.
+
+    x: [batch, pos, d_model] (or any [..., d_model]); r: unit [d_model], or [batch, d_model] per row.
+    """
+    dt = _compute_dtype(x)
+    xf = x.to(dt)
+    rf = r.to(device=x.device, dtype=dt)
+    if rf.dim() == 2:  # one direction per row: [batch, d] -> [batch, 1, ..., d]
+        rf = rf.view(rf.shape[0], *([1] * (x.dim() - 2)), rf.shape[1])
+        coef = (xf * rf).sum(-1, keepdim=True)  # [batch, pos, 1]
+    else:
+        coef = (xf @ rf).unsqueeze(-1)  # [batch, pos, 1]
+    out = xf - weight * coef * rf
+    if norm_preserving:
+        old = xf.norm(dim=-1, keepdim=True)
+        out = out * (old / out.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(dt).tiny))
+    return out.to(x.dtype)
+
+
+def ablation_sites(
+    lm: Any, layer_weights: torch.Tensor | None = None, embed_weight: float = 1.0, norm_preserving: bool = False
+) -> list[tuple[Site, float]]:
+    """(site, weight) pairs of a directional ablation; see the module docstring for the choice."""
+    n = lm.n_layers
+    w = [1.0] * n if layer_weights is None else [float(v) for v in layer_weights]
+    if len(w) != n:
+        raise ArtifactError(f"layer weights have {len(w)} entries but the model has {n} blocks; re-tune on this model")
+    last = Site("resid_post", n - 1)
+    if norm_preserving:
+        pairs = [(Site("resid_pre", 0), float(embed_weight))]
+        pairs += [(Site("resid_pre", layer), w[layer]) for layer in range(1, n)]
+        if "resid_mid" in lm.table.sites:
+            pairs += [(Site("resid_mid", layer), w[layer]) for layer in range(n)]
+        pairs.append((last, w[-1]))
+    else:
+        pairs = [(Site("resid_pre", 0), float(embed_weight))]
+        for layer in range(n):
+            pairs += [(Site("attn.out", layer), w[layer]), (Site("mlp.out", layer), w[layer])]
+        if all(v == 1.0 for v in w) and embed_weight == 1.0:
+            pairs += [(Site("resid_pre", layer), 1.0) for layer in range(1, n)] + [(last, 1.0)]
+    return [(s, v) for s, v in pairs if v != 0.0]
+
+
+def ablation_edits(
+    lm: Any,
+    direction: torch.Tensor | DirectionFn,
+    layer_weights: torch.Tensor | None = None,
+    embed_weight: float = 1.0,
+    norm_preserving: bool = False,
+) -> list[tuple[Site, EditFn]]:
+    """Edit functions that ablate ``direction`` (a unit vector or a per-row :data:`DirectionFn`)."""
+    get: DirectionFn = direction if callable(direction) else (lambda _b, r=direction: r)
+
+    def make(weight: float) -> EditFn:
+        def edit(x: torch.Tensor, batch: Batch | None) -> torch.Tensor:  # x: [batch, pos, d_model]
+            return project_out(x, get(batch), weight, norm_preserving)
+
+        return edit
+
+    return [(site, make(w)) for site, w in ablation_sites(lm, layer_weights, embed_weight, norm_preserving)]
+
+
+def addition_edit(vector: torch.Tensor | DirectionFn) -> EditFn:
+    """Edit adding ``vector`` ([d_model], or per row [batch, d_model]) at every position."""
+    get: DirectionFn = vector if callable(vector) else (lambda _b, v=vector: v)
+
+    def edit(x: torch.Tensor, batch: Batch | None) -> torch.Tensor:  # x: [batch, pos, d_model]
+        v = get(batch).to(device=x.device, dtype=_compute_dtype(x))
+        if v.dim() == 2:
+            v = v.unsqueeze(1)  # [batch, 1, d_model]
+        return (x.to(v.dtype) + v).to(x.dtype)
+
+    return edit
+
+
+@register
+class Direction(Artifact):
+    """A unit direction in the residual stream plus where it was found and how it scored.
+
+    ``layer``/``position``: the block (its ``resid_pre``) and negative token offset of the candidate;
+    ``norm``: the norm of the difference of means it was normalised from; ``scores``: its selection
+    scores; ``layer_weights`` [n_layers] and ``embed_weight``: per-layer ablation strength (None =
+    full ablation); ``norm_preserving``: use the norm-preserving hooks.
+    """
+
+    kind = "direction"
+
+    def __init__(
+        self,
+        direction: torch.Tensor,
+        layer: int,
+        position: int = -1,
+        *,
+        norm: float = 1.0,
+        token: str = "",
+        scores: dict[str, Any] | None = None,
+        layer_weights: torch.Tensor | None = None,
+        embed_weight: float = 1.0,
+        norm_preserving: bool = False,
+        meta: dict[str, Any] | None = None,
+    ):
+        d = direction.detach().to("cpu", torch.float64).flatten()
+        length = float(d.norm())
+        if not length > 0 or not torch.isfinite(d).all():
+            raise ArtifactError("the direction is zero or not finite; pick another candidate (layer/position)")
+        self.direction = (d / length).float()  # [d_model] unit
+        self.layer = int(layer)
+        self.position = int(position)
+        self.norm = float(norm)
+        self.token = token
+        self.scores = dict(scores or {})
+        self.layer_weights = None if layer_weights is None else layer_weights.detach().to("cpu", torch.float32).flatten()
+        self.embed_weight = float(embed_weight)
+        self.norm_preserving = bool(norm_preserving)
+        self.meta = dict(meta or {})
+
+    # ---- serialisation ----------------------------------------------------------------------
+    def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        meta = {
+            "layer": self.layer,
+            "position": self.position,
+            "norm": self.norm,
+            "token": self.token,
+            "d_model": int(self.direction.numel()),
+            "scores": self.scores,
+            "embed_weight": self.embed_weight,
+            "norm_preserving": self.norm_preserving,
+            "weighted": self.layer_weights is not None,
+            "meta": self.meta,
+        }
+        tensors = {"direction": self.direction}
+        if self.layer_weights is not None:
+            tensors["layer_weights"] = self.layer_weights
+        return meta, tensors
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Direction:
+        if "direction" not in tensors:
+            raise ArtifactError("direction artifact without a 'direction' tensor; re-create it with `safetyscope direction find`")
+        return cls(
+            tensors["direction"],
+            int(meta["layer"]),
+            int(meta.get("position", -1)),
+            norm=float(meta.get("norm", 1.0)),
+            token=str(meta.get("token", "")),
+            scores=meta.get("scores") or {},
+            layer_weights=tensors.get("layer_weights"),
+            embed_weight=float(meta.get("embed_weight", 1.0)),
+            norm_preserving=bool(meta.get("norm_preserving", False)),
+            meta=meta.get("meta") or {},
+        )
+
+    def with_weights(
+        self, layer_weights: torch.Tensor | None, embed_weight: float = 1.0, norm_preserving: bool | None = None
+    ) -> Direction:
+        """A copy with other per-layer weights (None = full ablation) and/or mode."""
+        out = copy.copy(self)
+        out.layer_weights = None if layer_weights is None else layer_weights.detach().to("cpu", torch.float32).flatten()
+        out.embed_weight = float(embed_weight)
+        if norm_preserving is not None:
+            out.norm_preserving = bool(norm_preserving)
+        return out
+
+    def _check(self, lm: Any) -> None:
+        if int(self.direction.numel()) != lm.dims.d_model:
+            raise ArtifactError(
+                f"the direction has d_model {self.direction.numel()} but {lm.name} has {lm.dims.d_model}; "
+                "use it with the model it was found on"
+            )
+        if not 0 <= self.layer < lm.n_layers:
+            raise ArtifactError(f"direction layer {self.layer} is outside {lm.name}'s blocks 0-{lm.n_layers - 1}")
+
+    # ---- interventions ----------------------------------------------------------------------
+    def apply(self, lm: Any) -> Any:
+        """Directional ablation as a context manager (hooks removed on exit)."""
+        self._check(lm)
+        return hooks(lm, ablation_edits(lm, self.direction, self.layer_weights, self.embed_weight, self.norm_preserving))
+
+    def add(self, lm: Any, coeff: float = 1.0, layer: int | None = None) -> Any:
+        """Activation addition of ``coeff * norm * r`` at ``blocks.{layer}.resid_pre`` (default: own layer)."""
+        self._check(lm)
+        where = self.layer if layer is None else int(layer)
+        site = lm.sites(Site("resid_pre", where if where >= 0 else where + lm.n_layers))[0]
+        return hooks(lm, [(site, addition_edit(self.direction * (coeff * self.norm)))])
+
+    # ---- weight orthogonalisation -----------------------------------------------------------
+    def export(self, lm: Any, out_dir: str | Path) -> Path:
+        """Orthogonalise a deep copy of the weights and save it as a normal Hugging Face checkpoint."""
+        self._check(lm)
+        model = orthogonalized_copy(lm, self.direction, self.layer_weights, self.embed_weight, self.norm_preserving)
+        with atomic_dir(out_dir) as tmp:
+            kwargs: dict[str, Any] = {}
+            if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+                kwargs["safe_serialization"] = True
+            model.save_pretrained(tmp, **kwargs)
+            if lm.tokenizer is not None:
+                lm.tokenizer.save_pretrained(tmp)
+            meta, _ = self.to_state()
+            write_json(tmp / "safetyscope_direction.json", {"source_model": lm.name, **meta})
+        return Path(out_dir)
+
+
+# ---- weight editing -------------------------------------------------------------------------------
+def _orth_rows(weight: torch.Tensor, r: torch.Tensor, w: float) -> None:
+    """In place: weight [n, d_model] <- weight - w (weight r) r^T (each row loses its r component)."""
+    dt = _compute_dtype(weight)
+    wf, rf = weight.data.to(dt), r.to(device=weight.device, dtype=dt)
+    weight.data.copy_((wf - w * torch.outer(wf @ rf, rf)).to(weight.dtype))
+
+
+def _orth_cols(weight: torch.Tensor, r: torch.Tensor, w: float) -> None:
+    """In place: weight [d_model, n] <- weight - w r (r^T weight) (the output loses its r component)."""
+    dt = _compute_dtype(weight)
+    wf, rf = weight.data.to(dt), r.to(device=weight.device, dtype=dt)
+    weight.data.copy_((wf - w * torch.outer(rf, rf @ wf)).to(weight.dtype))
+
+
+def _orth_bias(bias: torch.Tensor, r: torch.Tensor, w: float) -> None:
+    """In place: bias [d_model] <- bias - w (bias . r) r."""
+    dt = _compute_dtype(bias)
+    bf, rf = bias.data.to(dt), r.to(device=bias.device, dtype=dt)
+    bias.data.copy_((bf - w * (bf @ rf) * rf).to(bias.dtype))
+
+
+def _untie_output_embedding(model: Any) -> None:
+    """Give the unembedding its own copy when it shares the embedding matrix (edits must not reach it)."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None or out.weight.data_ptr() != inp.weight.data_ptr():
+        return
+    out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=False)
+    for cfg in (model.config, getattr(model.config, "text_config", None)):
+        if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+            cfg.tie_word_embeddings = False
+    if hasattr(model, "_tied_weights_keys"):
+        model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []
+
+
+def orthogonalized_copy(
+    lm: Any,
+    direction: torch.Tensor,
+    layer_weights: torch.Tensor | None = None,
+    embed_weight: float = 1.0,
+    norm_preserving: bool = False,
+) -> Any:
+    """A deep copy of ``lm.model`` whose embeddings and residual writers no longer write along ``direction``.
+
+    Edits every ``nn.Embedding`` of width d_model (token and positional embeddings; they sum into
+    block 0's input) and, for block ``l`` with weight ``layer_weights[l]``, each module of the
+    table's ``writers`` (weight and bias). A tied unembedding is untied first.
+    """
+    table = lm.table
+    if norm_preserving:
+        raise ArtifactError("norm-preserving ablation is non-linear and cannot be written into weights; "
+                            "use it through hooks (apply) or export a standard direction")
+    if table.post_norms:
+        raise ArtifactError(f"the {table.family} architecture normalises attention/MLP outputs (post_norms), so weight "
+                            "orthogonalisation would not equal the ablation; use the hooks (apply) instead")
+    if not table.writers:
+        raise ArtifactError(f"the {table.family} architecture table lists no residual writers; add `writers` to it")
+    d_model = lm.dims.d_model
+    r = direction.detach().to(torch.float64).flatten()
+    r = r / r.norm()
+    weights = [1.0] * lm.n_layers if layer_weights is None else [float(v) for v in layer_weights]
+    model = copy.deepcopy(lm.model)
+    _untie_output_embedding(model)
+    with torch.no_grad():
+        if embed_weight != 0.0:
+            for module in model.modules():
+                if isinstance(module, nn.Embedding) and module.embedding_dim == d_model:
+                    _orth_rows(module.weight, r, embed_weight)  # [vocab, d_model]
+        for layer, w in enumerate(weights):
+            if w == 0.0:
+                continue
+            for template in table.writers:
+                module = model.get_submodule(table.expand(template, layer))
+                weight = module.weight
+                if table.conv1d:  # Conv1D: [in, d_model]
+                    if weight.shape[-1] != d_model:
+                        raise ArtifactError(f"writer {template} does not output d_model; fix the architecture table")
+                    _orth_rows(weight, r, w)
+                else:  # Linear: [d_model, in]
+                    if weight.shape[0] != d_model:
+                        raise ArtifactError(f"writer {template} does not output d_model; fix the architecture table")
+                    _orth_cols(weight, r, w)
+                bias = getattr(module, "bias", None)
+                if bias is not None:  # [d_model]
+                    _orth_bias(bias, r, w)
+    return model
