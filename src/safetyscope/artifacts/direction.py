@@ -50,6 +50,13 @@ from .base import Artifact, ArtifactError, register
 DirectionFn = Callable[["Batch | None"], torch.Tensor]
 
 
+def _constant(v: torch.Tensor) -> DirectionFn:
+    def get(_batch: Batch | None) -> torch.Tensor:
+        return v
+
+    return get
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -106,7 +113,7 @@ def ablation_edits(
     norm_preserving: bool = False,
 ) -> list[tuple[Site, EditFn]]:
     """Edit functions that ablate ``direction`` (a unit vector or a per-row :data:`DirectionFn`)."""
-    get: DirectionFn = direction if callable(direction) else (lambda _b, r=direction: r)
+    get = direction if callable(direction) else _constant(direction)
 
     def make(weight: float) -> EditFn:
         def edit(x: torch.Tensor, batch: Batch | None) -> torch.Tensor:  # x: [batch, pos, d_model]
@@ -119,7 +126,7 @@ def ablation_edits(
 
 def addition_edit(vector: torch.Tensor | DirectionFn) -> EditFn:
     """Edit adding ``vector`` ([d_model], or per row [batch, d_model]) at every position."""
-    get: DirectionFn = vector if callable(vector) else (lambda _b, v=vector: v)
+    get = vector if callable(vector) else _constant(vector)
 
     def edit(x: torch.Tensor, batch: Batch | None) -> torch.Tensor:  # x: [batch, pos, d_model]
         v = get(batch).to(device=x.device, dtype=_compute_dtype(x))
