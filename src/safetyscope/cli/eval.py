@@ -1,0 +1,146 @@
+"""`safetyscope eval`: refusal, over-refusal and capability damage under saved interventions."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .common import PromptSettings, emit, prompt_sets, user_errors
+from .settings import command, opt
+
+
+@dataclass
+class EvalSettings(PromptSettings):
+    split: str = opt("test", "Split of the built-in harmful/harmless sets: train, val, test or all.")
+    intervention: list[str] = opt((), "Artifact directory to apply; repeat to apply several together (empty = the model as it is).")
+    scary: str = opt("", "Harmless-but-scary prompts file (over-refusal probes); empty = the built-in set, 'none' = skip.")
+    judge: str = opt("", "Refusal judge as module:function taking (prompt, reply) -> bool or score (>= 0.5 = refusal); empty = the phrase judge.")
+    max_new_tokens: int = opt(64, "Reply length cap in tokens (greedy decoding).")
+    refusal_openings: str = opt("", "Comma-separated refusal openings for the logit score (e.g. 'I,As,Sorry'); empty = the defaults.")
+    ppl_text: str = opt("", "Plain-text file for an extra perplexity figure (cut into --ppl-max-tokens windows).")
+    ppl_max_tokens: int = opt(512, "Perplexity passages are truncated, and --ppl-text cut into windows, at this many tokens.")
+    capability: bool = opt(True, "Measure perplexity on the built-in prose and code passages.",
+                           flag="--capability/--no-capability")
+    kl: bool = opt(True, "Measure KL to the unmodified model on its own replies to the harmless prompts.",
+                   flag="--kl/--no-kl")
+    baseline: bool = opt(False, "With --intervention: also generate and judge the unmodified model's harmful and scary replies.")
+    samples: int = opt(3, "Sample replies per set shown in eval.json (every reply is in replies.jsonl).")
+
+
+def register(app: typer.Typer) -> None:
+    @command(app, "eval", EvalSettings, "Refusal rate, over-refusal, logit refusal score, KL and perplexity, optionally under saved interventions.")
+    def eval_cmd(s: EvalSettings) -> None:
+        with user_errors():
+            run_eval(s)
+
+
+def _judge(spec: str) -> Any:
+    from ..measure.judges import load_judge
+
+    try:
+        return load_judge(spec)
+    except (ImportError, AttributeError, TypeError) as exc:  # one line, exit 2 like every user error
+        raise ValueError(str(exc).splitlines()[0] + "; --judge takes package.module:function") from None
+
+
+def _inputs(s: EvalSettings) -> dict[str, Any]:
+    """Everything that can be wrong with the command line, checked before the model loads."""
+    from ..artifacts import Stack, load_artifact
+    from ..prompts import builtin_prompts, load_prompts
+
+    if s.max_new_tokens < 1 or s.ppl_max_tokens < 2:
+        raise ValueError("--max-new-tokens must be at least 1 and --ppl-max-tokens at least 2")
+    harmful, harmless = prompt_sets(s)
+    if s.scary.strip().lower() == "none":
+        scary: Any = []
+    else:
+        scary = load_prompts(s.scary, label="harmless") if s.scary else builtin_prompts("scary_harmless", "all", seed=s.seed)
+        if s.n_prompts:
+            scary = scary.sample(s.n_prompts, seed=s.seed)
+    if s.ppl_text:
+        from ..prompts.loaders import check_path
+
+        check_path(Path(s.ppl_text))
+    parts = [load_artifact(p) for p in s.intervention]
+    names = [f"{a.kind}:{p}" for a, p in zip(parts, s.intervention)]
+    intervention = None if not parts else parts[0] if len(parts) == 1 else Stack(parts)
+    return {"harmful": harmful, "harmless": harmless, "scary": scary, "intervention": intervention, "names": names,
+            "judge": _judge(s.judge) if s.judge else None}
+
+
+def run_eval(s: EvalSettings) -> dict[str, Any]:
+    from ..measure.evaluate import evaluate
+    from ..measure.refusal_tokens import refusal_token_ids
+
+    if s.quiet or s.json:
+        os.environ["SAFETYSCOPE_QUIET"] = "1"
+    inp = _inputs(s)
+    lm = s.load_model()
+    openings = [o.strip() for o in s.refusal_openings.split(",") if o.strip()]
+    ids = refusal_token_ids(lm.tokenizer, openings) if openings else None
+    res = evaluate(
+        lm, inp["intervention"], harmful=inp["harmful"], harmless=inp["harmless"], scary=inp["scary"],
+        judge=inp["judge"], max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, system=s.system,
+        token_ids=ids, kl=s.kl, capability=s.capability, ppl_file=s.ppl_text or None, ppl_max_tokens=s.ppl_max_tokens,
+        baseline=s.baseline,
+        names=inp["names"],
+    )
+    eval_path, replies_path = res.save(s.out, samples=s.samples)
+    result = res.to_dict(s.samples)
+    emit(s, result, lambda: _render(result, eval_path, replies_path))
+    return result
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _rate(r: dict[str, Any] | None) -> str:
+    if not r:
+        return "-"
+    return f"{r['rate']:.1%} [{r['lo']:.0%}, {r['hi']:.0%}] ({r['k']}/{r['n']})"
+
+
+def _render(res: dict[str, Any], eval_path: Path, replies_path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    ref = res.get("reference")
+    title = f"{res['model']}" + (f" under {', '.join(res['interventions'])}" if res["interventions"] else "")
+    t = Table(title=f"safetyscope eval: {title} (judge: {res['judge']}, {res['max_new_tokens']} new tokens)")
+    t.add_column("metric")
+    if ref:
+        t.add_column("unmodified", justify="right")
+    t.add_column("modified" if ref else "value", justify="right")
+
+    def row(label: str, value: str, ref_value: str = "-") -> None:
+        t.add_row(label, *([ref_value] if ref else []), value)
+
+    labels = {"harmful": "refusal rate (harmful)", "harmless": "over-refusal (harmless)", "scary": "over-refusal (scary)"}
+    for name, summary in res["sets"].items():
+        rs = ref["sets"].get(name) if ref else None
+        row(labels[name], _rate(summary["refusal"]), _rate(rs["refusal"]) if rs else "-")
+    for name, summary in res["sets"].items():
+        rs = ref["sets"].get(name) if ref else None
+        row(f"mean logit score ({name})", _fmt(summary["mean_score"], 2), _fmt(rs["mean_score"], 2) if rs else "-")
+    row("AUROC logit score (harmful vs harmless)", _fmt(res["auroc"]), _fmt(ref["auroc"]) if ref else "-")
+    agree = res["agreement_judge_vs_logit"] or {}
+    ref_agree = (ref or {}).get("agreement_judge_vs_logit") or {}
+    row("judge vs logit>0: agreement / kappa", f"{_fmt(agree.get('accuracy'))} / {_fmt(agree.get('kappa'))}",
+        f"{_fmt(ref_agree.get('accuracy'))} / {_fmt(ref_agree.get('kappa'))}" if ref_agree else "-")
+    if res["kl"]:
+        row("KL first response token (nats)", _fmt(res["kl"]["first_token"], 4), "0")
+        row("KL mean over reply tokens (nats)", _fmt(res["kl"]["reply_tokens"], 4), "0")
+    for name, p in res["perplexity"].items():
+        row(f"perplexity ({name}, {p['reference']['n_tokens']} tokens)", _fmt(p["modified"]["ppl"], 2),
+            _fmt(p["reference"]["ppl"], 2))
+    c = Console()
+    c.print(t)
+    c.print(f"results: {eval_path}, every reply: {replies_path}")
