@@ -126,7 +126,7 @@ def run_probe(s: ProbeSettings) -> dict[str, Any]:
     is_h = [1] * len(harmful) + [0] * len(harmless)
     y, note = _labels(lm, s, texts, is_h, cache)
     train = _features(lm, s, texts, "train", cache)
-    test, y_test, test_note = None, None, {}
+    test, y_test, test_note = None, None, dict[str, Any]()
     if tests is not None:
         t_texts = tests[0].texts + tests[1].texts
         y_test, test_note = _labels(lm, s, t_texts, [1] * len(tests[0]) + [0] * len(tests[1]), cache)

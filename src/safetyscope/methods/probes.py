@@ -242,8 +242,8 @@ def _fit_layer(
             ctrl.append((a.mean(), u.mean()))
         rand = []
         for k in range(cfg.n_random):
-            u_dir = np.random.default_rng([cfg.seed, 2, k]).standard_normal(x.shape[1])
-            a, u, _ = _cv(x @ (u_dir / np.linalg.norm(u_dir))[:, None], y, cv_folds(y, cfg.folds, cfg.seed), cfg)
+            u_dir: np.ndarray = np.random.default_rng([cfg.seed, 2, k]).standard_normal((x.shape[1], 1))
+            a, u, _ = _cv(x @ (u_dir / np.linalg.norm(u_dir)), y, cv_folds(y, cfg.folds, cfg.seed), cfg)
             rand.append((a.mean(), u.mean()))
         pipe = make_probe(cfg, cfg.seed).fit(x, y)
     scaler, lr = pipe[0], pipe[-1]
