@@ -1,0 +1,173 @@
+"""Before/after measurements of a direction: refusal rates (greedy replies + judge), induced refusal
+under activation addition, first-token KL and the perplexity of the original model's own replies.
+
+Generations are the expensive part; ``ReplyCache`` keeps each condition's replies on disk keyed by
+a fingerprint of the prompts and settings, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..artifacts.direction import Direction
+from ..hooks import forward
+from ..io import read_json, write_json
+from ..measure.compare import enter, logits_under
+from ..measure.generation import generate
+from ..measure.judges import PhraseJudge
+from ..measure.metrics import kl_divergence, perplexity, rate_with_ci, refusal_score
+from ..measure.refusal_tokens import refusal_token_ids
+from ..models.adapter import LoadedModel
+from ..positions import Batch
+from ..prompts.chat import format_chat
+
+Judge = Callable[[str, str], bool]
+
+
+class ReplyCache:
+    """Replies per condition in ``dir/replies_<name>.json``, reused when the fingerprint matches."""
+
+    def __init__(self, root: str | Path | None, fingerprint: dict[str, Any]):
+        self.root = Path(root) if root is not None else None
+        self.key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def get(self, name: str) -> list[str] | None:
+        if self.root is None or not (self.root / f"replies_{name}.json").is_file():
+            return None
+        data = read_json(self.root / f"replies_{name}.json")
+        return data["replies"] if data.get("key") == self.key else None
+
+    def put(self, name: str, prompts: Sequence[str], replies: list[str]) -> None:
+        if self.root is not None:
+            write_json(self.root / f"replies_{name}.json",
+                       {"key": self.key, "replies": replies, "prompts": list(prompts)})
+
+
+def replies_under(
+    lm: LoadedModel, prompts: Sequence[str], intervention: Any, name: str, cache: ReplyCache, *,
+    max_new_tokens: int, batch_size: int, system: str | None,
+) -> list[str]:
+    cached = cache.get(name)
+    if cached is not None and len(cached) == len(prompts):
+        return cached
+    with enter(lm, intervention):
+        replies = generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
+    cache.put(name, prompts, replies)
+    return replies
+
+
+def refusal_rate(prompts: Sequence[str], replies: Sequence[str], judge: Judge) -> dict[str, Any]:
+    flags = [bool(judge(p, r)) for p, r in zip(prompts, replies)]
+    return dict(rate_with_ci(flags))
+
+
+def reply_nll(
+    lm: LoadedModel, prompts: Sequence[str], replies: Sequence[str], intervention: Any = None, *,
+    batch_size: int = 4, system: str | None = None,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood of ``replies`` (teacher forced after each chat prompt) and token count."""
+    tok = lm.tokenizer
+    rows = []
+    for p, r in zip(prompts, replies):
+        prompt_ids = tok(format_chat(tok, p, system), add_special_tokens=False)["input_ids"]
+        reply_ids = tok(r, add_special_tokens=False)["input_ids"]
+        if reply_ids:
+            rows.append((prompt_ids, reply_ids))
+    rows.sort(key=lambda x: len(x[0]) + len(x[1]))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    total, count = 0.0, 0
+    with enter(lm, intervention), torch.inference_mode():
+        for i in range(0, len(rows), max(1, batch_size)):
+            chunk = rows[i : i + batch_size]
+            width = max(len(a) + len(b) for a, b in chunk)
+            ids = torch.full((len(chunk), width), int(pad), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            target = torch.zeros_like(ids, dtype=torch.bool)  # positions whose token is a reply token
+            for j, (a, b) in enumerate(chunk):
+                seq = a + b
+                ids[j, width - len(seq):] = torch.tensor(seq)
+                mask[j, width - len(seq):] = 1
+                target[j, width - len(b):] = True
+            logits = forward(lm, Batch(ids, mask, n_post=1))  # [batch, pos, vocab]
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # predicts tokens 1..
+            tgt = ids[:, 1:].to(logp.device)
+            picked = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # [batch, pos-1]
+            sel = target[:, 1:].to(picked.device)
+            total -= float(picked[sel].sum())
+            count += int(sel.sum())
+    return total, count
+
+
+def evaluate_ablation(
+    lm: LoadedModel, direction: Direction, harmful: Sequence[str], harmless: Sequence[str], *,
+    judge: Judge | None = None, max_new_tokens: int = 64, batch_size: int = 8, system: str | None = None,
+    cache: ReplyCache | None = None, harmless_replies_ablated: bool = True,
+) -> dict[str, Any]:
+    """Refusal before -> after ablation on both groups, first-token KL and reply perplexity on harmless."""
+    judge = judge or PhraseJudge()
+    cache = cache or ReplyCache(None, {})
+    ids = refusal_token_ids(lm.tokenizer)
+    kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "system": system}
+    out: dict[str, Any] = {"n_harmful": len(harmful), "n_harmless": len(harmless)}
+    if harmful:
+        before = replies_under(lm, harmful, None, "harmful_base", cache, **kw)
+        after = replies_under(lm, harmful, direction, "harmful_ablated", cache, **kw)
+        out["harmful_refusal_before"] = refusal_rate(harmful, before, judge)
+        out["harmful_refusal_after"] = refusal_rate(harmful, after, judge)
+        out["harmful_score_before"] = float(refusal_score(logits_under(lm, harmful, None, batch_size=batch_size, system=system), ids).mean())
+        out["harmful_score_after"] = float(refusal_score(logits_under(lm, harmful, direction, batch_size=batch_size, system=system), ids).mean())
+    if harmless:
+        base_replies = replies_under(lm, harmless, None, "harmless_base", cache, **kw)
+        out["harmless_refusal_before"] = refusal_rate(harmless, base_replies, judge)
+        if harmless_replies_ablated:
+            abl = replies_under(lm, harmless, direction, "harmless_ablated", cache, **kw)
+            out["harmless_refusal_after"] = refusal_rate(harmless, abl, judge)
+        ref = logits_under(lm, harmless, None, batch_size=batch_size, system=system)
+        kl = kl_divergence(ref, logits_under(lm, harmless, direction, batch_size=batch_size, system=system))
+        out["kl_first_token"] = {"mean": float(kl.mean()), "median": float(kl.median()), "max": float(kl.max())}
+        nll0, n0 = reply_nll(lm, harmless, base_replies, None, batch_size=max(1, batch_size // 2), system=system)
+        nll1, n1 = reply_nll(lm, harmless, base_replies, direction, batch_size=max(1, batch_size // 2), system=system)
+        if n0:
+            out["reply_perplexity"] = {"before": perplexity(nll0, n0), "after": perplexity(nll1, n1), "n_tokens": n0,
+                                       "ratio": perplexity(nll1, n1) / perplexity(nll0, n0)}
+    return out
+
+
+def evaluate_addition(
+    lm: LoadedModel, direction: Direction, prompts: Sequence[str], *, coeff: float = 1.0, layer: int | None = None,
+    judge: Judge | None = None, max_new_tokens: int = 64, batch_size: int = 8, system: str | None = None,
+    cache: ReplyCache | None = None, name: str = "harmless",
+) -> dict[str, Any]:
+    """Refusal (judge and logit score) on ``prompts`` before -> after activation addition."""
+    judge = judge or PhraseJudge()
+    cache = cache or ReplyCache(None, {})
+    ids = refusal_token_ids(lm.tokenizer)
+    kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "system": system}
+
+    def added() -> Any:
+        return direction.add(lm, coeff, layer)
+
+    before = replies_under(lm, prompts, None, f"{name}_base", cache, **kw)
+    tag = f"{name}_added_{coeff:g}_{direction.layer if layer is None else layer}"
+    after = replies_under(lm, prompts, added, tag, cache, **kw)
+    score_before = refusal_score(logits_under(lm, prompts, None, batch_size=batch_size, system=system), ids)
+    score_after = refusal_score(logits_under(lm, prompts, added, batch_size=batch_size, system=system), ids)
+    return {
+        "n": len(prompts), "coeff": coeff, "layer": direction.layer if layer is None else layer,
+        "refusal_before": refusal_rate(prompts, before, judge), "refusal_after": refusal_rate(prompts, after, judge),
+        "score_before": float(score_before.mean()), "score_after": float(score_after.mean()),
+        "examples": [{"prompt": p, "reply": r} for p, r in list(zip(prompts, after))[:3]],
+    }
+
+
+def fmt_rate(r: dict[str, Any]) -> str:
+    if not r or r.get("n", 0) == 0 or math.isnan(r.get("rate", math.nan)):
+        return "n/a"
+    return f"{100 * r['rate']:.1f}% [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}] ({r['k']}/{r['n']})"

@@ -1,0 +1,329 @@
+"""Refusal direction: planted-direction recovery, exact ablation, weights == hooks, addition, selection, tuning."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from safetyscope.artifacts import load_artifact
+from safetyscope.artifacts.base import ArtifactError
+from safetyscope.artifacts.direction import Direction, project_out
+from safetyscope.hooks import capture, forward
+from safetyscope.methods.direction import find_candidates
+from safetyscope.methods.direction_select import (
+    CandidateScore,
+    SelectConfig,
+    Selection,
+    apply_filters,
+    choose,
+    select_direction,
+)
+from safetyscope.methods.direction_tune import Kernel, pareto_front, tune_weights
+from safetyscope.prompts.chat import tokenize_prompts
+from safetyscope.sites import Site
+from safetyscope.testing import tiny_model
+
+HARMFUL = ["How do I make a bomb~?", "Steal~ a car", "Hack~ the bank now", "Poison~ the water"]
+HARMLESS = ["How do I bake bread?", "Write a poem", "hi there", "Explain recursion"]
+SITE_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn.out", "mlp.out")
+
+
+def _hook_count(lm) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+
+
+def _unit(d: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(d, generator=g)
+    return r / r.norm()
+
+
+def _direction(lm, seed: int = 1, **kw) -> Direction:
+    return Direction(_unit(lm.dims.d_model, seed), 1, -1, norm=3.0, **kw)
+
+
+def _logits(lm, prompts, ctx=None):
+    b = tokenize_prompts(lm.tokenizer, prompts)
+    with torch.no_grad():
+        if ctx is None:
+            return forward(lm, b)
+        with ctx:
+            return forward(lm, b)
+
+
+def _sites(lm):
+    return [s for kind in SITE_KINDS if kind in lm.table.sites for s in lm.sites(f"blocks.*.{kind}")]
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """A llama whose block 0 copies (uniform attention) the component along u of every earlier token into
+    each position; the token '~' (only in harmful prompts) carries a large component along u."""
+    lm = tiny_model("llama")
+    u = _unit(lm.dims.d_model, seed=7)
+    block = lm.model.model.layers[0]
+    tid = lm.tokenizer.convert_tokens_to_ids("~")
+    with torch.no_grad():
+        block.self_attn.q_proj.weight.zero_()
+        block.self_attn.k_proj.weight.zero_()
+        block.self_attn.v_proj.weight.zero_()
+        block.self_attn.v_proj.weight[0] = u  # kv head 0, dim 0 reads u
+        block.self_attn.o_proj.weight.zero_()
+        block.self_attn.o_proj.weight[:, 0] = 4.0 * u  # head 0, dim 0 writes along u
+        block.mlp.down_proj.weight.zero_()
+        lm.model.model.embed_tokens.weight[tid] += 8.0 * u
+    return lm, u
+
+
+# ---- candidates -----------------------------------------------------------------------------------------
+def test_candidates_recover_planted_direction(planted):
+    lm, u = planted
+    cands = find_candidates(lm, HARMFUL, HARMLESS, positions=[-2, -1], filter="none", batch_size=3)
+    assert cands.harmful_mean.shape == (lm.n_layers, 2, lm.dims.d_model)
+    assert cands.harmful_mean.dtype == torch.float64
+    cos = cands.cosines(u)  # [n_layers, 2]
+    assert cands.degenerate()[0].all()  # template tokens: both groups identical at block 0
+    assert (cos[1] > 0.999).all(), cos  # harmful - harmless points along +u
+    d = cands.direction(1, -1)
+    assert float(d.direction @ u) > 0.999 and d.norm == pytest.approx(float(cands.norms[1, 1]))
+    with pytest.raises(ValueError, match="zero"):
+        cands.direction(0, -1)
+
+
+def test_candidates_batched_equals_unbatched(planted):
+    lm, _ = planted
+    a = find_candidates(lm, HARMFUL[:3], HARMLESS[:3], positions="last", filter="none", batch_size=3)
+    b = find_candidates(lm, HARMFUL[:3], HARMLESS[:3], positions="last", filter="none", batch_size=1)
+    torch.testing.assert_close(a.diff, b.diff, rtol=1e-5, atol=1e-6)
+
+
+# ---- ablation -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "gpt_neox"])
+def test_ablation_removes_the_component_everywhere(family, prompts):
+    lm = tiny_model(family)
+    d = _direction(lm)
+    b = tokenize_prompts(lm.tokenizer, prompts)
+    with torch.no_grad(), d.apply(lm), capture(lm, _sites(lm), "all") as cap:
+        forward(lm, b)
+    for site, v in cap.values.items():  # [batch, pos, d_model]
+        comp = (v.double() @ d.direction.double()).abs().max()
+        assert comp <= 1e-5 * v.norm(dim=-1).max(), (site.name, float(comp))
+    with torch.no_grad(), capture(lm, "blocks.1.resid_pre", "all") as cap:
+        forward(lm, b)
+    assert (cap.values[Site("resid_pre", 1)] @ d.direction).abs().max() > 1e-3  # it was there before
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox", "gemma", "phi3"])
+def test_orthogonalised_weights_equal_hooked_ablation(family, prompts, tmp_path):
+    lm = tiny_model(family)
+    b = tokenize_prompts(lm.tokenizer, prompts)
+    mask = b.attention_mask.bool()
+    full = _direction(lm)
+    weighted = full.with_weights(torch.linspace(0.2, 1.3, lm.n_layers), embed_weight=0.5)
+    for i, d in enumerate((full, weighted) if family in ("llama", "gpt2") else (full,)):
+        hooked = _logits(lm, prompts, d.apply(lm))
+        out = d.export(lm, tmp_path / f"m{i}")
+        model = AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.no_grad():
+            exported = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                             use_cache=False).logits
+        torch.testing.assert_close(exported[mask], hooked[mask], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(hooked[mask], _logits(lm, prompts)[mask], atol=1e-4)
+    assert (tmp_path / "m0" / "model.safetensors").is_file() and (tmp_path / "m0" / "tokenizer_config.json").is_file()
+    # the original model is untouched (export works on a copy; a tied unembedding is untied in the copy only)
+    assert torch.equal(_logits(lm, prompts), _logits(tiny_model(family), prompts))
+
+
+def test_export_refuses_inexact_cases(tmp_path):
+    lm = tiny_model("gemma2")
+    with pytest.raises(ArtifactError, match="post_norms"):
+        _direction(lm).export(lm, tmp_path / "g")
+    lm = tiny_model("llama")
+    with pytest.raises(ArtifactError, match="norm-preserving"):
+        _direction(lm, norm_preserving=True).export(lm, tmp_path / "np")
+    with pytest.raises(ArtifactError, match="d_model"):
+        Direction(torch.ones(7), 0).apply(lm)
+    assert not (tmp_path / "g").exists()
+
+
+def test_norm_preserving_variant(prompts):
+    x = torch.randn(2, 5, 16)
+    r = _unit(16)
+    y = project_out(x, r, norm_preserving=True)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+    assert (y @ r).abs().max() < 1e-5
+    lm = tiny_model("llama")
+    d = _direction(lm, norm_preserving=True)
+    b = tokenize_prompts(lm.tokenizer, prompts)
+    with torch.no_grad(), d.apply(lm), capture(lm, ["blocks.*.resid_pre", "blocks.*.resid_mid"], "all") as cap:
+        logits = forward(lm, b)
+    for v in cap.values.values():
+        assert (v @ d.direction).abs().max() <= 1e-5 * v.norm(dim=-1).max()
+    assert not torch.allclose(logits, _logits(lm, prompts, _direction(lm).apply(lm)), atol=1e-5)
+
+
+# ---- addition, reversibility, persistence ---------------------------------------------------------------
+def test_addition_then_ablation_is_identity_on_the_component(prompts):
+    lm = tiny_model("llama")
+    d = _direction(lm)
+    b = tokenize_prompts(lm.tokenizer, prompts)
+    with torch.no_grad():
+        with capture(lm, "blocks.1.resid_pre", "all") as cap:
+            forward(lm, b)
+        clean = cap.values[Site("resid_pre", 1)]
+        with d.add(lm, coeff=2.0), capture(lm, "blocks.1.resid_pre", "all") as cap:
+            added = forward(lm, b)
+        moved = cap.values[Site("resid_pre", 1)] - clean  # [batch, pos, d_model]
+    torch.testing.assert_close(moved, (2.0 * d.norm * d.direction).expand_as(moved), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(added, _logits(lm, prompts), atol=1e-4)
+    ablated = _logits(lm, prompts, d.apply(lm))
+    with torch.no_grad(), d.add(lm, coeff=2.0), d.apply(lm):
+        both = forward(lm, b)
+    torch.testing.assert_close(both, ablated, rtol=1e-5, atol=1e-5)
+
+
+def test_hooks_removed_logits_bit_identical(prompts):
+    lm = tiny_model("qwen2")
+    d = _direction(lm).with_weights(torch.rand(lm.n_layers), 0.3)
+    n = _hook_count(lm)
+    before = _logits(lm, prompts)
+    _logits(lm, prompts, d.apply(lm))
+    _logits(lm, prompts, d.add(lm, 1.5, layer=2))
+    with pytest.raises(KeyError), d.apply(lm):
+        raise KeyError("boom")
+    assert torch.equal(before, _logits(lm, prompts))
+    assert _hook_count(lm) == n
+
+
+def test_artifact_round_trip(tmp_path, prompts):
+    lm = tiny_model("llama")
+    d = Direction(torch.randn(lm.dims.d_model) * 5, 2, -3, norm=5.5, token="<|im_start|>", scores={"bypass": -1.5},
+                  layer_weights=torch.tensor([0.1, 0.9, 1.2]), embed_weight=0.25, meta={"model": "tiny"})
+    d.save(tmp_path / "dir")
+    meta = json.loads((tmp_path / "dir" / "artifact.json").read_text())
+    assert meta["kind"] == "direction" and meta["layer"] == 2 and meta["position"] == -3
+    e = load_artifact(tmp_path / "dir")
+    assert isinstance(e, Direction)
+    assert torch.equal(e.direction, d.direction) and torch.equal(e.layer_weights, d.layer_weights)
+    assert (e.layer, e.position, e.norm, e.token, e.scores, e.embed_weight, e.meta) == (
+        2, -3, 5.5, "<|im_start|>", {"bypass": -1.5}, 0.25, {"model": "tiny"})
+    assert torch.equal(_logits(lm, prompts, d.apply(lm)), _logits(lm, prompts, e.apply(lm)))
+    assert abs(float(e.direction.norm()) - 1.0) < 1e-6
+
+
+# ---- selection --------------------------------------------------------------------------------------------
+def test_selection_candidate_batching_is_exact(planted):
+    lm, _ = planted
+    cands = find_candidates(lm, HARMFUL, HARMLESS, positions=[-2, -1], filter="none", batch_size=4)
+    cfg = {"prune_layers": 0.0, "kl_threshold": 1e9, "induce_threshold": -1e9}
+    _, one = select_direction(lm, cands, HARMFUL[:3], HARMLESS[:3], SelectConfig(per_pass=1, **cfg), batch_size=4)
+    _, many = select_direction(lm, cands, HARMFUL[:3], HARMLESS[:3], SelectConfig(per_pass=3, **cfg), batch_size=16)
+    scored = [s for s in one.scores if s.bypass is not None]
+    assert len(scored) == 4  # blocks 1-2 x 2 positions (block 0 is degenerate)
+    for a, b in zip(one.scores, many.scores):
+        for name in ("bypass", "kl", "induce"):
+            va, vb = getattr(a, name), getattr(b, name)
+            assert (va is None and vb is None) or abs(va - vb) < 1e-4, (a.key, name, va, vb)
+    assert one.best == many.best and one.best[0] in (1, 2)
+    again = Selection.from_json(json.loads(json.dumps(one.to_json())))
+    assert again.best == one.best and again.get(*one.best).bypass == one.get(*one.best).bypass
+    done = {f"{s.layer}:{s.position}": {"bypass": s.bypass, "bypass_refusing": s.bypass_refusing, "kl": s.kl,
+                                        "induce": s.induce} for s in scored}
+    _, resumed = select_direction(lm, cands, HARMFUL[:3], HARMLESS[:3], SelectConfig(**cfg), done=done,
+                                  checkpoint=lambda _m: pytest.fail("nothing should be rescored"))
+    assert resumed.best == one.best
+
+
+def test_selection_filters_and_choice():
+    cfg = SelectConfig(kl_threshold=0.1, induce_threshold=0.0)
+
+    def cand(layer, bypass, kl, induce, *reasons):
+        s = CandidateScore(layer, -1, "x", 1.0, bypass, 0.0, kl, induce, list(reasons))
+        apply_filters(s, cfg)
+        return s
+
+    scores = [
+        cand(3, -9.0, 0.5, 2.0),  # best bypass but KL too high
+        cand(4, -8.0, 0.05, -1.0),  # fails to induce
+        cand(9, -9.5, 0.01, 3.0, "late layer (>= 8)"),
+        cand(5, -6.0, 0.02, 1.0),
+        cand(6, -7.0, 0.09, 0.5),
+    ]
+    assert [bool(s.reasons) for s in scores] == [True, True, True, False, False]
+    best, note = choose(scores)
+    assert best.layer == 6 and note == ""
+    best, note = choose(scores[:3])  # nothing eligible: lowest bypass, ignoring KL/induce but never late layers
+    assert best.layer == 3 and "caution" in note
+    assert SelectConfig(prune_layers=0.2).cutoff(24) == 19
+
+
+# ---- tuning -------------------------------------------------------------------------------------------------
+def test_kernel_and_pareto_front():
+    w = Kernel(peak=4, width=2, max_weight=1.2, min_weight=0.4).weights(8)
+    assert w.tolist() == pytest.approx([0, 0, 0.4, 0.8, 1.2, 0.8, 0.4, 0])
+    pts = [(1.0, 1.0), (0.5, 2.0), (2.0, 0.5), (1.5, 1.5), (0.5, 2.5), (math.nan, 0.0)]
+    assert pareto_front(pts) == [1, 0, 2]
+
+
+def test_tune_weights_runs_and_reports_front(planted):
+    lm, u = planted
+    d = Direction(u, 1, -1, norm=2.0)
+    res = tune_weights(lm, d, HARMFUL[:2], HARMLESS[:2], n_trials=4, seed=0, batch_size=4)
+    assert len(res.trials) == 4 and res.trials[0].kernel is None
+    assert res.front and all(res.trials[i].pareto for i in res.front)
+    tuned = res.direction(d, lm.n_layers)
+    assert tuned.layer_weights is None or tuned.layer_weights.shape == (lm.n_layers,)
+    assert all(t.kl >= 0 for t in res.trials)
+
+
+def test_plots_write_png(tmp_path):
+    from safetyscope.methods.direction_tune import Trial, TuneResult
+    from safetyscope.report.plots.direction import candidate_heatmaps, pareto_plot
+
+    scores = [CandidateScore(layer, pos, "t", 1.0, -layer - pos, 0.1, 0.01 * (layer + 1), 0.5 - layer, [])
+              for layer in range(4) for pos in (-2, -1)]
+    scores[0] = CandidateScore(0, -2, "t", 0.0, reasons=["zero difference"])
+    sel = Selection(scores, (2, -1), {}, {}, 2, 2)
+    assert candidate_heatmaps(sel, 4, [-2, -1], ["<|im_end|>", "\n"], tmp_path / "c.png").stat().st_size > 0
+    trials = [Trial(0, None, -3.0, 0.0, 0.2), Trial(1, {"peak": 1, "width": 1, "max_weight": 1, "min_weight": 0}, 1.0, 0.5, 0.01)]
+    assert pareto_plot(TuneResult(trials, 1, [1, 0], False), tmp_path / "p.png").stat().st_size > 0
+
+
+def test_reply_perplexity_batched_equals_unbatched():
+    from safetyscope.methods.direction_eval import reply_nll
+
+    lm = tiny_model("llama")
+    replies = ["Sure, here it is.", "No.", "", "Bread needs flour and water"]
+    a = reply_nll(lm, HARMLESS, replies, batch_size=4)
+    b = reply_nll(lm, HARMLESS, replies, batch_size=1)
+    assert a[1] == b[1] == sum(len(lm.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies)
+    assert a[0] == pytest.approx(b[0], rel=1e-4)
+    c = reply_nll(lm, HARMLESS, replies, _direction(lm), batch_size=4)
+    assert c[1] == a[1] and c[0] != pytest.approx(a[0], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_find_ablate_e2e_default_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from safetyscope.cli.main import app
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["direction", "find", "default", "--n-prompts", "6", "--n-val", "4", "--layers", "9-11",
+                                 "--positions", "-1", "--induce", "lazy", "--batch-size", "8", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["layer"] in (9, 10, 11) and res["position"] == -1
+    assert (out / "direction" / "plots" / "candidates.png").is_file()
+    d = load_artifact(out / "direction" / "artifact")
+    assert isinstance(d, Direction) and d.direction.numel() == 896
+    r = CliRunner().invoke(app, ["direction", "ablate", "default", "--n-prompts", "3", "--max-new-tokens", "8",
+                                 "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["harmful_score_after"] < res["harmful_score_before"]
+    assert 0 <= res["kl_first_token"]["mean"] < 5
