@@ -51,6 +51,7 @@ class ArchTable:
     conv1d: bool = False
     post_norms: bool = False
     parallel_residual: bool = False
+    norm_offset: float = 0.0
     d_mlp_default_mult: int = 4
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -123,6 +124,7 @@ def _build(raw: dict[str, dict[str, Any]]) -> dict[str, ArchTable]:
                 conv1d=bool(row.get("conv1d", False)),
                 post_norms=bool(row.get("post_norms", False)),
                 parallel_residual=bool(row.get("parallel_residual", False)),
+                norm_offset=float(row.get("norm_offset", 0.0)),
                 d_mlp_default_mult=int(cfg.get("d_mlp_default_mult", 4)),
             )
         except KeyError as exc:
