@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -327,11 +324,14 @@ def test_fragility_curves_engine(prompts):
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
-def _cli(*args, cwd=None):
-    env = {**os.environ, "SAFETYSCOPE_QUIET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "safetyscope", *args], capture_output=True, text=True, env=env, cwd=cwd)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from safetyscope.cli.main import app
+
+    res = CliRunner().invoke(app, list(args))
+    assert res.exit_code == 0, (res.output[-3000:], res.exception)
+    return json.loads(res.stdout)
 
 
 def test_cli_find_ablate_fragility_on_a_tiny_model(tmp_path):
@@ -356,11 +356,12 @@ def test_cli_find_ablate_fragility_on_a_tiny_model(tmp_path):
 
 @pytest.mark.slow
 def test_cli_end_to_end_on_the_default_model(tmp_path):
-    common = ["default", "--out", str(tmp_path), "--n-prompts", "8", "--json", "--batch-size", "8"]
-    found = _cli("neurons", "find", *common, "--top-k", "10", "--utility-texts", "2", "--utility-tokens", "32")
+    common = ["default", "--out", str(tmp_path), "--n-prompts", "4", "--json", "--utility-texts", "0"]
+    found = _cli("neurons", "find", *common, "--top-k", "10")
     assert len(found["top"]) == 10 and found["n_neurons_analysed"] == 24 * 4864
-    frag = _cli("neurons", "fragility", *common, "--n-eval", "4", "--ks", "0,10,1%", "--seeds", "1",
-                "--utility-texts", "2", "--utility-tokens", "32")
-    assert frag["ks"] == [0, 10, 1167]
+    assert len(found["top_by_gradient"]) == 10 and (tmp_path / "neurons/set/artifact.json").is_file()
+    frag = _cli("neurons", "fragility", *common, "--n-eval", "4", "--ks", "0,1%", "--seeds", "1")
+    assert frag["ks"] == [0, 1167]
     by = {(r["curve"], r["k"]): r for r in frag["summary"]}
-    assert by[("top_by_diff", 1167)]["kl"] > 0 and by[("random", 0)]["kl"] == 0
+    assert set(by) == {(c, k) for c in ("top_by_effect_size", "top_by_gradient", "random") for k in (0, 1167)}
+    assert by[("random", 0)]["kl"] == 0 and by[("top_by_effect_size", 1167)]["kl"] > 0

@@ -15,7 +15,7 @@ import typer
 from .common import PromptSettings, emit, prompt_sets, user_errors
 from .settings import command, opt
 
-CURVES = ("diff", "gradient", "gradient_diff")
+RANKINGS = ("effect_size", "diff", "gradient", "gradient_diff")
 
 
 @dataclass
@@ -57,8 +57,8 @@ class AblateSettings(EvalSettings):
 @dataclass
 class FragilitySettings(FindSettings, EvalSettings):
     ks: str = opt("0,10,50,100,500,1%,5%", "Numbers of ablated neurons (counts, or % of all analysed neurons).")
-    seeds: int = opt(3, "Random baselines (same layers as the top-by-diff neurons): number of seeds.")
-    curves: str = opt("diff,gradient", "Rankings to ablate: diff, gradient, gradient_diff (comma-separated).")
+    seeds: int = opt(3, "Random baselines (from the same layers as the first curve's neurons): number of seeds.")
+    curves: str = opt("effect_size,gradient", "Rankings to ablate: effect_size, diff, gradient, gradient_diff (comma-separated).")
     max_new_tokens: int = opt(0, "Also generate replies this long at each point and judge them (slow; 0 = off).")
 
 
@@ -132,14 +132,13 @@ def analyse(s: FindSettings, lm: Any) -> dict[str, Any]:
 
 
 def rankings(s: FindSettings, a: dict[str, Any], names: list[str], k: int | None = None) -> dict[str, list]:
-    """Named neuron rankings: diff (activation, --rank-by/--direction), gradient, gradient_diff."""
+    """Named neuron rankings: effect_size / diff (activation, with --direction), gradient, gradient_diff."""
     from ..methods.neuron_grads import set_difference
 
     out: dict[str, list] = {}
-    by = s.rank_by if s.rank_by in ("effect_size", "diff") else "effect_size"
     for name in names:
-        if name in ("diff", "effect_size"):
-            out["top_by_diff"] = a["stats"].ranking(by, s.direction, k)
+        if name in ("effect_size", "diff"):
+            out[f"top_by_{name}"] = a["stats"].ranking(name, s.direction, k)
         elif name in ("gradient", "gradient_diff"):
             if a["refusal"] is None:
                 raise ValueError(f"the {name} ranking needs gradients; drop --no-gradient")
@@ -150,7 +149,7 @@ def rankings(s: FindSettings, a: dict[str, Any], names: list[str], k: int | None
                     raise ValueError("gradient_diff needs utility texts; set --utility-texts above 0")
                 out["top_by_gradient_diff"] = set_difference(a["refusal"], a["utility"], top_utility=s.utility_top, k=k)
         else:
-            raise ValueError(f"unknown ranking {name!r}; use {', '.join(CURVES)}")
+            raise ValueError(f"unknown ranking {name!r}; use {', '.join(RANKINGS)}")
     return out
 
 
@@ -183,8 +182,7 @@ def run_find(s: FindSettings) -> dict[str, Any]:
     lm = s.load_model()
     a = analyse(s, lm)
     stats = a["stats"]
-    name = {"effect_size": "diff", "diff": "diff"}.get(s.rank_by, s.rank_by)
-    chosen = rankings(s, a, [name], s.top_k)
+    chosen = rankings(s, a, [s.rank_by], s.top_k)
     ranked = next(iter(chosen.values()))
     out = s.out / "neurons"
     ns = stats.neuron_set(ranked, mode=s.mode, strength=s.strength,
@@ -290,7 +288,7 @@ def run_fragility(s: FragilitySettings) -> dict[str, Any]:
     _quiet(s)
     names = [c.strip() for c in s.curves.split(",") if c.strip()]
     if not names:
-        raise ValueError("no curves given; use --curves diff,gradient")
+        raise ValueError("no curves given; use --curves effect_size,gradient")
     lm = s.load_model()
     a = analyse(s, lm)
     stats = a["stats"]
