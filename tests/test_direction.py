@@ -238,6 +238,21 @@ def test_selection_candidate_batching_is_exact(planted):
     assert resumed.best == one.best
 
 
+def test_selection_screening_scores_all_and_keeps_the_best(planted):
+    lm, _ = planted
+    cands = find_candidates(lm, HARMFUL, HARMLESS, positions=[-2, -1], filter="none", batch_size=4)
+    cfg = SelectConfig(prune_layers=0.0, kl_threshold=1e9, induce_threshold=-1e9, screen=1, keep=2)
+    _, sel = select_direction(lm, cands, HARMFUL[:3], HARMLESS[:3], cfg, batch_size=8)
+    live = [s for s in sel.scores if "zero difference" not in s.reasons]
+    assert all(s.screen_bypass is not None for s in live)
+    full = [s for s in live if s.bypass is not None]
+    assert len(full) == 2 and sel.best in [s.key for s in full]
+    best_screened = sorted(live, key=lambda s: s.screen_bypass)[:2]
+    assert {s.key for s in full} == {s.key for s in best_screened}
+    assert all("screened out" in " ".join(s.reasons) for s in live if s.bypass is None)
+    assert not math.isnan(float(sel.grid("bypass", lm.n_layers, [-2, -1])[1:].max()))
+
+
 def test_selection_filters_and_choice():
     cfg = SelectConfig(kl_threshold=0.1, induce_threshold=0.0)
 

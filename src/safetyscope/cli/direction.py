@@ -28,6 +28,8 @@ class FindSettings(PromptSettings):
     induce: str = opt("all", "Score activation addition for all candidates, or lazy: only in bypass order until one passes (faster).")
     score_pruned: bool = opt(False, "Also score the pruned last blocks (complete heatmaps, slower).")
     per_pass: int = opt(0, "Candidates scored per forward pass (0 = as many as fit --batch-size rows).")
+    screen: int = opt(0, "Speed-up: first score every candidate on this many prompts per group (0 = off, as in the paper) ...")
+    keep: int = opt(16, "... then fully score only the best --keep of them.")
 
 
 @dataclass
@@ -173,7 +175,7 @@ def run_find(s: FindSettings) -> dict[str, Any]:
 
     val = filter_by_refusal(lm, h_val.texts, s_val.texts, method=s.filter, batch_size=s.batch_size, system=s.system)
     cfg = SelectConfig(s.kl_threshold, s.induce_threshold, s.prune_layers, s.induce, s.score_pruned,
-                       _layers(s.layers, lm.n_layers), None, 1.0, s.per_pass)
+                       _layers(s.layers, lm.n_layers), None, 1.0, s.per_pass, s.screen, s.keep)
     sel_key = _key(cand_key, val.harmful, val.harmless)
     partial_path = out / "scores_partial.json"
     done: dict[str, dict[str, float]] = {}
@@ -298,7 +300,7 @@ def run_ablate(s: EvalDirSettings) -> dict[str, Any]:
     _log(s)
     direction, harmful, harmless, judge, lm = _eval_inputs(s)
     res = evaluate_ablation(lm, direction, harmful.texts, harmless.texts, judge=judge, max_new_tokens=s.max_new_tokens,
-                            batch_size=s.batch_size, system=s.system, cache=_cache(s, lm, direction, "direction_ablate"))
+                            batch_size=s.batch_size, system=s.system, cache=_cache(s, lm, direction, "direction_eval"))
     res.update(model=lm.name, direction=str(_direction_dir(s)), norm_preserving=direction.norm_preserving,
                weighted=direction.layer_weights is not None)
     write_json(s.out / "direction_ablate" / "summary.json", res)
@@ -331,7 +333,7 @@ def run_add(s: EvalDirSettings) -> dict[str, Any]:
     layer = None if s.layer == -1 else s.layer
     res = evaluate_addition(lm, direction, harmless.texts, coeff=s.coeff, layer=layer, judge=judge,
                             max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, system=s.system,
-                            cache=_cache(s, lm, direction, "direction_add"))
+                            cache=_cache(s, lm, direction, "direction_eval"))
     res.update(model=lm.name, direction=str(_direction_dir(s)))
     write_json(s.out / "direction_add" / "summary.json", res)
 

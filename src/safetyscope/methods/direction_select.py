@@ -47,6 +47,8 @@ class CandidateScore:
     bypass_refusing: float | None = None  # fraction of those prompts whose score stays > 0
     kl: float | None = None  # mean first-token KL, harmless prompts, under ablation
     induce: float | None = None  # mean refusal score, harmless prompts, under addition
+    screen_bypass: float | None = None  # bypass / KL on the screening subset (SelectConfig.screen)
+    screen_kl: float | None = None
     reasons: list[str] = field(default_factory=list)  # why it was filtered out (empty = eligible)
 
     @property
@@ -69,6 +71,8 @@ class SelectConfig:
     positions: list[int] | None = None  # restrict to these offsets (None = all captured)
     coeff: float = 1.0  # activation-addition coefficient (1 = the raw difference of means)
     per_pass: int = 0  # candidates per forward pass (0 = as many as fit batch_size rows)
+    screen: int = 0  # >0: first score every candidate on this many prompts per group ...
+    keep: int = 16  # ... and fully score only the best `keep` of them (lowest bypass, KL-passing first)
 
     def cutoff(self, n_layers: int) -> int:
         """First block that is pruned (Arditi et al.: int(n_layers * (1 - prune)))."""
@@ -91,11 +95,16 @@ class Selection:
                 return s
         raise KeyError(f"no score for layer {layer}, position {position}")
 
-    def grid(self, metric: str, n_layers: int, positions: Sequence[int]) -> torch.Tensor:
-        """[n_layers, n_positions] of a metric (NaN where not scored), for heatmaps."""
+    def grid(self, metric: str, n_layers: int, positions: Sequence[int], screened: bool = True) -> torch.Tensor:
+        """[n_layers, n_positions] of a metric (NaN where not scored), for heatmaps.
+
+        With ``screened``, bypass/KL fall back to the screening-pass value where there is no full score.
+        """
         out = torch.full((n_layers, len(positions)), math.nan)
         for s in self.scores:
             v = getattr(s, metric)
+            if v is None and screened and metric in ("bypass", "kl"):
+                v = getattr(s, f"screen_{metric}")
             if v is not None and s.position in positions:
                 out[s.layer, list(positions).index(s.position)] = float(v)
         return out
@@ -231,18 +240,35 @@ def select_direction(
             setattr(scores[key], name, value)
 
     # 1. ablation: bypass on harmful + KL on harmless, in one pass per chunk of candidates
-    todo = [k for k, s in scores.items() if s.bypass is None and "zero difference" not in s.reasons
+    def ablation_pass(keys: list[Key], hp: list[str], sp: list[str], ref: torch.Tensor, prefix: str = "") -> None:
+        for chunk in _chunks(keys, per_pass(len(hp) + len(sp))):
+            units = torch.stack([vec(k) / vec(k).norm() for k in chunk])  # [K, d_model]
+            logits = _ablated_logits(lm, units, hp + sp, batch_size, system)  # [K, n, vocab]
+            for key, row in zip(chunk, logits):
+                rs = refusal_score(row[: len(hp)], ids)
+                kl = float(kl_divergence(ref, row[len(hp):]).mean())
+                if prefix:
+                    record(key, screen_bypass=float(rs.mean()), screen_kl=kl)
+                else:
+                    record(key, bypass=float(rs.mean()), bypass_refusing=float((rs > 0).float().mean()), kl=kl)
+                say(f"layer {key[0]:>3} pos {key[1]:>3}: {prefix}bypass {float(rs.mean()):+.3f} {prefix}kl {kl:.4f}")
+            if checkpoint:
+                checkpoint(memo)
+
+    todo = [k for k, s in scores.items() if "zero difference" not in s.reasons
             and (cfg.score_pruned or not any(r.startswith("late") for r in s.reasons))]
-    for chunk in _chunks(todo, per_pass(n_h + len(harmless))):
-        units = torch.stack([vec(k) / vec(k).norm() for k in chunk])  # [K, d_model]
-        logits = _ablated_logits(lm, units, harmful + harmless, batch_size, system)  # [K, n, vocab]
-        for key, row in zip(chunk, logits):
-            rs = refusal_score(row[:n_h], ids)
-            record(key, bypass=float(rs.mean()), bypass_refusing=float((rs > 0).float().mean()),
-                   kl=float(kl_divergence(base_s, row[n_h:]).mean()))
-            say(f"layer {key[0]:>3} pos {key[1]:>3}: bypass {scores[key].bypass:+.3f} kl {scores[key].kl:.4f}")
-        if checkpoint:
-            checkpoint(memo)
+    if 0 < cfg.screen < max(n_h, len(harmless)):
+        hp, sp = harmful[: cfg.screen], harmless[: cfg.screen]
+        ablation_pass([k for k in todo if scores[k].screen_bypass is None], hp, sp, base_s[: len(sp)], "screen ")
+        live = [k for k in todo if not scores[k].reasons]
+        ranked = sorted(live, key=lambda k: (float(scores[k].screen_kl or 0.0) > 2 * cfg.kl_threshold,
+                                             float(scores[k].screen_bypass or 0.0)))
+        finalists = set(ranked[: max(1, cfg.keep)])
+        for k in todo:
+            if k not in finalists and scores[k].bypass is None:
+                scores[k].reasons.append(f"screened out (not among the best {cfg.keep} on {cfg.screen} prompts)")
+        todo = [k for k in todo if k in finalists]
+    ablation_pass([k for k in todo if scores[k].bypass is None], harmful, harmless, base_s)
 
     # 2. activation addition: induce on harmless
     def kl_ok(s: CandidateScore) -> bool:

@@ -55,6 +55,8 @@ def candidate_heatmaps(
         ax.set_xticks(range(len(positions)), labels, fontsize=7)
         ax.set_ylabel("block (resid_pre)")
         ax.set_title(label, fontsize=8)
+    if any(getattr(s, "bypass", None) is None and getattr(s, "screen_bypass", None) is not None for s in selection.scores):
+        title = (title + "; " if title else "") + "bypass/KL of screened-out cells are screening-pass values"
     if title:
         fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
