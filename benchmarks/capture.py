@@ -29,22 +29,25 @@ from safetyscope.prompts.chat import tokenize_prompts  # noqa: E402
 from safetyscope.runner import run_capture  # noqa: E402
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median wall time of each function, run in interleaved rounds (after one warm-up each), so
+    load from other processes affects every approach alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--loop-prompts", type=int, default=4, help="prompts for the slow per-layer loop")
+    ap.add_argument("--loop-prompts", type=int, default=2, help="prompts for the slow per-layer loop")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
@@ -81,10 +84,11 @@ def main() -> None:
                         forward(lm, b, last_only=True)
 
     n = len(texts)
-    t_plain = timed(plain, args.repeats) / n
-    t_cap = timed(captured, args.repeats) / n
-    t_run = timed(through_runner, args.repeats) / n
-    t_loop = timed(per_layer_loop, 1) / len(loop_texts)
+    t = interleaved({"plain": plain, "capture": captured, "runner": through_runner}, args.repeats)
+    t_plain, t_cap, t_run = t["plain"] / n, t["capture"] / n, t["runner"] / n
+    t0 = time.perf_counter()
+    per_layer_loop()
+    t_loop = (time.perf_counter() - t0) / len(loop_texts)
     print(f"model {lm.name}: {lm.n_layers} layers, {n} prompts, batch {args.batch_size}, device {lm.input_device}, "
           f"threads {torch.get_num_threads()}")
     print(f"{'approach':38s} {'s/prompt':>10s}")
