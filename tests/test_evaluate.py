@@ -20,12 +20,13 @@ from safetyscope.measure.capability import (
     decode_reply,
     file_rows,
     generate_ids,
+    generate_with_logits,
     reply_kl,
     teacher_forced_logits,
 )
 from safetyscope.measure.compare import first_token_kl
 from safetyscope.measure.evaluate import evaluate
-from safetyscope.measure.generation import generate
+from safetyscope.measure.generation import generate, last_logits
 from safetyscope.measure.refusal_tokens import refusal_token_ids
 from safetyscope.prompts.chat import tokenize_prompts
 from safetyscope.testing import tiny_model
@@ -115,10 +116,11 @@ def test_kl_batched_equals_unbatched(lm):
     torch.testing.assert_close(torch.tensor(one.per_prompt_first), torch.tensor(four.per_prompt_first), rtol=1e-4, atol=1e-6)
 
 
-def test_generated_ids_decode_to_the_generated_text(lm):
-    ids = generate_ids(lm, HARMLESS, max_new_tokens=12, batch_size=3)
+def test_generated_ids_decode_to_the_generated_text_and_first_logits_are_the_prompt_logits(lm):
+    ids, first = generate_with_logits(lm, HARMLESS, max_new_tokens=12, batch_size=3)
     assert [decode_reply(lm, r) for r in ids] == generate(lm, HARMLESS, max_new_tokens=12, batch_size=3)
-    assert all(1 <= len(r) <= 12 for r in ids)
+    assert all(1 <= len(r) <= 12 for r in ids) and ids == generate_ids(lm, HARMLESS, max_new_tokens=12)
+    torch.testing.assert_close(first, last_logits(lm, HARMLESS), rtol=1e-4, atol=1e-4)  # the score's logits
 
 
 def test_teacher_forcing_matches_one_full_forward_and_chunks_replies_longer_than_the_prompt(lm):

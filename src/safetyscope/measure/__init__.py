@@ -27,6 +27,15 @@ from safetyscope.measure.refusal_tokens import DEFAULT_REFUSAL_OPENINGS, refusal
 
 # Generation and evaluation (e.g. ``generate_replies``, ``evaluate``) are written by others and will be
 # re-exported here later, next to the pure measurement functions above.
+# isort: split
+from safetyscope.measure.capability import CrossEntropy as CrossEntropy
+from safetyscope.measure.capability import KLResult as KLResult
+from safetyscope.measure.capability import compare_cross_entropy as compare_cross_entropy
+from safetyscope.measure.capability import cross_entropy as cross_entropy
+from safetyscope.measure.capability import generate_with_logits as generate_with_logits
+from safetyscope.measure.capability import reply_kl as reply_kl
+from safetyscope.measure.evaluate import EvalResult as EvalResult
+from safetyscope.measure.evaluate import evaluate as evaluate  # note: shadows the submodule attribute
 
 __all__ = [
     "DEFAULT_REFUSAL_MARKERS",

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-import transformers
 
 from ..hooks import forward, running
 from ..models.adapter import LoadedModel
@@ -38,10 +37,15 @@ from .metrics import kl_divergence, perplexity, token_cross_entropy
 
 __all__ = [
     "CrossEntropy", "KLResult", "capability_rows", "compare_cross_entropy", "cross_entropy", "decode_reply",
-    "file_rows", "generate_batch_ids", "generate_ids", "reply_kl", "teacher_forced_logits",
+    "file_rows", "generate_batch_ids", "generate_batch_with_logits", "generate_ids", "generate_with_logits",
+    "reply_kl", "teacher_forced_logits",
 ]
 
-_CACHE_KW = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
+def _cache_kw() -> str:
+    """The forward() keyword of the KV cache: ``cache`` since transformers 5, ``past_key_values`` before."""
+    import transformers
+
+    return "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
 
 
 def _cache(out: Any) -> Any:
@@ -59,8 +63,13 @@ def _trim(row: Sequence[int], stops: set[int]) -> list[int]:
     return out
 
 
-def generate_batch_ids(lm: LoadedModel, batch: Batch, max_new_tokens: int = 64) -> list[list[int]]:
-    """Greedy reply ids for one prompt batch (stop token kept when reached, pads dropped)."""
+def generate_batch_with_logits(lm: LoadedModel, batch: Batch, max_new_tokens: int = 64) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy reply ids for one prompt batch and the logits of the first step, ``[batch, vocab]``.
+
+    Reply ids keep the stop token when reached and drop the pads; the first-step logits are the
+    next-token logits at the first response position (what the logit refusal score reads), so the
+    score comes with the generation at no extra forward pass.
+    """
     stops = _stop_ids(lm)
     batch = batch.to(lm.input_device)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
@@ -68,24 +77,38 @@ def generate_batch_ids(lm: LoadedModel, batch: Batch, max_new_tokens: int = 64) 
         out = cast(Any, lm.model).generate(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
             do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=stops, pad_token_id=pad,
+            output_logits=True, return_dict_in_generate=True,
         )
-    new = out[:, batch.seq_len:].tolist()  # [batch, <= max_new_tokens]
-    return [_trim(row, set(stops)) for row in new]
+    new = out.sequences[:, batch.seq_len:].tolist()  # [batch, <= max_new_tokens]
+    return [_trim(row, set(stops)) for row in new], out.logits[0].float().cpu()
+
+
+def generate_batch_ids(lm: LoadedModel, batch: Batch, max_new_tokens: int = 64) -> list[list[int]]:
+    """Greedy reply ids for one prompt batch (stop token kept when reached, pads dropped)."""
+    return generate_batch_with_logits(lm, batch, max_new_tokens)[0]
+
+
+def generate_with_logits(
+    lm: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8, system: str | None = None
+) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy reply ids per prompt (prompts' order) and first-step logits ``[n_prompts, vocab]`` (CPU).
+
+    Apply interventions around the call. ``decode_reply(lm, ids)`` is the text ``generate`` returns.
+    """
+    rows: list[list[int]] = [[] for _ in prompts]
+    first: dict[int, torch.Tensor] = {}
+    for batch, (ids, logits) in batched(lm, prompts, lambda b: generate_batch_with_logits(lm, b, max_new_tokens),
+                                        batch_size=batch_size, system=system, description="generating"):
+        for j, i in enumerate(batch.index):
+            rows[i], first[i] = ids[j], logits[j]
+    return rows, torch.stack([first[i] for i in range(len(prompts))])
 
 
 def generate_ids(
     lm: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8, system: str | None = None
 ) -> list[list[int]]:
-    """Greedy reply token ids per prompt, in the prompts' order (apply interventions around the call).
-
-    ``lm.tokenizer.decode(ids, skip_special_tokens=True).strip()`` is the text ``generate`` returns.
-    """
-    rows: list[list[int]] = [[] for _ in prompts]
-    for batch, ids in batched(lm, prompts, lambda b: generate_batch_ids(lm, b, max_new_tokens),
-                              batch_size=batch_size, system=system, description="generating"):
-        for i, r in zip(batch.index, ids):
-            rows[i] = r
-    return rows
+    """Greedy reply token ids per prompt, in the prompts' order (apply interventions around the call)."""
+    return generate_with_logits(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)[0]
 
 
 def decode_reply(lm: LoadedModel, ids: Sequence[int]) -> str:
@@ -127,7 +150,7 @@ def teacher_forced_logits(lm: LoadedModel, batch: Batch, replies: Sequence[Seque
             attn = torch.cat([attn, rmask[:, start:stop]], 1)
             pos = n_real + torch.arange(start, stop, device=dev)              # [batch, chunk]
             out = model(input_ids=reply[:, start:stop], attention_mask=attn, position_ids=pos,
-                        use_cache=True, **{_CACHE_KW: cache})
+                        use_cache=True, **{_cache_kw(): cache})
             cache = _cache(out)
             pieces.append(out.logits.float().cpu())                          # [batch, chunk, vocab]
     return torch.cat(pieces, 1), mask_out

@@ -38,13 +38,13 @@ from .capability import (
     compare_cross_entropy,
     decode_reply,
     file_rows,
-    generate_ids,
+    generate_with_logits,
     reply_kl,
 )
 from .compare import Intervention, enter
-from .generation import generate, refusal_scores
+from .generation import refusal_scores
 from .judges import PhraseJudge, as_judge
-from .metrics import RateWithCI, agreement, auroc, rate_with_ci
+from .metrics import RateWithCI, agreement, auroc, rate_with_ci, refusal_score
 from .refusal_tokens import refusal_token_ids, refusal_tokens
 
 __all__ = ["EvalResult", "ReplyRecord", "SetResult", "evaluate", "judge_reply"]
@@ -240,26 +240,31 @@ def evaluate(
     ids = list(token_ids) if token_ids is not None else refusal_token_ids(lm.tokenizer)
     gen: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "system": system}
 
-    ref_ids = None
+    def replies_and_scores(texts: list[str]) -> tuple[list[list[int]], list[float]]:
+        reply_ids, first = generate_with_logits(lm, texts, **gen)   # first: [n, vocab], from the prefill
+        return reply_ids, refusal_score(first, ids).tolist()
+
+    ref_gen = None
     if intervention is not None and (kl or baseline):
-        ref_ids = generate_ids(lm, sets["harmless"], **gen)  # the reference's own replies
+        ref_gen = replies_and_scores(sets["harmless"])  # the reference's own replies (KL is measured on them)
     records: list[ReplyRecord] = []
     with enter(lm, intervention):
-        replies = {k: generate(lm, v, **gen) for k, v in sets.items()}
-        scores = {k: refusal_scores(lm, v, token_ids=ids, batch_size=batch_size, system=system).tolist()
-                  for k, v in sets.items()}
-    results = {k: _set_result(k, sets[k], scores[k], replies[k], judge_fn, "modified", records) for k in sets}
+        out = {k: replies_and_scores(v) for k, v in sets.items()}
+    results = {k: _set_result(k, sets[k], out[k][1], [decode_reply(lm, r) for r in out[k][0]], judge_fn,
+                              "modified", records) for k in sets}
 
     reference = None
     if intervention is not None:
-        ref_replies: dict[str, list[str]] = {}
-        if ref_ids is not None:
-            ref_replies["harmless"] = [decode_reply(lm, r) for r in ref_ids]
-        if baseline:
-            ref_replies.update({k: generate(lm, v, **gen) for k, v in sets.items() if k != "harmless"})
-        ref_sets = {k: _set_result(k, v, refusal_scores(lm, v, token_ids=ids, batch_size=batch_size,
-                                                        system=system).tolist(),
-                                   ref_replies.get(k), judge_fn, "reference", records) for k, v in sets.items()}
+        ref_sets = {}
+        for k, v in sets.items():
+            if k == "harmless" and ref_gen is not None:
+                got: tuple[list[list[int]] | None, list[float]] = ref_gen
+            elif baseline:
+                got = replies_and_scores(v)
+            else:  # scores only: one forward pass, no generation
+                got = None, refusal_scores(lm, v, token_ids=ids, batch_size=batch_size, system=system).tolist()
+            ref_texts = None if got[0] is None else [decode_reply(lm, r) for r in got[0]]
+            ref_sets[k] = _set_result(k, v, got[1], ref_texts, judge_fn, "reference", records)
         reference = {"sets": {k: v.summary() for k, v in ref_sets.items()},
                      "auroc": _auroc(ref_sets["harmful"], ref_sets["harmless"]),
                      "auroc_harmful_vs_scary": _auroc(ref_sets["harmful"], ref_sets.get("scary")),
@@ -270,7 +275,8 @@ def evaluate(
         kl_out = {"first_token": 0.0, "reply_tokens": 0.0, "n_prompts": len(sets["harmless"]),
                   "note": "no intervention: the model is its own reference"}
     elif kl:
-        res = reply_kl(lm, sets["harmless"], intervention, replies=ref_ids, batch_size=batch_size, system=system)
+        res = reply_kl(lm, sets["harmless"], intervention, replies=ref_gen[0] if ref_gen else None,
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
         kl_out = {**res.summary(), "per_prompt_first": res.per_prompt_first, "per_prompt_reply": res.per_prompt_reply}
 
     return EvalResult(
