@@ -328,15 +328,15 @@ def test_cli_find_ablate_e2e_default_model(tmp_path):
     from safetyscope.cli.main import app
 
     out = tmp_path / "run"
-    r = CliRunner().invoke(app, ["direction", "find", "default", "--n-prompts", "6", "--n-val", "4", "--layers", "9-11",
+    r = CliRunner().invoke(app, ["direction", "find", "default", "--n-prompts", "4", "--n-val", "2", "--layers", "10-11",
                                  "--positions", "-1", "--induce", "lazy", "--batch-size", "8", "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
-    assert res["layer"] in (9, 10, 11) and res["position"] == -1
+    assert res["layer"] in (10, 11) and res["position"] == -1
     assert (out / "direction" / "plots" / "candidates.png").is_file()
     d = load_artifact(out / "direction" / "artifact")
     assert isinstance(d, Direction) and d.direction.numel() == 896
-    r = CliRunner().invoke(app, ["direction", "ablate", "default", "--n-prompts", "3", "--max-new-tokens", "8",
+    r = CliRunner().invoke(app, ["direction", "ablate", "default", "--n-prompts", "2", "--max-new-tokens", "4",
                                  "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)

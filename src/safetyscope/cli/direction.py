@@ -53,6 +53,7 @@ class EvalDirSettings(PromptSettings):
     full: bool = opt(False, "Ignore tuned per-layer weights and ablate fully.")
     coeff: float = opt(1.0, "Activation-addition coefficient, in units of the difference-of-means norm (direction add).")
     layer: int = opt(-1, "Block whose resid_pre gets the addition (-1 = the direction's own block).")
+    skip_harmless_replies: bool = opt(False, "direction ablate: do not generate harmless replies under ablation (KL and perplexity are still measured).")
 
 
 @dataclass
@@ -288,9 +289,10 @@ def _cache(s: EvalDirSettings, lm: Any, direction: Any, sub: str) -> Any:
 
     d = lm.describe()
     meta, _ = direction.to_state()
-    return ReplyCache(s.out / sub, {"model": [d["name"], d["n_params"], d["dtype"]], "system": s.system,
-                                    "max_new_tokens": s.max_new_tokens, "direction": meta,
-                                    "vector": direction.direction.tolist()[:8], "weights": str(direction.layer_weights)})
+    common = {"model": [d["name"], d["n_params"], d["dtype"]], "system": s.system, "max_new_tokens": s.max_new_tokens}
+    return ReplyCache(s.out / sub, common, {"direction": meta, "vector": direction.direction.tolist(),
+                                            "weights": None if direction.layer_weights is None else direction.layer_weights.tolist(),
+                                            "coeff": s.coeff, "layer": s.layer})
 
 
 def run_ablate(s: EvalDirSettings) -> dict[str, Any]:
@@ -300,7 +302,8 @@ def run_ablate(s: EvalDirSettings) -> dict[str, Any]:
     _log(s)
     direction, harmful, harmless, judge, lm = _eval_inputs(s)
     res = evaluate_ablation(lm, direction, harmful.texts, harmless.texts, judge=judge, max_new_tokens=s.max_new_tokens,
-                            batch_size=s.batch_size, system=s.system, cache=_cache(s, lm, direction, "direction_eval"))
+                            batch_size=s.batch_size, system=s.system, cache=_cache(s, lm, direction, "direction_eval"),
+                            harmless_replies_ablated=not s.skip_harmless_replies)
     res.update(model=lm.name, direction=str(_direction_dir(s)), norm_preserving=direction.norm_preserving,
                weighted=direction.layer_weights is not None)
     write_json(s.out / "direction_ablate" / "summary.json", res)

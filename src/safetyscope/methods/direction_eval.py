@@ -32,30 +32,43 @@ Judge = Callable[[str, str], bool]
 
 
 class ReplyCache:
-    """Replies per condition in ``dir/replies_<name>.json``, reused when the fingerprint matches."""
+    """Replies per condition in ``dir/replies_<name>.json``, reused when the fingerprint and prompts match.
 
-    def __init__(self, root: str | Path | None, fingerprint: dict[str, Any]):
+    ``common`` identifies the model and generation settings; ``intervention`` the intervention, and
+    enters the key only of conditions generated under it (the unmodified replies are shared).
+    """
+
+    def __init__(self, root: str | Path | None, common: dict[str, Any], intervention: dict[str, Any] | None = None):
         self.root = Path(root) if root is not None else None
-        self.key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.common = _digest(common)
+        self.full = _digest([common, intervention or {}])
 
-    def get(self, name: str) -> list[str] | None:
+    def _key(self, name: str) -> str:
+        return self.common if name.endswith("_base") else self.full
+
+    def get(self, name: str, prompts: Sequence[str]) -> list[str] | None:
         if self.root is None or not (self.root / f"replies_{name}.json").is_file():
             return None
         data = read_json(self.root / f"replies_{name}.json")
-        return data["replies"] if data.get("key") == self.key else None
+        ok = data.get("key") == self._key(name) and data.get("prompts") == list(prompts)
+        return data["replies"] if ok else None
 
     def put(self, name: str, prompts: Sequence[str], replies: list[str]) -> None:
         if self.root is not None:
             write_json(self.root / f"replies_{name}.json",
-                       {"key": self.key, "replies": replies, "prompts": list(prompts)})
+                       {"key": self._key(name), "replies": replies, "prompts": list(prompts)})
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def replies_under(
     lm: LoadedModel, prompts: Sequence[str], intervention: Any, name: str, cache: ReplyCache, *,
     max_new_tokens: int, batch_size: int, system: str | None,
 ) -> list[str]:
-    cached = cache.get(name)
-    if cached is not None and len(cached) == len(prompts):
+    cached = cache.get(name, prompts)
+    if cached is not None:
         return cached
     with enter(lm, intervention):
         replies = generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
