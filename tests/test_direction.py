@@ -257,7 +257,8 @@ def test_selection_filters_and_choice():
     cfg = SelectConfig(kl_threshold=0.1, induce_threshold=0.0)
 
     def cand(layer, bypass, kl, induce, *reasons):
-        s = CandidateScore(layer, -1, "x", 1.0, bypass, 0.0, kl, induce, list(reasons))
+        s = CandidateScore(layer, -1, "x", 1.0, bypass=bypass, bypass_refusing=0.0, kl=kl, induce=induce,
+                           reasons=list(reasons))
         apply_filters(s, cfg)
         return s
 
@@ -299,7 +300,7 @@ def test_plots_write_png(tmp_path):
     from safetyscope.methods.direction_tune import Trial, TuneResult
     from safetyscope.report.plots.direction import candidate_heatmaps, pareto_plot
 
-    scores = [CandidateScore(layer, pos, "t", 1.0, -layer - pos, 0.1, 0.01 * (layer + 1), 0.5 - layer, [])
+    scores = [CandidateScore(layer, pos, "t", 1.0, bypass=-layer - pos, kl=0.01 * (layer + 1), induce=0.5 - layer)
               for layer in range(4) for pos in (-2, -1)]
     scores[0] = CandidateScore(0, -2, "t", 0.0, reasons=["zero difference"])
     sel = Selection(scores, (2, -1), {}, {}, 2, 2)
