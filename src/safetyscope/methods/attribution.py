@@ -3,9 +3,10 @@ backward pass per batch of pairs (Nanda 2023, "Attribution patching"; Syed et al
 
 For a site with activation ``a`` in the base run and ``a'`` in the source run, patching changes the
 refusal score by approximately ``(a' - a) . d s / d a`` (summed over the patched positions and the
-site's features). One backward pass of the base run's score gives the gradient at every site,
-position and head at once, so the whole layer x component, layer x position and layer x head grids
-cost about three forward passes per pair. The estimates are returned as :class:`Effects` with the
+site's features). The base and source prompts of a pair run as two rows of ONE forward pass (which
+captures both runs' activations everywhere), and one backward pass of the base rows' scores gives
+the gradient at every site, position and head at once: the whole layer x component, layer x
+position and layer x head grids cost one forward and one backward pass per batch of pairs. The estimates are returned as :class:`Effects` with the
 same layout and normalisation as exact patching, so they can be compared cell by cell
 (:func:`agreement`), and the top cells of the full grid can be checked exactly (:func:`verify_top`).
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -56,6 +58,21 @@ def _head_probes(layers: Sequence[int], vals: dict[Site, torch.Tensor], grads: d
     return {Site("attn.heads", layer): make(Site("attn.heads", layer)) for layer in layers}
 
 
+def _stack(a: Batch, b: Batch, width: int, tokenizer: object) -> Batch:
+    """Rows of ``a`` then rows of ``b`` in one batch, left padded to ``width``."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", 0) or 0
+
+    def widen(x: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        extra = width - x.seq_len
+        ids = torch.nn.functional.pad(x.input_ids, (extra, 0), value=int(pad))
+        return ids, torch.nn.functional.pad(x.attention_mask, (extra, 0), value=0)
+
+    (ia, ma), (ib, mb) = widen(a), widen(b)
+    return replace(a, input_ids=torch.cat([ia, ib]), attention_mask=torch.cat([ma, mb]), texts=a.texts + b.texts,
+                   index=tuple(range(len(a) + len(b))))
+
+
 def _per_position(src: torch.Tensor, base: torch.Tensor, grad: torch.Tensor, k: int) -> torch.Tensor:
     """(a_src - a_base) . grad over the last k positions: [rows, k] (or [rows, k, n_heads])."""
     d = src[:, -k:].to(device=grad.device, dtype=torch.float32) - base[:, -k:].float()
@@ -78,29 +95,34 @@ def attribute(
     layers = list(range(lm.n_layers)) if layers is None else list(layers)
     comp_sites = [Site(c, layer) for layer in layers for c in components]
     head_sites = [Site("attn.heads", layer) for layer in layers] if heads else []
-    base_name, src_name = tracer.roles(reverse)
-    base = tracer.runs(base_name).batch
-    source = tracer.runs(src_name, comp_sites + head_sites)
-    k = min(base.seq_len, source.batch.seq_len)
-    pos_est: dict[Site, torch.Tensor] = {}  # site -> [n_pairs, k] (heads: [n_pairs, k, n_heads])
-    for lo in range(0, len(pairs), tracer.batch_size):
-        rows = list(range(lo, min(lo + tracer.batch_size, len(pairs))))
-        sub = base.select(rows)
+    base, source = (pairs.harmless, pairs.harmful) if reverse else (pairs.harmful, pairs.harmless)
+    k = max(base.seq_len, source.seq_len)  # both runs are left padded to this width
+    pos_est: dict[Site, list[torch.Tensor]] = {}  # site -> chunks of [rows, k] (heads: [rows, k, n_heads])
+    scores: list[torch.Tensor] = []  # chunks of [2 * rows]: base rows, then source rows
+    step = max(1, tracer.batch_size // 2)
+    for lo in range(0, len(pairs), step):
+        rows = list(range(lo, min(lo + step, len(pairs))))
+        r = len(rows)
+        joint = _stack(base.select(rows), source.select(rows), k, tracer.lm.tokenizer)  # [2r, k]
         vals: dict[Site, torch.Tensor] = {}
         grads: dict[Site, torch.Tensor] = {}
         with torch.enable_grad(), capture(lm, comp_sites, "all", grad=True) as cap, hooks(lm, _head_probes(
             [s.layer for s in head_sites if s.layer is not None], vals, grads)
         ):
-            logits = forward(lm, sub, last_only=True)[:, -1]  # [rows, vocab]
-            score_with_grad(logits, tracer.token_ids).sum().backward()  # rows are independent
+            logits = forward(lm, joint, last_only=True)[:, -1]  # [2r, vocab]
+            s = score_with_grad(logits, tracer.token_ids)  # [2r]
+            s[:r].sum().backward()  # base rows are independent: each gets its own score's gradient
+        scores.append(s.detach().float().cpu())
         vals.update(cap.values)
         grads.update(cap.grads)
         for site in comp_sites + head_sites:
-            src = source.values[site][rows]
-            part = _per_position(src, vals[site], grads[site], k)
-            pos_est[site] = part if site not in pos_est else torch.cat([pos_est[site], part])
-        del vals, grads, cap, logits
-    gap = tracer.gap(reverse)
+            part = _per_position(vals[site][r:], vals[site][:r], grads[site][:r], k)
+            pos_est.setdefault(site, []).append(part)
+        del vals, grads, cap, logits, s
+    pos_est_t = {site: torch.cat(parts) for site, parts in pos_est.items()}
+    base_scores = torch.cat([c[: len(c) // 2] for c in scores])
+    source_scores = torch.cat([c[len(c) // 2 :] for c in scores])
+    gap = (source_scores - base_scores).double().numpy()
     direction, sign = (REVERSE, 1) if reverse else (FORWARD, -1)
     n = len(pairs)
 
@@ -111,12 +133,12 @@ def attribute(
         return est[i, [k + o for o in pairs.offsets(i, span)]].sum(0)
 
     out: dict[str, Effects] = {}
-    raw = np.array([[[float(span_sum(pos_est[Site(c, layer)], i)) for c in components] for layer in layers] for i in range(n)])
+    raw = np.array([[[float(span_sum(pos_est_t[Site(c, layer)], i)) for c in components] for layer in layers] for i in range(n)])
     out["component"] = effects("component", [str(x) for x in layers], list(components), raw,
                                [[cell_name(Site(c, layer)) for c in components] for layer in layers],
                                "attribution estimate; " + pairs.alignment_note(span))
     if heads:
-        raw = np.stack([np.stack([span_sum(pos_est[s], i).numpy() for s in head_sites]) for i in range(n)])
+        raw = np.stack([np.stack([span_sum(pos_est_t[s], i).numpy() for s in head_sites]) for i in range(n)])
         n_heads = lm.dims.n_heads
         out["head"] = effects("head", [str(x) for x in layers], [str(h) for h in range(n_heads)], raw,
                               [[cell_name(s, h) for h in range(n_heads)] for s in head_sites],
@@ -129,7 +151,7 @@ def attribute(
                 ok = set(pairs.offsets(i, "all"))
                 for j, o in enumerate(offsets):
                     if o in ok and -o <= k:
-                        raw[i, :, j] = [float(pos_est[Site(c, layer)][i, k + o]) for layer in layers]
+                        raw[i, :, j] = [float(pos_est_t[Site(c, layer)][i, k + o]) for layer in layers]
             out[f"position:{c}"] = effects(
                 f"position:{c}", [str(x) for x in layers], [str(o) for o in offsets], raw,
                 [[cell_name(Site(c, layer), None, o) for o in offsets] for layer in layers],

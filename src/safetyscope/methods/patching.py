@@ -277,12 +277,12 @@ class Effects:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             q25, q75 = (np.nanpercentile(norm, q, axis=0) if len(norm) else None for q in (25, 75))
+        arrays = {"median": self.median(), "mean": self.mean(), "pooled": self.pooled(), "q25": q25, "q75": q75,
+                  "gap": self.gap, "raw": self.raw}
         return {
             "name": self.name, "direction": self.direction, "rows": self.rows, "cols": self.cols, "note": self.note,
             "n_pairs": int(len(self.gap)), "n_pairs_used": int(self.used.sum()), "min_gap": self.min_gap,
-            "expected_gap_sign": self.sign,
-            "median": self.median(), "mean": self.mean(), "pooled": self.pooled(), "q25": q25, "q75": q75,
-            "gap": self.gap, "raw": self.raw,
+            "expected_gap_sign": self.sign, **{k: None if v is None else np.asarray(v).tolist() for k, v in arrays.items()},
         }
 
 

@@ -38,8 +38,7 @@ def heatmap(
     fig, ax = figure(width=min(16.0, 2.2 + 0.32 * n_lay), height=min(14.0, 1.4 + 0.24 * max(n_lab, 3)))
     finite = grid[np.isfinite(grid)]
     lim = float(max(1.0, np.abs(finite).max())) if finite.size else 1.0
-    cmap = mpl.colormaps["RdBu_r"].copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = mpl.colormaps["RdBu_r"].with_extremes(bad="#d9d9d9")
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(n_lay), list(layers), fontsize=7)
     ax.set_yticks(range(n_lab), list(labels), fontsize=7)
