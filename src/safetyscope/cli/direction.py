@@ -53,6 +53,7 @@ class EvalDirSettings(PromptSettings):
     full: bool = opt(False, "Ignore tuned per-layer weights and ablate fully.")
     coeff: float = opt(1.0, "Activation-addition coefficient, in units of the difference-of-means norm (direction add).")
     layer: int = opt(-1, "Block whose resid_pre gets the addition (-1 = the direction's own block).")
+    tag: str = opt("", "Name of this measurement: results go to OUT/direction_<ablate|add>/<tag>.json (default summary.json); replies are cached and shared across tags.")
     skip_harmless_replies: bool = opt(False, "direction ablate: do not generate harmless replies under ablation (KL and perplexity are still measured).")
 
 
@@ -306,7 +307,7 @@ def run_ablate(s: EvalDirSettings) -> dict[str, Any]:
                             harmless_replies_ablated=not s.skip_harmless_replies)
     res.update(model=lm.name, direction=str(_direction_dir(s)), norm_preserving=direction.norm_preserving,
                weighted=direction.layer_weights is not None)
-    write_json(s.out / "direction_ablate" / "summary.json", res)
+    path = write_json(s.out / "direction_ablate" / f"{s.tag or 'summary'}.json", res)
 
     def render() -> None:
         from rich.console import Console
@@ -321,7 +322,7 @@ def run_ablate(s: EvalDirSettings) -> dict[str, Any]:
         if "reply_perplexity" in res:
             p = res["reply_perplexity"]
             c.print(f"  perplexity of the original replies (harmless): {p['before']:.3f} -> {p['after']:.3f} (x{p['ratio']:.3f})")
-        c.print(f"results: {s.out / 'direction_ablate' / 'summary.json'}")
+        c.print(f"results: {path}")
 
     emit(s, res, render)
     return res
@@ -338,7 +339,7 @@ def run_add(s: EvalDirSettings) -> dict[str, Any]:
                             max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, system=s.system,
                             cache=_cache(s, lm, direction, "direction_eval"))
     res.update(model=lm.name, direction=str(_direction_dir(s)))
-    write_json(s.out / "direction_add" / "summary.json", res)
+    path = write_json(s.out / "direction_add" / f"{s.tag or 'summary'}.json", res)
 
     def render() -> None:
         from rich.console import Console
@@ -349,7 +350,7 @@ def run_add(s: EvalDirSettings) -> dict[str, Any]:
         c.print(f"  refusal score: {res['score_before']:+.3f} -> {res['score_after']:+.3f}")
         for ex in res["examples"][:2]:
             c.print(f"  [dim]{ex['prompt'][:60]!r} -> {ex['reply'][:80]!r}[/dim]")
-        c.print(f"results: {s.out / 'direction_add' / 'summary.json'}")
+        c.print(f"results: {path}")
 
     emit(s, res, render)
     return res
