@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(SS) capture default --out $(OUT)
+	$(SS) map default --out $(OUT)
 
 test: setup
 	$(PY) -m pytest -q

@@ -40,9 +40,14 @@ def circuit_svg(stages: Sequence[dict[str, Any]], n_layers: int, width: int = 11
         parts.append(f'<text x="10" y="{y + 26}" font-size="14" font-weight="bold" fill="{colour}">{esc(str(st["name"]).title())}</text>')
         parts.append(f'<text x="10" y="{y + 44}" font-size="11" fill="#5d6677">layers {lo}-{hi}</text>')
         parts.append(f'<rect x="{x0:.1f}" y="{y + 8}" width="{max(x1 - x0, 6):.1f}" height="{row_h - 22}" rx="8" fill="{colour}" fill-opacity="0.16" stroke="{colour}"/>')
-        comps = ", ".join(str(c) for c in list(st.get("components", []))[:4])
+        room = max(12, int(max(x1 - x0, 6) / 6.2))  # characters that fit in the band (about 6 px each)
+
+        def fit(text: str, room: int = room) -> str:
+            return text if len(text) <= room else text[: room - 1] + "…"
+
+        comps = fit(", ".join(str(c) for c in list(st.get("components", []))[:4]))
         parts.append(f'<text x="{x0 + 8:.1f}" y="{y + 28}" font-size="12" fill="#1d2330">{esc(comps)}</text>')
-        evidence = str(st.get("evidence", ""))[:120]
+        evidence = fit(str(st.get("evidence", "")))
         parts.append(f'<text x="{x0 + 8:.1f}" y="{y + 46}" font-size="11" fill="#5d6677">{esc(evidence)}</text>')
         mid = ((x0 + x1) / 2, y + row_h - 14)
         if prev_mid is not None:

@@ -1,0 +1,259 @@
+"""`safetyscope map`: the whole pipeline, stage by stage, cached and resumable, ending in the report.
+
+Stages (``--stages`` selects; each writes ``OUT/map/stages/<stage>.json`` atomically, and a rerun
+skips every stage whose settings are unchanged):
+
+  probe       probes at every layer (where is harmfulness readable?)
+  neurons     safety neurons in the readable layers (activation difference + gradient importance)
+  trace       attribution patching of the full layer x component grid, top cells verified exactly
+  direction   refusal direction: candidates, selection, ablation and addition measured on test prompts
+  fragility   refusal vs number of neurons removed (top vs random), with the direction as one component
+  capability  KL and perplexity under the direction and the neuron set (safetyscope eval)
+  dla         direct logit attribution of each component to the refusal tokens
+  report      circuit stages by evidence and the HTML report
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .common import PromptSettings, user_errors
+from .settings import command, opt
+
+STAGES = ("probe", "neurons", "trace", "direction", "fragility", "capability", "dla", "report")
+
+
+@dataclass
+class MapSettings(PromptSettings):
+    stages: str = opt("all", "Stages to run (comma list of " + ", ".join(STAGES) + ") or all.")
+    quick: bool = opt(False, "Tiny budgets everywhere (a smoke test in a few minutes, not findings).")
+    force: bool = opt(False, "Recompute stages even when cached results with the same settings exist.")
+    n_prompts: int = opt(48, "Training prompts per group (probes, neurons, direction candidates).")
+    n_eval: int = opt(16, "Held-out prompts per group for ablation, fragility and capability measurements.")
+    pairs: int = opt(6, "Minimal pairs traced by attribution patching.")
+    max_new_tokens: int = opt(32, "Reply length for judged generations (refusal rates, sample replies).")
+    fragility_ks: str = opt("0,10,50,200,1%", "Numbers of neurons ablated along the fragility curves.")
+
+
+@dataclass(frozen=True)
+class Budget:
+    n_prompts: int
+    n_eval: int
+    n_val: int
+    pairs: int
+    max_new_tokens: int
+    ks: str
+    seeds: int
+    folds: int
+    utility_texts: int
+
+
+def budget(s: MapSettings) -> Budget:
+    if s.quick:
+        return Budget(n_prompts=10, n_eval=6, n_val=6, pairs=2, max_new_tokens=12, ks="0,5,20", seeds=1, folds=2,
+                      utility_texts=2)
+    return Budget(n_prompts=s.n_prompts, n_eval=s.n_eval, n_val=max(8, s.n_eval * 3 // 4), pairs=s.pairs,
+                  max_new_tokens=s.max_new_tokens, ks=s.fragility_ks, seeds=2, folds=5, utility_texts=8)
+
+
+def _common(s: MapSettings) -> dict[str, Any]:
+    """The shared settings every sub-command receives (model, device, output, prompts ...)."""
+    from .settings import Settings
+
+    names = {f.name for f in fields(Settings)} | {"harmful", "harmless", "seed"}
+    return {k: v for k, v in asdict(s).items() if k in names} | {"quiet": True, "json": False}
+
+
+def _settings(cls: type, s: MapSettings, **over: Any) -> Any:
+    base = {k: v for k, v in _common(s).items() if k in {f.name for f in fields(cls)}}
+    return cls(**{**base, **over})
+
+
+# ---- the stages ----------------------------------------------------------------------------------------
+def stage_probe(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, Any]:
+    from .probe import ProbeSettings, run_probe
+
+    return run_probe(_settings(ProbeSettings, s, n_prompts=b.n_prompts, folds=b.folds, controls=2 if not s.quick else 1))
+
+
+def readable_layers(probe: dict[str, Any] | None, n_layers: int) -> str:
+    """Layers from the first one where the probe is halfway to its best accuracy, to the end."""
+    if not probe:
+        return "*"
+    acc = [row["accuracy"] for row in probe["layers"]]
+    base = max(0.5, sum(r["control_accuracy"] for r in probe["layers"]) / len(acc))
+    half = base + 0.5 * (max(acc) - base)
+    first = next((i for i, a in enumerate(acc) if a >= half), 0)
+    return f"{probe['layers'][first]['layer']}-{n_layers - 1}"
+
+
+def stage_neurons(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, Any]:
+    from .neurons import FindSettings, run_find
+
+    n_layers = int(done["probe"]["model"]["n_layers"]) if done.get("probe") else 0
+    layers = readable_layers(done.get("probe"), n_layers) if n_layers else "*"
+    res = run_find(_settings(FindSettings, s, n_prompts=b.n_prompts, layers=layers, utility_texts=b.utility_texts))
+    res["layers_analysed"] = layers
+    return res
+
+
+def stage_trace(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, Any]:
+    from .trace import TraceSettings, run_trace
+
+    # --quick runs on tiny random models too, whose pairs have no real refusal gap to normalise by.
+    return run_trace(_settings(TraceSettings, s, mode="attribution", pairs=b.pairs, verify_top=5 if s.quick else 10,
+                               min_gap=0.0 if s.quick else 1.0))
+
+
+def stage_direction(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, Any]:
+    from .direction import EvalDirSettings, FindSettings, run_ablate, run_add, run_find
+
+    found = run_find(_settings(FindSettings, s, n_prompts=b.n_prompts, n_val=b.n_val, induce="lazy"))
+    ev = dict(n_prompts=b.n_eval, max_new_tokens=b.max_new_tokens, split="test")
+    ablate = run_ablate(_settings(EvalDirSettings, s, **ev))
+    add = run_add(_settings(EvalDirSettings, s, **ev))
+    return {"find": found, "ablate": ablate, "add": add}
+
+
+def stage_fragility(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, Any]:
+    from .neurons import FragilitySettings, run_fragility
+
+    layers = done.get("neurons", {}).get("layers_analysed", "*")
+    return run_fragility(_settings(
+        FragilitySettings, s, n_prompts=b.n_prompts, layers=layers, ks=b.ks, seeds=b.seeds, n_eval=b.n_eval,
+        curves="effect_size,gradient", utility_texts=0, eval_split="test",
+    ))
+
+
+def stage_capability(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, Any]:
+    """First-token KL on held-out harmless prompts and perplexity on the built-in prose/code passages,
+    under the direction and under the neuron set; plus a few replies before/after, for the report."""
+    from ..artifacts import load_artifact
+    from ..measure.capability import capability_rows, compare_cross_entropy
+    from ..measure.compare import first_token_kl, logits_under
+    from ..measure.generation import generate
+    from ..measure.judges import PhraseJudge
+    from ..prompts import builtin_prompts
+
+    lm = s.load_model()
+    harmless = builtin_prompts("harmless", "test", seed=s.seed).sample(b.n_eval, seed=s.seed).texts
+    harmful = builtin_prompts("harmful", "test", seed=s.seed).sample(4 if not s.quick else 2, seed=s.seed + 1).texts
+    rows = capability_rows(lm, max_tokens=64 if s.quick else 256)
+    if s.quick:
+        rows = rows[:4]
+    reference = logits_under(lm, harmless, None, batch_size=s.batch_size, system=s.system)
+    judge = PhraseJudge()
+    before = generate(lm, harmful, max_new_tokens=b.max_new_tokens, batch_size=s.batch_size, system=s.system)
+    out: dict[str, Any] = {"n_harmless": len(harmless), "n_capability_tokens": sum(len(r) - 1 for r in rows),
+                           "interventions": {}, "samples": []}
+    samples = [{"prompt": p, "before": r, "refused_before": judge(p, r)} for p, r in zip(harmful, before)]
+    arts = {"direction": s.out / "direction" / "artifact", "neurons": s.out / "neurons" / "set"}
+    for name, path in arts.items():
+        if not path.is_dir():
+            continue
+        art = load_artifact(path)
+        kl = first_token_kl(lm, harmless, art, reference=reference, batch_size=s.batch_size, system=s.system)
+        ref_ce, new_ce = compare_cross_entropy(lm, rows, art, batch_size=s.batch_size)
+        with art.apply(lm):
+            after = generate(lm, harmful, max_new_tokens=b.max_new_tokens, batch_size=s.batch_size, system=s.system)
+        for sample, p, r in zip(samples, harmful, after):
+            sample[f"after_{name}"] = r
+            sample[f"refused_after_{name}"] = judge(p, r)
+        out["interventions"][name] = {
+            "artifact": str(path), "kl_first_token_mean": float(kl.mean()), "kl_first_token_median": float(kl.median()),
+            "ppl_before": ref_ce.ppl, "ppl_after": new_ce.ppl, "ppl_ratio": new_ce.ppl / ref_ce.ppl,
+        }
+    out["samples"] = samples
+    return out
+
+
+def stage_dla(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, Any]:
+    from ..methods.dla import direct_logit_attribution
+    from .common import prompt_sets
+
+    harmful, harmless = prompt_sets(replace(s, n_prompts=b.n_prompts))
+    lm = s.load_model()
+    res = direct_logit_attribution(lm, harmful.texts, harmless.texts, batch_size=s.batch_size, system=s.system)
+    return {**res.to_json(), "top": res.top(10), "n_layers": lm.n_layers}
+
+
+def stage_report(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, Any]:
+    from .map_report import build_report
+
+    return build_report(s, done)
+
+
+RUNNERS: dict[str, Callable[[MapSettings, Budget, dict[str, Any]], dict[str, Any]]] = {
+    "probe": stage_probe, "neurons": stage_neurons, "trace": stage_trace, "direction": stage_direction,
+    "fragility": stage_fragility, "capability": stage_capability, "dla": stage_dla, "report": stage_report,
+}
+
+
+# ---- orchestration ---------------------------------------------------------------------------------
+def _key(s: MapSettings, b: Budget, stage: str) -> str:
+    keep = {k: v for k, v in asdict(s).items() if k not in ("stages", "force", "quiet", "json", "out")}
+    return hashlib.sha256(json.dumps([stage, keep, asdict(b)], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_map(s: MapSettings) -> dict[str, Any]:
+    from ..io import read_json, write_json
+
+    os.environ["SAFETYSCOPE_QUIET"] = "1" if (s.quiet or s.json) else os.environ.get("SAFETYSCOPE_QUIET", "")
+    wanted = list(STAGES) if s.stages.strip() == "all" else [x.strip() for x in s.stages.split(",") if x.strip()]
+    unknown = [x for x in wanted if x not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; use {', '.join(STAGES)} or all")
+    b = budget(s)
+    state_dir = s.out / "map" / "stages"
+    done: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    say = (lambda _m: None) if (s.quiet or s.json) else (lambda m: print(m, file=sys.stderr, flush=True))
+    for stage in STAGES:
+        path = state_dir / f"{stage}.json"
+        key = _key(s, b, stage)
+        cached = read_json(path) if path.is_file() else None
+        if cached is not None and cached.get("key") == key and not (s.force and stage in wanted):
+            done[stage] = cached["result"]
+            timings[stage] = cached.get("seconds", 0.0)
+            if stage in wanted:
+                say(f"[map] {stage}: cached ({path})")
+            continue
+        if stage not in wanted:
+            continue
+        say(f"[map] {stage} ...")
+        t0 = time.perf_counter()
+        result = RUNNERS[stage](s, b, done)
+        timings[stage] = time.perf_counter() - t0
+        write_json(path, {"key": key, "seconds": timings[stage], "result": result})
+        done[stage] = json.loads(path.read_text("utf-8"))["result"]
+        say(f"[map] {stage}: done in {timings[stage]:.0f}s")
+    summary = {"stages": {k: timings.get(k) for k in done}, "out": str(s.out),
+               "report": str(s.out / "report.html") if "report" in done else None}
+    if "report" in done:
+        summary["headline"] = done["report"].get("headline")
+        summary["implications"] = done["report"].get("implications")
+    write_json(s.out / "map" / "summary.json", summary)
+    return summary
+
+
+def register(app: typer.Typer) -> None:
+    @command(app, "map", MapSettings, "Map the refusal circuit: probes, neurons, patching, direction, fragility, capability; HTML report.")
+    def map_cmd(s: MapSettings) -> None:
+        with user_errors():
+            summary = run_map(s)
+        if s.json:
+            print(json.dumps(summary, indent=2, default=str))
+        elif summary.get("report"):
+            print(f"report: {Path(summary['report']).resolve()}")
+            if summary.get("headline"):
+                print(summary["headline"])
