@@ -49,7 +49,7 @@ def evidence(done: dict[str, Any]) -> Evidence:
         ev.neuron_layer_score = score
         ev.top_neurons = [f"L{r['layer']}.N{r['neuron']}" for r in neurons.get("top_by_effect_size", [])[:50]]
     if trace:
-        mode = trace.get("modes", {}).get("attribution") or next(iter(trace.get("modes", {}).values()), {})
+        mode: dict[str, Any] = trace.get("modes", {}).get("attribution") or next(iter(trace.get("modes", {}).values()), {})
         verified = {r["cell"]: r.get("exact_median", r.get("attribution"))
                     for key, rs in (mode.get("verify") or {}).items() if not str(key).startswith("reverse") for r in rs}
         top = {r["cell"]: r["median"] for r in mode.get("top", {}).get("component", [])}
@@ -158,8 +158,9 @@ def build_report(s: Any, done: dict[str, Any]) -> dict[str, Any]:
                               r["safe_activation"], r["direction"]] for r in done["neurons"].get("top_by_effect_size", [])[:10]],
                             title="Top safety neurons"))
     if ev.patch_effects:
-        tables.append(Table(["component", "patching effect"], sorted(([k, float(v)] for k, v in ev.patch_effects.items()),
-                                                                     key=lambda r: -r[1])[:10], title="Top components by activation patching"))
+        ranked = sorted(ev.patch_effects.items(), key=lambda kv: -float(kv[1]))[:10]
+        tables.append(Table(["component", "patching effect"], [[k, float(v)] for k, v in ranked],
+                            title="Top components by activation patching"))
     if done.get("dla"):
         tables.append(Table(["component", "DLA harmful − harmless", "harmful", "harmless"],
                             [[r["component"], r["dla_diff"], r["harmful"], r["harmless"]] for r in done["dla"]["top"]],
