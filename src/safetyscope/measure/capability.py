@@ -41,15 +41,14 @@ __all__ = [
     "reply_kl", "teacher_forced_logits",
 ]
 
-def _cache_kw() -> str:
-    """The forward() keyword of the KV cache: ``cache`` since transformers 5, ``past_key_values`` before."""
-    import transformers
+def _cache(out: Any) -> tuple[str, Any]:
+    """(keyword, KV cache) of a forward output: ``cache`` in newer transformers, ``past_key_values`` before.
 
-    return "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
-
-
-def _cache(out: Any) -> Any:
-    return out["cache"] if "cache" in out else out["past_key_values"]
+    The output's own key names the keyword the next forward takes (an unknown keyword would be
+    swallowed silently and the chunk would run without its context).
+    """
+    key = "cache" if "cache" in out else "past_key_values"
+    return key, out[key]
 
 
 # ---- the reference model's own replies, as token ids ----------------------------------------------
@@ -142,7 +141,7 @@ def teacher_forced_logits(lm: LoadedModel, batch: Batch, replies: Sequence[Seque
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     position_ids=batch.position_ids, use_cache=True, logits_to_keep=1)
         pieces = [out.logits[:, -1:].float().cpu()]                          # [batch, 1, vocab]
-        cache, attn = _cache(out), batch.attention_mask
+        (key, cache), attn = _cache(out), batch.attention_mask
         n_real = batch.attention_mask.sum(1, keepdim=True)                   # [batch, 1]
         chunk = max(1, batch.seq_len - 1)  # shorter than the prompt: position-specific edits stay off
         for start in range(0, width - 1, chunk):  # feed r_0 .. r_{T-2}; they predict r_1 .. r_{T-1}
@@ -150,8 +149,8 @@ def teacher_forced_logits(lm: LoadedModel, batch: Batch, replies: Sequence[Seque
             attn = torch.cat([attn, rmask[:, start:stop]], 1)
             pos = n_real + torch.arange(start, stop, device=dev)              # [batch, chunk]
             out = model(input_ids=reply[:, start:stop], attention_mask=attn, position_ids=pos,
-                        use_cache=True, **{_cache_kw(): cache})
-            cache = _cache(out)
+                        use_cache=True, **{key: cache})
+            key, cache = _cache(out)
             pieces.append(out.logits.float().cpu())                          # [batch, chunk, vocab]
     return torch.cat(pieces, 1), mask_out
 
