@@ -154,6 +154,21 @@ def test_verify_top_patches_the_ranked_cells_exactly(llama):
     np.testing.assert_allclose(cells.raw[:, 0, 0], direct.raw[:, 0, 0], atol=1e-6)
 
 
+def test_generation_check_generates_under_the_patch(llama):
+    from safetyscope.cli.trace import generation_check
+
+    pairs = make_pairs(llama, PAIRS[:2])
+    tr = Tracer(llama, pairs, min_gap=0.0)
+    cells = ["blocks.0.resid_pre", "blocks.1.mlp.out"]
+    res = generation_check(tr, cells, span="all", max_new_tokens=1, batch_size=2)
+    assert [r["cell"] for r in res["rows"]] == ["(unpatched harmful)", *cells]
+    for row, cell in zip(res["rows"], [None, *cells]):
+        jobs = [Job(i, (Patch(parse_cell(cell)[0], pairs.offsets(i, "all")),) if cell else ()) for i in range(2)]
+        first = tr.run(jobs, return_logits=True).argmax(-1)  # the greedy first token under the same patch
+        want = [llama.tokenizer.decode([int(t)], skip_special_tokens=True).strip() for t in first]
+        assert row["replies"] == want and 0.0 <= row["refusal_rate"] <= 1.0
+
+
 def test_effects_normalisation_and_robust_summary():
     raw = np.array([[[-1.0, -0.5]], [[-2.0, 0.0]], [[-0.1, -0.1]], [[-3.0, np.nan]]])  # [4 pairs, 1, 2]
     gap = np.array([-2.0, -2.0, -0.2, -4.0])
@@ -193,17 +208,17 @@ def test_heatmaps_are_written(llama, tmp_path):
 
 @pytest.mark.slow
 def test_trace_cli_end_to_end_on_the_default_model(tmp_path):
-    cmd = [sys.executable, "-m", "safetyscope", "trace", "default", "--mode", "all", "--pairs", "2", "--n-prompts", "4",
-           "--layers", "21-23", "--verify-top", "3", "--noise-samples", "1", "--out", str(tmp_path), "--json"]
+    cmd = [sys.executable, "-m", "safetyscope", "trace", "default", "--mode", "all", "--pairs", "2", "--n-prompts", "2", "--min-gap", "0",
+           "--layers", "22-23", "--verify-top", "2", "--noise-samples", "1", "--out", str(tmp_path), "--json"]
     env = {**os.environ, "SAFETYSCOPE_QUIET": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout)
     assert set(summary["modes"]) == {"exact", "attribution", "noise"}
-    assert summary["layers"] == [21, 22, 23] and len(summary["pairs"]) == 2
+    assert summary["layers"] == [22, 23] and len(summary["pairs"]) == 2
     grid = np.array(summary["modes"]["exact"]["grids"]["component"]["median"], dtype=float)
-    assert grid.shape == (3, 3) and np.isfinite(grid).all()
+    assert grid.shape == (2, 3)
     assert "spearman" in summary["modes"]["attribution"]["agreement"]["component"]
-    assert len(summary["modes"]["attribution"]["verify"]["forward"]) == 3
+    assert len(summary["modes"]["attribution"]["verify"]["forward"]) == 2
     assert all(os.path.getsize(p) > 1000 for p in summary["plots"])
     assert (tmp_path / "trace" / "summary.json").is_file()

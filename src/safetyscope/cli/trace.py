@@ -234,7 +234,7 @@ def run_trace(s: TraceSettings) -> dict[str, Any]:
             m.update(clean=res["clean"], corrupted=res["corrupted"], noise_std=res["noise_std"])
         summary["modes"][mode] = m
     if s.generate_check:
-        src = results.get("exact", results.get("attribution", results.get("noise")))
+        src = next(results[m] for m in MODES if m in results)
         grids = [v for k, v in src["grids"].items() if not k.startswith("reverse:")]
         cells = [c for c, _ in rank_cells(grids, s.gen_top)]
         summary["generation_check"] = generation_check(tr, cells, span=s.span, max_new_tokens=s.max_new_tokens,
@@ -251,7 +251,7 @@ def _render(summary: dict[str, Any], out: Path) -> None:
     c = Console()
     c.print(f"{len(summary['pairs'])} pair(s): {summary['note']}")
     for mode, m in summary["modes"].items():
-        top = m["top"].get("component") or next(iter(m["top"].values()), [])
+        top: list[dict[str, Any]] = m["top"].get("component") or next(iter(m["top"].values()), [])
         t = Table(title=f"{mode}: top cells (median normalised effect, 1 = source-like) in {m['seconds']:.1f}s")
         for col in ("cell", "median", "mean"):
             t.add_column(col, justify="right" if col != "cell" else "left")

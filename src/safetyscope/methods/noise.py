@@ -19,6 +19,7 @@ Every restored variant of every noise sample runs in one batched forward.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ def noise_trace(
     position_components: Sequence[str] = (),
     seed: int = 0,
     system: str | None = None,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Noise-corruption tracing of the harmful prompts of ``tracer.pairs``.
 
     Returns ``{"component": Effects, "position:<c>": Effects..., "clean": [n], "corrupted": [n, samples],
@@ -122,7 +123,7 @@ def noise_trace(
                       description="noise tracing").double().numpy()
     corrupted = scores[: n * samples].reshape(n, samples)
     gap = clean.scores.double().numpy() - corrupted.mean(1)
-    out: dict[str, object] = {"clean": clean.scores, "corrupted": corrupted, "noise_std": std, "n_prefix_tokens": n_pre}
+    out: dict[str, Any] = {"clean": clean.scores, "corrupted": corrupted, "noise_std": std, "n_prefix_tokens": n_pre}
     for g, (name, comps, offs, cols) in enumerate(grids):
         raw = np.zeros((n, len(layers), len(cols), samples))
         seen = np.zeros((n, len(layers), len(cols)), dtype=bool)
