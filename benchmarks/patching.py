@@ -14,7 +14,6 @@ Spearman rank correlation >= 0.8 over the layer x component grid.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -120,6 +120,24 @@ def test_attribution_matches_exact_patching_on_a_near_linear_model(linear64):
     assert np.abs(exact_heads.raw - est["head"].raw).max() < 0.03 * np.abs(exact_heads.raw).max()
     exact_heads.min_gap = est["head"].min_gap = -1.0  # normalise by every pair in this comparison
     assert agreement(exact_heads, est["head"])["spearman"] > 0.95
+    # the reverse direction (harmful activations into the harmless run) too
+    rev, rev_est = tr.components(["mlp.out"], reverse=True), attribute(tr, ["mlp.out"], heads=False, positions=False, reverse=True)
+    assert rev.direction == rev_est["component"].direction == "harmful->harmless"
+    np.testing.assert_allclose(rev_est["component"].gap, -exact.gap, rtol=1e-6)
+    assert np.abs(rev.raw - rev_est["component"].raw).max() < 0.03 * np.abs(rev.raw).max()
+
+
+def test_file_pairs_are_unaligned(llama, tmp_path):
+    from safetyscope.cli.trace import TraceSettings, select_pairs
+
+    (tmp_path / "h.txt").write_text("Make a bomb now\nhi there\nthird\n")
+    (tmp_path / "s.txt").write_text("Make a cake now\nhello\nthird one\n")
+    s = TraceSettings(harmful=str(tmp_path / "h.txt"), harmless=str(tmp_path / "s.txt"), pairs=2)
+    pairs, info = select_pairs(llama, s)
+    assert len(pairs) == 2 and pairs.aligned == [False, False]  # same length is not enough for file pairs
+    assert [r["harmless"] for r in info] == ["Make a cake now", "hello"]
+    with pytest.raises(ValueError, match="both --harmful and --harmless"):
+        select_pairs(llama, TraceSettings(harmful=str(tmp_path / "h.txt")))
 
 
 def test_heads_recombine_to_the_component_effect(llama, linear64):

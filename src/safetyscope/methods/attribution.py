@@ -17,7 +17,6 @@ of ``attn.heads`` (a clone that the model then uses).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -28,20 +27,7 @@ from ..hooks import EditFn, capture, forward, hooks
 from ..positions import Batch
 from ..sites import Site
 from .patching import COMPONENTS, FORWARD, REVERSE, Effects, Tracer, cell_name
-
-_EPS = 1e-8  # as in measure.metrics.refusal_score
-
-
-def score_with_grad(logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
-    """Differentiable logit refusal score, [B] from [B, V]; equals ``measure.metrics.refusal_score``."""
-    x = logits.to(torch.float64)  # [B, V]
-    is_ref = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
-    is_ref[sorted({int(i) for i in token_ids})] = True
-    log_z = torch.logsumexp(x, -1)
-    log_p = torch.logsumexp(x.masked_fill(~is_ref, -math.inf), -1) - log_z
-    log_q = torch.logsumexp(x.masked_fill(is_ref, -math.inf), -1) - log_z
-    log_eps = torch.tensor(math.log(_EPS), dtype=x.dtype, device=x.device)
-    return torch.logaddexp(log_p, log_eps) - torch.logaddexp(log_q, log_eps)
+from .patching import score_logits as score_with_grad
 
 
 def _head_probes(layers: Sequence[int], vals: dict[Site, torch.Tensor], grads: dict[Site, torch.Tensor]) -> dict[Site, EditFn]:
@@ -75,8 +61,8 @@ def _stack(a: Batch, b: Batch, width: int, tokenizer: object) -> Batch:
 
 def _per_position(src: torch.Tensor, base: torch.Tensor, grad: torch.Tensor, k: int) -> torch.Tensor:
     """(a_src - a_base) . grad over the last k positions: [rows, k] (or [rows, k, n_heads])."""
-    d = src[:, -k:].to(device=grad.device, dtype=torch.float32) - base[:, -k:].float()
-    return (d * grad[:, -k:].float()).sum(-1).double().cpu()
+    d = src[:, -k:].to(device=grad.device, dtype=torch.float64) - base[:, -k:].double()
+    return (d * grad[:, -k:].double()).sum(-1).cpu()
 
 
 def attribute(
@@ -112,7 +98,7 @@ def attribute(
             logits = forward(lm, joint, last_only=True)[:, -1]  # [2r, vocab]
             s = score_with_grad(logits, tracer.token_ids)  # [2r]
             s[:r].sum().backward()  # base rows are independent: each gets its own score's gradient
-        scores.append(s.detach().float().cpu())
+        scores.append(s.detach().cpu())
         vals.update(cap.values)
         grads.update(cap.grads)
         for site in comp_sites + head_sites:

@@ -34,6 +34,7 @@ variant and each row gets its own site / position / head through index-assigning
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -41,7 +42,6 @@ import numpy as np
 import torch
 
 from ..hooks import EditFn, capture, forward, hooks
-from ..measure.metrics import refusal_score
 from ..measure.refusal_tokens import refusal_token_ids
 from ..models.adapter import LoadedModel
 from ..positions import Batch
@@ -51,11 +51,27 @@ from ..sites import Site
 from .patch_effects import Effects, cell_name, parse_cell
 
 __all__ = ["COMPONENTS", "FORWARD", "REVERSE", "SPANS", "Effects", "Job", "Pairs", "Patch", "Runs", "Tracer",
-           "capture_runs", "cell_name", "make_pairs", "parse_cell", "patch_edits", "run_jobs"]
+           "capture_runs", "cell_name", "make_pairs", "parse_cell", "patch_edits", "run_jobs", "score_logits"]
 
 COMPONENTS: tuple[str, ...] = ("resid_pre", "attn.out", "mlp.out")
 SPANS: tuple[str, ...] = ("post_instruction", "all", "last")
 FORWARD, REVERSE = "harmless->harmful", "harmful->harmless"
+
+
+_EPS = 1e-8  # as in measure.metrics.refusal_score
+
+
+def score_logits(logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+    """The logit refusal score of ``measure.metrics.refusal_score`` in float64 and differentiable,
+    [B] from [B, V]: float64 keeps small patching effects above the float32 rounding of the score."""
+    x = logits.to(torch.float64)  # [B, V]
+    is_ref = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+    is_ref[sorted({int(i) for i in token_ids})] = True
+    log_z = torch.logsumexp(x, -1)
+    log_p = torch.logsumexp(x.masked_fill(~is_ref, -math.inf), -1) - log_z
+    log_q = torch.logsumexp(x.masked_fill(is_ref, -math.inf), -1) - log_z
+    log_eps = torch.tensor(math.log(_EPS), dtype=x.dtype, device=x.device)
+    return torch.logaddexp(log_p, log_eps) - torch.logaddexp(log_q, log_eps)
 
 
 @dataclass(frozen=True)
@@ -82,7 +98,7 @@ class Runs:
 
     batch: Batch
     values: dict[Site, torch.Tensor]  # site -> [n, pos, *site_shape] (on the site's device)
-    scores: torch.Tensor  # [n] float32 CPU
+    scores: torch.Tensor  # [n] float64 CPU
 
 
 def capture_runs(lm: LoadedModel, batch: Batch, sites: Iterable[Site], token_ids: Sequence[int], *, batch_size: int = 16) -> Runs:
@@ -95,7 +111,7 @@ def capture_runs(lm: LoadedModel, batch: Batch, sites: Iterable[Site], token_ids
         with torch.inference_mode(), capture(lm, sites, "all") as cap:
             logits = forward(lm, sub, last_only=True)  # [rows, 1, vocab]
         cap.check_finite()
-        scores.append(refusal_score(logits[:, -1], token_ids).cpu())
+        scores.append(score_logits(logits[:, -1], token_ids).cpu())
         for s in sites:
             parts[s].append(cap.values[s])
     return Runs(batch, {s: torch.cat(v) for s, v in parts.items()}, torch.cat(scores))
@@ -166,7 +182,7 @@ def run_jobs(
                 edits = list(extra(chunk, sub).items()) + edits
             with torch.inference_mode(), hooks(lm, edits):
                 logits = forward(lm, sub, last_only=True)[:, -1]  # [rows, vocab]
-            out.append(logits.float().cpu() if return_logits else refusal_score(logits, token_ids).cpu())
+            out.append(logits.float().cpu() if return_logits else score_logits(logits, token_ids).cpu())
             advance(len(chunk))
     return torch.cat(out)
 
