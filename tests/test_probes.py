@@ -50,7 +50,7 @@ def _hook_count(lm) -> int:
 def synthetic():
     train, y = planted()
     test, y_test = planted(n=60, seed=1)
-    return train, y, test, y_test, fit_probes(train, y, ProbeConfig(n_controls=2, n_random=1), test=test, y_test=y_test)
+    return train, y, test, y_test, fit_probes(train, y, ProbeConfig(c=1.0, n_controls=2, n_random=1), test=test, y_test=y_test)
 
 
 def test_probe_finds_the_planted_layer_and_the_control_stays_at_chance(synthetic):
@@ -60,7 +60,7 @@ def test_probe_finds_the_planted_layer_and_the_control_stays_at_chance(synthetic
         assert abs(row.control_accuracy - 0.5) < 0.15, row  # shuffled labels: nothing to learn
         assert abs(row.control_auroc - 0.5) < 0.15, row
         if row.layer == PLANTED:
-            assert row.accuracy >= 0.95 and row.auroc >= 0.98 and row.dom_auroc >= 0.98
+            assert row.accuracy >= 0.9 and row.auroc >= 0.98 and row.dom_auroc >= 0.98
             assert row.selectivity > 0.35
             assert row.cosine_dom > 0.8  # the probe direction is the planted one, like the class means
             assert row.random_auroc is not None and row.random_auroc < 0.85  # a random projection sees little
@@ -75,7 +75,7 @@ def test_held_out_scores_generalise_only_at_the_planted_layer(synthetic):
     for row in res.layers:
         assert row.test_accuracy is not None and row.test_auroc is not None and row.test_dom_auroc is not None
         if row.layer == PLANTED:
-            assert row.test_accuracy >= 0.95 and row.test_auroc >= 0.98 and row.test_dom_auroc >= 0.98
+            assert row.test_accuracy >= 0.9 and row.test_auroc >= 0.98 and row.test_dom_auroc >= 0.98
         else:
             assert row.test_accuracy < 0.72 and row.test_auroc < 0.75, row
 
@@ -95,9 +95,9 @@ def test_cv_folds_are_stratified_disjoint_and_seeded():
 
 def test_same_seed_same_result_other_seed_other_folds():
     train, y = planted(n=40, n_layers=4)
-    a = fit_probes(train, y, ProbeConfig(folds=4, seed=3, n_controls=1)).summary()
-    b = fit_probes(train, y, ProbeConfig(folds=4, seed=3, n_controls=1)).summary()
-    c = fit_probes(train, y, ProbeConfig(folds=4, seed=4, n_controls=1)).summary()
+    a = fit_probes(train, y, ProbeConfig(folds=4, seed=3, c=1.0, n_controls=1)).summary()
+    b = fit_probes(train, y, ProbeConfig(folds=4, seed=3, c=1.0, n_controls=1)).summary()
+    c = fit_probes(train, y, ProbeConfig(folds=4, seed=4, c=1.0, n_controls=1)).summary()
     assert a == b
     assert [r["control_accuracy"] for r in a["layers"]] != [r["control_accuracy"] for r in c["layers"]]
 
@@ -110,6 +110,9 @@ def test_too_few_prompts_per_class_names_the_fix():
         fit_probes(train, y, ProbeConfig(folds=5))
     with pytest.raises(ValueError, match="labels"):
         fit_probes(train, y[:10])
+    y[:8] = 1  # 8 positives, 2 folds: 4 per training fold, fewer than 5 inner folds
+    with pytest.raises(ValueError, match="give a fixed --c"):
+        fit_probes(train, y, ProbeConfig(folds=2, inner_folds=5))
 
 
 def test_nested_cv_chooses_c_inside_each_fold():
@@ -119,6 +122,7 @@ def test_nested_cv_chooses_c_inside_each_fold():
     assert res.best_layer == PLANTED
     assert all(row.c in (0.01, 1.0) for row in res.layers)
     assert res.summary()["config"]["c"] == "auto (inner CV)"
+    assert ProbeConfig().c is None  # the default
 
 
 # ---- the artifact ---------------------------------------------------------------------------------
@@ -126,7 +130,7 @@ def test_probe_scores_match_sklearn_and_survive_a_round_trip(synthetic, tmp_path
     train, y, test, _, res = synthetic
     probe = res.probe
     x = train.layer(PLANTED)
-    pipe = make_probe(ProbeConfig()).fit(x, y)  # the same pipeline the final probe used
+    pipe = make_probe(ProbeConfig(c=1.0)).fit(x, y)  # the same pipeline the final probe used
     ours = probe.predict_proba(test.layer(PLANTED), layer=PLANTED).numpy()
     np.testing.assert_allclose(ours, pipe.predict_proba(test.layer(PLANTED))[:, 1], rtol=1e-9, atol=1e-12)
     all_layers = probe.predict_proba(test.x)  # [n, n_layers]
@@ -173,7 +177,7 @@ def test_tiny_model_probe_finds_the_only_layer_whose_mlp_writes(tmp_path):
         lm.module(lm.table.mlp_out_proj.replace("{block}", lm.table.block_path(layer))).weight.zero_()
     feats = collect_features(lm, POS + NEG, "mlp.out", "mean", batch_size=5)
     assert feats.x.shape == (48, 3, lm.dims.d_model) and feats.x.dtype == np.float32
-    res = fit_probes(feats, [1] * 24 + [0] * 24, ProbeConfig(folds=4, n_controls=2))
+    res = fit_probes(feats, [1] * 24 + [0] * 24, ProbeConfig(folds=4, c=1.0, n_controls=2))
     assert res.best_layer == 1
     by_layer = {r.layer: r for r in res.layers}
     assert by_layer[1].accuracy >= 0.8 and abs(by_layer[1].control_accuracy - 0.5) < 0.15
@@ -201,7 +205,7 @@ def test_features_equal_direct_capture_in_prompt_order(lm):
 
 def test_monitor_records_probe_scores_and_never_changes_the_model(lm):
     feats = collect_features(lm, POS + NEG, "resid_post", "last")
-    probe = fit_probes(feats, [1] * 24 + [0] * 24, ProbeConfig(folds=3, n_controls=1)).probe
+    probe = fit_probes(feats, [1] * 24 + [0] * 24, ProbeConfig(folds=3, c=1.0, n_controls=1)).probe
     prompts = POS[:3] + NEG[:3]
     batch = tokenize_prompts(lm.tokenizer, prompts)
     n_hooks = _hook_count(lm)
@@ -256,7 +260,7 @@ def test_cli_probe_with_held_out_set_and_cached_rerun(tiny_dir, tmp_path):
         files[name].write_text("\n".join(rows) + "\n")
     args = ["probe", str(tiny_dir), "--harmful", str(files["h"]), "--harmless", str(files["s"]),
             "--test-harmful", str(files["th"]), "--test-harmless", str(files["ts"]), "--n-test", "8",
-            "--folds", "3", "--controls", "2", "--random-directions", "1", "--out", str(tmp_path / "run"), "--json"]
+            "--folds", "3", "--controls", "1", "--random-directions", "1", "--out", str(tmp_path / "run"), "--json"]
     first = _cli(*args)
     assert first.exit_code == 0, first.output
     result = json.loads(first.stdout)
