@@ -152,6 +152,7 @@ def run_probe(s: ProbeSettings) -> dict[str, Any]:
 
 
 def _render(result: dict[str, Any], what: str, out: Path) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -159,24 +160,27 @@ def _render(result: dict[str, Any], what: str, out: Path) -> None:
     has_test = result["test"] is not None
     title = (f"{result['model']['name']}: probe {what} at {result['site']} ({result['position']}), "
              f"{result['n_positive']}+{result['n_negative']} prompts, {result['config']['folds']}-fold CV")
-    t = Table(title=title)
-    cols = ["layer", "acc ± sd", "AUROC", "ctrl acc", "select.", "DoM AUC", "cos(w,DoM)"]
-    for col in cols + (["test acc", "test AUC"] if has_test else []):
-        t.add_column(col, justify="right")
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    cols = ["layer", "acc", "sd", "AUROC", "ctrl", "sel", "DoM", "cos"]
+    for col in cols + (["t.acc", "t.AUC"] if has_test else []):
+        t.add_column(col, justify="right", no_wrap=True)
 
-    def f(v: Any, sd: Any = None) -> str:
+    def f(v: Any) -> str:
         if v is None:
             return "-"
-        return f"{v:.3f}" + (f"±{sd:.2f}" if sd is not None else "")
+        return f"{v:.3f}"
 
     for r in rows:
-        cells = [str(r["layer"]), f(r["accuracy"], r["accuracy_std"]), f(r["auroc"]), f(r["control_accuracy"]),
+        cells = [str(r["layer"]), f(r["accuracy"]), f(r["accuracy_std"]), f(r["auroc"]), f(r["control_accuracy"]),
                  f(r["selectivity"]), f(r["dom_auroc"]), f(r["cosine_dom"])]
         if has_test:
             cells += [f(r["test_accuracy"]), f(r["test_auroc"])]
         t.add_row(*cells, style="bold green" if r["layer"] == best else None)
     c = Console()
     c.print(t)
+    c.print("acc/AUROC: CV mean (sd over folds); ctrl: shuffled-label accuracy; sel = acc - ctrl; DoM: CV AUROC of "
+            "the difference of means; cos: cos(probe w/scale, DoM)" + ("; t.: held-out test set" if has_test else ""),
+            style="dim")
     b = result["best"]
     line = f"best layer {best}: accuracy {b['accuracy']:.3f} (control {b['control_accuracy']:.3f}), AUROC {b['auroc']:.3f}"
     if has_test:

@@ -28,7 +28,7 @@ def plot_probe_layers(
     if not rows:
         raise ValueError("no probe rows to plot; run the probe first")
     layers = np.array([int(r["layer"]) for r in rows])
-    fig, axes = figure(10.0, 3.6)
+    fig, axes = figure(12.0, 3.6)
     fig.clf()
     axes = fig.subplots(1, 2, sharex=True)
     for ax, metric, name, base in ((axes[0], "accuracy", "accuracy", chance), (axes[1], "auroc", "AUROC", 0.5)):
@@ -53,7 +53,7 @@ def plot_probe_layers(
         ax.set_ylabel(name)
         ax.set_ylim(min(0.3, float(np.nanmin(np.concatenate([mean, ctrl - 2 * cstd, test, [base]])))) - 0.02, 1.02)
         ax.grid(alpha=0.25, lw=0.5)
-    axes[1].legend(fontsize=7, loc="lower right", frameon=False)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path, svg=svg)
