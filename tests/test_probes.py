@@ -304,7 +304,7 @@ def test_cli_probe_on_the_default_model(tmp_path):
     th, ts = tmp_path / "th.txt", tmp_path / "ts.txt"
     th.write_text("\n".join(builtin_prompts("harmful", "test").sample(4, seed=0).texts) + "\n")
     ts.write_text("\n".join(builtin_prompts("harmless", "test").sample(4, seed=0).texts) + "\n")
-    res = _cli("probe", "default", "--n-prompts", "8", "--folds", "2", "--controls", "1",
+    res = _cli("probe", "default", "--n-prompts", "8", "--folds", "2", "--controls", "1", "--c", "1.0",
                "--test-harmful", str(th), "--test-harmless", str(ts), "--out", str(tmp_path), "--json")
     assert res.exit_code == 0, res.output
     result = json.loads(res.stdout)
