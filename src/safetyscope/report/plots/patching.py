@@ -1,8 +1,9 @@
 """Heatmaps of patching effects: layer x component, layer x position and layer x head.
 
 Layers run along the x axis; the effect (1 = the patched run scores like the source run, 0 =
-unchanged) is drawn with a diverging colour map centred on 0, so components that push the other
-way show up in blue. Cells undefined for every pair are grey.
+unchanged) is drawn with a diverging colour map centred on 0 and scaled to the grid's largest
+|effect| (read the colour bar: small head effects stay visible), so components that push the
+other way show up in blue. Cells undefined for every pair are grey.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def heatmap(
     n_lab, n_lay = grid.shape
     fig, ax = figure(width=min(16.0, 2.2 + 0.32 * n_lay), height=min(14.0, 1.4 + 0.24 * max(n_lab, 3)))
     finite = grid[np.isfinite(grid)]
-    lim = float(max(1.0, np.abs(finite).max())) if finite.size else 1.0
+    lim = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0  # symmetric, data-driven
     cmap = mpl.colormaps["RdBu_r"].with_extremes(bad="#d9d9d9")
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(n_lay), list(layers), fontsize=7)
