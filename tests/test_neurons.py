@@ -356,11 +356,11 @@ def test_cli_find_ablate_fragility_on_a_tiny_model(tmp_path):
 
 @pytest.mark.slow
 def test_cli_end_to_end_on_the_default_model(tmp_path):
-    common = ["default", "--out", str(tmp_path), "--n-prompts", "4", "--json", "--utility-texts", "0"]
+    common = ["default", "--out", str(tmp_path), "--n-prompts", "3", "--json", "--utility-texts", "0"]
     found = _cli("neurons", "find", *common, "--top-k", "10")
     assert len(found["top"]) == 10 and found["n_neurons_analysed"] == 24 * 4864
     assert len(found["top_by_gradient"]) == 10 and (tmp_path / "neurons/set/artifact.json").is_file()
-    frag = _cli("neurons", "fragility", *common, "--n-eval", "4", "--ks", "0,1%", "--seeds", "1")
+    frag = _cli("neurons", "fragility", *common, "--n-eval", "2", "--ks", "0,1%", "--seeds", "1")
     assert frag["ks"] == [0, 1167]
     by = {(r["curve"], r["k"]): r for r in frag["summary"]}
     assert set(by) == {(c, k) for c in ("top_by_effect_size", "top_by_gradient", "random") for k in (0, 1167)}
