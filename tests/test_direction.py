@@ -272,7 +272,9 @@ def test_selection_filters_and_choice():
     assert [bool(s.reasons) for s in scores] == [True, True, True, False, False]
     best, note = choose(scores)
     assert best.layer == 6 and note == ""
-    best, note = choose(scores[:3])  # nothing eligible: lowest bypass, ignoring KL/induce but never late layers
+    best, note = choose(scores[:3])  # nothing eligible: relax induce first (keep KL), never late layers
+    assert best.layer == 4 and "induce" in note
+    best, note = choose([scores[0], scores[2]])  # then KL too
     assert best.layer == 3 and "caution" in note
     assert SelectConfig(prune_layers=0.2).cutoff(24) == 19
 

@@ -213,10 +213,15 @@ def run_find(s: FindSettings) -> dict[str, Any]:
 
         c = Console()
         sc = direction.scores
+
+        def f(key: str, fmt: str) -> str:
+            return "n/a" if sc.get(key) is None else format(sc[key], fmt)
+
         c.print(f"[bold]refusal direction[/bold]: block {direction.layer}, position {direction.position} "
                 f"({direction.token!r}), ||Δμ|| = {direction.norm:.2f}")
-        c.print(f"  bypass {sc['bypass']:+.3f} (baseline {sc['baseline_harmful_score']:+.3f}), induce {sc['induce']:+.3f}, "
-                f"KL {sc['kl']:.4f}; {result['n_eligible']}/{result['n_candidates']} candidates eligible")
+        c.print(f"  bypass {f('bypass', '+.3f')} (baseline {f('baseline_harmful_score', '+.3f')}), "
+                f"induce {f('induce', '+.3f')}, KL {f('kl', '.4f')}; "
+                f"{result['n_eligible']}/{result['n_candidates']} candidates eligible")
         if selection.note:
             c.print(f"[yellow]{selection.note}[/yellow]")
         c.print(f"artifact: {out / 'artifact'}; scores: {out / 'selection.json'}; plot: {plot}")

@@ -331,14 +331,23 @@ def apply_filters(s: CandidateScore, cfg: SelectConfig) -> None:
 
 
 def choose(scores: list[CandidateScore]) -> tuple[CandidateScore | None, str]:
-    """Lowest bypass among eligible candidates; else (noted) lowest bypass ignoring KL/induce filters."""
+    """Lowest bypass among eligible candidates. Fallbacks (noted): relax the induce filter first (keep
+    the KL filter: it guards the model's other behaviour), then the KL filter too; never late layers."""
+    def lowest(pool: list[CandidateScore]) -> CandidateScore:
+        return min(pool, key=lambda s: float(s.bypass))  # type: ignore[arg-type]
+
     eligible = [s for s in scores if s.eligible]
     if eligible:
-        return min(eligible, key=lambda s: s.bypass), ""  # type: ignore[arg-type, return-value]
-    relaxed = [s for s in scores if s.bypass is not None and math.isfinite(s.bypass)
-               and not any(r.startswith(("late", "zero", "not finite")) for r in s.reasons)]
-    if not relaxed:
+        return lowest(eligible), ""
+    scored = [s for s in scores if s.bypass is not None and math.isfinite(s.bypass)
+              and not any(r.startswith(("late", "zero", "not finite", "screened")) for r in s.reasons)]
+    gentle = [s for s in scored if all(r.startswith(("fails to induce", "induce not scored")) for r in s.reasons)]
+    if gentle:
+        best = lowest(gentle)
+        return best, ("no candidate induced refusal under activation addition; chose the lowest bypass among "
+                      f"those within the KL threshold ({', '.join(best.reasons)})")
+    if not scored:
         return None, "no candidate could be scored"
-    best = min(relaxed, key=lambda s: s.bypass)  # type: ignore[arg-type, return-value]
-    return best, ("no candidate passed the KL and induce filters; chose the lowest bypass anyway "
+    best = lowest(scored)
+    return best, ("no candidate passed the KL filter; chose the lowest bypass anyway "
                   f"({', '.join(best.reasons)}): treat this direction with caution")
