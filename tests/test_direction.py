@@ -296,6 +296,13 @@ def test_tune_weights_runs_and_reports_front(planted):
     tuned = res.direction(d, lm.n_layers)
     assert tuned.layer_weights is None or tuned.layer_weights.shape == (lm.n_layers,)
     assert all(t.kl >= 0 for t in res.trials)
+    ok = [t for t in res.trials if t.refusal <= res.settings["target"]]
+    assert res.settings["target_met"] == bool(ok)
+    if ok:
+        assert res.trials[res.chosen].kl == min(t.kl for t in ok)
+    forced = tune_weights(lm, d, HARMFUL[:2], HARMLESS[:2], n_trials=2, target=-1e9, batch_size=4)
+    assert not forced.settings["target_met"]
+    assert forced.chosen == min(forced.trials, key=lambda t: t.refusal).index
 
 
 def test_plots_write_png(tmp_path):

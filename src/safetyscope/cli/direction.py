@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -39,7 +40,7 @@ class TuneSettings(PromptSettings):
     n_prompts: int = opt(32, "Prompts per group for the search (0 = all).")
     trials: int = opt(24, "Number of kernel settings tried (trial 0 is full ablation).")
     norm_preserving: bool = opt(False, "Search the norm-preserving variant (rescale the residual to its norm after projecting).")
-    max_refusing: float = opt(0.05, "Choose the lowest-KL trial whose fraction of harmful prompts still scoring as refusals is at most this.")
+    target: float = opt(float("nan"), "Choose the lowest-KL trial whose mean refusal score on harmful prompts is at most this (default: the model's own mean score on the harmless prompts).")
 
 
 @dataclass
@@ -243,7 +244,7 @@ def run_tune(s: TuneSettings) -> dict[str, Any]:
     lm = s.load_model()
     kept = filter_by_refusal(lm, harmful.texts, harmless.texts, batch_size=s.batch_size, system=s.system)
     res = tune_weights(lm, base, kept.harmful, kept.harmless, n_trials=s.trials, seed=s.seed,
-                       norm_preserving=s.norm_preserving, max_refusing=s.max_refusing, batch_size=s.batch_size,
+                       norm_preserving=s.norm_preserving, target=None if math.isnan(s.target) else s.target, batch_size=s.batch_size,
                        system=s.system, log=log)
     out = s.out / "direction_tune"
     tuned = res.direction(base, lm.n_layers)
@@ -269,6 +270,8 @@ def run_tune(s: TuneSettings) -> dict[str, Any]:
                       style="bold green" if i == res.chosen else None)
         c = Console()
         c.print(t)
+        met = "" if res.settings["target_met"] else " (no trial reached the target: lowest refusal chosen)"
+        c.print(f"target refusal score {res.settings['target']:+.3f}{met}")
         c.print(f"chosen trial {res.chosen}; artifact: {out / 'artifact'}; plot: {plot}")
 
     emit(s, result, render)

@@ -9,10 +9,12 @@ weight of block ``l`` follows a smooth kernel over layers (as in heretic):
 (the embeddings get ``w(0)``). A small seeded optimiser -- random exploration, then Gaussian
 perturbations of points on the current Pareto front with a shrinking step -- minimises both the
 mean refusal score on harmful prompts and the mean first-token KL on harmless prompts. Every trial
-is kept; the Pareto front is reported, and the chosen trial is the lowest-KL one whose fraction of
-still-refusing harmful prompts (logit score > 0) is at most ``max_refusing`` (else the lowest
-refusal score). Trial 0 is always full ablation, the reference. ``norm_preserving`` searches the
-norm-preserving variant instead.
+is kept; the Pareto front is reported, and the chosen trial is the lowest-KL one whose mean refusal
+score on harmful prompts is at most ``target`` (else the lowest refusal score). The default target is
+the unmodified model's mean score on the harmless prompts: "harmful prompts are treated like harmless
+ones" by the first-token metric, which adapts to models that put little probability on refusal
+tokens even when they refuse. Trial 0 is always full ablation, the reference. ``norm_preserving``
+searches the norm-preserving variant instead.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def tune_weights(
     n_trials: int = 24,
     seed: int = 0,
     norm_preserving: bool = False,
-    max_refusing: float = 0.05,
+    target: float | None = None,
     batch_size: int = 8,
     system: str | None = None,
     token_ids: Sequence[int] | None = None,
@@ -143,6 +145,7 @@ def tune_weights(
     harmful, harmless = list(harmful), list(harmless)
     n_h, n_layers = len(harmful), lm.n_layers
     base = logits_under(lm, harmless, None, batch_size=batch_size, system=system)  # [n_s, vocab]
+    goal = float(refusal_score(base, ids).mean()) if target is None else float(target)
     trials: list[Trial] = []
 
     def run(kernel: Kernel | None) -> Trial:
@@ -177,8 +180,8 @@ def tune_weights(
     on_front = pareto_front([(t.refusal, t.kl) for t in trials])
     for j in on_front:
         trials[j].pareto = True
-    ok = [t for t in trials if t.refusing <= max_refusing]
+    ok = [t for t in trials if t.refusal <= goal]
     chosen = min(ok, key=lambda t: t.kl) if ok else min(trials, key=lambda t: t.refusal)
-    settings = {"n_trials": n_trials, "seed": seed, "max_refusing": max_refusing, "n_harmful": n_h,
+    settings = {"n_trials": n_trials, "seed": seed, "target": goal, "target_met": bool(ok), "n_harmful": n_h,
                 "n_harmless": len(harmless), "token_ids": ids}
     return TuneResult(trials, chosen.index, on_front, norm_preserving, settings)
