@@ -70,6 +70,57 @@ def test_mlp_neurons_match_recomputation(lm, prompts):
     torch.testing.assert_close(recomputed, seen["out"], rtol=1e-5, atol=1e-5)
 
 
+def _mlp_recipe(lm):
+    """The MLP module and a recomputation of its neurons from its input, written per family from the
+    weights and the config's activation, independently of the architecture tables."""
+    import torch.nn.functional as F
+    from transformers.activations import ACT2FN
+
+    cfg = lm.model.config
+    block = lm.module(lm.table.block_path(1))
+    mlp = block.mlp
+    act_name = next(
+        getattr(cfg, k) for k in ("hidden_activation", "hidden_act", "activation_function") if getattr(cfg, k, None)
+    )
+    act = ACT2FN[act_name]
+
+    def linear(mod, x):  # nn.Linear stores [out, in]
+        return F.linear(x, mod.weight, mod.bias)
+
+    if cfg.model_type == "gpt2":  # Conv1D stores [in, out]
+        return mlp, lambda x: act(x @ mlp.c_fc.weight + mlp.c_fc.bias)
+    if cfg.model_type == "gpt_neox":
+        return mlp, lambda x: act(linear(mlp.dense_h_to_4h, x))
+    if cfg.model_type == "phi3":  # fused [gate; up]
+        def phi3(x):
+            gate, up = linear(mlp.gate_up_proj, x).chunk(2, dim=-1)
+            return act(gate) * up
+        return mlp, phi3
+    return mlp, lambda x: act(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x)
+
+
+def test_mlp_neurons_equal_recomputation_from_mlp_input(lm, prompts):
+    """Neurons recomputed from the MLP's own input and weights: act(gate(x)) * up(x) for gated families,
+    act(c_fc(x)) for GPT-2, act(dense_h_to_4h(x)) for GPT-NeoX."""
+    b = _batch(lm, prompts)
+    mlp, recompute = _mlp_recipe(lm)
+    seen = {}
+    h = mlp.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].detach().clone()))
+    try:
+        with torch.no_grad(), capture(lm, "blocks.1.mlp.neurons", "all") as cap:
+            forward(lm, b)
+    finally:
+        h.remove()
+    neurons = cap.values[Site("mlp.neurons", 1)]
+    assert neurons.shape == (*b.input_ids.shape, lm.dims.d_mlp)
+    with torch.no_grad():
+        expected = recompute(seen["x"])
+    mask = b.attention_mask.bool()
+    assert expected.shape == neurons.shape
+    assert expected[mask].abs().max() > 1e-3  # a non-degenerate comparison
+    torch.testing.assert_close(neurons[mask], expected[mask], rtol=1e-5, atol=1e-5)
+
+
 def test_heads_recombine_to_attention_output(lm, prompts):
     b = _batch(lm, prompts)
     proj = lm.module(lm.table.attn_out_proj.replace("{block}", lm.table.block_path(0)))

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from safetyscope.sites import BLOCK_KINDS, GLOBAL_SITES, parse_sites
+
 ENV = {**os.environ, "SAFETYSCOPE_QUIET": "1"}
 
 
@@ -19,6 +21,42 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
     return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Qwen2 model saved as a local Hugging Face directory (no download)."""
+    from safetyscope.testing import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    lm = tiny_model("qwen2")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def _assert_sites_follow_the_grammar(desc):
+    """Every printed site name parses with the one site parser and the model resolves it."""
+    n_layers = desc["n_layers"]
+    kinds = set()
+    for name in desc["sites"]:
+        sites = parse_sites(name, n_layers=n_layers)  # raises SiteError on names outside the grammar
+        if name not in GLOBAL_SITES:
+            assert [s.layer for s in sites] == list(range(n_layers)), name
+        kinds |= {s.kind for s in sites}
+    assert set(GLOBAL_SITES) <= kinds and "mlp.neurons" in kinds and kinds <= {*BLOCK_KINDS, *GLOBAL_SITES}
+
+
+def test_info_site_names_parse_with_the_site_grammar(tiny_dir):
+    import safetyscope
+
+    desc = json.loads(run("info", str(tiny_dir), "--json").stdout)
+    assert (desc["n_layers"], desc["d_model"], desc["d_mlp"]) == (3, 32, 64)
+    _assert_sites_follow_the_grammar(desc)
+    assert "blocks.0-2.mlp.neurons" in desc["sites"]
+    lm = safetyscope.load_model(str(tiny_dir), device="cpu", log=lambda _m: None)
+    resolved = lm.sites(desc["sites"])  # also valid for this model, not just syntactically
+    assert len(resolved) == 2 + 3 * len(lm.table.sites)
 
 
 @pytest.mark.slow
@@ -43,7 +81,8 @@ def test_info_on_default_model():
     desc = json.loads(run("info", "default", "--json").stdout)
     assert (desc["n_layers"], desc["d_model"], desc["d_mlp"], desc["n_heads"], desc["n_kv_heads"]) == (24, 896, 4864, 14, 2)
     assert desc["chat_template"] is True
-    assert "blocks.{0-23}.mlp.neurons" in desc["sites"]
+    assert "blocks.0-23.mlp.neurons" in desc["sites"]
+    _assert_sites_follow_the_grammar(desc)
 
 
 def test_models_lists_architectures():
@@ -77,11 +116,29 @@ def test_empty_prompt_file_is_refused(tmp_path):
     assert "empty" in proc.stderr.lower()
 
 
-def test_config_file_feeds_settings_and_flags_override(tmp_path):
+def test_config_file_feeds_settings_and_flags_override(tmp_path, tiny_dir):
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text('[common]\nmodel = "./nowhere-from-config"\n[capture]\npositions = "last"\n')
+    cfg.write_text(
+        '[common]\nmodel = "./nowhere-from-config"\nn_prompts = 2\n'
+        '[capture]\npositions = "middle"\nsite = "mlp.out"\n'
+    )
+    # The config feeds the settings: its model is the one looked for ...
     proc = run("capture", "--config", str(cfg), "--out", str(tmp_path), check=False)
     assert proc.returncode == 2 and "nowhere-from-config" in proc.stderr
+    # ... and its (bad) positions are used when no flag is given.
+    proc = run("capture", str(tiny_dir), "--config", str(cfg), "--out", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "unknown position" in proc.stderr and "middle" in proc.stderr, proc.stderr
+    # Command-line flags beat the TOML values; settings without a flag still come from the file.
+    proc = run(
+        "capture", str(tiny_dir), "--config", str(cfg), "--positions", "last", "--n-prompts", "3",
+        "--out", str(tmp_path), "--json",
+    )
+    result = json.loads(proc.stdout)
+    assert result["model"]["name"] == str(tiny_dir)  # positional MODEL beats [common] model
+    assert result["positions"] == "last"  # --positions beats [capture] positions = "middle"
+    assert result["n_harmful"] == result["n_harmless"] == 3  # --n-prompts beats [common] n_prompts = 2
+    assert result["site"] == "mlp.out"  # no flag: the config's value
+    assert len(result["layers"]) == 3
     bad = tmp_path / "bad.toml"
     bad.write_text("[common]\nno_such_option = 1\n")
     proc = run("capture", "--config", str(bad), check=False)

@@ -202,3 +202,105 @@ def test_hub_id_fails_fast_without_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="hub"):
         load_model("some-org/some-model-that-is-not-cached", log=lambda _m: None)
+
+
+# ---- top-level package -------------------------------------------------------------------------
+def test_import_is_light_and_load_model_is_exported_lazily():
+    """`import safetyscope` pulls in neither torch nor transformers; the top-level names resolve on use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, safetyscope\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'safetyscope.models') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "assert 'load_model' in dir(safetyscope) and 'load_model' in safetyscope.__all__\n"
+        "from safetyscope.models.loading import load_model\n"
+        "assert safetyscope.load_model is load_model\n"
+        "try:\n    safetyscope.no_such_name\nexcept AttributeError as e:\n    assert 'no_such_name' in str(e)\n"
+        "else:\n    raise SystemExit('no AttributeError')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_version_matches_the_installed_metadata():
+    from importlib.metadata import version
+
+    import safetyscope
+
+    assert safetyscope.__version__ == version("safetyscope")
+    assert safetyscope.__version__[0].isdigit()
+    assert set(safetyscope.__all__) == {"__version__", *safetyscope._LAZY}  # every lazy name is public
+
+
+def test_top_level_load_model_loads_a_local_directory(tmp_path):
+    import safetyscope
+
+    lm = tiny_model("qwen2")
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    again = safetyscope.load_model(str(tmp_path), device="cpu", log=lambda _m: None)
+    assert isinstance(again, safetyscope.LoadedModel)
+    assert (again.n_layers, again.dims.d_model) == (3, 32)
+    b = tokenize_prompts(lm.tokenizer, ["hello"])
+    with torch.no_grad():
+        torch.testing.assert_close(forward(again, b), forward(lm, b))
+    with pytest.raises(safetyscope.ModelLoadError, match="not found"):
+        safetyscope.load_model("./does/not/exist", log=lambda _m: None)
+
+
+# ---- embedded models: the assembled file is verified before anything parses it -------------------
+def _fake_embedded(tmp_path, monkeypatch, sha256: str | None = None):
+    """Two fake part packages on sys.path and an EMBEDDED entry that points at them."""
+    import hashlib
+
+    from safetyscope.models import embedded
+
+    chunks = [b"GGUF fake part one " * 100, b"and fake part two" * 50]
+    for i, data in enumerate(chunks, 1):
+        pkg = tmp_path / "site" / f"fake_model_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(data)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    entry = embedded.EmbeddedModel(
+        alias="default",
+        title="fake",
+        parts=tuple((f"fake_model_part{i}", f"data/part{i:02d}.bin") for i in (1, 2)),
+        sha256=sha256 or hashlib.sha256(b"".join(chunks)).hexdigest(),
+        install="pip install fake-model-part1==1.0 fake-model-part2==1.0",
+    )
+    monkeypatch.setitem(embedded.EMBEDDED, "default", entry)
+    monkeypatch.setenv("SAFETYSCOPE_CACHE", str(tmp_path / "cache"))
+    return entry, b"".join(chunks)
+
+
+def test_embedded_parts_assemble_in_order_when_the_hash_matches(tmp_path, monkeypatch):
+    from safetyscope.models.embedded import assemble
+
+    entry, whole = _fake_embedded(tmp_path, monkeypatch)
+    out = assemble(entry, tmp_path / "model.gguf")
+    assert out.read_bytes() == whole
+
+
+def test_embedded_sha256_mismatch_is_refused_and_nothing_is_cached(tmp_path, monkeypatch):
+    from safetyscope.models import embedded
+
+    entry, _ = _fake_embedded(tmp_path, monkeypatch, sha256="0" * 64)
+
+    def must_not_convert(*_a, **_k):
+        raise AssertionError("an unverified file reached the GGUF parser")
+
+    monkeypatch.setattr(embedded, "convert_gguf", must_not_convert)
+    with pytest.raises(embedded.EmbeddedModelError, match="sha256") as info:
+        embedded.ensure_embedded("default", log=lambda _m: None)
+    msg = str(info.value)
+    assert "expected " + "0" * 64 in msg and "reinstall with: " + entry.install in msg
+    # through the public loader: the same one-line error as a ModelLoadError
+    with pytest.raises(ModelLoadError, match="sha256.*reinstall with: pip install fake-model-part1"):
+        load_model("default", log=lambda _m: None)
+    cache = tmp_path / "cache"
+    leftovers = [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
+    assert leftovers == []  # no assembled .gguf, no .partial, no converted model
+    assert not (cache / "models" / entry.cache_name).exists()

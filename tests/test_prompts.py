@@ -105,6 +105,39 @@ def test_minimal_pairs_shape_and_split():
     assert minimal_pairs("test") == minimal_pairs("test", seed=0)
 
 
+@pytest.fixture(scope="module")
+def default_tokenizer():
+    """Only the default model's tokenizer, from the cache directory load_model("default") builds."""
+    from transformers import AutoTokenizer
+
+    from safetyscope.models.embedded import ensure_embedded
+
+    directory = ensure_embedded("default", log=lambda _m: None)  # returns the cache at once when it exists
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+@pytest.mark.slow
+def test_minimal_pairs_tokenize_to_the_same_length_under_the_default_model(default_tokenizer):
+    """Position-aligned patching needs each harmful/harmless twin to have the same token count,
+    both as raw text and through the chat template (the path every capture takes)."""
+    from safetyscope.prompts.chat import tokenize_prompts
+
+    tok = default_tokenizer
+    pairs = minimal_pairs()
+    raw_bad = []
+    templated_bad = []
+    for p in pairs:
+        raw = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in (p.harmful, p.harmless)]
+        if raw[0] != raw[1]:
+            raw_bad.append((p.id, *raw))
+        batch = tokenize_prompts(tok, [p.harmful, p.harmless])
+        templated = batch.attention_mask.sum(1).tolist()
+        if templated[0] != templated[1]:
+            templated_bad.append((p.id, *templated))
+        assert templated[0] > raw[0]  # the template really was applied
+    assert not raw_bad, f"raw token lengths differ (id, harmful, harmless): {raw_bad}"
+    assert not templated_bad, f"templated token lengths differ (id, harmful, harmless): {templated_bad}"
+
 def test_capability_texts():
     passages = capability_passages()
     assert 25 <= len(passages) <= 40

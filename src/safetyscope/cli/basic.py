@@ -49,10 +49,9 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             lm = s.load_model()
             desc = lm.describe()
-            desc["sites"] = [
-                "embed", "final",
-                *[f"blocks.{{0-{lm.n_layers - 1}}}.{k}" for k in lm.table.sites],
-            ]
+            # Names in the site grammar (safetyscope.sites), so they can be pasted into --site / capture.
+            layers = "0" if lm.n_layers == 1 else f"0-{lm.n_layers - 1}"
+            desc["sites"] = ["embed", *[f"blocks.{layers}.{k}" for k in lm.table.sites], "final"]
         def render() -> None:
             from rich.console import Console
 
