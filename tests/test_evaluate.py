@@ -26,7 +26,7 @@ from safetyscope.measure.capability import (
 )
 from safetyscope.measure.compare import first_token_kl
 from safetyscope.measure.evaluate import evaluate
-from safetyscope.measure.generation import generate, last_logits
+from safetyscope.measure.generation import add_stop_tokens, generate, last_logits
 from safetyscope.measure.refusal_tokens import refusal_token_ids
 from safetyscope.prompts.chat import tokenize_prompts
 from safetyscope.testing import tiny_model
@@ -231,3 +231,24 @@ def test_stacked_saved_artifacts_apply_together(lm, tmp_path):
     records = {(r.model, r.set) for r in res.replies}
     assert records == {(m, s) for m in ("modified", "reference") for s in ("harmful", "harmless")}
     assert _hook_count(lm) == 0
+    data = res.to_dict(samples=1)  # before/after samples, paired by index
+    for key, model in (("samples", "modified"), ("reference_samples", "reference")):
+        assert set(data[key]) == {"harmful", "harmless"}
+        for name, rows in data[key].items():
+            first = next(r for r in res.replies if r.model == model and r.set == name)
+            assert rows == [{"index": 0, "prompt": first.prompt, "reply": first.reply, "refused": first.refused,
+                             "reason": first.reason, "logit_score": first.logit_score}]
+
+
+def test_extra_stop_tokens_end_generation():
+    lm = tiny_model("qwen2")  # its own instance: stop tokens are kept on lm.meta
+    before = generate_ids(lm, HARMLESS, max_new_tokens=8, batch_size=4)
+    row = next(i for i, r in enumerate(before) if len(r) > 2)
+    token = lm.tokenizer.convert_ids_to_tokens(before[row][1])
+    assert add_stop_tokens(lm, [token]) == [before[row][1]]
+    after = generate_ids(lm, HARMLESS, max_new_tokens=8, batch_size=4)
+    assert after[row] == before[row][:2]  # stops at (and keeps) the extra stop token
+    text = generate(lm, HARMLESS, max_new_tokens=8, batch_size=4)[row]
+    assert text == decode_reply(lm, before[row][:2])
+    with pytest.raises(ValueError, match="not one; give a single token"):
+        add_stop_tokens(lm, ["<|im_end|>x"])

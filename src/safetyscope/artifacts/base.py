@@ -3,7 +3,9 @@
 An artifact is a directory: ``artifact.json`` (kind, format version, metadata) plus
 ``tensors.safetensors``. Never pickle. ``apply(lm)`` is a context manager whose hooks are removed
 on exit; ``export(lm, out_dir)`` (where supported) edits a *copy* of the weights and saves a normal
-Hugging Face checkpoint. ``safetyscope eval --intervention DIR`` loads any registered kind.
+Hugging Face checkpoint. ``safetyscope eval --intervention DIR`` loads any registered kind, and also
+such an exported checkpoint (no ``artifact.json``; see :mod:`.checkpoint`), whose ``apply`` swaps its
+weights in for the duration.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class Artifact(ABC):
     def apply(self, lm: Any) -> AbstractContextManager[None]:
         """Reversible intervention on a LoadedModel (hooks removed on exit)."""
 
+    def validate(self, lm: Any) -> None:
+        """Raise a one-line error if the artifact does not fit ``lm`` (called before any measurement)."""
+        return None
+
     def export(self, lm: Any, out_dir: str | Path) -> Path:
         raise ArtifactError(f"{self.kind} artifacts cannot be exported as weights; use apply() (hooks) instead")
 
@@ -70,7 +76,12 @@ def load_artifact(path: str | Path) -> Artifact:
     path = Path(path)
     meta_path = path / "artifact.json"
     if not meta_path.is_file():
-        raise ArtifactError(f"{path} is not an artifact directory (no artifact.json); pass a directory saved by safetyscope")
+        from .checkpoint import Checkpoint, is_checkpoint_dir
+
+        if is_checkpoint_dir(path):  # an edited Hugging Face checkpoint (config.json + model*.safetensors)
+            return Checkpoint(path)
+        raise ArtifactError(f"{path} is not an artifact directory (no artifact.json) nor a Hugging Face checkpoint "
+                            "(config.json + model*.safetensors); pass a directory saved or exported by safetyscope")
     try:
         meta = read_json(meta_path)
     except ValueError as exc:
@@ -115,6 +126,10 @@ class Stack(Artifact):
     @classmethod
     def from_state(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Stack:
         raise ArtifactError("a stack is not loaded; load its parts")
+
+    def validate(self, lm: Any) -> None:
+        for part in self.parts:
+            part.validate(lm)
 
     def apply(self, lm: Any) -> AbstractContextManager[None]:
         from contextlib import ExitStack, contextmanager

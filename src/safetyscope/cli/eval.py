@@ -17,7 +17,9 @@ from .settings import command, opt
 @dataclass
 class EvalSettings(PromptSettings):
     split: str = opt("test", "Split of the built-in harmful/harmless sets: train, val, test or all.")
-    intervention: list[str] = opt((), "Artifact directory to apply; repeat to apply several together (empty = the model as it is).")
+    intervention: list[str] = opt((), "Artifact directory, or an edited Hugging Face checkpoint (config.json + "
+                                      "model*.safetensors, e.g. from `direction export`) of MODEL, to apply; repeat to "
+                                      "apply several together (empty = the model as it is).")
     scary: str = opt("", "Harmless-but-scary prompts file (over-refusal probes); empty = the built-in set, 'none' = skip.")
     judge: str = opt("", "Refusal judge as module:function taking (prompt, reply) -> bool or score (>= 0.5 = refusal); empty = the phrase judge.")
     max_new_tokens: int = opt(64, "Reply length cap in tokens (greedy decoding).")
@@ -29,7 +31,12 @@ class EvalSettings(PromptSettings):
     kl: bool = opt(True, "Measure KL to the unmodified model on its own replies to the harmless prompts.",
                    flag="--kl/--no-kl")
     baseline: bool = opt(False, "With --intervention: also generate and judge the unmodified model's harmful and scary replies.")
-    samples: int = opt(3, "Sample replies per set shown in eval.json (every reply is in replies.jsonl).")
+    samples: int = opt(3, "Sample replies per set shown in eval.json and printed (every reply is in replies.jsonl).")
+    prompts: list[str] = opt((), "Labelled prompt file (JSONL 'label' field / CSV 'label' column: harmful or harmless, "
+                                 "or a synonym such as unsafe/safe); its prompts join the harmful/harmless groups by "
+                                 "label. Repeatable; replaces the built-in sets (--harmful/--harmless files are added).")
+    stop: list[str] = opt((), "Extra stop token for generation, e.g. '<|eot_id|>' (repeatable; each must be a single "
+                              "token of the tokenizer).")
 
 
 def register(app: typer.Typer) -> None:
@@ -55,7 +62,7 @@ def _inputs(s: EvalSettings) -> dict[str, Any]:
 
     if s.max_new_tokens < 1 or s.ppl_max_tokens < 2:
         raise ValueError("--max-new-tokens must be at least 1 and --ppl-max-tokens at least 2")
-    harmful, harmless = prompt_sets(s)
+    harmful, harmless = _prompt_groups(s) if s.prompts else prompt_sets(s)
     if s.scary.strip().lower() == "none":
         scary: Any = []
     else:
@@ -73,14 +80,46 @@ def _inputs(s: EvalSettings) -> dict[str, Any]:
             "judge": _judge(s.judge) if s.judge else None}
 
 
+def _prompt_groups(s: EvalSettings) -> tuple[Any, Any]:
+    """(harmful, harmless) from the labelled ``--prompts`` files, plus any --harmful/--harmless file."""
+    from ..prompts import PromptSet, load_prompts
+    from ..prompts.types import PromptError
+
+    groups: dict[str, list[Any]] = {"harmful": [], "harmless": []}
+    for path in s.prompts:
+        ps = load_prompts(path)  # unknown labels fail here, naming the file and line
+        unlabelled = [p for p in ps if p.label is None]
+        if unlabelled:
+            raise PromptError(f"{path}: {len(unlabelled)} prompt(s) have no label (first: {unlabelled[0].text[:40]!r}); "
+                              "give every row a 'label' (harmful or harmless), or pass the file as --harmful/--harmless")
+        for kind, parts in groups.items():
+            parts.append(ps.filter(kind))
+    for kind, path in (("harmful", s.harmful), ("harmless", s.harmless)):
+        if path:
+            groups[kind].append(load_prompts(path, label=kind))
+    out = []
+    for kind, parts in groups.items():
+        merged = sum(parts[1:], parts[0]) if parts else PromptSet(name=kind)
+        if not len(merged):
+            raise PromptError(f"no {kind} prompts: no --prompts file has a row labelled '{kind}'; "
+                              f"add such rows or pass --{kind} FILE")
+        out.append(merged.sample(s.n_prompts, seed=s.seed) if s.n_prompts else merged)
+    return out[0], out[1]
+
+
 def run_eval(s: EvalSettings) -> dict[str, Any]:
     from ..measure.evaluate import evaluate
+    from ..measure.generation import add_stop_tokens
     from ..measure.refusal_tokens import refusal_token_ids
 
     if s.quiet or s.json:
         os.environ["SAFETYSCOPE_QUIET"] = "1"
     inp = _inputs(s)
     lm = s.load_model()
+    if inp["intervention"] is not None:  # e.g. a checkpoint for another model: fail before any generation
+        inp["intervention"].validate(lm)
+    if s.stop:
+        add_stop_tokens(lm, s.stop)
     openings = [o.strip() for o in s.refusal_openings.split(",") if o.strip()]
     ids = refusal_token_ids(lm.tokenizer, openings) if openings else None
     res = evaluate(
@@ -110,6 +149,7 @@ def _rate(r: dict[str, Any] | None) -> str:
 
 def _render(res: dict[str, Any], eval_path: Path, replies_path: Path) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     ref = res.get("reference")
@@ -143,4 +183,38 @@ def _render(res: dict[str, Any], eval_path: Path, replies_path: Path) -> None:
             _fmt(p["reference"]["ppl"], 2))
     c = Console()
     c.print(t)
-    c.print(f"results: {eval_path}, every reply: {replies_path}")
+    _print_samples(c, res)
+    c.print(f"results: {escape(str(eval_path))}, every reply: {escape(str(replies_path))}")
+
+
+def _clip(text: str, n: int = 160) -> str:
+    """One markup-safe line: newlines shown as \\n, cut at ``n`` characters, rich markup escaped."""
+    from rich.markup import escape
+
+    flat = text.replace("\r", "").replace("\n", "\\n")
+    return escape(flat if len(flat) <= n else flat[: n - 1] + "\u2026")
+
+
+def _print_samples(c: Any, res: dict[str, Any]) -> None:
+    """A few harmful and harmless replies, before (the unmodified model, where generated) and after."""
+    before_sets = res.get("reference_samples") or {}
+    for name in ("harmful", "harmless"):
+        after = res.get("samples", {}).get(name) or []
+        if not after:
+            continue
+        before = {r["index"]: r for r in before_sets.get(name, [])}
+        hint = " (--baseline adds the unmodified model's replies)" if res["interventions"] and not before else ""
+        c.print(f"[bold]sample replies ({name})[/bold]{hint}", highlight=False)
+        for r in after:
+            c.print(f"  prompt: {_clip(r['prompt'], 100)}", soft_wrap=True, highlight=False)
+            b = before.get(r["index"])
+            if b is not None:
+                c.print(f"    before ({_verdict(b)}): {_clip(b['reply'])}", soft_wrap=True, highlight=False)
+            label = "after" if res["interventions"] else "reply"
+            c.print(f"    {label} ({_verdict(r)}): {_clip(r['reply'])}", soft_wrap=True, highlight=False)
+
+
+def _verdict(r: dict[str, Any]) -> str:
+    from rich.markup import escape
+
+    return escape(f"{'refusal' if r['refused'] else 'no refusal'}, {r.get('reason') or '-'}")

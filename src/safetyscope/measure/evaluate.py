@@ -110,12 +110,18 @@ class EvalResult:
         s = self.sets.get(name)
         return s.refusal["rate"] if s is not None and s.refusal is not None else math.nan
 
-    def to_dict(self, samples: int = 3) -> dict[str, Any]:
-        """JSON summary with ``samples`` replies per set (every reply is in ``replies.jsonl``)."""
+    def samples(self, n: int = 3, model: str = "modified") -> dict[str, list[dict[str, Any]]]:
+        """The first ``n`` judged replies per set of ``model`` ("modified" or "reference")."""
         shown: dict[str, list[dict[str, Any]]] = {}
         for r in self.replies:
-            if r.model == "modified" and len(shown.setdefault(r.set, [])) < samples:
-                shown[r.set].append({k: getattr(r, k) for k in ("prompt", "reply", "refused", "reason", "logit_score")})
+            if r.model == model and len(shown.setdefault(r.set, [])) < n:
+                shown[r.set].append({k: getattr(r, k) for k in ("index", "prompt", "reply", "refused", "reason",
+                                                                 "logit_score")})
+        return shown
+
+    def to_dict(self, samples: int = 3) -> dict[str, Any]:
+        """JSON summary with ``samples`` replies per set (``reference_samples``: the unmodified model's,
+        where it generated; every reply is in ``replies.jsonl``)."""
         return {
             "model": self.model, "interventions": self.interventions, "judge": self.judge,
             "max_new_tokens": self.max_new_tokens, "refusal_tokens": self.refusal_tokens,
@@ -124,7 +130,8 @@ class EvalResult:
             "sets": {k: v.summary() for k, v in self.sets.items()},
             "auroc": self.auroc, "auroc_harmful_vs_scary": self.auroc_scary,
             "agreement_judge_vs_logit": self.agreement, "kl": self.kl, "perplexity": self.perplexity,
-            "reference": self.reference, "samples": shown, "seconds": self.seconds,
+            "reference": self.reference, "samples": self.samples(samples),
+            "reference_samples": self.samples(samples, "reference"), "seconds": self.seconds,
         }
 
     def save(self, out: str | Path, samples: int = 3) -> tuple[Path, Path]:

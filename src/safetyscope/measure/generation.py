@@ -2,6 +2,8 @@
 
 Interventions are applied by the caller (``with artifact.apply(lm): generate(...)``); these
 functions publish each batch to the hooks, so position-aware interventions work here too.
+Generation stops at EOS, the model's end-of-turn tokens and any extra single-token stop strings
+registered with :func:`add_stop_tokens` (a non-special stop token stays in the decoded reply).
 """
 
 from __future__ import annotations
@@ -19,9 +21,34 @@ from .metrics import refusal_score
 from .refusal_tokens import refusal_token_ids
 
 
+def stop_token_ids(tokenizer: Any, stops: Sequence[str]) -> list[int]:
+    """Token ids of extra stop strings; each must be one token of ``tokenizer`` (a vocab entry or one id)."""
+    vocab = tokenizer.get_vocab()
+    out: list[int] = []
+    for s in stops:
+        if s in vocab:
+            out.append(int(vocab[s]))
+            continue
+        ids = tokenizer.encode(s, add_special_tokens=False) if s else []
+        if len(ids) != 1:
+            raise ValueError(f"stop string {s!r} is {len(ids)} tokens for this tokenizer, not one; give a single "
+                             "token such as the chat template's end-of-turn token")
+        out.append(int(ids[0]))
+    return out
+
+
+def add_stop_tokens(lm: LoadedModel, stops: Sequence[str]) -> list[int]:
+    """Make every generation on ``lm`` also stop at ``stops`` (single tokens; kept in ``lm.meta``)."""
+    ids = stop_token_ids(lm.tokenizer, stops)
+    lm.meta["stop_token_ids"] = sorted(set(lm.meta.get("stop_token_ids", [])) | set(ids))
+    return ids
+
+
 def _stop_ids(lm: LoadedModel) -> list[int]:
+    """EOS, the generation config's EOS ids, common end-of-turn tokens and ``add_stop_tokens`` extras."""
     tok = lm.tokenizer
     ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    ids.update(int(i) for i in lm.meta.get("stop_token_ids", ()))
     gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
     if isinstance(gen_eos, int):
         ids.add(gen_eos)
