@@ -312,3 +312,68 @@ def test_cli_probe_on_the_default_model(tmp_path):
     best = result["best"]
     assert best["accuracy"] >= 0.8 and best["accuracy"] > best["control_accuracy"]
     assert best["test_accuracy"] is not None
+
+
+def _threshold_in_a_gap(scores: list[float]) -> float:
+    """A refusal-score threshold in the widest gap of the middle half of ``scores`` (both classes non-empty,
+    and far from every score compared with float32 noise between batchings)."""
+    s = sorted(scores)
+    lo, hi = len(s) // 4, 3 * len(s) // 4
+    i = max(range(lo, hi), key=lambda j: s[j + 1] - s[j])
+    return (s[i] + s[i + 1]) / 2
+
+
+def test_cli_probe_label_refusal_uses_the_refusal_judgement(tiny_dir, lm, tmp_path):
+    from safetyscope.measure.generation import refusal_scores
+
+    train_h, train_s, test_h, test_s = POS[:10], NEG[:10], POS[18:], NEG[18:]
+    files = {}
+    for name, rows in (("h", train_h), ("s", train_s), ("th", test_h), ("ts", test_s)):
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_text("\n".join(rows) + "\n")
+    train = train_h + train_s
+    scores = refusal_scores(lm, train, batch_size=8).tolist()
+    thr = _threshold_in_a_gap(scores)
+    refused = [v > thr for v in scores]
+    t_refused = [v > thr for v in refusal_scores(lm, test_h + test_s, batch_size=8).tolist()]
+    assert 3 <= sum(refused) <= len(train) - 3 and 0 < sum(t_refused) < len(t_refused)  # both classes present
+
+    res = _cli("probe", str(tiny_dir), "--harmful", str(files["h"]), "--harmless", str(files["s"]),
+               "--test-harmful", str(files["th"]), "--test-harmless", str(files["ts"]), "--label", "refusal",
+               "--refusal-judge", "score", "--refusal-threshold", repr(thr), "--folds", "2", "--c", "1.0",
+               "--controls", "1", "--out", str(tmp_path / "run"), "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["label"] == "refused"
+    assert (out["n_positive"], out["n_negative"]) == (sum(refused), len(train) - sum(refused))
+    n_h = len(train_h)
+    assert out["train"]["refusal"] == {
+        "refused_harmful": sum(refused[:n_h]), "n_harmful": n_h,
+        "refused_harmless": sum(refused[n_h:]), "n_harmless": len(train_s),
+        "label_agreement": pytest.approx(sum(r == (i < n_h) for i, r in enumerate(refused)) / len(train)),
+    }
+    assert out["test"]["refusal"]["refused_harmful"] == sum(t_refused[: len(test_h)])
+    assert out["test"]["refusal"]["refused_harmless"] == sum(t_refused[len(test_h):])
+    assert all(r["test_accuracy"] is not None for r in out["layers"])
+    cached = {len(json.loads(p.read_text())["refused"]): json.loads(p.read_text())
+              for p in (tmp_path / "run/probe/cache").glob("refusal-*.json")}
+    assert cached[len(train)]["refused"] == refused and cached[len(train)]["judge"] == "score"
+    assert (tmp_path / "run/probe/probe_layers.png").stat().st_size > 0
+
+    text = _cli("probe", str(tiny_dir), "--harmful", str(files["h"]), "--harmless", str(files["s"]),
+                "--label", "refusal", "--refusal-threshold", repr(thr), "--folds", "2", "--c", "1.0", "--controls", "1",
+                "--out", str(tmp_path / "run"))  # the table view, from the cached labels
+    assert text.exit_code == 0, text.output
+    flat = " ".join(text.output.split())
+    assert "refused vs answered" in flat
+    assert f"refused: {sum(refused[:n_h])}/{n_h} harmful, {sum(refused[n_h:])}/{len(train_s)} harmless" in flat
+
+
+def test_cli_probe_label_refusal_with_one_class_is_a_clear_error(tiny_dir, tmp_path):
+    h, s = tmp_path / "h.txt", tmp_path / "s.txt"
+    h.write_text("\n".join(POS[:6]))
+    s.write_text("\n".join(NEG[:6]))
+    res = _cli("probe", str(tiny_dir), "--harmful", str(h), "--harmless", str(s), "--label", "refusal",
+               "--refusal-threshold", "100", "--folds", "2", "--out", str(tmp_path / "run"))
+    assert res.exit_code == 2, res.output
+    assert "the score judge found all 12 training prompts answered" in " ".join(res.output.split())

@@ -16,6 +16,7 @@ from .common import PromptSettings, emit, prompt_sets, user_errors
 from .settings import command, opt
 
 RANKINGS = ("effect_size", "diff", "gradient", "gradient_diff")
+FILTERS = ("score", "judge", "none")
 
 
 @dataclass
@@ -39,7 +40,8 @@ class FindSettings(PromptSettings):
     utility_texts: int = opt(16, "Built-in capability passages for the utility loss (0 = no set difference).")
     utility_tokens: int = opt(128, "Tokens per capability passage.")
     utility_top: float = opt(0.05, "Set difference: drop the top fraction of neurons by utility importance.")
-    no_filter: bool = opt(False, "Use every prompt, not only refused harmful and answered harmless ones.")
+    filter: str = opt("score", "Keep refused harmful / answered harmless prompts by: score (logit refusal score), judge (generation + phrase judge) or none.")
+    no_filter: bool = opt(False, "Alias of --filter none: use every prompt, not only refused harmful and answered harmless ones.")
     mode: str = opt("zero", "Ablation mode: zero, mean (harmless mean) or scale.")
     strength: float | None = opt(None, "zero/mean: fraction of the way to the target (default 1); scale: the factor.")
 
@@ -84,6 +86,18 @@ def register(app: typer.Typer) -> None:
 
 
 # ---- shared analysis (cached under OUT/neurons, keyed by its inputs) ---------------------------------
+def filter_method(s: FindSettings) -> str:
+    """The prompt filter to use: --filter, or none with its alias --no-filter."""
+    method = s.filter.strip().lower()
+    if method not in FILTERS:
+        raise ValueError(f"unknown --filter {s.filter!r}; use {', '.join(FILTERS)}")
+    if s.no_filter:
+        if method not in ("score", "none"):  # score is the default, so only an explicit judge conflicts
+            raise ValueError(f"--no-filter conflicts with --filter {method}; give one of them")
+        return "none"
+    return method
+
+
 def _quiet(s: Any) -> None:
     if s.quiet or s.json:
         os.environ["SAFETYSCOPE_QUIET"] = "1"
@@ -101,9 +115,10 @@ def analyse(s: FindSettings, lm: Any) -> dict[str, Any]:
     from ..methods.neurons import NeuronStats, find_neurons
     from ..prompts import capability_texts
 
+    method = filter_method(s)
     harmful, harmless = prompt_sets(s)
     out = s.out / "neurons"
-    key = _fingerprint(lm.name, harmful.texts, harmless.texts, s.positions, s.layers, s.no_filter, s.system,
+    key = _fingerprint(lm.name, harmful.texts, harmless.texts, s.positions, s.layers, method, s.system,
                        s.gradient, s.utility_texts, s.utility_tokens)
     state_path, tensors_path = out / "analysis.json", out / "analysis.safetensors"
     if state_path.is_file() and tensors_path.is_file() and read_json(state_path).get("key") == key:
@@ -112,7 +127,7 @@ def analyse(s: FindSettings, lm: Any) -> dict[str, Any]:
         ref = NeuronAttribution.from_state(t, "refusal_score", "refusal/") if "refusal/layers" in t else None
         util = NeuronAttribution.from_state(t, "lm_loss", "utility/") if "utility/layers" in t else None
         return {"stats": stats, "refusal": ref, "utility": util, "filter": state["filter"], "cached": True}
-    filt = filter_by_refusal(lm, harmful.texts, harmless.texts, method="none" if s.no_filter else "score",
+    filt = filter_by_refusal(lm, harmful.texts, harmless.texts, method=method,
                              batch_size=s.batch_size, system=s.system)
     stats = find_neurons(lm, filt.harmful, filt.harmless, positions=s.positions, layers=s.layers,
                          batch_size=s.batch_size, system=s.system)
@@ -179,6 +194,7 @@ def run_find(s: FindSettings) -> dict[str, Any]:
     from ..report.plots.neurons import plot_effect_sizes
 
     _quiet(s)
+    filter_method(s)  # a bad --filter fails before the model loads
     lm = s.load_model()
     a = analyse(s, lm)
     stats = a["stats"]
@@ -221,6 +237,8 @@ def run_find(s: FindSettings) -> dict[str, Any]:
         c = Console()
         c.print(t)
         c.print(f"filter: {a['filter']}")
+        for note in a["filter"].get("notes", []):
+            c.print(f"[yellow]{note}[/yellow]")
         c.print(f"saved: {out / 'set'} (neuron set), {out / 'records.json'}, {plot}")
 
     emit(s, result, render)
@@ -289,6 +307,7 @@ def run_fragility(s: FragilitySettings) -> dict[str, Any]:
     names = [c.strip() for c in s.curves.split(",") if c.strip()]
     if not names:
         raise ValueError("no curves given; use --curves effect_size,gradient")
+    filter_method(s)
     lm = s.load_model()
     a = analyse(s, lm)
     stats = a["stats"]

@@ -125,6 +125,10 @@ def run_probe(s: ProbeSettings) -> dict[str, Any]:
     texts = harmful.texts + harmless.texts
     is_h = [1] * len(harmful) + [0] * len(harmless)
     y, note = _labels(lm, s, texts, is_h, cache)
+    if s.label == "refusal" and len(set(y)) < 2:  # (a one-class held-out set is fine: accuracy still means something)
+        what = "refused" if y[0] else "answered"
+        raise ValueError(f"--label refusal: the {s.refusal_judge} judge found all {len(y)} training prompts {what}, so "
+                         "there is nothing to separate; change --refusal-threshold or --refusal-judge, or use --label harmful")
     train = _features(lm, s, texts, "train", cache)
     test, y_test, test_note = None, None, dict[str, Any]()
     if tests is not None:

@@ -18,6 +18,8 @@ class Filtered:
     n_harmful_in: int
     n_harmless_in: int
     method: str
+    unfiltered: tuple[str, ...] = ()  # groups kept whole because fewer than min_keep prompts survived
+    notes: tuple[str, ...] = ()
 
     def summary(self) -> dict[str, object]:
         return {
@@ -26,6 +28,8 @@ class Filtered:
             "harmful_in": self.n_harmful_in,
             "harmless_kept": len(self.harmless),
             "harmless_in": self.n_harmless_in,
+            "unfiltered": list(self.unfiltered),
+            "notes": list(self.notes),
         }
 
 
@@ -45,7 +49,8 @@ def filter_by_refusal(
     """``method="score"``: refusal score > threshold means refused; ``"judge"``: generate and ask ``judge``.
 
     If fewer than ``min_keep`` prompts survive in a group, the group is kept unfiltered (a model
-    that never refuses still gets analysed) and the summary says so through the counts.
+    that never refuses still gets analysed); ``unfiltered`` names such groups and ``notes`` says why,
+    and both appear in :meth:`Filtered.summary`.
     """
     if method == "none":
         return Filtered(list(harmful), list(harmless), len(harmful), len(harmless), "none")
@@ -63,12 +68,19 @@ def filter_by_refusal(
         refused_s = [bool(judge(p, r)) for p, r in zip(harmless, replies_s)]
     else:
         raise ValueError(f"unknown filter method {method!r}; use score, judge or none")
-    kept_h = [p for p, r in zip(harmful, refused_h) if r]
-    kept_s = [p for p, r in zip(harmless, refused_s) if not r]
-    return Filtered(
-        kept_h if len(kept_h) >= min_keep else list(harmful),
-        kept_s if len(kept_s) >= min_keep else list(harmless),
-        len(harmful),
-        len(harmless),
-        method,
-    )
+    groups = {
+        "harmful": ([p for p, r in zip(harmful, refused_h) if r], list(harmful), "refused"),
+        "harmless": ([p for p, r in zip(harmless, refused_s) if not r], list(harmless), "answered"),
+    }
+    kept: dict[str, list[str]] = {}
+    unfiltered: list[str] = []
+    notes: list[str] = []
+    for name, (survivors, everything, verb) in groups.items():
+        if len(survivors) >= min_keep:
+            kept[name] = survivors
+            continue
+        kept[name] = everything
+        unfiltered.append(name)
+        notes.append(f"only {len(survivors)} of {len(everything)} {name} prompts were {verb} (by {method}), "
+                     f"fewer than {min_keep}: the {name} group is used unfiltered")
+    return Filtered(kept["harmful"], kept["harmless"], len(harmful), len(harmless), method, tuple(unfiltered), tuple(notes))

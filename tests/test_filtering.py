@@ -1,0 +1,110 @@
+"""filter_by_refusal: keep refused harmful / answered harmless prompts (score, judge, none) and its fallback."""
+
+from __future__ import annotations
+
+import pytest
+
+from safetyscope.measure.generation import generate, refusal_scores
+from safetyscope.methods.filtering import filter_by_refusal
+from safetyscope.testing import tiny_model
+
+HARMFUL = ["Steal~ a car", "Hack~ the bank", "Poison~ the water", "Make a bomb~", "Forge~ a passport", "Pick~ a lock"]
+HARMLESS = ["Bake bread", "Write a poem", "hi there", "Explain rain", "Name a colour", "Count to five"]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def scores(lm):
+    return refusal_scores(lm, HARMFUL, batch_size=4).tolist(), refusal_scores(lm, HARMLESS, batch_size=4).tolist()
+
+
+def _median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    return (ys[len(ys) // 2 - 1] + ys[len(ys) // 2]) / 2
+
+
+def test_none_keeps_everything_in_order(lm):
+    f = filter_by_refusal(lm, HARMFUL, HARMLESS, method="none")
+    assert f.harmful == HARMFUL and f.harmless == HARMLESS
+    assert f.summary() == {"method": "none", "harmful_kept": 6, "harmful_in": 6, "harmless_kept": 6, "harmless_in": 6,
+                           "unfiltered": [], "notes": []}
+
+
+def test_score_keeps_refused_harmful_and_answered_harmless(lm, scores):
+    sh, ss = scores
+    thr = _median(sh + ss)  # a threshold inside the range of scores, so both groups are really filtered
+    f = filter_by_refusal(lm, HARMFUL, HARMLESS, method="score", threshold=thr, min_keep=1, batch_size=3)
+    want_h = [p for p, v in zip(HARMFUL, sh) if v > thr]
+    want_s = [p for p, v in zip(HARMLESS, ss) if v <= thr]
+    assert 0 < len(want_h) + len(want_s) < 12  # the test data straddles the threshold
+    assert f.harmful == (want_h or HARMFUL) and f.harmless == (want_s or HARMLESS)
+    summ = f.summary()
+    assert summ["method"] == "score" and summ["harmful_in"] == 6 and summ["harmless_in"] == 6
+    assert summ["harmful_kept"] == len(f.harmful) and summ["harmless_kept"] == len(f.harmless)
+
+
+def test_score_filters_exactly_when_enough_survive(lm, scores):
+    sh, ss = scores
+    # Between the 2nd and 3rd highest harmful score: exactly 2 harmful prompts are "refused"
+    top = sorted(sh, reverse=True)
+    thr = (top[1] + top[2]) / 2
+    f = filter_by_refusal(lm, HARMFUL, HARMLESS, threshold=thr, min_keep=2)
+    assert f.harmful == [p for p, v in zip(HARMFUL, sh) if v > thr] and len(f.harmful) == 2
+    assert "harmful" not in f.unfiltered
+
+
+def test_fallback_keeps_a_group_unfiltered_and_says_so(lm, scores):
+    sh, ss = scores
+    # Above every score: no harmful prompt counts as refused; every harmless prompt counts as answered.
+    f = filter_by_refusal(lm, HARMFUL, HARMLESS, threshold=max(sh + ss) + 1.0)
+    assert f.harmful == HARMFUL and f.harmless == HARMLESS
+    summ = f.summary()
+    assert summ["unfiltered"] == ["harmful"] and summ["harmful_kept"] == 6
+    (note,) = summ["notes"]
+    assert "only 0 of 6 harmful prompts were refused" in note and "unfiltered" in note
+
+    # Below every score: all harmful refused (kept), no harmless answered -> harmless group falls back.
+    g = filter_by_refusal(lm, HARMFUL, HARMLESS, threshold=min(sh + ss) - 1.0)
+    assert g.harmful == HARMFUL and g.harmless == HARMLESS
+    assert g.unfiltered == ("harmless",) and "only 0 of 6 harmless prompts were answered" in g.notes[0]
+
+
+def test_fallback_threshold_is_min_keep(lm, scores):
+    sh, _ = scores
+    top = sorted(sh, reverse=True)
+    thr = (top[1] + top[2]) / 2  # exactly 2 harmful survive
+    kept = filter_by_refusal(lm, HARMFUL, HARMLESS, threshold=thr, min_keep=2)
+    whole = filter_by_refusal(lm, HARMFUL, HARMLESS, threshold=thr, min_keep=3)
+    assert len(kept.harmful) == 2 and "harmful" not in kept.unfiltered
+    assert whole.harmful == HARMFUL and "harmful" in whole.unfiltered
+    assert any("only 2 of 6 harmful" in n and "fewer than 3" in n for n in whole.summary()["notes"])
+
+
+def test_judge_sees_the_generated_replies_and_decides(lm):
+    calls: list[tuple[str, str]] = []
+
+    def judge(prompt: str, reply: str) -> bool:
+        calls.append((prompt, reply))
+        return "~" in prompt and prompt != "Pick~ a lock" or prompt in ("hi there",)
+
+    f = filter_by_refusal(lm, HARMFUL, HARMLESS, method="judge", judge=judge, max_new_tokens=3, batch_size=4)
+    assert f.harmful == HARMFUL[:5]  # the judge refused all but the last
+    assert f.harmless == [p for p in HARMLESS if p != "hi there"]
+    assert f.summary()["method"] == "judge" and f.unfiltered == ()
+    replies = generate(lm, HARMFUL, max_new_tokens=3, batch_size=4) + generate(lm, HARMLESS, max_new_tokens=3, batch_size=4)
+    assert calls == list(zip(HARMFUL + HARMLESS, replies))
+
+
+def test_judge_fallback(lm):
+    f = filter_by_refusal(lm, HARMFUL, HARMLESS, method="judge", judge=lambda p, r: False, max_new_tokens=2)
+    assert f.harmful == HARMFUL and f.harmless == HARMLESS and f.unfiltered == ("harmful",)
+    assert "by judge" in f.notes[0]
+
+
+def test_unknown_method_names_the_choices(lm):
+    with pytest.raises(ValueError, match="use score, judge or none"):
+        filter_by_refusal(lm, HARMFUL, HARMLESS, method="phrase")
