@@ -30,6 +30,7 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/capture.py
+	$(PY) benchmarks/patching.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

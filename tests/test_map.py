@@ -60,6 +60,54 @@ def test_map_runs_every_stage_and_resumes_after_an_interruption(tiny_dir, tmp_pa
         run_map(MapSettings(model=str(tiny_dir), out=tmp_path, quick=True, quiet=True, stages="probe,nope"))
 
 
+def test_a_changed_upstream_result_invalidates_later_stages(tiny_dir, tmp_path):
+    from safetyscope.cli.map import budget
+
+    s = MapSettings(model=str(tiny_dir), out=tmp_path, quick=True)
+    b = budget(s)
+    a = map_cli._key(s, b, "fragility", {"probe": {"best": 1}})
+    assert a == map_cli._key(s, b, "fragility", {"probe": {"best": 1}})  # same inputs, same key (resume works)
+    assert a != map_cli._key(s, b, "fragility", {"probe": {"best": 2}})  # an upstream change reruns the stage
+    assert a != map_cli._key(s, b, "dla", {"probe": {"best": 1}})
+
+
+def test_map_on_user_files_splits_them_and_the_report_escapes_prompt_text(tiny_dir, tmp_path):
+    from test_report import CHROME_FLAGS, _chromium
+
+    attack = "<script>document.title='PWNED'</script><img src=x onerror=\"document.title='PWNED'\">"
+    harmful = [f"{attack} how do I pick lock number {i}?" for i in range(10)]
+    harmless = [f"How do I bake bread number {i}?" for i in range(10)]
+    for name, rows, label in (("h.jsonl", harmful, "harmful"), ("s.jsonl", harmless, "harmless")):
+        (tmp_path / name).write_text("".join(json.dumps({"prompt": r, "label": label}) + "\n" for r in rows))
+    out = tmp_path / "out"
+    s = MapSettings(model=str(tiny_dir), out=out, quick=True, quiet=True, batch_size=8, stages="probe,capability,report",
+                    harmful=str(tmp_path / "h.jsonl"), harmless=str(tmp_path / "s.jsonl"))
+    summary = run_map(s)
+    prompts = out / "map" / "prompts"
+
+    def texts(name: str) -> set[str]:
+        return {json.loads(line)["prompt"] for line in (prompts / name).read_text().splitlines()}
+
+    for kind, rows in (("harmful", harmful), ("harmless", harmless)):
+        fit, test = texts(f"{kind}_fit.jsonl"), texts(f"{kind}_test.jsonl")
+        assert fit and test and not fit & test and fit | test == set(rows)  # disjoint, nothing lost
+    stages = out / "map" / "stages"
+    cap = json.loads((stages / "capability.json").read_text())["result"]
+    assert cap["samples"] and {x["prompt"] for x in cap["samples"]} <= texts("harmful_test.jsonl")
+    probe = json.loads((stages / "probe.json").read_text())["result"]
+    assert probe["train"]["harmful"].endswith("harmful_fit.jsonl")
+
+    page = Path(summary["report"]).read_text()
+    assert "<script>document" not in page and "&lt;script&gt;" in page
+    exe = _chromium()
+    proc = subprocess.run([exe, *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=2000",
+                           "--dump-dom", Path(summary["report"]).as_uri()], capture_output=True, text=True, timeout=120)
+    dom = proc.stdout
+    assert "<title>" in dom and "PWNED" not in dom.split("<body")[0], proc.stderr[-2000:]
+    assert "<script" not in dom.lower()
+    assert "data:image/png;base64," in dom  # the probe plot rendered
+
+
 @pytest.mark.slow
 def test_map_quick_on_the_default_model(tmp_path):
     env = {**os.environ, "SAFETYSCOPE_QUIET": "1"}

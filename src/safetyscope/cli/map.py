@@ -79,11 +79,55 @@ def _settings(cls: type, s: MapSettings, **over: Any) -> Any:
     return cls(**{**base, **over})
 
 
+FILE_FRACTIONS = (0.6, 0.2, 0.2)  # train (fitting) / val (direction selection) / test (every measurement)
+
+
+def user_splits(s: MapSettings) -> dict[str, dict[str, str]]:
+    """Seeded train+val / test files for user prompt files, so no measurement reuses a fitting prompt.
+
+    {} for the built-in sets (they have their own splits); else {"fit": {"harmful": path, ...},
+    "test": {...}} written under OUT/map/prompts/. A group without a file uses the built-in set's splits.
+    """
+    import json as _json
+
+    from ..io import atomic_path
+    from ..prompts import load_prompts
+
+    if not (s.harmful or s.harmless):
+        return {}
+    out: dict[str, dict[str, str]] = {"fit": {}, "test": {}}
+    for kind, path in (("harmful", s.harmful), ("harmless", s.harmless)):
+        if not path:
+            continue
+        full = load_prompts(path, label=kind).require_nonempty(f"{kind} prompts in {path}")
+        parts = {"fit": [*full.split("train", s.seed, FILE_FRACTIONS), *full.split("val", s.seed, FILE_FRACTIONS)],
+                 "test": list(full.split("test", s.seed, FILE_FRACTIONS))}
+        for part, items in parts.items():
+            if not items:
+                raise ValueError(f"{path} has too few {kind} prompts to split into fitting and test prompts; give at least 5")
+            dest = s.out / "map" / "prompts" / f"{kind}_{part}.jsonl"
+            with atomic_path(dest) as tmp:
+                tmp.write_text("".join(_json.dumps({"prompt": x.text, "label": kind}) + "\n" for x in items), "utf-8")
+            out[part][kind] = str(dest)
+    return out
+
+
+def _fit(s: MapSettings) -> dict[str, str]:
+    """Prompt-file overrides for stages that fit (probe, neurons, direction candidates and selection)."""
+    return user_splits(s).get("fit", {})
+
+
+def _test(s: MapSettings) -> dict[str, str]:
+    """Prompt-file overrides for stages that measure on held-out prompts."""
+    return user_splits(s).get("test", {})
+
+
 # ---- the stages ----------------------------------------------------------------------------------------
 def stage_probe(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, Any]:
     from .probe import ProbeSettings, run_probe
 
-    return run_probe(_settings(ProbeSettings, s, n_prompts=b.n_prompts, folds=b.folds, controls=2 if not s.quick else 1))
+    return run_probe(_settings(ProbeSettings, s, n_prompts=b.n_prompts, folds=b.folds, controls=2 if not s.quick else 1,
+                               **_fit(s)))
 
 
 def readable_layers(probe: dict[str, Any] | None, n_layers: int) -> str:
@@ -102,7 +146,7 @@ def stage_neurons(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, 
 
     n_layers = int(done["probe"]["model"]["n_layers"]) if done.get("probe") else 0
     layers = readable_layers(done.get("probe"), n_layers) if n_layers else "*"
-    res = run_find(_settings(FindSettings, s, n_prompts=b.n_prompts, layers=layers, utility_texts=b.utility_texts))
+    res = run_find(_settings(FindSettings, s, n_prompts=b.n_prompts, layers=layers, utility_texts=b.utility_texts, **_fit(s)))
     res["layers_analysed"] = layers
     return res
 
@@ -118,21 +162,46 @@ def stage_trace(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, An
 def stage_direction(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, Any]:
     from .direction import EvalDirSettings, FindSettings, run_ablate, run_add, run_find
 
-    found = run_find(_settings(FindSettings, s, n_prompts=b.n_prompts, n_val=b.n_val, induce="lazy"))
-    ev = dict(n_prompts=b.n_eval, max_new_tokens=b.max_new_tokens, split="test")
+    # Candidates where the probe reads harmfulness (the refusal direction must be readable there), screened on a
+    # few prompts first and fully scored for the best ones: the selection is the map's most expensive step.
+    n_layers = int(done["probe"]["model"]["n_layers"]) if done.get("probe") else 0
+    layers = readable_layers(done.get("probe"), n_layers) if n_layers else ""
+    screen = {} if s.quick else {"screen": 4, "keep": 12}
+    found = run_find(_settings(FindSettings, s, n_prompts=b.n_prompts, n_val=b.n_val, induce="lazy",
+                               layers="" if layers == "*" else layers, **screen, **_fit(s)))
+    ev = dict(n_prompts=b.n_eval, max_new_tokens=b.max_new_tokens, split="test", **_test(s))
     ablate = run_ablate(_settings(EvalDirSettings, s, **ev))
     add = run_add(_settings(EvalDirSettings, s, **ev))
     return {"find": found, "ablate": ablate, "add": add}
 
 
 def stage_fragility(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, Any]:
-    from .neurons import FragilitySettings, run_fragility
+    """Neuron curves (top by effect size and by gradient, random from the same layers) and the refusal
+    direction as one component against random directions, on the same held-out prompts and metrics."""
+    from ..artifacts import load_artifact
+    from ..methods.fragility import FragilityResult, direction_fragility
+    from ..report.plots.neurons import plot_fragility
+    from .neurons import FragilitySettings, eval_sets, run_fragility
 
     layers = done.get("neurons", {}).get("layers_analysed", "*")
-    return run_fragility(_settings(
-        FragilitySettings, s, n_prompts=b.n_prompts, layers=layers, ks=b.ks, seeds=b.seeds, n_eval=b.n_eval,
-        curves="effect_size,gradient", utility_texts=0, eval_split="test",
-    ))
+    fs = _settings(FragilitySettings, s, n_prompts=b.n_prompts, layers=layers, ks=b.ks, seeds=b.seeds, n_eval=b.n_eval,
+                   curves="effect_size,gradient", utility_texts=0, eval_split="test", **_fit(s),
+                   **{f"eval_{k}": v for k, v in _test(s).items()})
+    res = run_fragility(fs)
+    path = s.out / "direction" / "artifact"
+    if (path / "artifact.json").is_file():
+        harmful, harmless = eval_sets(fs)
+        lm = s.load_model()
+        d = direction_fragility(lm, load_artifact(path), harmful, harmless, seeds=[s.seed + i for i in range(b.seeds)],
+                                batch_size=s.batch_size, system=s.system).to_dict()
+        res["direction"] = d
+        combined = {**res, "summary": [*res["summary"], *(r for r in d["summary"] if r["k"] > 0)]}
+        res["combined_plot"] = plot_fragility(
+            combined, s.out / "map" / "fragility_all",
+            title=f"{lm.name}: neurons vs the refusal direction vs random ({len(harmful)} harmful / {len(harmless)} harmless held out)",
+            xlabel="components ablated (neurons; the direction counts as 1)")
+        res["direction_summary"] = FragilityResult.from_dict(d).summary()
+    return res
 
 
 def stage_capability(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, Any]:
@@ -143,11 +212,16 @@ def stage_capability(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[st
     from ..measure.compare import first_token_kl, logits_under
     from ..measure.generation import generate
     from ..measure.judges import PhraseJudge
-    from ..prompts import builtin_prompts
+    from ..prompts import builtin_prompts, load_prompts
 
     lm = s.load_model()
-    harmless = builtin_prompts("harmless", "test", seed=s.seed).sample(b.n_eval, seed=s.seed).texts
-    harmful = builtin_prompts("harmful", "test", seed=s.seed).sample(4 if not s.quick else 2, seed=s.seed + 1).texts
+    test = _test(s)
+
+    def held_out(kind: str) -> Any:
+        return load_prompts(test[kind], label=kind) if kind in test else builtin_prompts(kind, "test", seed=s.seed)
+
+    harmless = held_out("harmless").sample(b.n_eval, seed=s.seed).texts
+    harmful = held_out("harmful").sample(4 if not s.quick else 2, seed=s.seed + 1).texts
     rows = capability_rows(lm, max_tokens=64 if s.quick else 256)
     if s.quick:
         rows = rows[:4]
@@ -181,7 +255,9 @@ def stage_dla(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, Any]
     from ..methods.dla import direct_logit_attribution
     from .common import prompt_sets
 
-    harmful, harmless = prompt_sets(replace(s, n_prompts=b.n_prompts))
+    fit = _fit(s)
+    harmful, harmless = prompt_sets(replace(s, n_prompts=b.n_prompts, harmful=fit.get("harmful", s.harmful),
+                                            harmless=fit.get("harmless", s.harmless)))
     lm = s.load_model()
     res = direct_logit_attribution(lm, harmful.texts, harmless.texts, batch_size=s.batch_size, system=s.system)
     return {**res.to_json(), "top": res.top(10), "n_layers": lm.n_layers}
@@ -200,9 +276,12 @@ RUNNERS: dict[str, Callable[[MapSettings, Budget, dict[str, Any]], dict[str, Any
 
 
 # ---- orchestration ---------------------------------------------------------------------------------
-def _key(s: MapSettings, b: Budget, stage: str) -> str:
+def _key(s: MapSettings, b: Budget, stage: str, upstream: dict[str, Any] | None = None) -> str:
+    """Settings, budget and the results of the stages before this one: a recomputed earlier stage whose
+    results changed invalidates every later stage's cache."""
     keep = {k: v for k, v in asdict(s).items() if k not in ("stages", "force", "quiet", "json", "out")}
-    return hashlib.sha256(json.dumps([stage, keep, asdict(b)], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    blob = json.dumps([stage, keep, asdict(b), upstream or {}], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def run_map(s: MapSettings) -> dict[str, Any]:
@@ -220,7 +299,7 @@ def run_map(s: MapSettings) -> dict[str, Any]:
     say = (lambda _m: None) if (s.quiet or s.json) else (lambda m: print(m, file=sys.stderr, flush=True))
     for stage in STAGES:
         path = state_dir / f"{stage}.json"
-        key = _key(s, b, stage)
+        key = _key(s, b, stage, {k: v for k, v in done.items() if k != "report"})
         cached = read_json(path) if path.is_file() else None
         if cached is not None and cached.get("key") == key and not (s.force and stage in wanted):
             done[stage] = cached["result"]

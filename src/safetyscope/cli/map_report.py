@@ -35,6 +35,26 @@ def breaking_point(frag: dict[str, Any] | None, curve: str, metric: str = "score
     return hit[0] if hit else None
 
 
+def concentration(done: dict[str, Any]) -> tuple[int, float | None] | None:
+    """(neurons with |Cohen's d| > 0.8, their share of the analysed neurons) from the neurons stage."""
+    neurons = done.get("neurons")
+    if not neurons:
+        return None
+    layers = neurons.get("layers", [])
+    large = sum(int(r["n_large"]) for r in layers)
+    d_mlp = ((done.get("probe") or {}).get("model") or {}).get("d_mlp")
+    return large, (large / (len(layers) * d_mlp) if d_mlp and layers else None)
+
+
+def direction_vs_random(done: dict[str, Any]) -> tuple[float, float, float] | None:
+    """(unablated, direction-ablated, random-direction-ablated) fraction of held-out harmful prompts with
+    refusal score > 0, from the fragility stage."""
+    rows = (done.get("fragility") or {}).get("direction_summary") or []
+    get = {(r["curve"], r["k"]): r.get("score_refusal_rate") for r in rows}
+    vals = (get.get(("direction", 0)), get.get(("direction", 1)), get.get(("random direction", 1)))
+    return None if any(v is None for v in vals) else (float(vals[0]), float(vals[1]), float(vals[2]))  # type: ignore[arg-type]
+
+
 def evidence(done: dict[str, Any]) -> Evidence:
     probe, neurons, trace, direction, dla = (done.get(k) for k in ("probe", "neurons", "trace", "direction", "dla"))
     n_layers = int((probe or {}).get("model", {}).get("n_layers") or (dla or {}).get("n_layers") or 1)
@@ -64,12 +84,11 @@ def evidence(done: dict[str, Any]) -> Evidence:
 def implications(done: dict[str, Any]) -> list[list[Any]]:
     probe, neurons, direction, frag, cap = (done.get(k) for k in ("probe", "neurons", "direction", "fragility", "capability"))
     rows: list[list[Any]] = []
-    if neurons:
-        total = sum(1 for _ in neurons.get("layers", [])) or 1
-        large = sum(int(r["n_large"]) for r in neurons.get("layers", []))
-        d_mlp = ((probe or {}).get("model") or {}).get("d_mlp")
-        share = f" ({large / (total * d_mlp):.2%} of the analysed neurons)" if d_mlp else ""
-        rows.append(["Concentration", f"{large} neurons with |Cohen's d| > 0.8 in {total} layers{share}",
+    conc = concentration(done)
+    if conc and neurons:
+        large, share = conc
+        where = f" in {len(neurons.get('layers', []))} layers" + (f" ({share:.2%} of the analysed neurons)" if share is not None else "")
+        rows.append(["Concentration", f"{large} neurons with |Cohen's d| > 0.8{where}",
                      "how many MLP neurons separate harmful from harmless prompts"])
     if frag:
         k_top, k_rand = breaking_point(frag, "effect_size"), breaking_point(frag, "random")
@@ -77,6 +96,11 @@ def implications(done: dict[str, Any]) -> list[list[Any]]:
                      f"top neurons halve the refusal rate at k = {k_top if k_top is not None else '> max k'}; "
                      f"random neurons at k = {k_rand if k_rand is not None else '> max k'}",
                      "refusal (logit score > 0) on held-out harmful prompts as neurons are zeroed"])
+    dvr = direction_vs_random(done)
+    if dvr:
+        rows.append(["Fragility (direction)", f"ablating the refusal direction: {dvr[0]:.0%} → {dvr[1]:.0%}; "
+                     f"a random direction: {dvr[0]:.0%} → {dvr[2]:.0%}",
+                     "one rank-1 component against random rank-1 components, same prompts and metric"])
     if probe:
         best = probe.get("best", {})
         rows.append(["Probe accuracy", f"{_f(best.get('accuracy'))} at layer {best.get('layer')} "
@@ -120,6 +144,10 @@ def _figures(s: Any, done: dict[str, Any]) -> list[Figure]:
         Figure("Refusal-direction candidates", out / "direction" / "plots" / "candidates.png", "Bypass, induce and KL per layer × position."),
         Figure("Fragility curves", out / "neurons" / "fragility.png", "Refusal and KL as more neurons are zeroed; random baselines from the same layers."),
     ]
+    combined = (done.get("fragility") or {}).get("combined_plot")
+    if combined:
+        figs.append(Figure("Neurons vs direction vs random", Path(combined),
+                           "The refusal direction counts as one component (star); random directions ablated with the same hooks."))
     return figs
 
 
@@ -137,6 +165,10 @@ def build_report(s: Any, done: dict[str, Any]) -> dict[str, Any]:
         ab = done["direction"].get("ablate", {})
         cards.append(Card("refusal after direction ablation", _f(_rate(ab.get("harmful_refusal_after")), "{:.0%}"),
                           f"before: {_f(_rate(ab.get('harmful_refusal_before')), '{:.0%}')}"))
+    conc = concentration(done)
+    if conc:
+        cards.append(Card("safety neurons (|d| > 0.8)", str(conc[0]),
+                          f"{conc[1]:.2%} of analysed neurons" if conc[1] is not None else "analysed layers"))
     if done.get("fragility"):
         k = breaking_point(done["fragility"], "effect_size")
         cards.append(Card("neurons to halve refusal", str(k) if k else "> max", f"random: {breaking_point(done['fragility'], 'random') or '> max'}"))
@@ -169,8 +201,15 @@ def build_report(s: Any, done: dict[str, Any]) -> dict[str, Any]:
         sections.append(Section("Top components", tables))
     samples = (done.get("capability") or {}).get("samples", [])
     if samples:
-        items = [{"prompt": x["prompt"], "before": x["before"], "after": x.get("after_direction", x.get("after_neurons"))} for x in samples]
-        sections.append(Section("Replies before / after", [Replies("Held-out harmful prompts, direction ablated", items)]))
+        blocks: list[Any] = []
+        for name, what in (("direction", "refusal direction ablated"), ("neurons", "safety neurons ablated")):
+            items = [{"prompt": x["prompt"], "before": x["before"], "after": x[f"after_{name}"]} for x in samples if f"after_{name}" in x]
+            if items:
+                blocks.append(Replies(f"Held-out harmful prompts, {what}", items))
+        if not blocks:  # no intervention was measured: the unmodified replies alone
+            blocks.append(Replies("Held-out harmful prompts (unmodified model)",
+                                  [{"prompt": x["prompt"], "before": x["before"]} for x in samples]))
+        sections.append(Section("Replies before / after", blocks))
     sections.append(Section("Method", [Text(
         "Probes: logistic regression per layer, stratified cross-validation, shuffled-label control. Neurons: Cohen's d of the "
         "down-projection inputs at the first response position. Patching: attribution patching over layer × component, top cells "

@@ -235,3 +235,45 @@ def fragility_curves(
             rows.append(row)
     return FragilityResult(ks, rows, baseline, len(harmful), len(harmless),
                            {"random_like": like, "seeds": list(seeds), "max_new_tokens": max_new_tokens})
+
+
+def direction_fragility(
+    lm: LoadedModel,
+    direction: Any,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    judge: Callable[[str, str], Any] | None = None,
+    max_new_tokens: int = 0,
+    token_ids: Sequence[int] | None = None,
+    batch_size: int = 16,
+    system: str | None = None,
+) -> FragilityResult:
+    """The refusal direction as one removable component, against random directions (same layer, same hooks).
+
+    Curves ``direction`` and ``random direction`` at k = 0 (unablated) and k = 1 (one direction ablated
+    at every layer), measured exactly like the neuron curves, so they share one plot and one table.
+    ``direction``: a :class:`~safetyscope.artifacts.direction.Direction`.
+    """
+    from ..artifacts.direction import Direction
+
+    if not harmful or not harmless:
+        raise ValueError("direction fragility needs held-out harmful and harmless prompts; give at least one of each")
+    ids = list(token_ids) if token_ids is not None else refusal_token_ids(lm.tokenizer)
+    base_logits = logits_under(lm, [*harmful, *harmless], None, batch_size=batch_size, system=system)
+    reference = base_logits[len(harmful):]  # [n_s, vocab]
+    kw: dict[str, Any] = {"token_ids": ids, "judge": judge, "max_new_tokens": max_new_tokens,
+                          "batch_size": batch_size, "system": system}
+    baseline = measure_point(lm, None, harmful, harmless, reference, logits=base_logits, **kw)
+    rows = [{"curve": "direction", "seed": None, "k": 0, **baseline},
+            {"curve": "direction", "seed": None, "k": 1, **measure_point(lm, direction, harmful, harmless, reference, **kw)}]
+    d_model = int(direction.direction.numel())
+    for seed in seeds:
+        g = torch.Generator().manual_seed(int(seed))
+        rand = Direction(torch.randn(d_model, generator=g, dtype=torch.float64), direction.layer, direction.position)
+        rows.append({"curve": "random direction", "seed": int(seed), "k": 0, **baseline})
+        rows.append({"curve": "random direction", "seed": int(seed), "k": 1,
+                     **measure_point(lm, rand, harmful, harmless, reference, **kw)})
+    return FragilityResult([0, 1], rows, baseline, len(harmful), len(harmless),
+                           {"seeds": list(seeds), "max_new_tokens": max_new_tokens, "layer": direction.layer})

@@ -41,7 +41,9 @@ def plot_effect_sizes(
     return save_figure(fig, path, svg=svg)
 
 
-def plot_fragility(result: Mapping[str, Any], path: str | Path, *, title: str = "", svg: bool = True) -> Path:
+def plot_fragility(
+    result: Mapping[str, Any], path: str | Path, *, title: str = "", svg: bool = True, xlabel: str = "neurons ablated (k)"
+) -> Path:
     """Refusal (score and rate) and harmless KL against the number of ablated components.
 
     ``result``: ``FragilityResult.to_dict()``; random curves are drawn as mean with a min-max band.
@@ -60,12 +62,13 @@ def plot_fragility(result: Mapping[str, Any], path: str | Path, *, title: str = 
         rows = sorted((r for r in summary if r["curve"] == curve), key=lambda r: r["k"])
         is_random = curve.startswith("random")
         color = PALETTE["random"] if is_random else _CURVE_COLORS[ci % len(_CURVE_COLORS)]
+        marker = "*" if "direction" in curve else "o"
         for ax, (metric, label) in zip(axes, panels):
             pts = [r for r in rows if r.get(metric) is not None]
             if not pts:
                 continue
             xs = [r["k"] for r in pts]
-            ax.plot(xs, [r[metric] for r in pts], marker="o", ms=3, lw=1.4, color=color,
+            ax.plot(xs, [r[metric] for r in pts], marker=marker, ms=6 if marker == "*" else 3, lw=1.4, color=color,
                     ls="--" if is_random else "-", label=f"{curve} ({pts[0]['n_seeds']} seeds)" if is_random else curve)
             if is_random and pts[0]["n_seeds"] > 1:
                 ax.fill_between(xs, [r[f"{metric}_min"] for r in pts], [r[f"{metric}_max"] for r in pts],
@@ -73,7 +76,7 @@ def plot_fragility(result: Mapping[str, Any], path: str | Path, *, title: str = 
             ax.set_ylabel(label)
     for ax in axes:
         ax.set_xscale("symlog", linthresh=10)
-        ax.set_xlabel("neurons ablated (k)")
+        ax.set_xlabel(xlabel)
         ax.spines["top"].set_visible(False)
         ax.spines["right"].set_visible(False)
     axes[0].legend(fontsize=7, frameon=False)
