@@ -338,11 +338,16 @@ def test_cli_find_ablate_e2e_default_model(tmp_path):
     from safetyscope.cli.main import app
 
     out = tmp_path / "run"
-    r = CliRunner().invoke(app, ["direction", "find", "default", "--n-prompts", "4", "--n-val", "2", "--layers", "10-11",
-                                 "--positions", "-1", "--induce", "lazy", "--batch-size", "8", "--out", str(out), "--json"])
+    # A budget at which the difference of means is a real estimate: 16 prompts per group, unfiltered (the score
+    # filter keeps only ~1 in 4 harmful prompts of this model), candidates at the last position of the middle
+    # blocks. With 4 prompts the candidate was noise and ablating it could raise the refusal score.
+    r = CliRunner().invoke(app, ["direction", "find", "default", "--n-prompts", "16", "--n-val", "4", "--layers", "10-15",
+                                 "--positions", "-1", "--filter", "none", "--induce", "lazy", "--batch-size", "8",
+                                 "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
-    assert res["layer"] in (10, 11) and res["position"] == -1
+    assert 10 <= res["layer"] <= 15 and res["position"] == -1
+    assert res["scores"]["bypass"] < res["scores"]["baseline_harmful_score"]  # selection: lower refusal on validation
     assert (out / "direction" / "plots" / "candidates.png").is_file()
     d = load_artifact(out / "direction" / "artifact")
     assert isinstance(d, Direction) and d.direction.numel() == 896
@@ -350,7 +355,7 @@ def test_cli_find_ablate_e2e_default_model(tmp_path):
                                  "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
-    assert res["harmful_score_after"] < res["harmful_score_before"]
+    assert res["harmful_score_after"] < res["harmful_score_before"] - 0.25  # held-out test prompts, not used to select
     assert 0 <= res["kl_first_token"]["mean"] < 5
 
 

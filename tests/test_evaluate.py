@@ -252,3 +252,18 @@ def test_extra_stop_tokens_end_generation():
     assert text == decode_reply(lm, before[row][:2])
     with pytest.raises(ValueError, match="not one; give a single token"):
         add_stop_tokens(lm, ["<|im_end|>x"])
+
+
+def test_generation_batches_follow_gen_batch_size_and_match_small_batches(monkeypatch):
+    from safetyscope.measure import generation
+
+    lm = tiny_model("llama")
+    prompts = [f"Tell me about topic {i}" for i in range(6)]
+    small = generation.generate(lm, prompts, max_new_tokens=3, batch_size=2)
+    seen: list[int] = []
+    real = generation.generate_batch
+    monkeypatch.setattr(generation, "generate_batch", lambda lm_, b, *a, **k: (seen.append(len(b.index)), real(lm_, b, *a, **k))[1])
+    lm.meta["gen_batch_size"] = 4
+    big = generation.generate(lm, prompts, max_new_tokens=3, batch_size=2)
+    assert sorted(seen) == [2, 4]  # batches of gen_batch_size, not of the forward batch size
+    assert big == small  # greedy replies do not depend on the batching

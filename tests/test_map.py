@@ -119,3 +119,18 @@ def test_map_quick_on_the_default_model(tmp_path):
     html = Path(summary["report"]).read_text()
     assert "Qwen" in html or "default" in html
     assert summary["implications"]
+
+
+def test_breaking_points_use_the_fragility_curves_real_names():
+    from safetyscope.cli.map_report import breaking_point, neuron_breaking_point
+
+    def row(curve: str, k: int, rate: float) -> dict:
+        return {"curve": curve, "k": k, "score_refusal_rate": rate}
+
+    frag = {"summary": [row("top_by_effect_size", 0, 0.4), row("top_by_effect_size", 10, 0.3), row("top_by_effect_size", 100, 0.1),
+                        row("top_by_gradient", 0, 0.4), row("top_by_gradient", 10, 0.0),
+                        row("random", 0, 0.4), row("random", 10, 0.4), row("random", 100, 0.35)]}
+    assert breaking_point(frag, "top_by_effect_size") == 100
+    assert breaking_point(frag, "random") is None
+    assert neuron_breaking_point(frag) == (10, "top_by_gradient")
+    assert neuron_breaking_point({"summary": [row("top_by_diff", 0, 0.4), row("top_by_diff", 5, 0.39)]}) == (None, "top_by_diff")

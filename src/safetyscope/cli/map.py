@@ -42,7 +42,7 @@ class MapSettings(PromptSettings):
     n_eval: int = opt(16, "Held-out prompts per group for ablation, fragility and capability measurements.")
     pairs: int = opt(6, "Minimal pairs traced by attribution patching.")
     max_new_tokens: int = opt(32, "Reply length for judged generations (refusal rates, sample replies).")
-    fragility_ks: str = opt("0,10,50,200,1%", "Numbers of neurons ablated along the fragility curves.")
+    fragility_ks: str = opt("0,10,100,1%", "Numbers of neurons ablated along the fragility curves.")
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,9 @@ def _test(s: MapSettings) -> dict[str, str]:
 def stage_probe(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, Any]:
     from .probe import ProbeSettings, run_probe
 
+    jobs = max(1, min(4, os.cpu_count() or 1))  # the nested-CV fits dominate this stage; layers fit in parallel
     return run_probe(_settings(ProbeSettings, s, n_prompts=b.n_prompts, folds=b.folds, controls=2 if not s.quick else 1,
-                               **_fit(s)))
+                               n_jobs=1 if s.quick else jobs, **({"c": "1.0"} if s.quick else {}), **_fit(s)))
 
 
 def readable_layers(probe: dict[str, Any] | None, n_layers: int) -> str:
@@ -166,7 +167,14 @@ def stage_direction(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str
     # few prompts first and fully scored for the best ones: the selection is the map's most expensive step.
     n_layers = int(done["probe"]["model"]["n_layers"]) if done.get("probe") else 0
     layers = readable_layers(done.get("probe"), n_layers) if n_layers else ""
-    screen = {} if s.quick else {"screen": 4, "keep": 12}
+    screen: dict[str, Any] = {"screen": 3, "keep": 8}
+    if s.quick and n_layers:  # a smoke test: the last position of 4 evenly spaced readable blocks before the cutoff
+        from ..methods.direction_select import SelectConfig
+
+        hi = max(0, SelectConfig().cutoff(n_layers) - 1)  # the last block not pruned as "late"
+        lo = min(hi, int(layers.split("-")[0]) if layers not in ("", "*") else 0)
+        layers = ",".join(str(x) for x in sorted({lo + round(i * (hi - lo) / 3) for i in range(4)}))
+        screen = {"positions": "-1"}
     found = run_find(_settings(FindSettings, s, n_prompts=b.n_prompts, n_val=b.n_val, induce="lazy",
                                layers="" if layers == "*" else layers, **screen, **_fit(s)))
     ev = dict(n_prompts=b.n_eval, max_new_tokens=b.max_new_tokens, split="test", **_test(s))
@@ -222,7 +230,7 @@ def stage_capability(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[st
 
     harmless = held_out("harmless").sample(b.n_eval, seed=s.seed).texts
     harmful = held_out("harmful").sample(4 if not s.quick else 2, seed=s.seed + 1).texts
-    rows = capability_rows(lm, max_tokens=64 if s.quick else 256)
+    rows = capability_rows(lm, max_tokens=64 if s.quick else 128)
     if s.quick:
         rows = rows[:4]
     reference = logits_under(lm, harmless, None, batch_size=s.batch_size, system=s.system)

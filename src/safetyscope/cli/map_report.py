@@ -55,6 +55,13 @@ def direction_vs_random(done: dict[str, Any]) -> tuple[float, float, float] | No
     return None if any(v is None for v in vals) else (float(vals[0]), float(vals[1]), float(vals[2]))  # type: ignore[arg-type]
 
 
+def neuron_breaking_point(frag: dict[str, Any] | None) -> tuple[int | None, str]:
+    """The smallest breaking point over the ranked (non-random) neuron curves, and that curve's name."""
+    names = list(dict.fromkeys(r["curve"] for r in (frag or {}).get("summary", []) if not str(r["curve"]).startswith("random")))
+    hits = [(k, name) for name in names if (k := breaking_point(frag, name)) is not None]
+    return min(hits) if hits else (None, names[0] if names else "")
+
+
 def evidence(done: dict[str, Any]) -> Evidence:
     probe, neurons, trace, direction, dla = (done.get(k) for k in ("probe", "neurons", "trace", "direction", "dla"))
     n_layers = int((probe or {}).get("model", {}).get("n_layers") or (dla or {}).get("n_layers") or 1)
@@ -91,9 +98,9 @@ def implications(done: dict[str, Any]) -> list[list[Any]]:
         rows.append(["Concentration", f"{large} neurons with |Cohen's d| > 0.8{where}",
                      "how many MLP neurons separate harmful from harmless prompts"])
     if frag:
-        k_top, k_rand = breaking_point(frag, "effect_size"), breaking_point(frag, "random")
+        (k_top, curve), k_rand = neuron_breaking_point(frag), breaking_point(frag, "random")
         rows.append(["Fragility (neurons)",
-                     f"top neurons halve the refusal rate at k = {k_top if k_top is not None else '> max k'}; "
+                     f"top neurons ({curve}) halve the refusal rate at k = {k_top if k_top is not None else '> max k'}; "
                      f"random neurons at k = {k_rand if k_rand is not None else '> max k'}",
                      "refusal (logit score > 0) on held-out harmful prompts as neurons are zeroed"])
     dvr = direction_vs_random(done)
@@ -125,9 +132,9 @@ def _headline(done: dict[str, Any], model: str) -> str:
         parts.append(f"ablating one direction moves harmful refusal from {_f(_rate(ab.get('harmful_refusal_before')), '{:.0%}')} "
                      f"to {_f(_rate(ab.get('harmful_refusal_after')), '{:.0%}')} at first-token KL "
                      f"{_f(ab.get('kl_first_token', {}).get('mean'), '{:.3f}')}")
-    k = breaking_point(done.get("fragility"), "effect_size")
+    k, curve = neuron_breaking_point(done.get("fragility"))
     if done.get("fragility"):
-        parts.append(f"zeroing the top {k} safety neurons halves it" if k else "zeroing up to the largest tested number of neurons does not halve it")
+        parts.append(f"zeroing the top {k} safety neurons ({curve}) halves it" if k else "zeroing up to the largest tested number of neurons does not halve it")
     if done.get("probe"):
         b = done["probe"]["best"]
         parts.append(f"a linear probe reads harmfulness with {_f(b['accuracy'], '{:.0%}')} accuracy at layer {b['layer']}")
@@ -170,8 +177,9 @@ def build_report(s: Any, done: dict[str, Any]) -> dict[str, Any]:
         cards.append(Card("safety neurons (|d| > 0.8)", str(conc[0]),
                           f"{conc[1]:.2%} of analysed neurons" if conc[1] is not None else "analysed layers"))
     if done.get("fragility"):
-        k = breaking_point(done["fragility"], "effect_size")
-        cards.append(Card("neurons to halve refusal", str(k) if k else "> max", f"random: {breaking_point(done['fragility'], 'random') or '> max'}"))
+        k, curve = neuron_breaking_point(done["fragility"])
+        cards.append(Card("neurons to halve refusal", str(k) if k else "> max",
+                          f"ranked by {curve.removeprefix('top_by_')}; random: {breaking_point(done['fragility'], 'random') or '> max'}"))
     if done.get("capability"):
         r = done["capability"].get("interventions", {}).get("direction")
         if r:
@@ -215,7 +223,13 @@ def build_report(s: Any, done: dict[str, Any]) -> dict[str, Any]:
         "down-projection inputs at the first response position. Patching: attribution patching over layer × component, top cells "
         "verified by exact activation patching on minimal pairs. Direction: difference of means (Arditi et al. 2024), selected on "
         "validation prompts, measured on held-out test prompts. Stages are assigned from this evidence, not by depth.")]))
-    report = Report(title=f"Refusal circuit of {model}", subtitle="safetyscope map", headline=headline, summary=cards,
+    info = (done.get("probe") or {}).get("model") or {}
+    facts = ", ".join(x for x in (
+        str(info.get("model_type") or ""), f"{info['n_layers']} layers" if info.get("n_layers") else "",
+        f"d_model {info['d_model']}" if info.get("d_model") else "",
+        f"{info['n_params'] / 1e6:.0f}M parameters" if info.get("n_params") else "", str(info.get("dtype") or "")) if x)
+    report = Report(title=f"Refusal circuit of {model}", subtitle="safetyscope map" + (f" · {facts}" if facts else ""),
+                    headline=headline, summary=cards,
                     sections=sections, footer="Generated by safetyscope; every number comes from the stage results in map/stages/.")
     path = report.write(Path(s.out) / "report.html")
     return {"report": str(path), "headline": headline, "stages": [st.to_json() for st in stages],

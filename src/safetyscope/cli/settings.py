@@ -36,6 +36,7 @@ class Settings:
     dtype: str = opt("auto", "Weights dtype: auto (float32 on CPU, bf16/fp16 on GPU), float32, float16, bfloat16.")
     device_map: str = opt("", "accelerate device_map for several GPUs (e.g. auto); empty = one device.")
     batch_size: int = opt(8, "Prompts per forward pass (halved automatically on out-of-memory).")
+    gen_batch_size: int = opt(32, "Prompts per batch when generating replies: decoding reads every weight once per token, so a larger batch costs little more than a small one (halved automatically on out-of-memory).")
     out: Path = opt(Path("runs/latest"), "Output directory (results are written atomically; reruns resume).")
     system_prompt: str = opt("", "System prompt for the chat template (empty = the template's default).")
     chat_template: str = opt("", "Jinja chat template (file or string) for tokenizers that lack one.")
@@ -50,7 +51,7 @@ class Settings:
         from ..models import load_model
 
         log = (lambda _m: None) if self.quiet or self.json else (lambda m: print(m, file=sys.stderr))
-        return load_model(
+        lm = load_model(
             self.model,
             device=self.device,
             dtype=self.dtype,
@@ -61,6 +62,10 @@ class Settings:
             chat_template=self.chat_template or None,
             log=log,
         )
+        if self.gen_batch_size < 1:
+            raise ValueError(f"--gen-batch-size must be at least 1, not {self.gen_batch_size}")
+        lm.meta["gen_batch_size"] = int(self.gen_batch_size)
+        return lm
 
     @property
     def system(self) -> str | None:

@@ -91,13 +91,18 @@ def generate(
     system: str | None = None,
     do_sample: bool = False,
 ) -> list[str]:
-    """Replies to ``prompts`` in their original order (greedy decoding unless ``do_sample``)."""
+    """Replies to ``prompts`` in their original order (greedy decoding unless ``do_sample``).
+
+    Batches hold ``max(batch_size, lm.meta["gen_batch_size"])`` prompts: each decoding step reads every
+    weight once whatever the batch, so on memory-bound hardware (CPUs, small models) larger batches are
+    nearly free; out-of-memory halves them.
+    """
     replies: list[str] = [""] * len(prompts)
     for batch, outs in batched(
         lm,
         prompts,
         lambda b: generate_batch(lm, b, max_new_tokens, do_sample),
-        batch_size=batch_size,
+        batch_size=max(int(batch_size), int(lm.meta.get("gen_batch_size") or 0)),
         system=system,
         description="generating",
     ):
