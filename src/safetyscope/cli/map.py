@@ -112,14 +112,10 @@ def user_splits(s: MapSettings) -> dict[str, dict[str, str]]:
     return out
 
 
-def _fit(s: MapSettings) -> dict[str, str]:
-    """Prompt-file overrides for stages that fit (probe, neurons, direction candidates and selection)."""
-    return user_splits(s).get("fit", {})
-
-
-def _test(s: MapSettings) -> dict[str, str]:
-    """Prompt-file overrides for stages that measure on held-out prompts."""
-    return user_splits(s).get("test", {})
+def _files(s: MapSettings, part: str) -> dict[str, str]:
+    """Prompt-file overrides: part "fit" for stages that fit (probe, neurons, direction, DLA), "test" for
+    stages that measure on held-out prompts."""
+    return user_splits(s).get(part, {})
 
 
 # ---- the stages ----------------------------------------------------------------------------------------
@@ -128,7 +124,7 @@ def stage_probe(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, An
 
     jobs = max(1, min(4, os.cpu_count() or 1))  # the nested-CV fits dominate this stage; layers fit in parallel
     return run_probe(_settings(ProbeSettings, s, n_prompts=b.n_prompts, folds=b.folds, controls=2 if not s.quick else 1,
-                               n_jobs=1 if s.quick else jobs, **({"c": "1.0"} if s.quick else {}), **_fit(s)))
+                               n_jobs=1 if s.quick else jobs, **({"c": "1.0"} if s.quick else {}), **_files(s, "fit")))
 
 
 def readable_layers(probe: dict[str, Any] | None, n_layers: int) -> str:
@@ -147,7 +143,7 @@ def stage_neurons(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, 
 
     n_layers = int(done["probe"]["model"]["n_layers"]) if done.get("probe") else 0
     layers = readable_layers(done.get("probe"), n_layers) if n_layers else "*"
-    res = run_find(_settings(FindSettings, s, n_prompts=b.n_prompts, layers=layers, utility_texts=b.utility_texts, **_fit(s)))
+    res = run_find(_settings(FindSettings, s, n_prompts=b.n_prompts, layers=layers, utility_texts=b.utility_texts, **_files(s, "fit")))
     res["layers_analysed"] = layers
     return res
 
@@ -176,8 +172,8 @@ def stage_direction(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str
         layers = ",".join(str(x) for x in sorted({lo + round(i * (hi - lo) / 3) for i in range(4)}))
         screen = {"positions": "-1"}
     found = run_find(_settings(FindSettings, s, n_prompts=b.n_prompts, n_val=b.n_val, induce="lazy",
-                               layers="" if layers == "*" else layers, **screen, **_fit(s)))
-    ev = dict(n_prompts=b.n_eval, max_new_tokens=b.max_new_tokens, split="test", **_test(s))
+                               layers="" if layers == "*" else layers, **screen, **_files(s, "fit")))
+    ev = dict(n_prompts=b.n_eval, max_new_tokens=b.max_new_tokens, split="test", **_files(s, "test"))
     ablate = run_ablate(_settings(EvalDirSettings, s, **ev))
     add = run_add(_settings(EvalDirSettings, s, **ev))
     return {"find": found, "ablate": ablate, "add": add}
@@ -187,14 +183,14 @@ def stage_fragility(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str
     """Neuron curves (top by effect size and by gradient, random from the same layers) and the refusal
     direction as one component against random directions, on the same held-out prompts and metrics."""
     from ..artifacts import load_artifact
-    from ..methods.fragility import FragilityResult, direction_fragility
+    from ..methods.fragility import direction_fragility
     from ..report.plots.neurons import plot_fragility
     from .neurons import FragilitySettings, eval_sets, run_fragility
 
     layers = done.get("neurons", {}).get("layers_analysed", "*")
     fs = _settings(FragilitySettings, s, n_prompts=b.n_prompts, layers=layers, ks=b.ks, seeds=b.seeds, n_eval=b.n_eval,
-                   curves="effect_size,gradient", utility_texts=0, eval_split="test", **_fit(s),
-                   **{f"eval_{k}": v for k, v in _test(s).items()})
+                   curves="effect_size,gradient", utility_texts=0, eval_split="test", **_files(s, "fit"),
+                   **{f"eval_{k}": v for k, v in _files(s, "test").items()})
     res = run_fragility(fs)
     path = s.out / "direction" / "artifact"
     if (path / "artifact.json").is_file():
@@ -208,7 +204,7 @@ def stage_fragility(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str
             combined, s.out / "map" / "fragility_all",
             title=f"{lm.name}: neurons vs the refusal direction vs random ({len(harmful)} harmful / {len(harmless)} harmless held out)",
             xlabel="components ablated (neurons; the direction counts as 1)")
-        res["direction_summary"] = FragilityResult.from_dict(d).summary()
+        res["direction_summary"] = d["summary"]
     return res
 
 
@@ -223,7 +219,7 @@ def stage_capability(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[st
     from ..prompts import builtin_prompts, load_prompts
 
     lm = s.load_model()
-    test = _test(s)
+    test = _files(s, "test")
 
     def held_out(kind: str) -> Any:
         return load_prompts(test[kind], label=kind) if kind in test else builtin_prompts(kind, "test", seed=s.seed)
@@ -263,7 +259,7 @@ def stage_dla(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, Any]
     from ..methods.dla import direct_logit_attribution
     from .common import prompt_sets
 
-    fit = _fit(s)
+    fit = _files(s, "fit")
     harmful, harmless = prompt_sets(replace(s, n_prompts=b.n_prompts, harmful=fit.get("harmful", s.harmful),
                                             harmless=fit.get("harmless", s.harmless)))
     lm = s.load_model()
