@@ -320,14 +320,14 @@ class Tracer:
         return eff
 
     def positions(self, component: str = "resid_pre", layers: Sequence[int] | None = None, *,
-                  reverse: bool = False) -> Effects:
-        """Layer x position grid (offsets from the end) for one component, one position at a time."""
+                  span: str = "all", reverse: bool = False) -> Effects:
+        """Layer x position grid (offsets from the end) for one component, one position of ``span`` at a time."""
         layers = list(range(self.lm.n_layers)) if layers is None else list(layers)
-        per_pair = [set(self.pairs.offsets(i, "all")) for i in range(len(self.pairs))]
+        per_pair = [set(self.pairs.offsets(i, span)) for i in range(len(self.pairs))]
         offsets = sorted(set().union(*per_pair))
         eff = self.grid(f"position:{component}", [str(x) for x in layers], [str(o) for o in offsets],
                         lambda i, r, c: Patch(Site(component, layers[r]), (offsets[c],)) if offsets[c] in per_pair[i] else None,
-                        reverse=reverse, note=self.pairs.alignment_note("all") + "; one position at a time")
+                        reverse=reverse, note=self.pairs.alignment_note(span) + "; one position at a time")
         eff.labels = [[cell_name(Site(component, layer), None, o) for o in offsets] for layer in layers]
         return eff
 

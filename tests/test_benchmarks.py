@@ -1,0 +1,31 @@
+"""The benchmarks run end to end (on a tiny random model; the figures themselves come from the real runs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_patching_benchmark_compares_every_grid(tmp_path, capsys):
+    out = tmp_path / "patching.json"
+    assert _load("patching").main(["--model", "tiny:llama", "--heads", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["grid_cells"]) == {"component", "position", "head"}
+    n_layers = 3  # the tiny llama: 3 blocks x 3 components, at each post-instruction position
+    assert res["grid_cells"]["component"] == n_layers * 3
+    assert res["grid_cells"]["position"] > res["grid_cells"]["component"]
+    for grid, a in res["agreement"].items():
+        assert -1.0 <= a["spearman"] <= 1.0 and a["n_cells"] == res["grid_cells"][grid]
+        assert res["speedup"][grid]["wall"] > 0
+    assert "exact position" in capsys.readouterr().out
