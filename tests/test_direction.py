@@ -199,6 +199,57 @@ def test_hooks_removed_logits_bit_identical(prompts):
     assert _hook_count(lm) == n
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_mean_ablation_sets_the_component_to_the_targets(family, prompts, tmp_path):
+    lm = tiny_model(family)
+    targets = torch.linspace(-2.0, 3.0, lm.n_layers)
+    d = _direction(lm, targets=targets, ablation="mean")
+    b = tokenize_prompts(lm.tokenizer, prompts)
+    mask = b.attention_mask.bool()
+    n = _hook_count(lm)
+    before = _logits(lm, prompts)
+    sites = [f"blocks.{layer}.resid_pre" for layer in range(lm.n_layers)]
+    with torch.no_grad(), d.apply(lm), capture(lm, sites, "all") as cap:
+        hooked = forward(lm, b)
+    for site, v in cap.values.items():  # [batch, pos, d_model]: every real position sits at the block's target
+        comp = (v.double() @ d.direction.double())[mask]
+        assert torch.allclose(comp, torch.full_like(comp, float(targets[site.layer])), atol=1e-4), site.name
+    assert torch.equal(before, _logits(lm, prompts)) and _hook_count(lm) == n  # reversible
+    assert not torch.allclose(hooked[mask], _logits(lm, prompts, _direction(lm).apply(lm))[mask], atol=1e-4)
+    with pytest.raises(ArtifactError, match="--ablation zero"):
+        d.export(lm, tmp_path / "m")
+    d.save(tmp_path / "dir")
+    e = load_artifact(tmp_path / "dir")
+    assert e.ablation == "mean" and torch.equal(e.targets, d.targets)
+    assert torch.equal(_logits(lm, prompts, d.apply(lm)), _logits(lm, prompts, e.apply(lm)))
+    zero = e.with_ablation("zero")
+    assert torch.equal(_logits(lm, prompts, zero.apply(lm)), _logits(lm, prompts, _direction(lm).apply(lm)))
+    with pytest.raises(ArtifactError, match="targets"):
+        _direction(lm).with_ablation("mean")
+
+
+def test_selection_mean_ablation_per_row_targets_are_exact(planted):
+    """Several candidates per pass (each row with its own direction and targets) score as one at a time,
+    and as the chosen artifact's own hooks do."""
+    lm, _ = planted
+    cands = find_candidates(lm, HARMFUL, HARMLESS, positions=[-2, -1], filter="none", batch_size=4)
+    cfg = {"prune_layers": 0.0, "kl_threshold": 1e9, "induce_threshold": -1e9, "ablation": "mean"}
+    d, one = select_direction(lm, cands, HARMFUL[:3], HARMLESS[:3], SelectConfig(per_pass=1, **cfg), batch_size=4)
+    _, many = select_direction(lm, cands, HARMFUL[:3], HARMLESS[:3], SelectConfig(per_pass=4, **cfg), batch_size=24)
+    for a, b in zip(one.scores, many.scores):
+        assert (a.bypass is None and b.bypass is None) or abs(a.bypass - b.bypass) < 1e-4, a.key
+    _, zero = select_direction(lm, cands, HARMFUL[:3], HARMLESS[:3], SelectConfig(per_pass=4, **{**cfg, "ablation": "zero"}),
+                               batch_size=24)
+    assert any(abs(a.kl - b.kl) > 1e-6 for a, b in zip(many.scores, zero.scores) if a.kl is not None)
+    assert d is not None and d.ablation == "mean" and d.targets is not None
+    from safetyscope.measure.metrics import refusal_score
+    from safetyscope.measure.refusal_tokens import refusal_token_ids
+
+    ids = refusal_token_ids(lm.tokenizer)
+    own = float(refusal_score(_logits(lm, HARMFUL[:3], d.apply(lm))[:, -1], ids).mean())
+    assert abs(own - one.get(*one.best).bypass) < 1e-4
+
+
 def test_artifact_round_trip(tmp_path, prompts):
     lm = tiny_model("llama")
     d = Direction(torch.randn(lm.dims.d_model) * 5, 2, -3, norm=5.5, token="<|im_start|>", scores={"bypass": -1.5},
@@ -251,6 +302,30 @@ def test_selection_screening_scores_all_and_keeps_the_best(planted):
     assert {s.key for s in full} == {s.key for s in best_screened}
     assert all("screened out" in " ".join(s.reasons) for s in live if s.bypass is None)
     assert not math.isnan(float(sel.grid("bypass", lm.n_layers, [-2, -1])[1:].max()))
+
+
+def test_selection_verify_judges_replies_of_the_finalists(planted):
+    lm, _ = planted
+    cands = find_candidates(lm, HARMFUL, HARMLESS, positions=[-2, -1], filter="none", batch_size=4)
+    calls: list[tuple[str, str]] = []
+
+    def judge(prompt: str, reply: str) -> bool:  # deterministic in the reply, so ablation can change it
+        calls.append((prompt, reply))
+        return sum(map(ord, reply)) % 3 == 0
+
+    cfg = SelectConfig(prune_layers=0.0, kl_threshold=1e9, induce_threshold=-1e9, verify=2, verify_tokens=4)
+    d, sel = select_direction(lm, cands, HARMFUL[:3], HARMLESS[:3], cfg, batch_size=8, judge=judge)
+    judged = [s for s in sel.scores if s.judged_bypass is not None]
+    assert len(judged) == 2 and all(s.judged_induce is not None for s in judged)
+    lowest = sorted((s for s in sel.scores if s.bypass is not None), key=lambda s: s.bypass)[:2]
+    assert {s.key for s in judged} == {s.key for s in lowest}  # the finalists are the lowest bypass
+    assert len(calls) == 3 * 2 + 3 * 2 * 2  # baselines of both groups + (ablation, addition) per finalist
+    inducing = [s for s in judged if s.judged_induce > sel.baseline["judged_harmless"]]
+    pool = inducing or judged
+    assert sel.best == min(pool, key=lambda s: (s.judged_bypass, s.bypass)).key
+    assert "verified on replies" in sel.note and d is not None and "judged_bypass" in d.scores
+    again = Selection.from_json(json.loads(json.dumps(sel.to_json())))
+    assert again.get(*sel.best).judged_bypass == sel.get(*sel.best).judged_bypass
 
 
 def test_selection_filters_and_choice():

@@ -23,6 +23,17 @@ are still exact there, but no weight edit reproduces them: ``export`` refuses.
 input) the direction is projected out and the vector is rescaled to its original norm, so later
 writes keep their relative size. It exists only as hooks.
 
+``ablation="mean"`` (beyond the paper) sets the component along ``r`` to a per-block constant instead
+of zero: ``x <- x + w_l (t_l - x . r) r`` at every block's input (``blocks.{l}.resid_pre``), where
+``t_l`` (``targets``) is the mean projection of the *harmless* prompts there, at the candidate's
+position. Zero ablation moves every prompt's component to 0, and harmless prompts' components are not
+0 (on the default model they grow to a third of the harmful mean in late blocks), so zero ablation
+perturbs harmless behaviour too; moving the component to the harmless mean leaves a typical harmless
+prompt where it was, which lowers first-token KL on harmless prompts (on the default model from
+0.16 to 0.06 for the same direction, with the same judged bypass). The same constant is used at
+every position (prompt, template, reply, or plain text), so the hooks need no position bookkeeping.
+It exists only as hooks: a constant write along ``r`` needs output biases most architectures lack.
+
 Activation addition (``add``) adds ``coeff * norm * r`` (``norm`` = the difference-of-means norm,
 so ``coeff=1`` adds the raw difference of means) to ``blocks.{layer}.resid_pre`` at every position,
 generated tokens included.
@@ -48,6 +59,7 @@ from .base import Artifact, ArtifactError, register
 # A direction source: a fixed unit vector [d_model], or a function of the running batch returning
 # one vector per row [batch, d_model] (used to score many candidates in one forward pass).
 DirectionFn = Callable[["Batch | None"], torch.Tensor]
+ABLATIONS = ("zero", "mean")
 
 
 def _constant(v: torch.Tensor) -> DirectionFn:
@@ -79,6 +91,52 @@ def project_out(x: torch.Tensor, r: torch.Tensor, weight: float = 1.0, norm_pres
         old = xf.norm(dim=-1, keepdim=True)
         out = out * (old / out.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(dt).tiny))
     return out.to(x.dtype)
+
+
+def set_component(x: torch.Tensor, r: torch.Tensor, target: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """``x + weight * (target - x . r) r``: the component along unit ``r`` moved to ``target``.
+
+    x: [batch, pos, d_model]; r: [d_model] or per row [batch, d_model]; target: scalar or per row [batch].
+    """
+    dt = _compute_dtype(x)
+    xf = x.to(dt)
+    rf = r.to(device=x.device, dtype=dt)
+    tf = torch.as_tensor(target, device=x.device, dtype=dt)
+    if rf.dim() == 2:  # one direction (and target) per row
+        rf = rf.view(rf.shape[0], *([1] * (x.dim() - 2)), rf.shape[1])
+        coef = (xf * rf).sum(-1, keepdim=True)  # [batch, pos, 1]
+        tf = tf.view(-1, *([1] * (x.dim() - 1))) if tf.dim() == 1 else tf
+    else:
+        coef = (xf @ rf).unsqueeze(-1)  # [batch, pos, 1]
+    return (xf + weight * (tf - coef) * rf).to(x.dtype)
+
+
+def mean_ablation_edits(
+    lm: Any,
+    direction: torch.Tensor | DirectionFn,
+    targets: torch.Tensor | Callable[[Batch | None], torch.Tensor],
+    layer_weights: torch.Tensor | None = None,
+) -> list[tuple[Site, EditFn]]:
+    """Edits moving the component along ``direction`` to ``targets[l]`` at every ``blocks.{l}.resid_pre``.
+
+    ``targets``: [n_layers], or a function of the running batch returning [batch, n_layers] (per-row
+    candidates, as ``direction`` may return [batch, d_model]).
+    """
+    get = direction if callable(direction) else _constant(direction)
+    tget = targets if callable(targets) else _constant(targets)
+    n = lm.n_layers
+    w = [1.0] * n if layer_weights is None else [float(v) for v in layer_weights]
+    if len(w) != n:
+        raise ArtifactError(f"layer weights have {len(w)} entries but the model has {n} blocks; re-tune on this model")
+
+    def make(layer: int) -> EditFn:
+        def edit(x: torch.Tensor, batch: Batch | None) -> torch.Tensor:  # x: [batch, pos, d_model]
+            t = tget(batch)
+            return set_component(x, get(batch), t[..., layer], w[layer])
+
+        return edit
+
+    return [(Site("resid_pre", layer), make(layer)) for layer in range(n) if w[layer] != 0.0]
 
 
 def ablation_sites(
@@ -161,6 +219,8 @@ class Direction(Artifact):
         layer_weights: torch.Tensor | None = None,
         embed_weight: float = 1.0,
         norm_preserving: bool = False,
+        targets: torch.Tensor | None = None,
+        ablation: str = "zero",
         meta: dict[str, Any] | None = None,
     ):
         d = direction.detach().to("cpu", torch.float64).flatten()
@@ -176,6 +236,13 @@ class Direction(Artifact):
         self.layer_weights = None if layer_weights is None else layer_weights.detach().to("cpu", torch.float32).flatten()
         self.embed_weight = float(embed_weight)
         self.norm_preserving = bool(norm_preserving)
+        self.targets = None if targets is None else targets.detach().to("cpu", torch.float32).flatten()  # [n_layers]
+        if ablation not in ABLATIONS:
+            raise ArtifactError(f"unknown ablation {ablation!r}; use {' or '.join(ABLATIONS)}")
+        if ablation == "mean" and self.targets is None:
+            raise ArtifactError("mean ablation needs the harmless mean projections (targets); re-create the direction "
+                                "with `safetyscope direction find` or use --ablation zero")
+        self.ablation = ablation
         self.meta = dict(meta or {})
 
     # ---- serialisation ----------------------------------------------------------------------
@@ -190,9 +257,12 @@ class Direction(Artifact):
             "embed_weight": self.embed_weight,
             "norm_preserving": self.norm_preserving,
             "weighted": self.layer_weights is not None,
+            "ablation": self.ablation,
             "meta": self.meta,
         }
         tensors = {"direction": self.direction}
+        if self.targets is not None:
+            tensors["targets"] = self.targets
         if self.layer_weights is not None:
             tensors["layer_weights"] = self.layer_weights
         return meta, tensors
@@ -211,6 +281,8 @@ class Direction(Artifact):
             layer_weights=tensors.get("layer_weights"),
             embed_weight=float(meta.get("embed_weight", 1.0)),
             norm_preserving=bool(meta.get("norm_preserving", False)),
+            targets=tensors.get("targets"),
+            ablation=str(meta.get("ablation", "zero")),
             meta=meta.get("meta") or {},
         )
 
@@ -225,6 +297,17 @@ class Direction(Artifact):
             out.norm_preserving = bool(norm_preserving)
         return out
 
+    def with_ablation(self, ablation: str) -> Direction:
+        """A copy using ``ablation`` ("zero": Arditi et al.; "mean": to the harmless mean)."""
+        if ablation not in ABLATIONS:
+            raise ArtifactError(f"unknown ablation {ablation!r}; use {' or '.join(ABLATIONS)}")
+        if ablation == "mean" and self.targets is None:
+            raise ArtifactError("this direction has no harmless mean projections (targets) for mean ablation; "
+                                "re-create it with `safetyscope direction find` or use --ablation zero")
+        out = copy.copy(self)
+        out.ablation = ablation
+        return out
+
     def _check(self, lm: Any) -> None:
         if int(self.direction.numel()) != lm.dims.d_model:
             raise ArtifactError(
@@ -233,11 +316,17 @@ class Direction(Artifact):
             )
         if not 0 <= self.layer < lm.n_layers:
             raise ArtifactError(f"direction layer {self.layer} is outside {lm.name}'s blocks 0-{lm.n_layers - 1}")
+        if self.targets is not None and int(self.targets.numel()) != lm.n_layers:
+            raise ArtifactError(f"the direction has targets for {self.targets.numel()} blocks but {lm.name} has "
+                                f"{lm.n_layers}; use it with the model it was found on")
 
     # ---- interventions ----------------------------------------------------------------------
     def apply(self, lm: Any) -> Any:
         """Directional ablation as a context manager (hooks removed on exit)."""
         self._check(lm)
+        if self.ablation == "mean":
+            assert self.targets is not None
+            return hooks(lm, mean_ablation_edits(lm, self.direction, self.targets, self.layer_weights))
         return hooks(lm, ablation_edits(lm, self.direction, self.layer_weights, self.embed_weight, self.norm_preserving))
 
     def add(self, lm: Any, coeff: float = 1.0, layer: int | None = None) -> Any:
@@ -251,6 +340,9 @@ class Direction(Artifact):
     def export(self, lm: Any, out_dir: str | Path) -> Path:
         """Orthogonalise a deep copy of the weights and save it as a normal Hugging Face checkpoint."""
         self._check(lm)
+        if self.ablation == "mean":
+            raise ArtifactError("mean ablation writes a constant along the direction, which needs output biases the "
+                                "attention/MLP projections lack; export the zero-ablation variant (--ablation zero)")
         model = orthogonalized_copy(lm, self.direction, self.layer_weights, self.embed_weight, self.norm_preserving)
         with atomic_dir(out_dir) as tmp:
             kwargs: dict[str, Any] = {}

@@ -31,6 +31,10 @@ class FindSettings(PromptSettings):
     per_pass: int = opt(0, "Candidates scored per forward pass (0 = as many as fit --batch-size rows).")
     screen: int = opt(0, "Speed-up: first score every candidate on this many prompts per group (0 = off, as in the paper) ...")
     keep: int = opt(16, "... then fully score only the best --keep of them.")
+    ablation: str = opt("zero", "How candidates are ablated while scoring, and how the chosen direction ablates: zero (Arditi et al.) or mean (the component moved to the harmless mean at every block; gentler, hooks only).")
+    verify: int = opt(0, "Check the best N candidates on real replies (greedy generation + judge) and choose by judged refusal (0 = off: the logit score decides, as in the paper).")
+    verify_tokens: int = opt(24, "Reply length for --verify.")
+    judge: str = opt("", "Refusal judge as module:function for --filter judge and --verify (default: the built-in phrase judge).")
 
 
 @dataclass
@@ -52,6 +56,7 @@ class EvalDirSettings(PromptSettings):
     judge: str = opt("", "Refusal judge as module:function (default: the built-in phrase judge).")
     norm_preserving: bool = opt(False, "Use the norm-preserving ablation variant.")
     full: bool = opt(False, "Ignore tuned per-layer weights and ablate fully.")
+    ablation: str = opt("", "Override the artifact's ablation: zero (Arditi et al.) or mean (to the harmless mean); empty = the artifact's own.")
     coeff: float = opt(1.0, "Activation-addition coefficient, in units of the difference-of-means norm (direction add).")
     layer: int = opt(-1, "Block whose resid_pre gets the addition (-1 = the direction's own block).")
     tag: str = opt("", "Name of this measurement: results go to OUT/direction_<ablate|add>/<tag>.json (default summary.json); replies are cached and shared across tags.")
@@ -63,6 +68,7 @@ class ExportSettings(Settings):
     direction: str = opt("", "Direction artifact directory (default: OUT/direction/artifact).")
     to: Path = opt(Path(""), "Where to write the orthogonalised Hugging Face checkpoint (required).")
     full: bool = opt(False, "Ignore tuned per-layer weights and orthogonalise fully.")
+    ablation: str = opt("", "Override the artifact's ablation (weights can only hold zero ablation: pass zero for a mean-ablation artifact).")
 
 
 def register(app: typer.Typer) -> None:
@@ -151,17 +157,19 @@ def _splits(s: FindSettings) -> tuple[Any, Any, Any, Any]:
 # ---- find -----------------------------------------------------------------------------------------------
 def run_find(s: FindSettings) -> dict[str, Any]:
     from ..io import read_json, write_json
+    from ..measure.judges import load_judge
     from ..methods.direction import Candidates, find_candidates, position_offsets
     from ..methods.direction_select import SelectConfig, select_direction
     from ..methods.filtering import filter_by_refusal
     from ..report.plots.direction import candidate_heatmaps
 
     log = _log(s)
+    judge = load_judge(s.judge) if s.judge else None
     h_train, s_train, h_val, s_val = _splits(s)
     lm = s.load_model()
     out = s.out / "direction"
     offsets = position_offsets(lm, s.positions, s.system)
-    ident = [lm.describe()["name"], lm.describe()["n_params"], lm.describe()["dtype"], s.system, s.filter]
+    ident = [lm.describe()["name"], lm.describe()["n_params"], lm.describe()["dtype"], s.system, s.filter, s.judge]
     cand_key = _key(ident, offsets, h_train.texts, s_train.texts)
     cands = None
     if (out / "candidates" / "candidates.json").is_file():
@@ -169,17 +177,19 @@ def run_find(s: FindSettings) -> dict[str, Any]:
         cands = loaded if loaded.info.get("key") == cand_key else None
     if cands is None:
         log(f"capturing resid_pre at {lm.n_layers} blocks x {len(offsets)} positions ({len(h_train)}+{len(s_train)} prompts)")
-        cands = find_candidates(lm, h_train.texts, s_train.texts, positions=list(offsets), filter=s.filter,
+        cands = find_candidates(lm, h_train.texts, s_train.texts, positions=list(offsets), filter=s.filter, judge=judge,
                                 batch_size=s.batch_size, system=s.system)
         cands.info["key"] = cand_key
         cands.save(out / "candidates")
     else:
         log(f"reusing candidates from {out / 'candidates'}")
 
-    val = filter_by_refusal(lm, h_val.texts, s_val.texts, method=s.filter, batch_size=s.batch_size, system=s.system)
+    val = filter_by_refusal(lm, h_val.texts, s_val.texts, method=s.filter, judge=judge, batch_size=s.batch_size,
+                            system=s.system)
     cfg = SelectConfig(s.kl_threshold, s.induce_threshold, s.prune_layers, s.induce, s.score_pruned,
-                       _layers(s.layers, lm.n_layers), None, 1.0, s.per_pass, s.screen, s.keep)
-    sel_key = _key(cand_key, val.harmful, val.harmless)
+                       _layers(s.layers, lm.n_layers), None, 1.0, s.per_pass, s.screen, s.keep,
+                       verify=s.verify, verify_tokens=s.verify_tokens, ablation=s.ablation)
+    sel_key = _key(cand_key, val.harmful, val.harmless, s.verify_tokens, s.ablation)  # judged scores depend on the reply length
     partial_path = out / "scores_partial.json"
     done: dict[str, dict[str, float]] = {}
     if partial_path.is_file():
@@ -192,7 +202,7 @@ def run_find(s: FindSettings) -> dict[str, Any]:
         + (f" (resuming {len(done)} scored)" if done else ""))
     direction, selection = select_direction(
         lm, cands, val.harmful, val.harmless, cfg, batch_size=s.batch_size, system=s.system, done=done,
-        checkpoint=save_partial, log=log,
+        checkpoint=save_partial, log=log, judge=judge,
     )
     write_json(out / "selection.json", selection.to_json())
     plot = candidate_heatmaps(selection, lm.n_layers, list(cands.positions), cands.tokens, out / "plots" / "candidates.png",
@@ -203,6 +213,7 @@ def run_find(s: FindSettings) -> dict[str, Any]:
     result = {
         "model": lm.name, "artifact": out / "artifact", "layer": direction.layer, "position": direction.position,
         "token": direction.token, "norm": direction.norm, "scores": direction.scores, "note": selection.note,
+        "ablation": direction.ablation,
         "n_train": [cands.n_harmful, cands.n_harmless], "n_val": [len(val.harmful), len(val.harmless)],
         "filter": cands.info.get("filter"), "n_candidates": len(selection.scores),
         "n_eligible": sum(1 for c in selection.scores if c.eligible), "plot": plot,
@@ -219,10 +230,15 @@ def run_find(s: FindSettings) -> dict[str, Any]:
             return "n/a" if sc.get(key) is None else format(sc[key], fmt)
 
         c.print(f"[bold]refusal direction[/bold]: block {direction.layer}, position {direction.position} "
-                f"({direction.token!r}), ||Δμ|| = {direction.norm:.2f}")
+                f"({direction.token!r}), ||Δμ|| = {direction.norm:.2f}, {direction.ablation} ablation")
         c.print(f"  bypass {f('bypass', '+.3f')} (baseline {f('baseline_harmful_score', '+.3f')}), "
                 f"induce {f('induce', '+.3f')}, KL {f('kl', '.4f')}; "
                 f"{result['n_eligible']}/{result['n_candidates']} candidates eligible")
+        if sc.get("judged_bypass") is not None:
+            base = selection.baseline
+            c.print(f"  judged on replies: refusal under ablation {sc['judged_bypass']:.0%} "
+                    f"(without: {base.get('judged_harmful', float('nan')):.0%}), under addition {sc['judged_induce']:.0%} "
+                    f"(without: {base.get('judged_harmless', float('nan')):.0%})")
         if selection.note:
             c.print(f"[yellow]{selection.note}[/yellow]")
         c.print(f"artifact: {out / 'artifact'}; scores: {out / 'selection.json'}; plot: {plot}")
@@ -287,6 +303,8 @@ def _eval_inputs(s: EvalDirSettings) -> tuple[Any, Any, Any, Any, Any]:
         direction = direction.with_weights(None, 1.0)
     if s.norm_preserving:
         direction = direction.with_weights(direction.layer_weights, direction.embed_weight, True)
+    if s.ablation:
+        direction = direction.with_ablation(s.ablation)
     harmful, harmless = prompt_sets(s)
     judge = load_judge(s.judge) if s.judge else None
     lm = s.load_model()
@@ -314,7 +332,7 @@ def run_ablate(s: EvalDirSettings) -> dict[str, Any]:
                             batch_size=s.batch_size, system=s.system, cache=_cache(s, lm, direction, "direction_eval"),
                             harmless_replies_ablated=not s.skip_harmless_replies)
     res.update(model=lm.name, direction=str(_direction_dir(s)), norm_preserving=direction.norm_preserving,
-               weighted=direction.layer_weights is not None)
+               weighted=direction.layer_weights is not None, ablation=direction.ablation)
     path = write_json(s.out / "direction_ablate" / f"{s.tag or 'summary'}.json", res)
 
     def render() -> None:
@@ -372,6 +390,8 @@ def run_export(s: ExportSettings) -> dict[str, Any]:
     direction = _load_direction(s)
     if s.full:
         direction = direction.with_weights(None, 1.0)
+    if s.ablation:
+        direction = direction.with_ablation(s.ablation)
     lm = s.load_model()
     path = direction.export(lm, s.to)
     result = {"checkpoint": path, "layer": direction.layer, "weighted": direction.layer_weights is not None}

@@ -163,14 +163,16 @@ def stage_direction(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str
     # few prompts first and fully scored for the best ones: the selection is the map's most expensive step.
     n_layers = int(done["probe"]["model"]["n_layers"]) if done.get("probe") else 0
     layers = readable_layers(done.get("probe"), n_layers) if n_layers else ""
-    screen: dict[str, Any] = {"screen": 3, "keep": 8}
+    # Unfiltered prompts: at the map's budget the score filter keeps too few refused prompts for a clean mean.
+    # Mean ablation (to the harmless mean) for a gentler intervention; the best 2 finalists judged on replies.
+    screen: dict[str, Any] = {"screen": 3, "keep": 6, "verify": 2, "filter": "none", "ablation": "mean"}
     if s.quick and n_layers:  # a smoke test: the last position of 4 evenly spaced readable blocks before the cutoff
         from ..methods.direction_select import SelectConfig
 
         hi = max(0, SelectConfig().cutoff(n_layers) - 1)  # the last block not pruned as "late"
         lo = min(hi, int(layers.split("-")[0]) if layers not in ("", "*") else 0)
         layers = ",".join(str(x) for x in sorted({lo + round(i * (hi - lo) / 3) for i in range(4)}))
-        screen = {"positions": "-1"}
+        screen = {"positions": "-1", "filter": "none", "ablation": "mean", "verify": 1, "verify_tokens": 8}
     found = run_find(_settings(FindSettings, s, n_prompts=b.n_prompts, n_val=b.n_val, induce="lazy",
                                layers="" if layers == "*" else layers, **screen, **_files(s, "fit")))
     ev = dict(n_prompts=b.n_eval, max_new_tokens=b.max_new_tokens, split="test", **_files(s, "test"))
@@ -188,8 +190,9 @@ def stage_fragility(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str
     from .neurons import FragilitySettings, eval_sets, run_fragility
 
     layers = done.get("neurons", {}).get("layers_analysed", "*")
+    # the same analysis settings as the neurons stage, so its cached statistics and attributions are reused
     fs = _settings(FragilitySettings, s, n_prompts=b.n_prompts, layers=layers, ks=b.ks, seeds=b.seeds, n_eval=b.n_eval,
-                   curves="effect_size,gradient", utility_texts=0, eval_split="test", **_files(s, "fit"),
+                   curves="effect_size,gradient", utility_texts=b.utility_texts, eval_split="test", **_files(s, "fit"),
                    **{f"eval_{k}": v for k, v in _files(s, "test").items()})
     res = run_fragility(fs)
     path = s.out / "direction" / "artifact"
@@ -212,7 +215,7 @@ def stage_capability(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[st
     """First-token KL on held-out harmless prompts and perplexity on the built-in prose/code passages,
     under the direction and under the neuron set; plus a few replies before/after, for the report."""
     from ..artifacts import load_artifact
-    from ..measure.capability import capability_rows, compare_cross_entropy
+    from ..measure.capability import capability_rows, cross_entropy
     from ..measure.compare import first_token_kl, logits_under
     from ..measure.generation import generate
     from ..measure.judges import PhraseJudge
@@ -230,6 +233,7 @@ def stage_capability(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[st
     if s.quick:
         rows = rows[:4]
     reference = logits_under(lm, harmless, None, batch_size=s.batch_size, system=s.system)
+    ref_ce = cross_entropy(lm, rows, batch_size=s.batch_size)  # once, shared by every intervention
     judge = PhraseJudge()
     before = generate(lm, harmful, max_new_tokens=b.max_new_tokens, batch_size=s.batch_size, system=s.system)
     out: dict[str, Any] = {"n_harmless": len(harmless), "n_capability_tokens": sum(len(r) - 1 for r in rows),
@@ -241,8 +245,8 @@ def stage_capability(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[st
             continue
         art = load_artifact(path)
         kl = first_token_kl(lm, harmless, art, reference=reference, batch_size=s.batch_size, system=s.system)
-        ref_ce, new_ce = compare_cross_entropy(lm, rows, art, batch_size=s.batch_size)
         with art.apply(lm):
+            new_ce = cross_entropy(lm, rows, batch_size=s.batch_size)
             after = generate(lm, harmful, max_new_tokens=b.max_new_tokens, batch_size=s.batch_size, system=s.system)
         for sample, p, r in zip(samples, harmful, after):
             sample[f"after_{name}"] = r

@@ -116,7 +116,8 @@ def implications(done: dict[str, Any]) -> list[list[Any]]:
         ab = direction.get("ablate", {})
         rows.append(["Circuit compactness", f"one direction (layer {direction.get('find', {}).get('layer')}): harmful refusal "
                      f"{_f(_rate(ab.get('harmful_refusal_before')), '{:.0%}')} → {_f(_rate(ab.get('harmful_refusal_after')), '{:.0%}')}",
-                     "directional ablation at every layer, measured on held-out prompts"])
+                     ("mean" if direction.get("find", {}).get("ablation") == "mean" else "zero")
+                     + " ablation of the direction at every layer, measured on held-out prompts"])
     if cap:
         for name, r in cap.get("interventions", {}).items():
             rows.append([f"Capability loss ({name})", f"first-token KL {_f(r['kl_first_token_mean'], '{:.4f}')}, "

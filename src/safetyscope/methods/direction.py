@@ -76,7 +76,15 @@ class Candidates:
             raise ValueError(f"the candidate at layer {layer}, position {position} is zero (both groups agree there); "
                              "pick another layer or position")
         vec = self.diff[layer, col]
-        return Direction(vec, layer, int(position), norm=float(vec.norm()), token=self.tokens[col], **kwargs)
+        return Direction(vec, layer, int(position), norm=float(vec.norm()), token=self.tokens[col],
+                         targets=self.targets(layer, position), **kwargs)
+
+    def targets(self, layer: int, position: int) -> torch.Tensor:
+        """[n_layers] mean projection of the harmless prompts on the candidate's unit direction at every
+        block's resid_pre, at the candidate's position (the targets of mean ablation)."""
+        col = self.column(position)
+        r = self.diff[layer, col] / self.diff[layer, col].norm().clamp_min(1e-30)
+        return (self.harmless_mean[:, col] @ r).float()
 
     def cosines(self, reference: torch.Tensor) -> torch.Tensor:
         """[n_layers, n_positions] cosine of every candidate with ``reference`` [d_model]."""

@@ -7,8 +7,17 @@ Each candidate (block ``l``, position ``p``) is scored with the one-pass logit r
   of means at ``blocks.{l}.resid_pre`` (should be > 0: the direction must cause refusal);
 * ``kl``: mean first-token KL(original || ablated) on harmless prompts (the ablation must be gentle).
 
+``ablation="mean"`` scores bypass and KL under mean ablation (the component moved to the harmless
+mean, see :mod:`safetyscope.artifacts.direction`) instead of the paper's zero ablation.
+
 Filters: KL above ``kl_threshold``, induce below ``induce_threshold``, and blocks in the last
 ``prune_layers`` fraction; the lowest bypass among the rest wins. Every candidate's scores are kept.
+
+Beyond the paper, ``verify=k`` checks the logit proxy on real replies: the ``k`` lowest-bypass
+candidates within the KL threshold generate greedy replies to the harmful prompts under ablation and
+to the harmless prompts under addition, a judge reads them, and the choice is the lowest *judged*
+refusal under ablation among those whose addition is judged to induce refusal (more than without it).
+The first-token score is a proxy: a candidate can push "I" down yet leave "As an AI, I cannot ...".
 
 Speed: several candidates share one forward pass (each batch row carries its own direction), and
 with ``induce="lazy"`` the addition pass is run only in bypass order until a candidate passes.
@@ -24,7 +33,14 @@ from typing import Any
 
 import torch
 
-from ..artifacts.direction import Direction, DirectionFn, ablation_edits, addition_edit
+from ..artifacts.direction import (
+    ABLATIONS,
+    Direction,
+    DirectionFn,
+    ablation_edits,
+    addition_edit,
+    mean_ablation_edits,
+)
 from ..hooks import hooks
 from ..measure.compare import logits_under
 from ..measure.metrics import kl_divergence, refusal_score
@@ -49,6 +65,8 @@ class CandidateScore:
     induce: float | None = None  # mean refusal score, harmless prompts, under addition
     screen_bypass: float | None = None  # bypass / KL on the screening subset (SelectConfig.screen)
     screen_kl: float | None = None
+    judged_bypass: float | None = None  # fraction of harmful prompts judged refused under ablation (verify)
+    judged_induce: float | None = None  # fraction of harmless prompts judged refused under addition (verify)
     reasons: list[str] = field(default_factory=list)  # why it was filtered out (empty = eligible)
 
     @property
@@ -73,6 +91,9 @@ class SelectConfig:
     per_pass: int = 0  # candidates per forward pass (0 = as many as fit batch_size rows)
     screen: int = 0  # >0: first score every candidate on this many prompts per group ...
     keep: int = 16  # ... and fully score only the best `keep` of them (lowest bypass, KL-passing first)
+    verify: int = 0  # >0: judge real replies of this many finalists and choose by judged refusal
+    verify_tokens: int = 24  # reply length for the verification
+    ablation: str = "zero"  # how bypass/KL ablate: "zero" (the paper) or "mean" (to the harmless mean; see Direction)
 
     def cutoff(self, n_layers: int) -> int:
         """First block that is pruned (Arditi et al.: int(n_layers * (1 - prune)))."""
@@ -143,13 +164,21 @@ def _masked_rows(vectors: torch.Tensor, layers: torch.Tensor, layer: int, n: int
     return _rows(vectors * (layers == layer).unsqueeze(-1).to(vectors.dtype), n)
 
 
-def _ablated_logits(lm: LoadedModel, units: torch.Tensor, prompts: list[str], batch_size: int, system: str | None) -> torch.Tensor:
-    """[K, n_prompts, vocab] first-token logits with candidate k's direction ablated."""
+def _ablation(lm: LoadedModel, direction: torch.Tensor | DirectionFn, targets: torch.Tensor | DirectionFn | None) -> Any:
+    """Zero ablation (targets None) or mean ablation edits."""
+    if targets is None:
+        return ablation_edits(lm, direction)
+    return mean_ablation_edits(lm, direction, targets)
+
+
+def _ablated_logits(lm: LoadedModel, units: torch.Tensor, prompts: list[str], batch_size: int, system: str | None,
+                    targets: torch.Tensor | None = None) -> torch.Tensor:
+    """[K, n_prompts, vocab] first-token logits with candidate k's direction ablated (targets [K, n_layers]: mean)."""
     k, n = units.shape[0], len(prompts)
 
     @contextmanager
     def ablate() -> Iterator[None]:
-        with hooks(lm, ablation_edits(lm, _rows(units, n))):
+        with hooks(lm, _ablation(lm, _rows(units, n), None if targets is None else _rows(targets, n))):
             yield
 
     return logits_under(lm, prompts * k, ablate, batch_size=batch_size, system=system).view(k, n, -1)
@@ -188,6 +217,7 @@ def select_direction(
     done: dict[str, dict[str, float]] | None = None,
     checkpoint: Callable[[dict[str, dict[str, float]]], None] | None = None,
     log: Callable[[str], None] | None = None,
+    judge: Callable[[str, str], bool] | None = None,
 ) -> tuple[Direction | None, Selection]:
     """Score the candidates on validation prompts and pick the refusal direction.
 
@@ -199,6 +229,8 @@ def select_direction(
         raise ValueError("selection needs harmful and harmless validation prompts; give at least one of each")
     if cfg.induce not in ("all", "lazy"):
         raise ValueError(f"unknown induce mode {cfg.induce!r}; use all or lazy")
+    if cfg.ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {cfg.ablation!r}; use {' or '.join(ABLATIONS)}")
     say = log or (lambda _m: None)
     ids = list(token_ids) if token_ids is not None else refusal_token_ids(lm.tokenizer)
     harmful, harmless = list(harmful), list(harmless)
@@ -243,7 +275,8 @@ def select_direction(
     def ablation_pass(keys: list[Key], hp: list[str], sp: list[str], ref: torch.Tensor, prefix: str = "") -> None:
         for chunk in _chunks(keys, per_pass(len(hp) + len(sp))):
             units = torch.stack([vec(k) / vec(k).norm() for k in chunk])  # [K, d_model]
-            logits = _ablated_logits(lm, units, hp + sp, batch_size, system)  # [K, n, vocab]
+            targets = torch.stack([candidates.targets(*k) for k in chunk]) if cfg.ablation == "mean" else None
+            logits = _ablated_logits(lm, units, hp + sp, batch_size, system, targets)  # [K, n, vocab]
             for key, row in zip(chunk, logits):
                 rs = refusal_score(row[: len(hp)], ids)
                 kl = float(kl_divergence(ref, row[len(hp):]).mean())
@@ -277,6 +310,8 @@ def select_direction(
     scored = [k for k in scores if scores[k].bypass is not None]
     if cfg.induce == "lazy":
         order = sorted((k for k in scored if not scores[k].reasons and kl_ok(scores[k])), key=lambda k: float(scores[k].bypass or 0.0))
+        if cfg.verify > 0:  # the judged check decides: the score is needed only for the finalists
+            order = order[: cfg.verify]
     else:
         order = scored
     for chunk in _chunks(order, per_pass(len(harmless))):
@@ -298,7 +333,13 @@ def select_direction(
     # 3. filters and choice
     for s in scores.values():
         apply_filters(s, cfg)
-    best, note = choose(list(scores.values()))
+    if cfg.verify > 0:
+        best, note = verify_choice(lm, candidates, scores, harmful, harmless, cfg, baseline, batch_size=batch_size,
+                                   system=system, judge=judge, memo=record, log=say)
+        if checkpoint:
+            checkpoint(memo)
+    else:
+        best, note = choose(list(scores.values()))
     selection = Selection(list(scores.values()), best.key if best else None, baseline,
                           {**asdict(cfg), "token_ids": ids}, n_h, len(harmless), note)
     if best is None:
@@ -306,10 +347,70 @@ def select_direction(
     direction = candidates.direction(
         best.layer, best.position,
         scores={"bypass": best.bypass, "bypass_refusing": best.bypass_refusing, "induce": best.induce, "kl": best.kl,
+                **({"judged_bypass": best.judged_bypass, "judged_induce": best.judged_induce} if cfg.verify > 0 else {}),
                 **{f"baseline_{k}": v for k, v in baseline.items()}},
         meta={"model": lm.name, "n_val_harmful": n_h, "n_val_harmless": len(harmless), "note": note},
+        ablation=cfg.ablation,
     )
     return direction, selection
+
+
+def verify_choice(
+    lm: LoadedModel,
+    candidates: Candidates,
+    scores: dict[Key, CandidateScore],
+    harmful: list[str],
+    harmless: list[str],
+    cfg: SelectConfig,
+    baseline: dict[str, float],
+    *,
+    batch_size: int,
+    system: str | None,
+    judge: Callable[[str, str], bool] | None,
+    memo: Callable[..., None],
+    log: Callable[[str], None],
+) -> tuple[CandidateScore | None, str]:
+    """Judge real replies of the ``cfg.verify`` lowest-bypass candidates within the KL threshold and
+    choose the lowest judged refusal under ablation among those whose addition induces refusal."""
+    from ..measure.generation import generate
+    from ..measure.judges import PhraseJudge
+
+    judge_fn = judge or PhraseJudge()
+
+    def rate(prompts: list[str], replies: list[str]) -> float:
+        return sum(bool(judge_fn(p, r)) for p, r in zip(prompts, replies)) / max(1, len(prompts))
+
+    def replies(prompts: list[str], edits: Any) -> list[str]:
+        with hooks(lm, edits):
+            return generate(lm, prompts, max_new_tokens=cfg.verify_tokens, batch_size=batch_size, system=system)
+
+    pool = sorted((s for s in scores.values() if s.bypass is not None and math.isfinite(s.bypass)
+                   and not any(r.startswith(("late", "zero", "not finite", "screened", "kl")) for r in s.reasons)),
+                  key=lambda s: float(s.bypass))[: cfg.verify]  # type: ignore[arg-type]
+    if not pool:
+        return choose(list(scores.values()))
+    baseline["judged_harmful"] = rate(harmful, replies(harmful, []))
+    baseline["judged_harmless"] = rate(harmless, replies(harmless, []))
+    for s in pool:
+        v = candidates.diff[s.layer, candidates.column(s.position)].float()  # [d_model]
+        if s.judged_bypass is None:
+            edits = _ablation(lm, v / v.norm(), candidates.targets(*s.key) if cfg.ablation == "mean" else None)
+            memo(s.key, judged_bypass=rate(harmful, replies(harmful, edits)))
+        if s.judged_induce is None:
+            add = [(Site("resid_pre", s.layer), addition_edit(v * cfg.coeff))]
+            memo(s.key, judged_induce=rate(harmless, replies(harmless, add)))
+        log(f"layer {s.layer:>3} pos {s.position:>3}: judged refusal under ablation {s.judged_bypass:.0%} "
+            f"(baseline {baseline['judged_harmful']:.0%}), under addition {s.judged_induce:.0%} "
+            f"(baseline {baseline['judged_harmless']:.0%})")
+    inducing = [s for s in pool if float(s.judged_induce or 0.0) > baseline["judged_harmless"]]
+
+    def best_of(group: list[CandidateScore]) -> CandidateScore:
+        return min(group, key=lambda s: (float(s.judged_bypass or 0.0), float(s.bypass)))  # type: ignore[arg-type]
+
+    verified = f"verified on replies ({len(pool)} finalists within the KL threshold)"
+    if inducing:
+        return best_of(inducing), verified
+    return best_of(pool), verified + "; no finalist's addition was judged to induce refusal"
 
 
 def apply_filters(s: CandidateScore, cfg: SelectConfig) -> None:

@@ -271,6 +271,8 @@ def direction_fragility(
     d_model = int(direction.direction.numel())
     for seed in seeds:
         g = torch.Generator().manual_seed(int(seed))
+        # Zero ablation even when the direction uses mean ablation (random directions have no harmless means):
+        # zeroing a component is the larger change, so "random does nothing" is the conservative reading.
         rand = Direction(torch.randn(d_model, generator=g, dtype=torch.float64), direction.layer, direction.position)
         rows.append({"curve": "random direction", "seed": int(seed), "k": 0, **baseline})
         rows.append({"curve": "random direction", "seed": int(seed), "k": 1,
