@@ -1,4 +1,4 @@
-"""filter_by_refusal: keep refused harmful / answered harmless prompts (score, judge, none) and its fallback."""
+"""filter_by_refusal: keep refused harmful / answered harmless prompts (first_token, score, judge, none) and its fallback."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_score_filters_exactly_when_enough_survive(lm, scores):
     # Between the 2nd and 3rd highest harmful score: exactly 2 harmful prompts are "refused"
     top = sorted(sh, reverse=True)
     thr = (top[1] + top[2]) / 2
-    f = filter_by_refusal(lm, HARMFUL, HARMLESS, threshold=thr, min_keep=2)
+    f = filter_by_refusal(lm, HARMFUL, HARMLESS, method="score", threshold=thr, min_keep=2)
     assert f.harmful == [p for p, v in zip(HARMFUL, sh) if v > thr] and len(f.harmful) == 2
     assert "harmful" not in f.unfiltered
 
@@ -60,7 +60,7 @@ def test_score_filters_exactly_when_enough_survive(lm, scores):
 def test_fallback_keeps_a_group_unfiltered_and_says_so(lm, scores):
     sh, ss = scores
     # Above every score: no harmful prompt counts as refused; every harmless prompt counts as answered.
-    f = filter_by_refusal(lm, HARMFUL, HARMLESS, threshold=max(sh + ss) + 1.0)
+    f = filter_by_refusal(lm, HARMFUL, HARMLESS, method="score", threshold=max(sh + ss) + 1.0)
     assert f.harmful == HARMFUL and f.harmless == HARMLESS
     summ = f.summary()
     assert summ["unfiltered"] == ["harmful"] and summ["harmful_kept"] == 6
@@ -68,7 +68,7 @@ def test_fallback_keeps_a_group_unfiltered_and_says_so(lm, scores):
     assert "only 0 of 6 harmful prompts were refused" in note and "unfiltered" in note
 
     # Below every score: all harmful refused (kept), no harmless answered -> harmless group falls back.
-    g = filter_by_refusal(lm, HARMFUL, HARMLESS, threshold=min(sh + ss) - 1.0)
+    g = filter_by_refusal(lm, HARMFUL, HARMLESS, method="score", threshold=min(sh + ss) - 1.0)
     assert g.harmful == HARMFUL and g.harmless == HARMLESS
     assert g.unfiltered == ("harmless",) and "only 0 of 6 harmless prompts were answered" in g.notes[0]
 
@@ -77,8 +77,8 @@ def test_fallback_threshold_is_min_keep(lm, scores):
     sh, _ = scores
     top = sorted(sh, reverse=True)
     thr = (top[1] + top[2]) / 2  # exactly 2 harmful survive
-    kept = filter_by_refusal(lm, HARMFUL, HARMLESS, threshold=thr, min_keep=2)
-    whole = filter_by_refusal(lm, HARMFUL, HARMLESS, threshold=thr, min_keep=3)
+    kept = filter_by_refusal(lm, HARMFUL, HARMLESS, method="score", threshold=thr, min_keep=2)
+    whole = filter_by_refusal(lm, HARMFUL, HARMLESS, method="score", threshold=thr, min_keep=3)
     assert len(kept.harmful) == 2 and "harmful" not in kept.unfiltered
     assert whole.harmful == HARMFUL and "harmful" in whole.unfiltered
     assert any("only 2 of 6 harmful" in n and "fewer than 3" in n for n in whole.summary()["notes"])
@@ -105,6 +105,32 @@ def test_judge_fallback(lm):
     assert "by judge" in f.notes[0]
 
 
+def test_first_token_keeps_prompts_whose_likeliest_reply_token_is_a_refusal_opening(lm):
+    from safetyscope.measure.generation import last_logits
+    from safetyscope.measure.refusal_tokens import refusal_token_ids
+
+    ids = set(refusal_token_ids(lm.tokenizer))
+    top_h = last_logits(lm, HARMFUL, batch_size=4).argmax(-1).tolist()
+    top_s = last_logits(lm, HARMLESS, batch_size=4).argmax(-1).tolist()
+    f = filter_by_refusal(lm, HARMFUL, HARMLESS, min_keep=1, batch_size=5)  # first_token is the default
+    want_h = [p for p, t in zip(HARMFUL, top_h) if t in ids]
+    want_s = [p for p, t in zip(HARMLESS, top_s) if t not in ids]
+    assert f.method == "first_token"
+    assert f.harmful == (want_h or HARMFUL) and f.harmless == (want_s or HARMLESS)
+    # forcing a refusal opening to be the likeliest token on every prompt keeps every harmful prompt
+    tid = sorted(ids)[0]
+
+    def push(_m, _i, out):  # the final norm's output, pushed along the refusal token's unembedding row
+        return out + 1e4 * lm.model.lm_head.weight[tid] / lm.model.lm_head.weight[tid].norm() ** 2
+
+    h = lm.model.model.norm.register_forward_hook(push)
+    try:
+        g = filter_by_refusal(lm, HARMFUL, HARMLESS, min_keep=1)
+    finally:
+        h.remove()
+    assert g.harmful == HARMFUL and g.harmless == HARMLESS and g.unfiltered == ("harmless",)
+
+
 def test_unknown_method_names_the_choices(lm):
-    with pytest.raises(ValueError, match="use score, judge or none"):
+    with pytest.raises(ValueError, match="use first_token, score, judge or none"):
         filter_by_refusal(lm, HARMFUL, HARMLESS, method="phrase")

@@ -448,7 +448,7 @@ def test_cli_find_filter_fallback_note_is_printed(tiny_run, tmp_path):
 @pytest.mark.parametrize(
     "cmd,extra,needle",
     [
-        ("find", ["--filter", "phrase"], "unknown --filter 'phrase'; use score, judge, none"),
+        ("find", ["--filter", "phrase"], "unknown --filter 'phrase'; use first_token, score, judge, none"),
         ("fragility", ["--filter", "bogus"], "unknown --filter 'bogus'"),
         ("find", ["--no-filter", "--filter", "judge"], "--no-filter conflicts with --filter judge"),
     ],

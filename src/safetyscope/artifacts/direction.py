@@ -29,9 +29,13 @@ of zero: ``x <- x + w_l (t_l - x . r) r`` at every block's input (``blocks.{l}.r
 position. Zero ablation moves every prompt's component to 0, and harmless prompts' components are not
 0 (on the default model they grow to a third of the harmful mean in late blocks), so zero ablation
 perturbs harmless behaviour too; moving the component to the harmless mean leaves a typical harmless
-prompt where it was, which lowers first-token KL on harmless prompts (on the default model from
-0.16 to 0.06 for the same direction, with the same judged bypass). The same constant is used at
-every position (prompt, template, reply, or plain text), so the hooks need no position bookkeeping.
+prompt where it was, which lowers first-token KL on harmless prompts (on the default model's
+validation prompts from 0.16 to 0.06 for the same direction, with the same judged bypass). The same
+constant is used at every position (prompt, template, reply, or plain text), so the hooks need no
+position bookkeeping. That is also its weakness: the harmless mean is taken at the candidate's
+template position, and tokens whose natural component is far below it (e.g. reply tokens) are pushed
+*up* to it, which can induce refusal of some harmless prompts (measured on Alpaca: 10% -> 10% judged
+refusal overall, but with new refusals replacing old ones). Hence it is an option, not the default.
 It exists only as hooks: a constant write along ``r`` needs output biases most architectures lack.
 
 Activation addition (``add``) adds ``coeff * norm * r`` (``norm`` = the difference-of-means norm,

@@ -21,7 +21,7 @@ from .settings import Settings, command, opt
 class FindSettings(PromptSettings):
     n_val: int = opt(32, "Validation prompts per group for the selection (0 = the whole val split).")
     positions: str = opt("post_instruction", "Candidate positions: post_instruction (every template token after the prompt), last, or offsets like -1,-2.")
-    filter: str = opt("score", "Keep refused harmful / answered harmless prompts by: score (logit refusal score), judge (generation + phrase judge) or none.")
+    filter: str = opt("first_token", "Keep refused harmful / answered harmless prompts by: first_token (the likeliest first reply token is a refusal opening), score (logit refusal score > 0, as in Arditi et al.), judge (generation + phrase judge) or none.")
     layers: str = opt("", "Only score candidates at these blocks (e.g. 8-14); empty = all.")
     kl_threshold: float = opt(0.1, "Filter out candidates whose ablation moves harmless first-token KL above this.")
     induce_threshold: float = opt(0.0, "Filter out candidates whose addition gives a harmless refusal score below this.")

@@ -163,16 +163,15 @@ def stage_direction(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str
     # few prompts first and fully scored for the best ones: the selection is the map's most expensive step.
     n_layers = int(done["probe"]["model"]["n_layers"]) if done.get("probe") else 0
     layers = readable_layers(done.get("probe"), n_layers) if n_layers else ""
-    # Unfiltered prompts: at the map's budget the score filter keeps too few refused prompts for a clean mean.
-    # Mean ablation (to the harmless mean) for a gentler intervention; the best 2 finalists judged on replies.
-    screen: dict[str, Any] = {"screen": 3, "keep": 6, "verify": 2, "filter": "none", "ablation": "mean"}
+    # The best 2 finalists are judged on real replies (the first-token score is only a proxy).
+    screen: dict[str, Any] = {"screen": 3, "keep": 6, "verify": 2}
     if s.quick and n_layers:  # a smoke test: the last position of 4 evenly spaced readable blocks before the cutoff
         from ..methods.direction_select import SelectConfig
 
         hi = max(0, SelectConfig().cutoff(n_layers) - 1)  # the last block not pruned as "late"
         lo = min(hi, int(layers.split("-")[0]) if layers not in ("", "*") else 0)
         layers = ",".join(str(x) for x in sorted({lo + round(i * (hi - lo) / 3) for i in range(4)}))
-        screen = {"positions": "-1", "filter": "none", "ablation": "mean", "verify": 1, "verify_tokens": 8}
+        screen = {"positions": "-1", "verify": 1, "verify_tokens": 8}
     found = run_find(_settings(FindSettings, s, n_prompts=b.n_prompts, n_val=b.n_val, induce="lazy",
                                layers="" if layers == "*" else layers, **screen, **_files(s, "fit")))
     ev = dict(n_prompts=b.n_eval, max_new_tokens=b.max_new_tokens, split="test", **_files(s, "test"))

@@ -16,7 +16,7 @@ from .common import PromptSettings, emit, prompt_sets, user_errors
 from .settings import command, opt
 
 RANKINGS = ("effect_size", "diff", "gradient", "gradient_diff")
-FILTERS = ("score", "judge", "none")
+FILTERS = ("first_token", "score", "judge", "none")
 
 
 @dataclass
@@ -40,7 +40,7 @@ class FindSettings(PromptSettings):
     utility_texts: int = opt(16, "Built-in capability passages for the utility loss (0 = no set difference).")
     utility_tokens: int = opt(128, "Tokens per capability passage.")
     utility_top: float = opt(0.05, "Set difference: drop the top fraction of neurons by utility importance.")
-    filter: str = opt("score", "Keep refused harmful / answered harmless prompts by: score (logit refusal score), judge (generation + phrase judge) or none.")
+    filter: str = opt("first_token", "Keep refused harmful / answered harmless prompts by: first_token (the likeliest first reply token is a refusal opening), score (logit refusal score > 0, as in Arditi et al.), judge (generation + phrase judge) or none.")
     no_filter: bool = opt(False, "Alias of --filter none: use every prompt, not only refused harmful and answered harmless ones.")
     mode: str = opt("zero", "Ablation mode: zero, mean (harmless mean) or scale.")
     strength: float | None = opt(None, "zero/mean: fraction of the way to the target (default 1); scale: the factor.")
@@ -92,7 +92,7 @@ def filter_method(s: FindSettings) -> str:
     if method not in FILTERS:
         raise ValueError(f"unknown --filter {s.filter!r}; use {', '.join(FILTERS)}")
     if s.no_filter:
-        if method not in ("score", "none"):  # score is the default, so only an explicit judge conflicts
+        if method not in ("first_token", "none"):  # first_token is the default: only an explicit other filter conflicts
             raise ValueError(f"--no-filter conflicts with --filter {method}; give one of them")
         return "none"
     return method

@@ -138,15 +138,15 @@ def find_candidates(
     harmless: Sequence[str],
     *,
     positions: str | Sequence[int] = "post_instruction",
-    filter: str = "score",
+    filter: str = "first_token",
     judge: Callable[[str, str], bool] | None = None,
     batch_size: int = 8,
     system: str | None = None,
 ) -> Candidates:
     """Difference-of-means candidates at every block's ``resid_pre`` x every selected position.
 
-    ``filter``: ``"score"`` (logit refusal score, default), ``"judge"`` (generation + judge) or
-    ``"none"``; see :func:`safetyscope.methods.filtering.filter_by_refusal`.
+    ``filter``: ``"first_token"`` (default), ``"score"``, ``"judge"`` or ``"none"``; see
+    :func:`safetyscope.methods.filtering.filter_by_refusal`.
     """
     offsets = position_offsets(lm, positions, system)
     kept = filter_by_refusal(lm, harmful, harmless, method=filter, judge=judge, batch_size=batch_size, system=system)

@@ -1,13 +1,23 @@
 """Keep the prompts the model actually treats as its label says (Arditi et al. 2024):
-harmful prompts it refuses and harmless prompts it answers, judged by the logit refusal score
-(one forward pass, no generation) or, optionally, by generation + a judge."""
+harmful prompts it refuses and harmless prompts it answers.
+
+Methods, from cheap to faithful:
+
+* ``first_token`` (default): the most likely first reply token is a refusal opening (one forward pass).
+* ``score``: the logit refusal score is above ``threshold`` (Arditi et al.; one forward pass). With the
+  default threshold 0 this needs more than half the probability on refusal openings, which is strict.
+  On the default model, against the phrase judge on 60 AdvBench prompts' greedy replies, it agrees
+  on 44 (22 kept of 38 refused), where ``first_token`` agrees on 57 (35 kept).
+* ``judge``: generate greedy replies and ask a judge (the phrase judge by default).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..measure.generation import generate, refusal_scores
+from ..measure.generation import generate, last_logits, refusal_scores
+from ..measure.refusal_tokens import refusal_token_ids
 from ..models.adapter import LoadedModel
 
 
@@ -38,7 +48,7 @@ def filter_by_refusal(
     harmful: Sequence[str],
     harmless: Sequence[str],
     *,
-    method: str = "score",
+    method: str = "first_token",
     judge: Callable[[str, str], bool] | None = None,
     threshold: float = 0.0,
     min_keep: int = 2,
@@ -46,7 +56,7 @@ def filter_by_refusal(
     system: str | None = None,
     max_new_tokens: int = 48,
 ) -> Filtered:
-    """``method="score"``: refusal score > threshold means refused; ``"judge"``: generate and ask ``judge``.
+    """``method``: ``"first_token"``, ``"score"`` (refusal score > ``threshold``), ``"judge"`` or ``"none"``.
 
     If fewer than ``min_keep`` prompts survive in a group, the group is kept unfiltered (a model
     that never refuses still gets analysed); ``unfiltered`` names such groups and ``notes`` says why,
@@ -54,7 +64,11 @@ def filter_by_refusal(
     """
     if method == "none":
         return Filtered(list(harmful), list(harmless), len(harmful), len(harmless), "none")
-    if method == "score":
+    if method == "first_token":
+        ids = set(refusal_token_ids(lm.tokenizer))
+        refused_h = [int(t) in ids for t in last_logits(lm, harmful, batch_size=batch_size, system=system).argmax(-1).tolist()]
+        refused_s = [int(t) in ids for t in last_logits(lm, harmless, batch_size=batch_size, system=system).argmax(-1).tolist()]
+    elif method == "score":
         refused_h = (refusal_scores(lm, harmful, batch_size=batch_size, system=system) > threshold).tolist()
         refused_s = (refusal_scores(lm, harmless, batch_size=batch_size, system=system) > threshold).tolist()
     elif method == "judge":
@@ -67,7 +81,7 @@ def filter_by_refusal(
         refused_h = [bool(judge(p, r)) for p, r in zip(harmful, replies_h)]
         refused_s = [bool(judge(p, r)) for p, r in zip(harmless, replies_s)]
     else:
-        raise ValueError(f"unknown filter method {method!r}; use score, judge or none")
+        raise ValueError(f"unknown filter method {method!r}; use first_token, score, judge or none")
     groups = {
         "harmful": ([p for p, r in zip(harmful, refused_h) if r], list(harmful), "refused"),
         "harmless": ([p for p, r in zip(harmless, refused_s) if not r], list(harmless), "answered"),
