@@ -98,6 +98,7 @@ def test_models_lists_architectures():
         (["capture", "no/such-model-anywhere", "--harmful", "/nonexistent/h.jsonl"], "not found"),
         (["capture", "./missing-dir"], "not found"),
         (["capture", "default", "--positions", "middle"], "unknown position"),
+        (["direction", "find", "default", "--ablation", "half"], "unknown --ablation 'half'; use zero or mean"),
     ],
 )
 def test_bad_input_gives_one_line_error(args, needle, tmp_path):

@@ -156,6 +156,7 @@ def _splits(s: FindSettings) -> tuple[Any, Any, Any, Any]:
 
 # ---- find -----------------------------------------------------------------------------------------------
 def run_find(s: FindSettings) -> dict[str, Any]:
+    from ..artifacts.direction import ABLATIONS
     from ..io import read_json, write_json
     from ..measure.judges import load_judge
     from ..methods.direction import Candidates, find_candidates, position_offsets
@@ -163,6 +164,8 @@ def run_find(s: FindSettings) -> dict[str, Any]:
     from ..methods.filtering import filter_by_refusal
     from ..report.plots.direction import candidate_heatmaps
 
+    if s.ablation not in ABLATIONS:  # before loading anything: a typo must not cost a capture pass
+        raise ValueError(f"unknown --ablation {s.ablation!r}; use {' or '.join(ABLATIONS)}")
     log = _log(s)
     judge = load_judge(s.judge) if s.judge else None
     h_train, s_train, h_val, s_val = _splits(s)
