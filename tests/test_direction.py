@@ -226,6 +226,9 @@ def test_mean_ablation_sets_the_component_to_the_targets(family, prompts, tmp_pa
     assert torch.equal(_logits(lm, prompts, zero.apply(lm)), _logits(lm, prompts, _direction(lm).apply(lm)))
     with pytest.raises(ArtifactError, match="targets"):
         _direction(lm).with_ablation("mean")
+    with pytest.raises(ArtifactError, match="norm-preserving"):
+        d.with_weights(None, 1.0, True).apply(lm)
+    assert _hook_count(lm) == n
 
 
 def test_selection_mean_ablation_per_row_targets_are_exact(planted):

@@ -330,6 +330,8 @@ class Direction(Artifact):
         self._check(lm)
         if self.ablation == "mean":
             assert self.targets is not None
+            if self.norm_preserving:
+                raise ArtifactError("mean ablation has no norm-preserving variant; drop --norm-preserving or use --ablation zero")
             return hooks(lm, mean_ablation_edits(lm, self.direction, self.targets, self.layer_weights))
         return hooks(lm, ablation_edits(lm, self.direction, self.layer_weights, self.embed_weight, self.norm_preserving))
 
