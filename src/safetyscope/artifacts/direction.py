@@ -34,8 +34,8 @@ validation prompts from 0.16 to 0.06 for the same direction, with the same judge
 constant is used at every position (prompt, template, reply, or plain text), so the hooks need no
 position bookkeeping. That is also its weakness: the harmless mean is taken at the candidate's
 template position, and tokens whose natural component is far below it (e.g. reply tokens) are pushed
-*up* to it, which can induce refusal of some harmless prompts (measured on Alpaca: 10% -> 10% judged
-refusal overall, but with new refusals replacing old ones). Hence it is an option, not the default.
+*up* to it, which can induce refusal of some harmless prompts (measured on 100 Alpaca prompts: 10% ->
+10% judged refusal, with 3 newly refused and 3 no longer refused). Hence it is an option, not the default.
 It exists only as hooks: a constant write along ``r`` needs output biases most architectures lack.
 
 Activation addition (``add``) adds ``coeff * norm * r`` (``norm`` = the difference-of-means norm,
