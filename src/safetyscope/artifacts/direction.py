@@ -77,23 +77,30 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def project_out(x: torch.Tensor, r: torch.Tensor, weight: float = 1.0, norm_preserving: bool = False) -> torch.Tensor:
-    """``x - weight * (x . r) r`` (optionally rescaled to ``||x||``), in at least float32.
+def _along(x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, r, x . r) in at least float32, r broadcastable to x and x . r as [batch, pos, 1].
 
-    x: [batch, pos, d_model] (or any [..., d_model]); r: unit [d_model], or [batch, d_model] per row.
+    r: unit [d_model], or one direction per row [batch, d_model].
     """
     dt = _compute_dtype(x)
     xf = x.to(dt)
     rf = r.to(device=x.device, dtype=dt)
     if rf.dim() == 2:  # one direction per row: [batch, d] -> [batch, 1, ..., d]
         rf = rf.view(rf.shape[0], *([1] * (x.dim() - 2)), rf.shape[1])
-        coef = (xf * rf).sum(-1, keepdim=True)  # [batch, pos, 1]
-    else:
-        coef = (xf @ rf).unsqueeze(-1)  # [batch, pos, 1]
+        return xf, rf, (xf * rf).sum(-1, keepdim=True)
+    return xf, rf, (xf @ rf).unsqueeze(-1)
+
+
+def project_out(x: torch.Tensor, r: torch.Tensor, weight: float = 1.0, norm_preserving: bool = False) -> torch.Tensor:
+    """``x - weight * (x . r) r`` (optionally rescaled to ``||x||``), in at least float32.
+
+    x: [batch, pos, d_model] (or any [..., d_model]); r: unit [d_model], or [batch, d_model] per row.
+    """
+    xf, rf, coef = _along(x, r)
     out = xf - weight * coef * rf
     if norm_preserving:
         old = xf.norm(dim=-1, keepdim=True)
-        out = out * (old / out.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(dt).tiny))
+        out = out * (old / out.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(xf.dtype).tiny))
     return out.to(x.dtype)
 
 
@@ -102,16 +109,10 @@ def set_component(x: torch.Tensor, r: torch.Tensor, target: torch.Tensor, weight
 
     x: [batch, pos, d_model]; r: [d_model] or per row [batch, d_model]; target: scalar or per row [batch].
     """
-    dt = _compute_dtype(x)
-    xf = x.to(dt)
-    rf = r.to(device=x.device, dtype=dt)
-    tf = torch.as_tensor(target, device=x.device, dtype=dt)
-    if rf.dim() == 2:  # one direction (and target) per row
-        rf = rf.view(rf.shape[0], *([1] * (x.dim() - 2)), rf.shape[1])
-        coef = (xf * rf).sum(-1, keepdim=True)  # [batch, pos, 1]
-        tf = tf.view(-1, *([1] * (x.dim() - 1))) if tf.dim() == 1 else tf
-    else:
-        coef = (xf @ rf).unsqueeze(-1)  # [batch, pos, 1]
+    xf, rf, coef = _along(x, r)
+    tf = torch.as_tensor(target, device=x.device, dtype=xf.dtype)
+    if tf.dim() == 1:  # one target per row: [batch] -> [batch, 1, ..., 1]
+        tf = tf.view(-1, *([1] * (x.dim() - 1)))
     return (xf + weight * (tf - coef) * rf).to(x.dtype)
 
 
@@ -241,12 +242,7 @@ class Direction(Artifact):
         self.embed_weight = float(embed_weight)
         self.norm_preserving = bool(norm_preserving)
         self.targets = None if targets is None else targets.detach().to("cpu", torch.float32).flatten()  # [n_layers]
-        if ablation not in ABLATIONS:
-            raise ArtifactError(f"unknown ablation {ablation!r}; use {' or '.join(ABLATIONS)}")
-        if ablation == "mean" and self.targets is None:
-            raise ArtifactError("mean ablation needs the harmless mean projections (targets); re-create the direction "
-                                "with `safetyscope direction find` or use --ablation zero")
-        self.ablation = ablation
+        self.ablation = self._valid_ablation(ablation)
         self.meta = dict(meta or {})
 
     # ---- serialisation ----------------------------------------------------------------------
@@ -303,14 +299,17 @@ class Direction(Artifact):
 
     def with_ablation(self, ablation: str) -> Direction:
         """A copy using ``ablation`` ("zero": Arditi et al.; "mean": to the harmless mean)."""
+        out = copy.copy(self)
+        out.ablation = self._valid_ablation(ablation)
+        return out
+
+    def _valid_ablation(self, ablation: str) -> str:
         if ablation not in ABLATIONS:
             raise ArtifactError(f"unknown ablation {ablation!r}; use {' or '.join(ABLATIONS)}")
         if ablation == "mean" and self.targets is None:
             raise ArtifactError("this direction has no harmless mean projections (targets) for mean ablation; "
                                 "re-create it with `safetyscope direction find` or use --ablation zero")
-        out = copy.copy(self)
-        out.ablation = ablation
-        return out
+        return ablation
 
     def _check(self, lm: Any) -> None:
         if int(self.direction.numel()) != lm.dims.d_model:

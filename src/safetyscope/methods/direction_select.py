@@ -164,13 +164,6 @@ def _masked_rows(vectors: torch.Tensor, layers: torch.Tensor, layer: int, n: int
     return _rows(vectors * (layers == layer).unsqueeze(-1).to(vectors.dtype), n)
 
 
-def _ablation(lm: LoadedModel, direction: torch.Tensor | DirectionFn, targets: torch.Tensor | DirectionFn | None) -> Any:
-    """Zero ablation (targets None) or mean ablation edits."""
-    if targets is None:
-        return ablation_edits(lm, direction)
-    return mean_ablation_edits(lm, direction, targets)
-
-
 def _ablated_logits(lm: LoadedModel, units: torch.Tensor, prompts: list[str], batch_size: int, system: str | None,
                     targets: torch.Tensor | None = None) -> torch.Tensor:
     """[K, n_prompts, vocab] first-token logits with candidate k's direction ablated (targets [K, n_layers]: mean)."""
@@ -178,7 +171,9 @@ def _ablated_logits(lm: LoadedModel, units: torch.Tensor, prompts: list[str], ba
 
     @contextmanager
     def ablate() -> Iterator[None]:
-        with hooks(lm, _ablation(lm, _rows(units, n), None if targets is None else _rows(targets, n))):
+        rows = _rows(units, n)
+        edits = ablation_edits(lm, rows) if targets is None else mean_ablation_edits(lm, rows, _rows(targets, n))
+        with hooks(lm, edits):
             yield
 
     return logits_under(lm, prompts * k, ablate, batch_size=batch_size, system=system).view(k, n, -1)
@@ -372,33 +367,32 @@ def verify_choice(
 ) -> tuple[CandidateScore | None, str]:
     """Judge real replies of the ``cfg.verify`` lowest-bypass candidates within the KL threshold and
     choose the lowest judged refusal under ablation among those whose addition induces refusal."""
+    from contextlib import nullcontext
+
     from ..measure.generation import generate
     from ..measure.judges import PhraseJudge
+    from .direction_eval import refusal_rate
 
     judge_fn = judge or PhraseJudge()
 
-    def rate(prompts: list[str], replies: list[str]) -> float:
-        return sum(bool(judge_fn(p, r)) for p, r in zip(prompts, replies)) / max(1, len(prompts))
-
-    def replies(prompts: list[str], edits: Any) -> list[str]:
-        with hooks(lm, edits):
-            return generate(lm, prompts, max_new_tokens=cfg.verify_tokens, batch_size=batch_size, system=system)
+    def judged(prompts: list[str], ctx: Any) -> float:
+        with ctx:
+            replies = generate(lm, prompts, max_new_tokens=cfg.verify_tokens, batch_size=batch_size, system=system)
+        return float(refusal_rate(prompts, replies, judge_fn)["rate"])
 
     pool = sorted((s for s in scores.values() if s.bypass is not None and math.isfinite(s.bypass)
                    and not any(r.startswith(("late", "zero", "not finite", "screened", "kl")) for r in s.reasons)),
                   key=lambda s: float(s.bypass))[: cfg.verify]  # type: ignore[arg-type]
     if not pool:
         return choose(list(scores.values()))
-    baseline["judged_harmful"] = rate(harmful, replies(harmful, []))
-    baseline["judged_harmless"] = rate(harmless, replies(harmless, []))
+    baseline["judged_harmful"] = judged(harmful, nullcontext())
+    baseline["judged_harmless"] = judged(harmless, nullcontext())
     for s in pool:
-        v = candidates.diff[s.layer, candidates.column(s.position)].float()  # [d_model]
+        d = candidates.direction(s.layer, s.position, ablation=cfg.ablation)  # the artifact's own hooks
         if s.judged_bypass is None:
-            edits = _ablation(lm, v / v.norm(), candidates.targets(*s.key) if cfg.ablation == "mean" else None)
-            memo(s.key, judged_bypass=rate(harmful, replies(harmful, edits)))
+            memo(s.key, judged_bypass=judged(harmful, d.apply(lm)))
         if s.judged_induce is None:
-            add = [(Site("resid_pre", s.layer), addition_edit(v * cfg.coeff))]
-            memo(s.key, judged_induce=rate(harmless, replies(harmless, add)))
+            memo(s.key, judged_induce=judged(harmless, d.add(lm, cfg.coeff)))
         log(f"layer {s.layer:>3} pos {s.position:>3}: judged refusal under ablation {s.judged_bypass:.0%} "
             f"(baseline {baseline['judged_harmful']:.0%}), under addition {s.judged_induce:.0%} "
             f"(baseline {baseline['judged_harmless']:.0%})")
