@@ -409,6 +409,29 @@ def test_reply_perplexity_batched_equals_unbatched():
     assert c[1] == a[1] and c[0] != pytest.approx(a[0], rel=1e-6)
 
 
+def test_replies_together_split_back_per_group_and_fill_the_cache(tmp_path, monkeypatch):
+    from safetyscope.methods import direction_eval
+    from safetyscope.methods.direction_eval import ReplyCache, replies_together
+
+    lm = tiny_model("llama")
+    kw = {"max_new_tokens": 3, "batch_size": 4, "system": None}
+    calls = []
+    real = direction_eval.generate
+    monkeypatch.setattr(direction_eval, "generate", lambda lm_, prompts, **k: calls.append(list(prompts)) or real(lm_, prompts, **k))
+    cache = ReplyCache(tmp_path, {"m": 1})
+    got = replies_together(lm, {"harmful_base": HARMFUL[:2], "harmless_base": HARMLESS[:3]}, None, cache, **kw)
+    assert calls == [HARMFUL[:2] + HARMLESS[:3]]  # one generation call for both groups
+    assert got["harmful_base"] == real(lm, HARMFUL[:2], **kw) and got["harmless_base"] == real(lm, HARMLESS[:3], **kw)
+    calls.clear()
+    again = replies_together(lm, {"harmful_base": HARMFUL[:2], "harmless_base": HARMLESS[:3]}, None, cache, **kw)
+    assert calls == [] and again == got  # both read back from the cache
+    d = _direction(lm)
+    part = replies_together(lm, {"harmless_base": HARMLESS[:3], "harmful_ablated": HARMFUL[:2]}, d, cache, **kw)
+    assert calls == [HARMFUL[:2]] and part["harmless_base"] == got["harmless_base"]  # only the uncached group runs
+    with d.apply(lm):
+        assert part["harmful_ablated"] == real(lm, HARMFUL[:2], **kw)
+
+
 @pytest.mark.slow
 def test_cli_find_ablate_e2e_default_model(tmp_path):
     from typer.testing import CliRunner

@@ -134,3 +134,22 @@ def test_first_token_keeps_prompts_whose_likeliest_reply_token_is_a_refusal_open
 def test_unknown_method_names_the_choices(lm):
     with pytest.raises(ValueError, match="use first_token, score, judge or none"):
         filter_by_refusal(lm, HARMFUL, HARMLESS, method="phrase")
+
+
+def test_cache_dir_reuses_the_verdicts_and_keys_them_by_the_prompts(lm, tmp_path, monkeypatch):
+    from safetyscope.methods import filtering
+
+    first = filter_by_refusal(lm, HARMFUL, HARMLESS, method="score", min_keep=1, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("filter_*.json"))) == 1
+    calls = []
+    real = filtering._verdicts
+    monkeypatch.setattr(filtering, "_verdicts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = filter_by_refusal(lm, HARMFUL, HARMLESS, method="score", min_keep=1, cache_dir=tmp_path)
+    assert calls == [] and again == first  # read back, not recomputed
+    other = filter_by_refusal(lm, HARMFUL[:4], HARMLESS, method="score", min_keep=1, cache_dir=tmp_path)
+    assert calls == [1] and other.n_harmful_in == 4  # other prompts: a new entry
+    assert len(list(tmp_path.glob("filter_*.json"))) == 2
+    for f in tmp_path.glob("filter_*.json"):  # a damaged entry is recomputed, not trusted
+        f.write_text("{not json", "utf-8")
+    assert filter_by_refusal(lm, HARMFUL, HARMLESS, method="score", min_keep=1, cache_dir=tmp_path) == first
+    assert calls == [1, 1]

@@ -134,3 +134,15 @@ def test_breaking_points_use_the_fragility_curves_real_names():
     assert breaking_point(frag, "random") is None
     assert neuron_breaking_point(frag) == (10, "top_by_gradient")
     assert neuron_breaking_point({"summary": [row("top_by_diff", 0, 0.4), row("top_by_diff", 5, 0.39)]}) == (None, "top_by_diff")
+
+
+def test_decision_onset_is_the_first_block_whose_residual_patch_restores_half_the_peak():
+    from safetyscope.cli.map import decision_onset
+
+    grid = {"rows": ["0", "1", "2", "3", "4"], "cols": ["resid_pre", "attn.out", "mlp.out"],
+            "median": [[0.0, 0.9, 0.0], [0.1, 0.0, 0.0], [0.3, 0.0, None], [0.7, 0.1, 0.0], [0.8, 0.0, 0.0]]}
+    assert decision_onset({"modes": {"attribution": {"grids": {"component": grid}}}}) == 3  # 0.3 < 0.4 <= 0.7
+    assert decision_onset(None) is None
+    assert decision_onset({"modes": {"attribution": {"grids": {"component": {**grid, "cols": ["a", "b", "c"]}}}}}) is None
+    flat = {**grid, "median": [[0.0, 0.0, 0.0]] * 5}  # no effect anywhere: no evidence
+    assert decision_onset({"modes": {"attribution": {"grids": {"component": flat}}}}) is None

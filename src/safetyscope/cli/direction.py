@@ -181,14 +181,14 @@ def run_find(s: FindSettings) -> dict[str, Any]:
     if cands is None:
         log(f"capturing resid_pre at {lm.n_layers} blocks x {len(offsets)} positions ({len(h_train)}+{len(s_train)} prompts)")
         cands = find_candidates(lm, h_train.texts, s_train.texts, positions=list(offsets), filter=s.filter, judge=judge,
-                                batch_size=s.batch_size, system=s.system)
+                                batch_size=s.batch_size, system=s.system, cache_dir=s.out / "cache")
         cands.info["key"] = cand_key
         cands.save(out / "candidates")
     else:
         log(f"reusing candidates from {out / 'candidates'}")
 
     val = filter_by_refusal(lm, h_val.texts, s_val.texts, method=s.filter, judge=judge, batch_size=s.batch_size,
-                            system=s.system)
+                            system=s.system, cache_dir=s.out / "cache")
     cfg = SelectConfig(s.kl_threshold, s.induce_threshold, s.prune_layers, s.induce, s.score_pruned,
                        _layers(s.layers, lm.n_layers), None, 1.0, s.per_pass, s.screen, s.keep,
                        verify=s.verify, verify_tokens=s.verify_tokens, ablation=s.ablation)

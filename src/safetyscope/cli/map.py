@@ -138,6 +138,24 @@ def readable_layers(probe: dict[str, Any] | None, n_layers: int) -> str:
     return f"{probe['layers'][first]['layer']}-{n_layers - 1}"
 
 
+def decision_onset(trace: dict[str, Any] | None) -> int | None:
+    """The first block whose residual stream, patched harmless -> harmful at the post-instruction tokens,
+    restores at least half of the largest such effect: below it the refusal decision is not yet carried
+    by those tokens, so a refusal direction read there cannot mediate it. None without a trace grid."""
+    mode = ((trace or {}).get("modes") or {}).get("attribution") or {}
+    grid = (mode.get("grids") or {}).get("component") or {}
+    cols, rows, med = grid.get("cols") or [], grid.get("rows") or [], grid.get("median") or []
+    if "resid_pre" not in cols or not rows or not med:
+        return None
+    j = cols.index("resid_pre")
+    col = [float(r[j]) if r[j] is not None else float("nan") for r in med]
+    finite = [v for v in col if v == v]
+    if not finite or max(finite) <= 0:
+        return None
+    first = next(i for i, v in enumerate(col) if v == v and v >= 0.5 * max(finite))
+    return int(rows[first])
+
+
 def stage_neurons(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, Any]:
     from .neurons import FindSettings, run_find
 
@@ -163,6 +181,10 @@ def stage_direction(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str
     # few prompts first and fully scored for the best ones: the selection is the map's most expensive step.
     n_layers = int(done["probe"]["model"]["n_layers"]) if done.get("probe") else 0
     layers = readable_layers(done.get("probe"), n_layers) if n_layers else ""
+    onset = decision_onset(done.get("trace"))
+    if onset is not None and layers not in ("", "*"):  # and from 2 blocks before the residual patching effect sets in
+        lo = max(int(layers.split("-")[0]), onset - 2)
+        layers = f"{min(lo, n_layers - 1)}-{layers.split('-')[1]}"
     # The best 2 finalists are judged on real replies (the first-token score is only a proxy).
     screen: dict[str, Any] = {"screen": 3, "keep": 6, "verify": 2}
     if s.quick and n_layers:  # a smoke test: the last position of 4 evenly spaced readable blocks before the cutoff

@@ -128,7 +128,7 @@ def analyse(s: FindSettings, lm: Any) -> dict[str, Any]:
         util = NeuronAttribution.from_state(t, "lm_loss", "utility/") if "utility/layers" in t else None
         return {"stats": stats, "refusal": ref, "utility": util, "filter": state["filter"], "cached": True}
     filt = filter_by_refusal(lm, harmful.texts, harmless.texts, method=method,
-                             batch_size=s.batch_size, system=s.system)
+                             batch_size=s.batch_size, system=s.system, cache_dir=s.out / "cache")
     stats = find_neurons(lm, filt.harmful, filt.harmless, positions=s.positions, layers=s.layers,
                          batch_size=s.batch_size, system=s.system)
     tensors = {f"stats/{k}": v for k, v in stats.state().items()}

@@ -142,14 +142,16 @@ def find_candidates(
     judge: Callable[[str, str], bool] | None = None,
     batch_size: int = 8,
     system: str | None = None,
+    cache_dir: str | Path | None = None,
 ) -> Candidates:
     """Difference-of-means candidates at every block's ``resid_pre`` x every selected position.
 
     ``filter``: ``"first_token"`` (default), ``"score"``, ``"judge"`` or ``"none"``; see
-    :func:`safetyscope.methods.filtering.filter_by_refusal`.
+    :func:`safetyscope.methods.filtering.filter_by_refusal` (``cache_dir``: where it keeps its verdicts).
     """
     offsets = position_offsets(lm, positions, system)
-    kept = filter_by_refusal(lm, harmful, harmless, method=filter, judge=judge, batch_size=batch_size, system=system)
+    kept = filter_by_refusal(lm, harmful, harmless, method=filter, judge=judge, batch_size=batch_size, system=system,
+                             cache_dir=cache_dir)
     stats = fit_group_moments(
         lm, {"harmful": kept.harmful, "harmless": kept.harmless}, "blocks.*.resid_pre", list(offsets),
         batch_size=batch_size, system=system,

@@ -76,6 +76,33 @@ def replies_under(
     return replies
 
 
+def replies_together(
+    lm: LoadedModel, groups: dict[str, Sequence[str]], intervention: Any, cache: ReplyCache, *,
+    max_new_tokens: int, batch_size: int, system: str | None,
+) -> dict[str, list[str]]:
+    """Replies of several prompt groups under one intervention, the uncached groups generated in one call.
+
+    Decoding is memory-bound on CPUs and small models (every step reads every weight whatever the batch),
+    so one call over the joined groups costs about as much as one call per group would each.
+    """
+    out: dict[str, list[str]] = {}
+    for name, prompts in groups.items():
+        cached = cache.get(name, prompts)
+        if cached is not None:
+            out[name] = cached
+    todo = [(name, list(prompts)) for name, prompts in groups.items() if name not in out and prompts]
+    if todo:
+        joined = [p for _, prompts in todo for p in prompts]
+        with enter(lm, intervention):
+            replies = generate(lm, joined, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
+        start = 0
+        for name, prompts in todo:
+            out[name] = replies[start : start + len(prompts)]
+            start += len(prompts)
+            cache.put(name, prompts, out[name])
+    return {name: out.get(name, []) for name in groups}
+
+
 def refusal_rate(prompts: Sequence[str], replies: Sequence[str], judge: Judge) -> dict[str, Any]:
     flags = [bool(judge(p, r)) for p, r in zip(prompts, replies)]
     return dict(rate_with_ci(flags))
@@ -129,19 +156,22 @@ def evaluate_ablation(
     ids = refusal_token_ids(lm.tokenizer)
     kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "system": system}
     out: dict[str, Any] = {"n_harmful": len(harmful), "n_harmless": len(harmless)}
+    # harmful and harmless replies of each condition in one generation call
+    base = replies_together(lm, {"harmful_base": harmful, "harmless_base": harmless}, None, cache, **kw)
+    ablated = replies_together(lm, {"harmful_ablated": harmful,
+                                    **({"harmless_ablated": harmless} if harmless_replies_ablated else {})},
+                               direction, cache, **kw)
     if harmful:
-        before = replies_under(lm, harmful, None, "harmful_base", cache, **kw)
-        after = replies_under(lm, harmful, direction, "harmful_ablated", cache, **kw)
+        before, after = base["harmful_base"], ablated["harmful_ablated"]
         out["harmful_refusal_before"] = refusal_rate(harmful, before, judge)
         out["harmful_refusal_after"] = refusal_rate(harmful, after, judge)
         out["harmful_score_before"] = float(refusal_score(logits_under(lm, harmful, None, batch_size=batch_size, system=system), ids).mean())
         out["harmful_score_after"] = float(refusal_score(logits_under(lm, harmful, direction, batch_size=batch_size, system=system), ids).mean())
     if harmless:
-        base_replies = replies_under(lm, harmless, None, "harmless_base", cache, **kw)
+        base_replies = base["harmless_base"]
         out["harmless_refusal_before"] = refusal_rate(harmless, base_replies, judge)
         if harmless_replies_ablated:
-            abl = replies_under(lm, harmless, direction, "harmless_ablated", cache, **kw)
-            out["harmless_refusal_after"] = refusal_rate(harmless, abl, judge)
+            out["harmless_refusal_after"] = refusal_rate(harmless, ablated["harmless_ablated"], judge)
         ref = logits_under(lm, harmless, None, batch_size=batch_size, system=system)
         kl = kl_divergence(ref, logits_under(lm, harmless, direction, batch_size=batch_size, system=system))
         out["kl_first_token"] = {"mean": float(kl.mean()), "median": float(kl.median()), "max": float(kl.max())}

@@ -385,8 +385,11 @@ def verify_choice(
                   key=lambda s: float(s.bypass))[: cfg.verify]  # type: ignore[arg-type]
     if not pool:
         return choose(list(scores.values()))
-    baseline["judged_harmful"] = judged(harmful, nullcontext())
-    baseline["judged_harmless"] = judged(harmless, nullcontext())
+    # both groups' unmodified replies in one generation call (decoding is memory-bound)
+    replies = generate(lm, [*harmful, *harmless], max_new_tokens=cfg.verify_tokens, batch_size=batch_size,
+                       system=system)
+    baseline["judged_harmful"] = float(refusal_rate(harmful, replies[: len(harmful)], judge_fn)["rate"])
+    baseline["judged_harmless"] = float(refusal_rate(harmless, replies[len(harmful):], judge_fn)["rate"])
     for s in pool:
         d = candidates.direction(s.layer, s.position, ablation=cfg.ablation)  # the artifact's own hooks
         if s.judged_bypass is None:

@@ -13,8 +13,11 @@ Methods, from cheap to faithful:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..measure.generation import generate, last_logits, refusal_scores
 from ..measure.refusal_tokens import refusal_token_ids
@@ -55,15 +58,57 @@ def filter_by_refusal(
     batch_size: int = 16,
     system: str | None = None,
     max_new_tokens: int = 48,
+    cache_dir: str | Path | None = None,
 ) -> Filtered:
     """``method``: ``"first_token"``, ``"score"`` (refusal score > ``threshold``), ``"judge"`` or ``"none"``.
 
     If fewer than ``min_keep`` prompts survive in a group, the group is kept unfiltered (a model
     that never refuses still gets analysed); ``unfiltered`` names such groups and ``notes`` says why,
     and both appear in :meth:`Filtered.summary`.
+
+    ``cache_dir``: keep the per-prompt verdicts there (``filter_<key>.json``), keyed by the model, the
+    method and its settings and the prompts, so commands sharing an output directory (``map``'s stages)
+    classify the same prompts once.
     """
     if method == "none":
         return Filtered(list(harmful), list(harmless), len(harmful), len(harmless), "none")
+    if method not in ("first_token", "score", "judge"):
+        raise ValueError(f"unknown filter method {method!r}; use first_token, score, judge or none")
+    path = None
+    if cache_dir is not None:
+        blob = json.dumps([lm.name, str(getattr(lm, "dtype", "")), method, threshold, system, max_new_tokens,
+                           type(judge).__name__, list(harmful), list(harmless)], sort_keys=True)
+        path = Path(cache_dir) / f"filter_{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+    verdicts = _cached(path, len(harmful), len(harmless))
+    if verdicts is not None:
+        refused_h, refused_s = verdicts
+    else:
+        refused_h, refused_s = _verdicts(lm, harmful, harmless, method, judge, threshold, batch_size, system,
+                                         max_new_tokens)
+        if path is not None:
+            from ..io import write_json
+
+            write_json(path, {"method": method, "harmful": refused_h, "harmless": refused_s})
+    return _keep(harmful, harmless, refused_h, refused_s, method, min_keep)
+
+
+def _cached(path: Path | None, n_harmful: int, n_harmless: int) -> tuple[list[bool], list[bool]] | None:
+    from ..io import read_json
+
+    try:
+        data = read_json(path) if path is not None and path.is_file() else None
+    except ValueError:  # a damaged cache file is recomputed
+        return None
+    if not isinstance(data, dict) or len(data.get("harmful", ())) != n_harmful or len(data.get("harmless", ())) != n_harmless:
+        return None
+    return [bool(x) for x in data["harmful"]], [bool(x) for x in data["harmless"]]
+
+
+def _verdicts(
+    lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], method: str,
+    judge: Callable[[str, str], bool] | None, threshold: float, batch_size: int, system: str | None, max_new_tokens: int,
+) -> tuple[list[bool], list[bool]]:
+    """Per prompt: does the model refuse it (by ``method``)?"""
     if method == "first_token":
         ids = set(refusal_token_ids(lm.tokenizer))
         refused_h = [int(t) in ids for t in last_logits(lm, harmful, batch_size=batch_size, system=system).argmax(-1).tolist()]
@@ -82,6 +127,11 @@ def filter_by_refusal(
         refused_s = [bool(judge(p, r)) for p, r in zip(harmless, replies_s)]
     else:
         raise ValueError(f"unknown filter method {method!r}; use first_token, score, judge or none")
+    return [bool(x) for x in refused_h], [bool(x) for x in refused_s]
+
+
+def _keep(harmful: Sequence[str], harmless: Sequence[str], refused_h: list[bool], refused_s: list[bool], method: str,
+          min_keep: int) -> Filtered:
     groups = {
         "harmful": ([p for p, r in zip(harmful, refused_h) if r], list(harmful), "refused"),
         "harmless": ([p for p, r in zip(harmless, refused_s) if not r], list(harmless), "answered"),
