@@ -367,8 +367,6 @@ def verify_choice(
 ) -> tuple[CandidateScore | None, str]:
     """Judge real replies of the ``cfg.verify`` lowest-bypass candidates within the KL threshold and
     choose the lowest judged refusal under ablation among those whose addition induces refusal."""
-    from contextlib import nullcontext
-
     from ..measure.generation import generate
     from ..measure.judges import PhraseJudge
     from .direction_eval import refusal_rate
