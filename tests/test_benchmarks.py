@@ -29,3 +29,16 @@ def test_patching_benchmark_compares_every_grid(tmp_path, capsys):
         assert -1.0 <= a["spearman"] <= 1.0 and a["n_cells"] == res["grid_cells"][grid]
         assert res["speedup"][grid]["wall"] > 0
     assert "exact position" in capsys.readouterr().out
+
+
+def test_direction_variants_benchmark_measures_every_variant(tmp_path, capsys):
+    out = tmp_path / "variants.json"
+    variants = "zero,mean,partial:0.5,blocks:1-2,cap,template"
+    assert _load("direction_variants").main(["--model", "tiny:llama", "--candidates", "1:-1,2:-2", "--variants", variants,
+                                             "--n-val", "3", "--max-new-tokens", "3", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [(r["layer"], r["variant"]) for r in res["rows"]] == [(b, v) for b in (1, 2) for v in variants.split(",")]
+    for r in res["rows"]:
+        assert 0.0 <= r["judged_refusal"] <= 1.0 and 0.0 <= r["kl_median"] <= r["kl_max"]
+    assert any(r["kl_mean"] > 0 for r in res["rows"])  # the interventions change the model
+    assert "template" in capsys.readouterr().out

@@ -6,7 +6,8 @@ skips every stage whose settings are unchanged):
   probe       probes at every layer (where is harmfulness readable?)
   neurons     safety neurons in the readable layers (activation difference + gradient importance)
   trace       attribution patching of the full layer x component grid, top cells verified exactly
-  direction   refusal direction: candidates, selection, ablation and addition measured on test prompts
+  direction   refusal direction: candidates (readable blocks from the trace's decision onset), selection,
+              ablation and addition measured on test prompts
   fragility   refusal vs number of neurons removed (top vs random), with the direction as one component
   capability  KL and perplexity under the direction and the neuron set (safetyscope eval)
   dla         direct logit attribution of each component to the refusal tokens

@@ -1,0 +1,159 @@
+"""Directional-ablation variants side by side: judged refusal on harmful prompts against first-token KL
+on harmless prompts, for the same candidate directions on the same validation prompts.
+
+    python benchmarks/direction_variants.py                          # default model, 2 candidates, every variant
+    python benchmarks/direction_variants.py --candidates 15:-1 --variants zero,mean
+    python benchmarks/direction_variants.py --model tiny:llama --n-val 4 --max-new-tokens 4   # smoke test
+
+Candidates (``block:offset``) are differences of means of the built-in train split (unfiltered: every
+prompt, as ``direction find --filter none``); both measurements use ``--n-val`` prompts per group of the
+built-in val split, replies greedy and ``--max-new-tokens`` long, read by the phrase judge.
+
+Variants (the shipped ones go through the ``Direction`` artifact's own hooks; the others are defined
+here, as experiments, and are not part of the library):
+
+* ``zero``: Arditi et al.'s directional ablation (shipped, ``--ablation zero``).
+* ``mean``: the component moved to the harmless mean at every block's input (shipped, ``--ablation mean``;
+  affine concept editing).
+* ``partial:W``: mean ablation with weight W at every block (shipped as per-layer weights).
+* ``blocks:A-B``: mean ablation only at blocks A..B (shipped as per-layer weights).
+* ``cap``: only a component above the harmless mean is pulled down to it (experiment).
+* ``template``: the component set to the harmless mean of its own post-instruction position at those
+  positions, and to the last one's at generated tokens; user-message tokens untouched (experiment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import torch
+
+
+def _load(args: argparse.Namespace) -> Any:
+    if args.model.startswith("tiny:"):
+        from safetyscope.testing import tiny_model
+
+        return tiny_model(args.model.split(":", 1)[1])
+    from safetyscope.models import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype, log=lambda _m: None)
+
+
+def _experiment_edits(lm: Any, r: torch.Tensor, targets: torch.Tensor, mode: str) -> list[Any]:
+    """Edits of the experimental variants. targets: [n_layers, n_post] harmless mean projections on r at the
+    post-instruction offsets -n_post..-1."""
+    from safetyscope.artifacts.direction import _along
+    from safetyscope.sites import Site
+
+    def make(layer: int) -> Any:
+        def edit(x: torch.Tensor, batch: Any) -> torch.Tensor:  # x: [batch, pos, d_model]
+            xf, rf, c = _along(x, r)  # c: [batch, pos, 1]
+            t = targets[layer].to(c.dtype)
+            if mode == "cap":
+                new = torch.clamp(c, max=float(t[-1]))
+            elif x.shape[1] == 1:  # a generated token (decoding with the KV cache)
+                new = torch.full_like(c, float(t[-1]))
+            else:
+                n = min(int(getattr(batch, "n_post", 0) or 0), x.shape[1], t.numel())
+                new = c.clone()
+                if n:
+                    new[:, -n:, 0] = t[-n:]
+            return (xf + (new - c) * rf).to(x.dtype)
+
+        return edit
+
+    return [(Site("resid_pre", layer), make(layer)) for layer in range(lm.n_layers)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="Model alias or path, or tiny:<family> for a random tiny model.")
+    p.add_argument("--candidates", default="15:-1,18:-2", help="Candidate directions as block:offset, comma separated.")
+    p.add_argument("--variants", default="zero,mean,partial:0.8,blocks:8-23,cap,template", help="Variants to compare.")
+    p.add_argument("--n-train", type=int, default=0, help="Train prompts per group for the candidates (0 = all).")
+    p.add_argument("--n-val", type=int, default=32, help="Validation prompts per group.")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="Reply length for the judged refusal rate.")
+    p.add_argument("--batch-size", type=int, default=16, help="Prompts per forward pass.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the prompt samples.")
+    p.add_argument("--device", default="auto", help="Device (auto, cpu, cuda, ...).")
+    p.add_argument("--dtype", default="auto", help="Dtype (auto, float32, bfloat16, ...).")
+    p.add_argument("--json", default="", help="Also write the results to this JSON file.")
+    args = p.parse_args(argv)
+
+    from safetyscope.artifacts.direction import Direction
+    from safetyscope.hooks import hooks
+    from safetyscope.measure.compare import logits_under
+    from safetyscope.measure.generation import generate
+    from safetyscope.measure.judges import PhraseJudge
+    from safetyscope.measure.metrics import kl_divergence
+    from safetyscope.methods.direction import find_candidates, position_offsets
+    from safetyscope.methods.direction_eval import refusal_rate
+    from safetyscope.prompts import builtin_prompts
+
+    torch.set_grad_enabled(False)
+    lm = _load(args)
+
+    def split(kind: str, name: str, n: int) -> list[str]:
+        ps = builtin_prompts(kind, name, seed=args.seed)
+        return list((ps.sample(n, seed=args.seed) if n else ps).texts)
+
+    h_train, s_train = split("harmful", "train", args.n_train), split("harmless", "train", args.n_train)
+    h_val, s_val = split("harmful", "val", args.n_val), split("harmless", "val", args.n_val)
+    offsets = position_offsets(lm, "post_instruction")
+    cands = find_candidates(lm, h_train, s_train, positions=list(offsets), filter="none", batch_size=args.batch_size)
+    judge = PhraseJudge()
+    kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
+    reference = logits_under(lm, s_val, None, batch_size=args.batch_size)
+    baseline = float(refusal_rate(h_val, generate(lm, h_val, **kw), judge)["rate"])
+    print(f"{lm.name}: {len(h_train)}+{len(s_train)} train prompts, {len(h_val)}+{len(s_val)} val prompts; "
+          f"judged refusal of the harmful val prompts without intervention {baseline:.1%}")
+    print(f"{'candidate':<12}{'variant':<14}{'judged refusal':>15}{'KL mean':>10}{'KL median':>11}{'KL max':>9}{'s':>6}")
+    rows: list[dict[str, Any]] = []
+    for spec in args.candidates.split(","):
+        layer, pos = (int(v) for v in spec.split(":"))
+        layer = layer if layer >= 0 else layer + lm.n_layers
+        base = cands.direction(layer, pos)
+        col = cands.column(pos)
+        unit = base.direction
+        per_pos = torch.einsum("lpd,d->lp", cands.harmless_mean, unit.double()).float()  # [n_layers, n_post]
+        for variant in args.variants.split(","):
+            name, _, arg = variant.partition(":")
+            mean = Direction(base.direction, layer, pos, targets=per_pos[:, col], ablation="mean")
+            if name == "zero":
+                ctx: Any = base.apply(lm)
+            elif name == "mean":
+                ctx = mean.apply(lm)
+            elif name == "partial":
+                ctx = mean.with_weights(torch.full((lm.n_layers,), float(arg))).apply(lm)
+            elif name == "blocks":
+                lo, hi = (int(v) for v in arg.split("-"))
+                w = torch.tensor([1.0 if lo <= i <= hi else 0.0 for i in range(lm.n_layers)])
+                ctx = mean.with_weights(w).apply(lm)
+            elif name in ("cap", "template"):
+                targets = per_pos[:, [cands.column(o) for o in offsets]]
+                ctx = hooks(lm, _experiment_edits(lm, unit, targets if name == "template" else per_pos[:, [col]], name))
+            else:
+                raise SystemExit(f"unknown variant {variant!r}; use zero, mean, partial:W, blocks:A-B, cap or template")
+            t0 = time.perf_counter()
+            with ctx:
+                kl = kl_divergence(reference, logits_under(lm, s_val, None, batch_size=args.batch_size))
+                rate = float(refusal_rate(h_val, generate(lm, h_val, **kw), judge)["rate"])
+            row = {"layer": layer, "position": pos, "variant": variant, "judged_refusal": rate,
+                   "kl_mean": float(kl.mean()), "kl_median": float(kl.median()), "kl_max": float(kl.max()),
+                   "seconds": time.perf_counter() - t0}
+            rows.append(row)
+            print(f"{f'{layer}:{pos}':<12}{variant:<14}{rate:>15.1%}{row['kl_mean']:>10.4f}{row['kl_median']:>11.4f}"
+                  f"{row['kl_max']:>9.3f}{row['seconds']:>6.0f}", flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"model": lm.name, "baseline_judged_refusal": baseline, "n_val": [len(h_val), len(s_val)],
+                       "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
