@@ -76,8 +76,9 @@ def filter_by_refusal(
         raise ValueError(f"unknown filter method {method!r}; use first_token, score, judge or none")
     path = None
     if cache_dir is not None:
-        blob = json.dumps([lm.name, str(getattr(lm, "dtype", "")), method, threshold, system, max_new_tokens,
-                           type(judge).__name__, list(harmful), list(harmless)], sort_keys=True)
+        info = lm.describe()  # the model's name, size and dtype: another checkpoint gets other verdicts
+        blob = json.dumps([info.get("name"), info.get("n_params"), info.get("dtype"), method, threshold, system,
+                           max_new_tokens, type(judge).__name__, list(harmful), list(harmless)], sort_keys=True)
         path = Path(cache_dir) / f"filter_{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
     verdicts = _cached(path, len(harmful), len(harmless))
     if verdicts is not None:
