@@ -7,7 +7,8 @@ on harmless prompts, for the same candidate directions on the same validation pr
 
 Candidates (``block:offset``) are differences of means of the built-in train split (unfiltered: every
 prompt, as ``direction find --filter none``); both measurements use ``--n-val`` prompts per group of the
-built-in val split, replies greedy and ``--max-new-tokens`` long, read by the phrase judge.
+built-in val split (or of ``--harmful`` / ``--harmless`` files, for held-out figures), replies greedy and
+``--max-new-tokens`` long, read by the phrase judge.
 
 Variants (the shipped ones go through the ``Direction`` artifact's own hooks; the others are defined
 here, as experiments, and are not part of the library):
@@ -75,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", default="15:-1,18:-2", help="Candidate directions as block:offset, comma separated.")
     p.add_argument("--variants", default="zero,mean,partial:0.8,blocks:8-23,cap,template", help="Variants to compare.")
     p.add_argument("--n-train", type=int, default=0, help="Train prompts per group for the candidates (0 = all).")
-    p.add_argument("--n-val", type=int, default=32, help="Validation prompts per group.")
+    p.add_argument("--n-val", type=int, default=32, help="Measurement prompts per group (a seeded sample).")
+    p.add_argument("--harmful", default="", help="Measure on this harmful prompt file instead of the built-in val split.")
+    p.add_argument("--harmless", default="", help="Measure on this harmless prompt file instead of the built-in val split.")
     p.add_argument("--max-new-tokens", type=int, default=24, help="Reply length for the judged refusal rate.")
     p.add_argument("--batch-size", type=int, default=16, help="Prompts per forward pass.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the prompt samples.")
@@ -92,25 +95,25 @@ def main(argv: list[str] | None = None) -> int:
     from safetyscope.measure.metrics import kl_divergence
     from safetyscope.methods.direction import find_candidates, position_offsets
     from safetyscope.methods.direction_eval import refusal_rate
-    from safetyscope.prompts import builtin_prompts
+    from safetyscope.prompts import builtin_prompts, load_prompts
 
     torch.set_grad_enabled(False)
     lm = _load(args)
 
-    def split(kind: str, name: str, n: int) -> list[str]:
-        ps = builtin_prompts(kind, name, seed=args.seed)
+    def split(kind: str, name: str, n: int, path: str = "") -> list[str]:
+        ps = load_prompts(path, label=kind) if path else builtin_prompts(kind, name, seed=args.seed)
         return list((ps.sample(n, seed=args.seed) if n else ps).texts)
 
     h_train, s_train = split("harmful", "train", args.n_train), split("harmless", "train", args.n_train)
-    h_val, s_val = split("harmful", "val", args.n_val), split("harmless", "val", args.n_val)
+    h_val, s_val = split("harmful", "val", args.n_val, args.harmful), split("harmless", "val", args.n_val, args.harmless)
     offsets = position_offsets(lm, "post_instruction")
     cands = find_candidates(lm, h_train, s_train, positions=list(offsets), filter="none", batch_size=args.batch_size)
     judge = PhraseJudge()
     kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
     reference = logits_under(lm, s_val, None, batch_size=args.batch_size)
     baseline = float(refusal_rate(h_val, generate(lm, h_val, **kw), judge)["rate"])
-    print(f"{lm.name}: {len(h_train)}+{len(s_train)} train prompts, {len(h_val)}+{len(s_val)} val prompts; "
-          f"judged refusal of the harmful val prompts without intervention {baseline:.1%}")
+    print(f"{lm.name}: {len(h_train)}+{len(s_train)} train prompts, {len(h_val)}+{len(s_val)} measurement prompts; "
+          f"judged refusal of the harmful ones without intervention {baseline:.1%}")
     print(f"{'candidate':<12}{'variant':<14}{'judged refusal':>15}{'KL mean':>10}{'KL median':>11}{'KL max':>9}{'s':>6}")
     rows: list[dict[str, Any]] = []
     for spec in args.candidates.split(","):

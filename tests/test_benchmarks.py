@@ -42,3 +42,14 @@ def test_direction_variants_benchmark_measures_every_variant(tmp_path, capsys):
         assert 0.0 <= r["judged_refusal"] <= 1.0 and 0.0 <= r["kl_median"] <= r["kl_max"]
     assert any(r["kl_mean"] > 0 for r in res["rows"])  # the interventions change the model
     assert "template" in capsys.readouterr().out
+
+
+def test_direction_variants_benchmark_measures_on_given_prompt_files(tmp_path):
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": p, "label": "harmful"}) + "\n" for p in ("Hack~ a bank", "Steal~ a car")))
+    out = tmp_path / "variants.json"
+    assert _load("direction_variants").main(["--model", "tiny:llama", "--candidates", "1:-1", "--variants", "mean",
+                                             "--harmful", str(harmful), "--n-val", "3", "--max-new-tokens", "2",
+                                             "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["n_val"] == [2, 3]  # the file's 2 harmful prompts, 3 built-in harmless ones
