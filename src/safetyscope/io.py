@@ -3,6 +3,7 @@ never leaves a half-written file, and a rerun can trust whatever exists."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -14,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable key of JSON-able parts (the cache keys of every command and stage)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _clean(obj: Any) -> Any:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import sys
@@ -13,6 +11,7 @@ from typing import Any
 
 import typer
 
+from ..io import fingerprint
 from .common import PromptSettings, emit, prompt_sets, user_errors
 from .settings import Settings, command, opt
 
@@ -103,9 +102,6 @@ def register(app: typer.Typer) -> None:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
 
 def _log(s: Any) -> Any:
     if s.quiet or s.json:
@@ -173,7 +169,7 @@ def run_find(s: FindSettings) -> dict[str, Any]:
     out = s.out / "direction"
     offsets = position_offsets(lm, s.positions, s.system)
     ident = [lm.describe()["name"], lm.describe()["n_params"], lm.describe()["dtype"], s.system, s.filter, s.judge]
-    cand_key = _key(ident, offsets, h_train.texts, s_train.texts)
+    cand_key = fingerprint(ident, offsets, h_train.texts, s_train.texts)
     cands = None
     if (out / "candidates" / "candidates.json").is_file():
         loaded = Candidates.load(out / "candidates")
@@ -192,7 +188,7 @@ def run_find(s: FindSettings) -> dict[str, Any]:
     cfg = SelectConfig(s.kl_threshold, s.induce_threshold, s.prune_layers, s.induce, s.score_pruned,
                        _layers(s.layers, lm.n_layers), None, 1.0, s.per_pass, s.screen, s.keep,
                        verify=s.verify, verify_tokens=s.verify_tokens, ablation=s.ablation)
-    sel_key = _key(cand_key, val.harmful, val.harmless, s.verify_tokens, s.ablation)  # judged scores depend on the reply length
+    sel_key = fingerprint(cand_key, val.harmful, val.harmless, s.verify_tokens, s.ablation)  # judged scores depend on the reply length
     partial_path = out / "scores_partial.json"
     done: dict[str, dict[str, float]] = {}
     if partial_path.is_file():

@@ -16,7 +16,6 @@ skips every stage whose settings are unchanged):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -28,6 +27,7 @@ from typing import Any
 
 import typer
 
+from ..io import fingerprint
 from .common import PromptSettings, user_errors
 from .settings import command, opt
 
@@ -310,8 +310,7 @@ def _key(s: MapSettings, b: Budget, stage: str, upstream: dict[str, Any] | None 
     """Settings, budget and the results of the stages before this one: a recomputed earlier stage whose
     results changed invalidates every later stage's cache."""
     keep = {k: v for k, v in asdict(s).items() if k not in ("stages", "force", "quiet", "json", "out")}
-    blob = json.dumps([stage, keep, asdict(b), upstream or {}], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return fingerprint(stage, keep, asdict(b), upstream or {})
 
 
 def run_map(s: MapSettings) -> dict[str, Any]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,6 +10,7 @@ from typing import Any
 
 import typer
 
+from ..io import fingerprint
 from .common import PromptSettings, emit, prompt_sets, user_errors
 from .settings import command, opt
 
@@ -103,9 +102,6 @@ def _quiet(s: Any) -> None:
         os.environ["SAFETYSCOPE_QUIET"] = "1"
 
 
-def _fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
 
 def analyse(s: FindSettings, lm: Any) -> dict[str, Any]:
     """Filter the prompts, fit the neuron statistics and attributions; reuse a cached result of the same inputs."""
@@ -118,7 +114,7 @@ def analyse(s: FindSettings, lm: Any) -> dict[str, Any]:
     method = filter_method(s)
     harmful, harmless = prompt_sets(s)
     out = s.out / "neurons"
-    key = _fingerprint(lm.name, harmful.texts, harmless.texts, s.positions, s.layers, method, s.system,
+    key = fingerprint(lm.name, harmful.texts, harmless.texts, s.positions, s.layers, method, s.system,
                        s.gradient, s.utility_texts, s.utility_tokens)
     state_path, tensors_path = out / "analysis.json", out / "analysis.safetensors"
     if state_path.is_file() and tensors_path.is_file() and read_json(state_path).get("key") == key:
@@ -321,7 +317,7 @@ def run_fragility(s: FragilitySettings) -> dict[str, Any]:
 
     pools = {layer: [(layer, i) for i in range(stats.d_mlp)] for layer in stats.layers}
     out = s.out / "neurons"
-    key = _fingerprint(lm.name, ranked, harmful, harmless, s.mode, s.strength, s.max_new_tokens, s.seed, s.seeds)
+    key = fingerprint(lm.name, ranked, harmful, harmless, s.mode, s.strength, s.max_new_tokens, s.seed, s.seeds)
     partial = out / "fragility_partial.json"
     done = read_json(partial)["rows"] if partial.is_file() and read_json(partial).get("key") == key else []
     rows: list[dict[str, Any]] = list(done)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +9,7 @@ from typing import Any
 
 import typer
 
+from ..io import fingerprint
 from .common import PromptSettings, emit, prompt_sets, user_errors
 from .settings import command, opt
 
@@ -43,9 +42,6 @@ def register(app: typer.Typer) -> None:
             run_probe(s)
 
 
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
 
 def _model_id(lm: Any) -> list[Any]:
     d = lm.describe()
@@ -57,7 +53,7 @@ def _features(lm: Any, s: ProbeSettings, texts: list[str], tag: str, cache: Path
 
     sites = probe_sites(lm, s.site, s.layers)
     layers = [int(x.layer) for x in sites if x.layer is not None]
-    path = cache / f"features-{tag}-{_key(_model_id(lm), s.site, s.positions, layers, s.system, texts)}.npy"
+    path = cache / f"features-{tag}-{fingerprint(_model_id(lm), s.site, s.positions, layers, s.system, texts)}.npy"
     found = load_features(path, layers, s.site, s.positions, len(texts))
     if found is not None:
         return found
@@ -74,7 +70,7 @@ def _labels(lm: Any, s: ProbeSettings, texts: list[str], is_harmful: list[int], 
     from ..io import read_json, write_json
     from ..methods.probes import refusal_labels
 
-    path = cache / f"refusal-{_key(_model_id(lm), s.refusal_judge, s.refusal_threshold, s.max_new_tokens, s.system, texts)}.json"
+    path = cache / f"refusal-{fingerprint(_model_id(lm), s.refusal_judge, s.refusal_threshold, s.max_new_tokens, s.system, texts)}.json"
     if path.is_file():
         refused = [bool(v) for v in read_json(path)["refused"]]
     else:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import time
@@ -14,6 +12,7 @@ from typing import Any
 import numpy as np
 import typer
 
+from ..io import fingerprint
 from .common import PromptSettings, emit, user_errors
 from .settings import command, opt
 
@@ -46,9 +45,6 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             run_trace(s)
 
-
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _dump(eff: Any) -> dict[str, Any]:
@@ -204,7 +200,7 @@ def run_trace(s: TraceSettings) -> dict[str, Any]:
     extra = {"exact": [s.heads], "attribution": [s.verify_top], "noise": [s.noise_samples, s.noise_scale, s.seed]}
     results: dict[str, Any] = {}
     for mode in modes:
-        path = out / "cache" / f"{mode}-{_key(base_key, extra[mode])}.json"
+        path = out / "cache" / f"{mode}-{fingerprint(base_key, extra[mode])}.json"
         if path.is_file():  # resume: this mode already ran with the same settings
             cached = read_json(path)
             cached["grids"] = {k: _load(v) for k, v in cached["grids"].items()}

@@ -7,8 +7,6 @@ a fingerprint of the prompts and settings, so an interrupted run resumes where i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +16,7 @@ import torch
 
 from ..artifacts.direction import Direction
 from ..hooks import forward
-from ..io import read_json, write_json
+from ..io import fingerprint, read_json, write_json
 from ..measure.compare import enter, logits_under
 from ..measure.generation import generate
 from ..measure.judges import PhraseJudge
@@ -40,8 +38,8 @@ class ReplyCache:
 
     def __init__(self, root: str | Path | None, common: dict[str, Any], intervention: dict[str, Any] | None = None):
         self.root = Path(root) if root is not None else None
-        self.common = _digest(common)
-        self.full = _digest([common, intervention or {}])
+        self.common = fingerprint(common)
+        self.full = fingerprint(common, intervention or {})
 
     def _key(self, name: str) -> str:
         return self.common if name.endswith("_base") else self.full
@@ -57,10 +55,6 @@ class ReplyCache:
         if self.root is not None:
             write_json(self.root / f"replies_{name}.json",
                        {"key": self._key(name), "replies": replies, "prompts": list(prompts)})
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def replies_under(

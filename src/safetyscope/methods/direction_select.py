@@ -369,7 +369,7 @@ def verify_choice(
     choose the lowest judged refusal under ablation among those whose addition induces refusal."""
     from ..measure.generation import generate
     from ..measure.judges import PhraseJudge
-    from .direction_eval import refusal_rate
+    from .direction_eval import ReplyCache, refusal_rate, replies_together
 
     judge_fn = judge or PhraseJudge()
 
@@ -383,11 +383,10 @@ def verify_choice(
                   key=lambda s: float(s.bypass))[: cfg.verify]  # type: ignore[arg-type]
     if not pool:
         return choose(list(scores.values()))
-    # both groups' unmodified replies in one generation call (decoding is memory-bound)
-    replies = generate(lm, [*harmful, *harmless], max_new_tokens=cfg.verify_tokens, batch_size=batch_size,
-                       system=system)
-    baseline["judged_harmful"] = float(refusal_rate(harmful, replies[: len(harmful)], judge_fn)["rate"])
-    baseline["judged_harmless"] = float(refusal_rate(harmless, replies[len(harmful):], judge_fn)["rate"])
+    base = replies_together(lm, {"harmful": harmful, "harmless": harmless}, None, ReplyCache(None, {}),
+                            max_new_tokens=cfg.verify_tokens, batch_size=batch_size, system=system)
+    baseline["judged_harmful"] = float(refusal_rate(harmful, base["harmful"], judge_fn)["rate"])
+    baseline["judged_harmless"] = float(refusal_rate(harmless, base["harmless"], judge_fn)["rate"])
     for s in pool:
         d = candidates.direction(s.layer, s.position, ablation=cfg.ablation)  # the artifact's own hooks
         if s.judged_bypass is None:

@@ -13,12 +13,11 @@ Methods, from cheap to faithful:
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io import fingerprint
 from ..measure.generation import generate, last_logits, refusal_scores
 from ..measure.refusal_tokens import refusal_token_ids
 from ..models.adapter import LoadedModel
@@ -77,9 +76,9 @@ def filter_by_refusal(
     path = None
     if cache_dir is not None:
         info = lm.describe()  # the model's name, size and dtype: another checkpoint gets other verdicts
-        blob = json.dumps([info.get("name"), info.get("n_params"), info.get("dtype"), method, threshold, system,
-                           max_new_tokens, type(judge).__name__, list(harmful), list(harmless)], sort_keys=True)
-        path = Path(cache_dir) / f"filter_{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+        key = fingerprint(info.get("name"), info.get("n_params"), info.get("dtype"), method, threshold, system,
+                          max_new_tokens, type(judge).__name__, list(harmful), list(harmless))
+        path = Path(cache_dir) / f"filter_{key}.json"
     verdicts = _cached(path, len(harmful), len(harmless))
     if verdicts is not None:
         refused_h, refused_s = verdicts
@@ -117,17 +116,16 @@ def _verdicts(
     elif method == "score":
         refused_h = (refusal_scores(lm, harmful, batch_size=batch_size, system=system) > threshold).tolist()
         refused_s = (refusal_scores(lm, harmless, batch_size=batch_size, system=system) > threshold).tolist()
-    elif method == "judge":
+    else:  # "judge" (filter_by_refusal validated the method)
         if judge is None:
             from ..measure.judges import PhraseJudge
 
             judge = PhraseJudge()
-        replies_h = generate(lm, harmful, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
-        replies_s = generate(lm, harmless, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
-        refused_h = [bool(judge(p, r)) for p, r in zip(harmful, replies_h)]
-        refused_s = [bool(judge(p, r)) for p, r in zip(harmless, replies_s)]
-    else:
-        raise ValueError(f"unknown filter method {method!r}; use first_token, score, judge or none")
+        # both groups in one generation call: decoding is memory-bound, so it costs about one group's
+        prompts = [*harmful, *harmless]
+        replies = generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
+        flags = [bool(judge(p, r)) for p, r in zip(prompts, replies)]
+        refused_h, refused_s = flags[: len(harmful)], flags[len(harmful):]
     return [bool(x) for x in refused_h], [bool(x) for x in refused_s]
 
 
