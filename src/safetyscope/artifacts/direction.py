@@ -326,13 +326,26 @@ class Direction(Artifact):
     # ---- interventions ----------------------------------------------------------------------
     def apply(self, lm: Any) -> Any:
         """Directional ablation as a context manager (hooks removed on exit)."""
+        return hooks(lm, self.edits(lm))
+
+    def edits(
+        self,
+        lm: Any,
+        direction: torch.Tensor | DirectionFn | None = None,
+        targets: torch.Tensor | Callable[[Batch | None], torch.Tensor] | None = None,
+    ) -> list[tuple[Site, EditFn]]:
+        """The (site, edit) pairs of this direction's ablation; ``direction`` / ``targets`` override the
+        stored unit vector [d_model] and mean-ablation targets [n_layers] (e.g. with callables returning
+        tensors that carry gradients, as ``methods.direction_refine`` does)."""
         self._check(lm)
+        vec = self.direction if direction is None else direction
         if self.ablation == "mean":
-            assert self.targets is not None
+            tgt = self.targets if targets is None else targets
+            assert tgt is not None
             if self.norm_preserving:
                 raise ArtifactError("mean ablation has no norm-preserving variant; drop --norm-preserving or use --ablation zero")
-            return hooks(lm, mean_ablation_edits(lm, self.direction, self.targets, self.layer_weights))
-        return hooks(lm, ablation_edits(lm, self.direction, self.layer_weights, self.embed_weight, self.norm_preserving))
+            return mean_ablation_edits(lm, vec, tgt, self.layer_weights)
+        return ablation_edits(lm, vec, self.layer_weights, self.embed_weight, self.norm_preserving)
 
     def add(self, lm: Any, coeff: float = 1.0, layer: int | None = None) -> Any:
         """Activation addition of ``coeff * norm * r`` at ``blocks.{layer}.resid_pre`` (default: own layer)."""

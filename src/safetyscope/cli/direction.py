@@ -1,4 +1,4 @@
-"""`safetyscope direction find|tune|ablate|add|export`: the refusal direction (Arditi et al. 2024) and beyond."""
+"""`safetyscope direction find|tune|refine|ablate|add|export`: the refusal direction (Arditi et al. 2024) and beyond."""
 
 from __future__ import annotations
 
@@ -83,6 +83,13 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             run_tune(s)
 
+    from .direction_refine import RefineSettings, run_refine
+
+    @command(sub, "refine", RefineSettings, "Train the direction (only it; the model stays frozen) to bypass refusal at lower harmless KL.")
+    def refine_cmd(s: RefineSettings) -> None:
+        with user_errors():
+            run_refine(s)
+
     @command(sub, "ablate", EvalDirSettings, "Refusal before -> after directional ablation (greedy + judge), first-token KL, reply perplexity.")
     def ablate_cmd(s: EvalDirSettings) -> None:
         with user_errors():
@@ -98,7 +105,7 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             run_export(s)
 
-    app.add_typer(sub, name="direction", help="Refusal direction: find, tune, ablate, add, export.")
+    app.add_typer(sub, name="direction", help="Refusal direction: find, tune, refine, ablate, add, export.")
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
@@ -131,7 +138,7 @@ def _load_direction(s: Any) -> Any:
     return Direction.load(path)
 
 
-def _splits(s: FindSettings) -> tuple[Any, Any, Any, Any]:
+def _splits(s: Any) -> tuple[Any, Any, Any, Any]:
     """(harmful train, harmless train, harmful val, harmless val): built-in splits, or files split 80/20."""
     from ..prompts import builtin_prompts, load_prompts
 

@@ -24,7 +24,7 @@ __all__ = [
 _EPS = 1e-8  # smoothing of p and 1 - p in the log-odds (as in Arditi et al.'s refusal metric)
 
 
-def refusal_score(logits: Tensor, token_ids: Iterable[int]) -> Tensor:
+def refusal_score(logits: Tensor, token_ids: Iterable[int], *, grad: bool = False) -> Tensor:
     """Log-odds of the refusal tokens at the first response position.
 
     ``score = log(p + eps) - log(1 - p + eps)`` with ``p`` the softmax probability mass on ``token_ids``
@@ -36,6 +36,7 @@ def refusal_score(logits: Tensor, token_ids: Iterable[int]) -> Tensor:
     Args:
         logits: ``[B, V]`` (or ``[V]``) next-token logits at the first reply position.
         token_ids: refusal token ids (duplicates are ignored).
+        grad: keep the autograd graph (a training loss); by default the logits are detached.
 
     Returns:
         ``[B]`` float32 scores (a 0-d tensor for ``[V]`` input).
@@ -46,7 +47,7 @@ def refusal_score(logits: Tensor, token_ids: Iterable[int]) -> Tensor:
     vocab = logits.shape[-1]
     if not ids or ids[0] < 0 or ids[-1] >= vocab:
         raise ValueError(f"token_ids must be a non-empty set of ids in [0, {vocab}); got {ids[:10]}")
-    x = logits.detach().to(torch.float64)                                # [B, V]
+    x = (logits if grad else logits.detach()).to(torch.float64)          # [B, V]
     is_refusal = torch.zeros(vocab, dtype=torch.bool, device=x.device)   # [V]
     is_refusal[ids] = True
     log_z = torch.logsumexp(x, dim=-1)                                   # [B]
@@ -56,13 +57,14 @@ def refusal_score(logits: Tensor, token_ids: Iterable[int]) -> Tensor:
     return (torch.logaddexp(log_p, log_eps) - torch.logaddexp(log_q, log_eps)).to(torch.float32)
 
 
-def kl_divergence(logits_ref: Tensor, logits_new: Tensor, mask: Tensor | None = None) -> Tensor:
+def kl_divergence(logits_ref: Tensor, logits_new: Tensor, mask: Tensor | None = None, *, grad: bool = False) -> Tensor:
     """``KL(P_ref || P_new)`` per position, from logits, in float32.
 
     Args:
         logits_ref: ``[B, P, V]`` or ``[B, V]`` logits of the reference (unmodified) model.
         logits_new: same shape, logits of the modified model.
         mask: optional ``[B, P]`` / ``[B]`` mask (bool or 0/1); masked-out positions are set to 0.
+        grad: keep the autograd graph through ``logits_new`` (a training loss); by default both are detached.
 
     Returns:
         ``[B, P]`` or ``[B]`` non-negative KL values in nats.
@@ -70,7 +72,7 @@ def kl_divergence(logits_ref: Tensor, logits_new: Tensor, mask: Tensor | None = 
     if logits_ref.shape != logits_new.shape:
         raise ValueError(f"logit shapes differ: {tuple(logits_ref.shape)} vs {tuple(logits_new.shape)}")
     log_p = F.log_softmax(logits_ref.detach().float(), dim=-1)           # [..., V]
-    log_q = F.log_softmax(logits_new.detach().float(), dim=-1)           # [..., V]
+    log_q = F.log_softmax((logits_new if grad else logits_new.detach()).float(), dim=-1)  # [..., V]
     p = log_p.exp()
     terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))  # 0 log 0 = 0 (-inf logits)
     kl = terms.sum(-1).clamp_min(0.0)                                    # [B, P] or [B]

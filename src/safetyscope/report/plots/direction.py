@@ -1,4 +1,4 @@
-"""Refusal-direction plots: candidate scores (layer x position) and the weight-tuning Pareto front."""
+"""Refusal-direction plots: candidate scores (layer x position), the weight-tuning Pareto front, refinement curves."""
 
 from __future__ import annotations
 
@@ -82,4 +82,23 @@ def pareto_plot(result: Any, path: str | Path, *, title: str = "") -> Path:
     ax.axhline(0.0, color="#999999", lw=0.8, ls="--")
     ax.legend(fontsize=7)
     ax.set_title(title or ("norm-preserving " if result.norm_preserving else "") + "per-layer weight search", fontsize=9)
+    return save_figure(fig, path)
+
+
+def refine_plot(result: Any, path: str | Path, *, title: str = "") -> Path:
+    """Validation KL and bypass term of a direction refinement against the step, the chosen step marked."""
+    fig, ax = figure(5.2, 3.4)
+    steps = [h.step for h in result.history]
+    ax.plot(steps, [h.val_kl for h in result.history], "-o", ms=3, color=PALETTE["harmless"], label="KL, harmless (val)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean first-token KL")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [h.val_bypass for h in result.history], "-s", ms=3, color=PALETTE["harmful"],
+             label="bypass term, harmful (val)")
+    ax2.set_ylabel("mean relu(refusal score - harmless mean)")
+    ax.axvline(result.chosen, color=PALETTE["accent"], lw=1.2, ls="--", label="chosen")
+    lines = ax.get_legend_handles_labels()
+    more = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7)
+    ax.set_title(title or "direction refinement", fontsize=9)
     return save_figure(fig, path)

@@ -1,0 +1,218 @@
+"""Beyond Arditi et al.: refine a refusal direction by gradient descent on what its ablation should do.
+
+A difference of means is a statistic. Estimated from about a hundred prompts per group it carries
+sampling noise (on the default model, directions from two halves of the train split agree at cosine
+~0.85), and that noise follows the within-group covariance: it leans towards the directions along which
+harmless prompts differ most, which are the ones whose ablation moves harmless behaviour most.
+Refinement keeps every model weight frozen and trains only the direction, ``r = v / ||v||`` with ``v``
+starting at the given direction, to minimise under the direction's own ablation (zero or mean, with its
+per-layer weights)::
+
+    loss(r) = mean_harmful relu(score(x; r) - tau) + kl_weight * mean_harmless KL(P(. | x) || P(. | x; r))
+
+* ``score``: the logit refusal score (log-odds of refusal-opening tokens at the first reply position);
+* ``tau``: the unmodified model's mean score on the harmless training prompts ("treated like harmless
+  prompts", as ``direction tune``'s target), so harmful prompts already below it cost nothing;
+* ``KL``: first-token KL to the unmodified model (the capability metric of the selection).
+
+For mean ablation the targets follow the direction: ``t_l = mean_harmless(resid_pre[l]) . r`` at the
+direction's position, with the means taken once over the harmless training prompts (so step 0 is the
+given direction with its targets recomputed from those prompts).
+
+Adam, seeded minibatches of ``batch`` prompts per group (in micro-batches of ``micro_batch`` rows, halved
+on out-of-memory). At step 0 and every ``eval_every`` steps the same loss is measured on validation
+prompts without gradient; the checkpoint with the lowest validation loss is returned, so the result is
+never worse than the input by that measure on those prompts. The idea is that of Wollschläger et al.
+(2025)'s refusal direction optimisation; this version uses the first-token retain loss and the logit
+score instead of target completions, so it needs no generated targets.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..artifacts.direction import Direction
+from ..hooks import forward, hooks
+from ..measure.compare import logits_under
+from ..measure.metrics import kl_divergence, refusal_score
+from ..measure.refusal_tokens import refusal_token_ids
+from ..models.adapter import LoadedModel
+from ..prompts.chat import tokenize_prompts
+from ..runner import is_oom
+from .fit import fit_group_moments
+
+
+@dataclass
+class RefineStep:
+    """One measured checkpoint: training minibatch terms (None at step 0) and validation terms."""
+
+    step: int
+    cosine: float  # with the starting direction
+    train_bypass: float | None = None
+    train_kl: float | None = None
+    val_bypass: float | None = None  # mean relu(score - tau) on the harmful validation prompts
+    val_kl: float | None = None  # mean first-token KL on the harmless validation prompts
+    val_loss: float | None = None
+    val_refusing: float | None = None  # fraction of harmful validation prompts still scoring above tau
+    seconds: float = 0.0
+
+
+@dataclass
+class RefineResult:
+    direction: Direction
+    history: list[RefineStep]
+    chosen: int  # step of the returned checkpoint
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"chosen": self.chosen, "settings": self.settings, "history": [asdict(h) for h in self.history]}
+
+
+def harmless_means(lm: LoadedModel, harmless: Sequence[str], position: int, *, batch_size: int = 8,
+                   system: str | None = None) -> torch.Tensor:
+    """[n_layers, d_model] float64 mean of every block's resid_pre over ``harmless`` at ``position``."""
+    stats = fit_group_moments(lm, {"harmless": list(harmless)}, "blocks.*.resid_pre", [int(position)],
+                              batch_size=batch_size, system=system)
+    rows = []
+    for layer in range(lm.n_layers):
+        m = stats.get("harmless", f"blocks.{layer}.resid_pre").mean
+        assert m is not None
+        rows.append(m[0])
+    return torch.stack(rows)
+
+
+def refine_direction(
+    lm: LoadedModel,
+    direction: Direction,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    val_harmful: Sequence[str],
+    val_harmless: Sequence[str],
+    steps: int = 30,
+    lr: float = 0.002,
+    kl_weight: float = 20.0,
+    batch: int = 16,
+    micro_batch: int = 8,
+    eval_every: int = 5,
+    seed: int = 0,
+    system: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> RefineResult:
+    """Train ``direction`` (only it; the model stays frozen) on the loss in the module docstring."""
+    if not harmful or not harmless or not val_harmful or not val_harmless:
+        raise ValueError("refinement needs harmful and harmless prompts for training and validation; give at least one of each")
+    if steps < 0 or lr <= 0 or kl_weight < 0 or batch < 1 or micro_batch < 1 or eval_every < 1:
+        raise ValueError("refinement settings must be positive: --steps >= 0, --lr > 0, --kl-weight >= 0, "
+                         "--batch >= 1, --batch-size >= 1, --eval-every >= 1")
+    say = log or (lambda _m: None)
+    ids = refusal_token_ids(lm.tokenizer)
+    ref_train = logits_under(lm, harmless, None, batch_size=micro_batch, system=system)  # [n, V]
+    ref_val = logits_under(lm, val_harmless, None, batch_size=micro_batch, system=system)
+    tau = float(refusal_score(ref_train, ids).mean())
+    device = lm.input_device
+    means = None
+    if direction.ablation == "mean":
+        means = harmless_means(lm, harmless, direction.position, batch_size=micro_batch, system=system)
+        means = means.to(device=device, dtype=torch.float32)  # [n_layers, d_model]
+    start = direction.direction.to(device=device, dtype=torch.float32)  # [d_model] unit
+    v = start.clone().requires_grad_(True)
+    state: dict[str, torch.Tensor] = {}
+
+    def set_r(vec: torch.Tensor) -> None:
+        r = vec / vec.norm()
+        state["r"] = r
+        if means is not None:
+            state["t"] = means @ r  # [n_layers]
+
+    def terms(prompts: Sequence[str], ref: torch.Tensor | None, grad: bool, scale: float) -> tuple[float, int]:
+        """Sum of relu(score - tau) (ref None) or of KL over ``prompts``; backward of ``scale`` x the sum."""
+        total, size, i = 0.0, micro_batch, 0
+        while i < len(prompts):
+            chunk = list(prompts[i:i + size])
+            try:
+                with torch.set_grad_enabled(grad):
+                    if grad:
+                        set_r(v)
+                    logits = forward(lm, tokenize_prompts(lm.tokenizer, chunk, system=system), last_only=True)[:, -1]
+                    if ref is None:
+                        vals = torch.relu(refusal_score(logits, ids, grad=grad) - tau)  # [b]
+                    else:
+                        vals = kl_divergence(ref[i:i + len(chunk)].to(logits.device), logits, grad=grad)  # [b]
+                    if grad:
+                        (vals.sum() * scale).backward()
+            except RuntimeError as exc:
+                if not is_oom(exc) or size == 1:
+                    raise
+                size = max(1, size // 2)
+                say(f"out of memory: retrying with micro-batches of {size}")
+                continue
+            total += float(vals.detach().sum())
+            i += len(chunk)
+        return total, len(prompts)
+
+    def validate(step: int, t0: float, **train: float) -> RefineStep:
+        set_r(v.detach())
+        with torch.no_grad():
+            logits = torch.cat([
+                forward(lm, tokenize_prompts(lm.tokenizer, list(val_harmful[i:i + micro_batch]), system=system),
+                        last_only=True)[:, -1].float().cpu()
+                for i in range(0, len(val_harmful), micro_batch)
+            ])
+            kl_sum, n_kl = terms(val_harmless, ref_val, False, 0.0)
+        scores = refusal_score(logits, ids)
+        bypass = float(torch.relu(scores - tau).mean())
+        kl = kl_sum / n_kl
+        cos = float(v.detach() @ start / v.detach().norm())
+        return RefineStep(step, cos, val_bypass=bypass, val_kl=kl, val_loss=bypass + kl_weight * kl,
+                          val_refusing=float((scores > tau).float().mean()), seconds=time.perf_counter() - t0, **train)
+
+    rng = random.Random(seed)
+    opt = torch.optim.Adam([v], lr=lr)
+    history: list[RefineStep] = []
+    best: tuple[float, int, torch.Tensor] | None = None
+    with hooks(lm, direction.edits(lm, lambda _b: state["r"], lambda _b: state["t"])):
+        t0 = time.perf_counter()
+        for step in range(steps + 1):
+            train: dict[str, float] = {}
+            if step:
+                hb = rng.sample(list(harmful), min(batch, len(harmful)))
+                sb_idx = rng.sample(range(len(harmless)), min(batch, len(harmless)))
+                opt.zero_grad()
+                b_sum, nb = terms(hb, None, True, 1.0 / len(hb))
+                k_sum, nk = terms([harmless[i] for i in sb_idx], ref_train[sb_idx], True, kl_weight / len(sb_idx))
+                opt.step()
+                train = {"train_bypass": b_sum / nb, "train_kl": k_sum / nk}
+            if step % eval_every == 0 or step == steps:
+                rec = validate(step, t0, **train)
+                history.append(rec)
+                assert rec.val_loss is not None
+                if best is None or rec.val_loss < best[0]:
+                    best = (rec.val_loss, step, v.detach().clone())
+                say(f"refine step {step}/{steps}: val KL {rec.val_kl:.4f}, val bypass {rec.val_bypass:.3f} "
+                    f"({rec.val_refusing:.0%} above the harmless mean score), cosine to start {rec.cosine:.3f}")
+                t0 = time.perf_counter()
+    assert best is not None
+    _loss, chosen, vec = best
+    return RefineResult(
+        refined(direction, vec.cpu(), None if means is None else means.cpu()), history, chosen,
+        {"steps": steps, "lr": lr, "kl_weight": kl_weight, "batch": batch, "eval_every": eval_every, "seed": seed,
+         "tau": tau, "n_harmful": len(harmful), "n_harmless": len(harmless), "n_val": [len(val_harmful), len(val_harmless)]},
+    )
+
+
+def refined(direction: Direction, vector: torch.Tensor, means: torch.Tensor | None) -> Direction:
+    """A copy of ``direction`` along ``vector`` [d_model] (mean-ablation targets recomputed from ``means``
+    [n_layers, d_model] when given); the difference-of-means norm, layer and position are kept."""
+    unit = (vector / vector.norm()).float()
+    targets = direction.targets if means is None else (means.float() @ unit)
+    return Direction(unit, direction.layer, direction.position, norm=direction.norm, token=direction.token,
+                     scores=direction.scores, layer_weights=direction.layer_weights, embed_weight=direction.embed_weight,
+                     norm_preserving=direction.norm_preserving, targets=targets, ablation=direction.ablation,
+                     meta={**direction.meta, "refined": True})
