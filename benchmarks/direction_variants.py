@@ -21,6 +21,9 @@ here, as experiments, and are not part of the library):
 * ``cap``: only a component above the harmless mean is pulled down to it (experiment).
 * ``template``: the component set to the harmless mean of its own post-instruction position at those
   positions, and to the last one's at generated tokens; user-message tokens untouched (experiment).
+
+``--artifacts DIR,...`` adds saved direction artifacts (e.g. ``OUT/direction/artifact`` and the refined
+``OUT/direction_refine/artifact``) as rows of their own, applied as they are saved.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="default", help="Model alias or path, or tiny:<family> for a random tiny model.")
     p.add_argument("--candidates", default="15:-1,18:-2", help="Candidate directions as block:offset, comma separated.")
     p.add_argument("--variants", default="zero,mean,partial:0.8,blocks:8-23,cap,template", help="Variants to compare.")
+    p.add_argument("--artifacts", default="", help="Also measure these saved direction artifacts (comma separated directories).")
     p.add_argument("--n-train", type=int, default=0, help="Train prompts per group for the candidates (0 = all).")
     p.add_argument("--n-val", type=int, default=32, help="Measurement prompts per group (a seeded sample).")
     p.add_argument("--harmful", default="", help="Measure on this harmful prompt file instead of the built-in val split.")
@@ -116,7 +120,20 @@ def main(argv: list[str] | None = None) -> int:
           f"judged refusal of the harmful ones without intervention {baseline:.1%}")
     print(f"{'candidate':<12}{'variant':<14}{'judged refusal':>15}{'KL mean':>10}{'KL median':>11}{'KL max':>9}{'s':>6}")
     rows: list[dict[str, Any]] = []
-    for spec in args.candidates.split(","):
+
+    def measure(ctx: Any, layer: int, pos: int, variant: str) -> None:
+        t0 = time.perf_counter()
+        with ctx:
+            kl = kl_divergence(reference, logits_under(lm, s_val, None, batch_size=args.batch_size))
+            rate = float(refusal_rate(h_val, generate(lm, h_val, **kw), judge)["rate"])
+        row = {"layer": layer, "position": pos, "variant": variant, "judged_refusal": rate,
+               "kl_mean": float(kl.mean()), "kl_median": float(kl.median()), "kl_max": float(kl.max()),
+               "seconds": time.perf_counter() - t0}
+        rows.append(row)
+        print(f"{f'{layer}:{pos}':<12}{variant:<14}{rate:>15.1%}{row['kl_mean']:>10.4f}{row['kl_median']:>11.4f}"
+              f"{row['kl_max']:>9.3f}{row['seconds']:>6.0f}", flush=True)
+
+    for spec in [c for c in args.candidates.split(",") if c]:
         layer, pos = (int(v) for v in spec.split(":"))
         layer = layer if layer >= 0 else layer + lm.n_layers
         base = cands.direction(layer, pos)
@@ -141,16 +158,12 @@ def main(argv: list[str] | None = None) -> int:
                 ctx = hooks(lm, _experiment_edits(lm, unit, targets if name == "template" else per_pos[:, [col]], name))
             else:
                 raise SystemExit(f"unknown variant {variant!r}; use zero, mean, partial:W, blocks:A-B, cap or template")
-            t0 = time.perf_counter()
-            with ctx:
-                kl = kl_divergence(reference, logits_under(lm, s_val, None, batch_size=args.batch_size))
-                rate = float(refusal_rate(h_val, generate(lm, h_val, **kw), judge)["rate"])
-            row = {"layer": layer, "position": pos, "variant": variant, "judged_refusal": rate,
-                   "kl_mean": float(kl.mean()), "kl_median": float(kl.median()), "kl_max": float(kl.max()),
-                   "seconds": time.perf_counter() - t0}
-            rows.append(row)
-            print(f"{f'{layer}:{pos}':<12}{variant:<14}{rate:>15.1%}{row['kl_mean']:>10.4f}{row['kl_median']:>11.4f}"
-                  f"{row['kl_max']:>9.3f}{row['seconds']:>6.0f}", flush=True)
+            measure(ctx, layer, pos, variant)
+    for path in [a for a in args.artifacts.split(",") if a]:
+        saved = Direction.load(path)
+        name = ("refined " if saved.meta.get("refined") else "") + saved.ablation
+        print(f"  artifact {path}: {name}")
+        measure(saved.apply(lm), saved.layer, saved.position, f"artifact:{name}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"model": lm.name, "baseline_judged_refusal": baseline, "n_val": [len(h_val), len(s_val)],

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,6 +44,18 @@ def test_direction_variants_benchmark_measures_every_variant(tmp_path, capsys):
         assert 0.0 <= r["judged_refusal"] <= 1.0 and 0.0 <= r["kl_median"] <= r["kl_max"]
     assert any(r["kl_mean"] > 0 for r in res["rows"])  # the interventions change the model
     assert "template" in capsys.readouterr().out
+
+
+def test_direction_variants_benchmark_measures_saved_artifacts(tmp_path):
+    from safetyscope.artifacts.direction import Direction
+
+    torch.manual_seed(0)
+    Direction(torch.randn(32), 1, -1, meta={"refined": True}).save(tmp_path / "art")
+    out = tmp_path / "variants.json"
+    assert _load("direction_variants").main(["--model", "tiny:llama", "--candidates", "", "--artifacts", str(tmp_path / "art"),
+                                             "--n-val", "3", "--max-new-tokens", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["layer"], r["variant"]) for r in rows] == [(1, "artifact:refined zero")] and rows[0]["kl_mean"] > 0
 
 
 def test_direction_variants_benchmark_measures_on_given_prompt_files(tmp_path):

@@ -87,7 +87,7 @@ def pareto_plot(result: Any, path: str | Path, *, title: str = "") -> Path:
 
 def refine_plot(result: Any, path: str | Path, *, title: str = "") -> Path:
     """Validation KL and bypass term of a direction refinement against the step, the chosen step marked."""
-    fig, ax = figure(5.2, 3.4)
+    fig, ax = figure(5.2, 3.8)
     steps = [h.step for h in result.history]
     ax.plot(steps, [h.val_kl for h in result.history], "-o", ms=3, color=PALETTE["harmless"], label="KL, harmless (val)")
     ax.set_xlabel("step")
@@ -99,6 +99,7 @@ def refine_plot(result: Any, path: str | Path, *, title: str = "") -> Path:
     ax.axvline(result.chosen, color=PALETTE["accent"], lw=1.2, ls="--", label="chosen")
     lines = ax.get_legend_handles_labels()
     more = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7)
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3,
+              frameon=False)
     ax.set_title(title or "direction refinement", fontsize=9)
     return save_figure(fig, path)
