@@ -131,22 +131,20 @@ def refine_direction(
         if means is not None:
             state["t"] = means @ r  # [n_layers]
 
-    def terms(prompts: Sequence[str], ref: torch.Tensor | None, grad: bool, scale: float) -> tuple[float, int]:
-        """Sum of relu(score - tau) (ref None) or of KL over ``prompts``; backward of ``scale`` x the sum."""
+    def backward(prompts: Sequence[str], ref: torch.Tensor | None, scale: float) -> float:
+        """Backward of ``scale`` x the sum of relu(score - tau) (``ref`` None) or of KL over ``prompts``; the sum."""
         total, size, i = 0.0, micro_batch, 0
         while i < len(prompts):
             chunk = list(prompts[i:i + size])
             try:
-                with torch.set_grad_enabled(grad):
-                    if grad:
-                        set_r(v)
+                with torch.enable_grad():
+                    set_r(v)
                     logits = forward(lm, tokenize_prompts(lm.tokenizer, chunk, system=system), last_only=True)[:, -1]
                     if ref is None:
-                        vals = torch.relu(refusal_score(logits, ids, grad=grad) - tau)  # [b]
+                        vals = torch.relu(refusal_score(logits, ids, grad=True) - tau)  # [b]
                     else:
-                        vals = kl_divergence(ref[i:i + len(chunk)].to(logits.device), logits, grad=grad)  # [b]
-                    if grad:
-                        (vals.sum() * scale).backward()
+                        vals = kl_divergence(ref[i:i + len(chunk)].to(logits.device), logits, grad=True)  # [b]
+                    (vals.sum() * scale).backward()
             except RuntimeError as exc:
                 if not is_oom(exc) or size == 1:
                     raise
@@ -155,20 +153,14 @@ def refine_direction(
                 continue
             total += float(vals.detach().sum())
             i += len(chunk)
-        return total, len(prompts)
+        return total
 
     def validate(step: int, t0: float, **train: float) -> RefineStep:
-        set_r(v.detach())
-        with torch.no_grad():
-            logits = torch.cat([
-                forward(lm, tokenize_prompts(lm.tokenizer, list(val_harmful[i:i + micro_batch]), system=system),
-                        last_only=True)[:, -1].float().cpu()
-                for i in range(0, len(val_harmful), micro_batch)
-            ])
-            kl_sum, n_kl = terms(val_harmless, ref_val, False, 0.0)
-        scores = refusal_score(logits, ids)
+        set_r(v.detach())  # the hooks are installed: one scoring pass over both validation groups
+        logits = logits_under(lm, list(val_harmful) + list(val_harmless), None, batch_size=micro_batch, system=system)
+        scores = refusal_score(logits[: len(val_harmful)], ids)
         bypass = float(torch.relu(scores - tau).mean())
-        kl = kl_sum / n_kl
+        kl = float(kl_divergence(ref_val, logits[len(val_harmful):]).mean())
         cos = float(v.detach() @ start / v.detach().norm())
         return RefineStep(step, cos, val_bypass=bypass, val_kl=kl, val_loss=bypass + kl_weight * kl,
                           val_refusing=float((scores > tau).float().mean()), seconds=time.perf_counter() - t0, **train)
@@ -185,10 +177,10 @@ def refine_direction(
                 hb = rng.sample(list(harmful), min(batch, len(harmful)))
                 sb_idx = rng.sample(range(len(harmless)), min(batch, len(harmless)))
                 opt.zero_grad()
-                b_sum, nb = terms(hb, None, True, 1.0 / len(hb))
-                k_sum, nk = terms([harmless[i] for i in sb_idx], ref_train[sb_idx], True, kl_weight / len(sb_idx))
+                b_sum = backward(hb, None, 1.0 / len(hb))
+                k_sum = backward([harmless[i] for i in sb_idx], ref_train[sb_idx], kl_weight / len(sb_idx))
                 opt.step()
-                train = {"train_bypass": b_sum / nb, "train_kl": k_sum / nk}
+                train = {"train_bypass": b_sum / len(hb), "train_kl": k_sum / len(sb_idx)}
             if step % eval_every == 0 or step == steps:
                 rec = validate(step, t0, **train)
                 history.append(rec)
