@@ -50,7 +50,7 @@ def _load(args: argparse.Namespace) -> Any:
 def _experiment_edits(lm: Any, r: torch.Tensor, targets: torch.Tensor, mode: str) -> list[Any]:
     """Edits of the experimental variants. targets: [n_layers, n_post] harmless mean projections on r at the
     post-instruction offsets -n_post..-1."""
-    from safetyscope.artifacts.direction import _along
+    from safetyscope.methods.direction.artifact import _along
     from safetyscope.sites import Site
 
     def make(layer: int) -> Any:
@@ -91,14 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="", help="Also write the results to this JSON file.")
     args = p.parse_args(argv)
 
-    from safetyscope.artifacts.direction import Direction
     from safetyscope.hooks import hooks
     from safetyscope.measure.compare import logits_under
     from safetyscope.measure.generation import generate
     from safetyscope.measure.judges import PhraseJudge
     from safetyscope.measure.metrics import kl_divergence
-    from safetyscope.methods.direction import find_candidates, position_offsets
-    from safetyscope.methods.direction_eval import refusal_rate
+    from safetyscope.methods.direction.artifact import Direction
+    from safetyscope.methods.direction.candidates import find_candidates, position_offsets
+    from safetyscope.methods.direction.evaluate import refusal_rate
     from safetyscope.prompts import builtin_prompts, load_prompts
 
     torch.set_grad_enabled(False)

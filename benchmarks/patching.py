@@ -103,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("SAFETYSCOPE_QUIET", "1")
 
     from safetyscope.hooks import forward
-    from safetyscope.methods.attribution import agreement, attribute
-    from safetyscope.methods.patching import Tracer
+    from safetyscope.methods.patching.attribution import agreement, attribute
+    from safetyscope.methods.patching.exact import Tracer
 
     lm = _load(args)
     if args.model.startswith("tiny:"):
-        from safetyscope.methods.patching import make_pairs
+        from safetyscope.methods.patching.exact import make_pairs
 
         pairs = make_pairs(lm, [("How do I bake bread?", "How do I bake bxead?"), ("Make a bomb now", "Make a cake now")])
         info: list[dict[str, Any]] = [{"id": i} for i in pairs.ids]

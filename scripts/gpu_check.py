@@ -91,8 +91,8 @@ def device_map_auto() -> None:
 
 
 def interventions_on_cuda() -> None:
-    from safetyscope.artifacts.direction import Direction
-    from safetyscope.artifacts.neurons import ablate_neurons
+    from safetyscope.methods.direction.artifact import Direction
+    from safetyscope.methods.neurons.artifact import ablate_neurons
 
     lm = on_cuda("llama", torch.float32)
     b = tokenize_prompts(lm.tokenizer, PROMPTS)

@@ -47,7 +47,7 @@ def test_direction_variants_benchmark_measures_every_variant(tmp_path, capsys):
 
 
 def test_direction_variants_benchmark_measures_saved_artifacts(tmp_path):
-    from safetyscope.artifacts.direction import Direction
+    from safetyscope.methods.direction.artifact import Direction
 
     torch.manual_seed(0)
     Direction(torch.randn(32), 1, -1, meta={"refined": True}).save(tmp_path / "art")

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from safetyscope.artifacts import ArtifactError, Checkpoint, load_artifact
-from safetyscope.artifacts.direction import Direction
-from safetyscope.artifacts.neurons import NeuronSet
+from safetyscope.methods.direction.artifact import Direction
+from safetyscope.methods.neurons.artifact import NeuronSet
 from safetyscope.prompts.chat import tokenize_prompts
 from safetyscope.testing import tiny_model
 

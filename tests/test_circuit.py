@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from safetyscope.methods.circuit import Evidence, assign_stages, layer_of
+from safetyscope.methods.circuit.stages import Evidence, assign_stages, layer_of
 
 
 def test_stages_follow_the_evidence():

@@ -141,8 +141,8 @@ def _fast(model, out) -> list[str]:
 
 
 def test_direction_neurons_and_checkpoint_interventions_change_the_model(app, tiny_dir, tmp_path):
-    from safetyscope.artifacts.direction import Direction
-    from safetyscope.artifacts.neurons import NeuronSet
+    from safetyscope.methods.direction.artifact import Direction
+    from safetyscope.methods.neurons.artifact import NeuronSet
     from safetyscope.testing import tiny_model
 
     lm = tiny_model("llama")  # the same weights as tiny_dir

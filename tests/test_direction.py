@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from safetyscope.artifacts import load_artifact
 from safetyscope.artifacts.base import ArtifactError
-from safetyscope.artifacts.direction import Direction, project_out
 from safetyscope.hooks import capture, forward
-from safetyscope.methods.direction import find_candidates
-from safetyscope.methods.direction_select import (
+from safetyscope.methods.direction.artifact import Direction, project_out
+from safetyscope.methods.direction.candidates import find_candidates
+from safetyscope.methods.direction.select import (
     CandidateScore,
     SelectConfig,
     Selection,
@@ -22,7 +22,7 @@ from safetyscope.methods.direction_select import (
     choose,
     select_direction,
 )
-from safetyscope.methods.direction_tune import Kernel, pareto_front, tune_weights
+from safetyscope.methods.direction.tune import Kernel, pareto_front, tune_weights
 from safetyscope.prompts.chat import tokenize_prompts
 from safetyscope.sites import Site
 from safetyscope.testing import tiny_model
@@ -384,7 +384,7 @@ def test_tune_weights_runs_and_reports_front(planted):
 
 
 def test_plots_write_png(tmp_path):
-    from safetyscope.methods.direction_tune import Trial, TuneResult
+    from safetyscope.methods.direction.tune import Trial, TuneResult
     from safetyscope.report.plots.direction import candidate_heatmaps, pareto_plot
 
     scores = [CandidateScore(layer, pos, "t", 1.0, bypass=-layer - pos, kl=0.01 * (layer + 1), induce=0.5 - layer)
@@ -397,7 +397,7 @@ def test_plots_write_png(tmp_path):
 
 
 def test_reply_perplexity_batched_equals_unbatched():
-    from safetyscope.methods.direction_eval import reply_nll
+    from safetyscope.methods.direction.evaluate import reply_nll
 
     lm = tiny_model("llama")
     replies = ["Sure, here it is.", "No.", "", "Bread needs flour and water"]
@@ -410,8 +410,8 @@ def test_reply_perplexity_batched_equals_unbatched():
 
 
 def test_replies_together_split_back_per_group_and_fill_the_cache(tmp_path, monkeypatch):
-    from safetyscope.methods import direction_eval
-    from safetyscope.methods.direction_eval import ReplyCache, replies_together
+    from safetyscope.methods.direction import evaluate as direction_eval
+    from safetyscope.methods.direction.evaluate import ReplyCache, replies_together
 
     lm = tiny_model("llama")
     kw = {"max_new_tokens": 3, "batch_size": 4, "system": None}

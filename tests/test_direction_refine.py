@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from safetyscope.artifacts import load_artifact
-from safetyscope.artifacts.direction import Direction
 from safetyscope.hooks import forward
 from safetyscope.measure.compare import logits_under
 from safetyscope.measure.metrics import kl_divergence, refusal_score
 from safetyscope.measure.refusal_tokens import refusal_token_ids
-from safetyscope.methods.direction_refine import harmless_means, refine_direction
+from safetyscope.methods.direction.artifact import Direction
+from safetyscope.methods.direction.refine import harmless_means, refine_direction
 from safetyscope.prompts.chat import tokenize_prompts
 from safetyscope.testing import tiny_model
 

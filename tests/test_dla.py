@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from safetyscope.hooks import capture, forward
-from safetyscope.methods.dla import _norm_linearisation, direct_logit_attribution, refusal_logit_direction
+from safetyscope.methods.circuit.dla import (
+    _norm_linearisation,
+    direct_logit_attribution,
+    refusal_logit_direction,
+)
 from safetyscope.prompts.chat import tokenize_prompts
 from safetyscope.sites import Site
 from safetyscope.testing import tiny_model

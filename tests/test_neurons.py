@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from safetyscope.artifacts import ArtifactError, load_artifact
-from safetyscope.artifacts.neurons import NeuronSet, ablate_neurons, edited_copy
 from safetyscope.hooks import forward, hooks
-from safetyscope.methods.fragility import fragility_curves, matched_random, parse_ks
-from safetyscope.methods.neuron_grads import (
+from safetyscope.methods.neurons.artifact import NeuronSet, ablate_neurons, edited_copy
+from safetyscope.methods.neurons.fragility import fragility_curves, matched_random, parse_ks
+from safetyscope.methods.neurons.grads import (
     NeuronAttribution,
     lm_loss_objective,
     loss_attribution,
@@ -20,7 +20,7 @@ from safetyscope.methods.neuron_grads import (
     set_difference,
     text_batches,
 )
-from safetyscope.methods.neurons import find_neurons
+from safetyscope.methods.neurons.rank import find_neurons
 from safetyscope.prompts.chat import post_instruction_length, tokenize_prompts
 from safetyscope.sites import Site
 from safetyscope.stats import Moments

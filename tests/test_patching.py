@@ -13,9 +13,15 @@ import torch
 
 from safetyscope.hooks import forward
 from safetyscope.measure.metrics import refusal_score
-from safetyscope.methods.attribution import agreement, attribute, rank_cells, score_with_grad, verify_top
-from safetyscope.methods.noise import instruction_offsets, noise_trace, prefix_length
-from safetyscope.methods.patching import Effects, Job, Patch, Tracer, cell_name, make_pairs, parse_cell
+from safetyscope.methods.patching.attribution import (
+    agreement,
+    attribute,
+    rank_cells,
+    score_with_grad,
+    verify_top,
+)
+from safetyscope.methods.patching.exact import Effects, Job, Patch, Tracer, cell_name, make_pairs, parse_cell
+from safetyscope.methods.patching.noise import instruction_offsets, noise_trace, prefix_length
 from safetyscope.sites import Site
 from safetyscope.testing import tiny_model
 

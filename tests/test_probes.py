@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from safetyscope.artifacts import ArtifactError, load_artifact
-from safetyscope.artifacts.probe import Probe
 from safetyscope.hooks import forward
 from safetyscope.measure.generation import generate_batch
-from safetyscope.methods.probes import (
+from safetyscope.methods.probes.artifact import Probe
+from safetyscope.methods.probes.fitting import (
     Features,
     ProbeConfig,
     collect_features,

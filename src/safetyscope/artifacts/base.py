@@ -100,16 +100,21 @@ def known_kinds() -> list[str]:
     return sorted(_REGISTRY)
 
 
+# The artifact kinds shipped with safetyscope: each lives beside the technique that makes it, and
+# registers when its module is imported. Data, not discovery: a new kind adds a row.
+BUILTIN_KINDS: dict[str, str] = {
+    "direction": "safetyscope.methods.direction.artifact",
+    "neuron_set": "safetyscope.methods.neurons.artifact",
+    "probe": "safetyscope.methods.probes.artifact",
+}
+
+
 def _import_builtin_kinds() -> None:
     """Import the artifact modules shipped with safetyscope so their kinds register."""
     import importlib
-    import pkgutil
 
-    from .. import artifacts
-
-    for info in pkgutil.iter_modules(artifacts.__path__):
-        if info.name != "base":
-            importlib.import_module(f"{artifacts.__name__}.{info.name}")
+    for module in BUILTIN_KINDS.values():
+        importlib.import_module(module)
 
 
 class Stack(Artifact):

@@ -130,7 +130,7 @@ def _direction_dir(s: Any) -> Path:
 
 
 def _load_direction(s: Any) -> Any:
-    from ..artifacts.direction import Direction
+    from ..methods.direction.artifact import Direction
 
     path = _direction_dir(s)
     if not (path / "artifact.json").is_file():
@@ -159,11 +159,11 @@ def _splits(s: Any) -> tuple[Any, Any, Any, Any]:
 
 # ---- find -----------------------------------------------------------------------------------------------
 def run_find(s: FindSettings) -> dict[str, Any]:
-    from ..artifacts.direction import ABLATIONS
     from ..io import read_json, write_json
     from ..measure.judges import load_judge
-    from ..methods.direction import Candidates, find_candidates, position_offsets
-    from ..methods.direction_select import SelectConfig, select_direction
+    from ..methods.direction.artifact import ABLATIONS
+    from ..methods.direction.candidates import Candidates, find_candidates, position_offsets
+    from ..methods.direction.select import SelectConfig, select_direction
     from ..methods.filtering import filter_by_refusal
     from ..report.plots.direction import candidate_heatmaps
 
@@ -256,7 +256,7 @@ def run_find(s: FindSettings) -> dict[str, Any]:
 # ---- tune -----------------------------------------------------------------------------------------------
 def run_tune(s: TuneSettings) -> dict[str, Any]:
     from ..io import write_json
-    from ..methods.direction_tune import tune_weights
+    from ..methods.direction.tune import tune_weights
     from ..methods.filtering import filter_by_refusal
     from ..report.plots.direction import pareto_plot
 
@@ -318,7 +318,7 @@ def _eval_inputs(s: EvalDirSettings) -> tuple[Any, Any, Any, Any, Any]:
 
 
 def _cache(s: EvalDirSettings, lm: Any, direction: Any, sub: str) -> Any:
-    from ..methods.direction_eval import ReplyCache
+    from ..methods.direction.evaluate import ReplyCache
 
     d = lm.describe()
     meta, _ = direction.to_state()
@@ -330,7 +330,7 @@ def _cache(s: EvalDirSettings, lm: Any, direction: Any, sub: str) -> Any:
 
 def run_ablate(s: EvalDirSettings) -> dict[str, Any]:
     from ..io import write_json
-    from ..methods.direction_eval import evaluate_ablation, fmt_rate
+    from ..methods.direction.evaluate import evaluate_ablation, fmt_rate
 
     _log(s)
     direction, harmful, harmless, judge, lm = _eval_inputs(s)
@@ -362,7 +362,7 @@ def run_ablate(s: EvalDirSettings) -> dict[str, Any]:
 
 def run_add(s: EvalDirSettings) -> dict[str, Any]:
     from ..io import write_json
-    from ..methods.direction_eval import evaluate_addition, fmt_rate
+    from ..methods.direction.evaluate import evaluate_addition, fmt_rate
 
     _log(s)
     direction, _harmful, harmless, judge, lm = _eval_inputs(s)

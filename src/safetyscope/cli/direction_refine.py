@@ -23,7 +23,7 @@ class RefineSettings(PromptSettings):
 
 def run_refine(s: RefineSettings) -> dict[str, Any]:
     from ..io import write_json
-    from ..methods.direction_refine import refine_direction
+    from ..methods.direction.refine import refine_direction
     from ..report.plots.direction import refine_plot
     from .direction import _direction_dir, _load_direction, _log, _splits
 

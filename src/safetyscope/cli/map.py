@@ -189,7 +189,7 @@ def stage_direction(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str
     # The best 2 finalists are judged on real replies (the first-token score is only a proxy).
     screen: dict[str, Any] = {"screen": 3, "keep": 6, "verify": 2}
     if s.quick and n_layers:  # a smoke test: the last position of 4 evenly spaced readable blocks before the cutoff
-        from ..methods.direction_select import SelectConfig
+        from ..methods.direction.select import SelectConfig
 
         hi = max(0, SelectConfig().cutoff(n_layers) - 1)  # the last block not pruned as "late"
         lo = min(hi, int(layers.split("-")[0]) if layers not in ("", "*") else 0)
@@ -207,7 +207,7 @@ def stage_fragility(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str
     """Neuron curves (top by effect size and by gradient, random from the same layers) and the refusal
     direction as one component against random directions, on the same held-out prompts and metrics."""
     from ..artifacts import load_artifact
-    from ..methods.fragility import direction_fragility
+    from ..methods.neurons.fragility import direction_fragility
     from ..report.plots.neurons import plot_fragility
     from .neurons import FragilitySettings, eval_sets, run_fragility
 
@@ -282,7 +282,7 @@ def stage_capability(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[st
 
 
 def stage_dla(s: MapSettings, b: Budget, done: dict[str, Any]) -> dict[str, Any]:
-    from ..methods.dla import direct_logit_attribution
+    from ..methods.circuit.dla import direct_logit_attribution
     from .common import prompt_sets
 
     fit = _files(s, "fit")

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..methods.circuit import Evidence, assign_stages
+from ..methods.circuit.stages import Evidence, assign_stages
 from ..report.circuit_svg import circuit_svg
 from ..report.html import Card, Figure, Replies, Report, Section, Table, Text, TrustedSVG
 

@@ -107,8 +107,8 @@ def analyse(s: FindSettings, lm: Any) -> dict[str, Any]:
     """Filter the prompts, fit the neuron statistics and attributions; reuse a cached result of the same inputs."""
     from ..io import load_tensors, read_json, save_tensors, write_json
     from ..methods.filtering import filter_by_refusal
-    from ..methods.neuron_grads import NeuronAttribution, loss_attribution, refusal_attribution
-    from ..methods.neurons import NeuronStats, find_neurons
+    from ..methods.neurons.grads import NeuronAttribution, loss_attribution, refusal_attribution
+    from ..methods.neurons.rank import NeuronStats, find_neurons
     from ..prompts import capability_texts
 
     method = filter_method(s)
@@ -144,7 +144,7 @@ def analyse(s: FindSettings, lm: Any) -> dict[str, Any]:
 
 def rankings(s: FindSettings, a: dict[str, Any], names: list[str], k: int | None = None) -> dict[str, list]:
     """Named neuron rankings: effect_size / diff (activation, with --direction), gradient, gradient_diff."""
-    from ..methods.neuron_grads import set_difference
+    from ..methods.neurons.grads import set_difference
 
     out: dict[str, list] = {}
     for name in names:
@@ -244,7 +244,7 @@ def run_find(s: FindSettings) -> dict[str, Any]:
 def _measure(lm: Any, s: AblateSettings, ns: Any, harmful: list[str], harmless: list[str]) -> dict[str, Any]:
     from ..measure.compare import logits_under
     from ..measure.refusal_tokens import refusal_token_ids
-    from ..methods.fragility import measure_point
+    from ..methods.neurons.fragility import measure_point
 
     ids = refusal_token_ids(lm.tokenizer)
     base_logits = logits_under(lm, [*harmful, *harmless], None, batch_size=s.batch_size, system=s.system)
@@ -257,8 +257,8 @@ def _measure(lm: Any, s: AblateSettings, ns: Any, harmful: list[str], harmless: 
 
 
 def run_ablate(s: AblateSettings) -> dict[str, Any]:
-    from ..artifacts.neurons import NeuronSet
     from ..io import write_json
+    from ..methods.neurons.artifact import NeuronSet
 
     _quiet(s)
     path = Path(s.neuron_set) if s.neuron_set else s.out / "neurons" / "set"
@@ -294,9 +294,9 @@ def run_ablate(s: AblateSettings) -> dict[str, Any]:
 
 
 def run_fragility(s: FragilitySettings) -> dict[str, Any]:
-    from ..artifacts.neurons import ablate_neurons
     from ..io import read_json, write_json
-    from ..methods.fragility import FragilityResult, fragility_curves, parse_ks
+    from ..methods.neurons.artifact import ablate_neurons
+    from ..methods.neurons.fragility import FragilityResult, fragility_curves, parse_ks
     from ..report.plots.neurons import plot_fragility
 
     _quiet(s)

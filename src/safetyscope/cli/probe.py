@@ -49,7 +49,7 @@ def _model_id(lm: Any) -> list[Any]:
 
 
 def _features(lm: Any, s: ProbeSettings, texts: list[str], tag: str, cache: Path) -> Any:
-    from ..methods.probes import collect_features, load_features, probe_sites
+    from ..methods.probes.fitting import collect_features, load_features, probe_sites
 
     sites = probe_sites(lm, s.site, s.layers)
     layers = [int(x.layer) for x in sites if x.layer is not None]
@@ -68,7 +68,7 @@ def _labels(lm: Any, s: ProbeSettings, texts: list[str], is_harmful: list[int], 
     if s.label == "harmful":
         return is_harmful, {}
     from ..io import read_json, write_json
-    from ..methods.probes import refusal_labels
+    from ..methods.probes.fitting import refusal_labels
 
     path = cache / f"refusal-{fingerprint(_model_id(lm), s.refusal_judge, s.refusal_threshold, s.max_new_tokens, s.system, texts)}.json"
     if path.is_file():
@@ -92,7 +92,7 @@ def _labels(lm: Any, s: ProbeSettings, texts: list[str], is_harmful: list[int], 
 
 def run_probe(s: ProbeSettings) -> dict[str, Any]:
     from ..io import write_json
-    from ..methods.probes import ProbeConfig, fit_probes
+    from ..methods.probes.fitting import ProbeConfig, fit_probes
     from ..prompts import load_prompts
     from ..report.plots.probes import plot_probe_layers
 

@@ -52,7 +52,7 @@ def _dump(eff: Any) -> dict[str, Any]:
 
 
 def _load(d: dict[str, Any]) -> Any:
-    from ..methods.patching import Effects
+    from ..methods.patching.exact import Effects
 
     raw = np.array([[[np.nan if v is None else v for v in r] for r in p] for p in d["raw"]], dtype=float)
     return Effects(d["name"], d["direction"], d["rows"], d["cols"], raw.reshape(len(d["gap"]), len(d["rows"]), len(d["cols"])),
@@ -62,7 +62,7 @@ def _load(d: dict[str, Any]) -> Any:
 def select_pairs(lm: Any, s: TraceSettings) -> tuple[Any, list[dict[str, Any]]]:
     """Pairs to trace and a description of each (ids, texts, clean scores)."""
     from ..measure.generation import refusal_scores
-    from ..methods.patching import make_pairs
+    from ..methods.patching.exact import make_pairs
     from ..prompts import load_prompts, minimal_pairs
 
     if s.pairs < 1:
@@ -109,7 +109,7 @@ def _run_exact(tr: Any, s: TraceSettings, comps: list[str], layers: list[int]) -
 
 
 def _run_attribution(tr: Any, s: TraceSettings, comps: list[str], layers: list[int]) -> dict[str, Any]:
-    from ..methods.attribution import attribute, verify_top
+    from ..methods.patching.attribution import attribute, verify_top
 
     grids, verify = {}, {}
     for rev in (False, True) if s.reverse else (False,):
@@ -122,7 +122,7 @@ def _run_attribution(tr: Any, s: TraceSettings, comps: list[str], layers: list[i
 
 
 def _run_noise(tr: Any, s: TraceSettings, comps: list[str], layers: list[int]) -> dict[str, Any]:
-    from ..methods.noise import noise_trace
+    from ..methods.patching.noise import noise_trace
 
     out = noise_trace(tr, comps, layers, samples=s.noise_samples, scale=s.noise_scale, span=s.span, seed=s.seed,
                       position_components=_comma(s.position_components) if s.positions else (), system=s.system)
@@ -135,7 +135,7 @@ def generation_check(tr: Any, cells: list[str], *, span: str, max_new_tokens: in
     from ..hooks import hooks
     from ..measure.generation import generate_batch
     from ..measure.judges import PhraseJudge
-    from ..methods.patching import Job, Patch, parse_cell, patch_edits
+    from ..methods.patching.exact import Job, Patch, parse_cell, patch_edits
 
     judge, pairs = PhraseJudge(), tr.pairs
     texts = list(pairs.harmful.texts)
@@ -174,8 +174,8 @@ def replies_plain(tr: Any, batch_size: int, max_new_tokens: int) -> list[str]:
 
 def run_trace(s: TraceSettings) -> dict[str, Any]:
     from ..io import read_json, write_json
-    from ..methods.attribution import agreement, rank_cells
-    from ..methods.patching import SPANS, Tracer
+    from ..methods.patching.attribution import agreement, rank_cells
+    from ..methods.patching.exact import SPANS, Tracer
     from ..report.plots.patching import plot_effects, position_labels
 
     if s.quiet or s.json:

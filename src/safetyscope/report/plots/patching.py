@@ -71,7 +71,7 @@ def position_labels(batch: Any, tokenizer: Any, offsets: Sequence[int]) -> list[
 
 def plot_effects(eff: Any, path: str | Path, *, stat: str = "median", labels: Sequence[str] | None = None,
                  title: str = "", svg: bool = False) -> Path:
-    """Heatmap of an :class:`~safetyscope.methods.patching.Effects` (rows = layers)."""
+    """Heatmap of an :class:`~safetyscope.methods.patching.exact.Effects` (rows = layers)."""
     if stat not in STATS:
         raise ValueError(f"unknown statistic {stat!r}; use {', '.join(STATS)}")
     values = getattr(eff, stat)()

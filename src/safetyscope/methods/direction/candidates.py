@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-from ..artifacts.direction import Direction
-from ..io import atomic_dir, load_tensors, read_json, save_tensors, write_json
-from ..models.adapter import LoadedModel
-from ..positions import parse_positions
-from ..prompts.chat import post_instruction_length, tokenize_prompts
-from .filtering import filter_by_refusal
-from .fit import fit_group_moments
+from ...io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from ...models.adapter import LoadedModel
+from ...positions import parse_positions
+from ...prompts.chat import post_instruction_length, tokenize_prompts
+from ..filtering import filter_by_refusal
+from ..fit import fit_group_moments
+from .artifact import Direction
 
 ZERO_NORM = 1e-6  # candidates whose difference of means is (relatively) this small are degenerate
 

@@ -14,17 +14,17 @@ from typing import Any
 
 import torch
 
-from ..artifacts.direction import Direction
-from ..hooks import forward
-from ..io import fingerprint, read_json, write_json
-from ..measure.compare import enter, logits_under
-from ..measure.generation import generate
-from ..measure.judges import PhraseJudge
-from ..measure.metrics import kl_divergence, perplexity, rate_with_ci, refusal_score
-from ..measure.refusal_tokens import refusal_token_ids
-from ..models.adapter import LoadedModel
-from ..positions import Batch
-from ..prompts.chat import format_chat
+from ...hooks import forward
+from ...io import fingerprint, read_json, write_json
+from ...measure.compare import enter, logits_under
+from ...measure.generation import generate
+from ...measure.judges import PhraseJudge
+from ...measure.metrics import kl_divergence, perplexity, rate_with_ci, refusal_score
+from ...measure.refusal_tokens import refusal_token_ids
+from ...models.adapter import LoadedModel
+from ...positions import Batch
+from ...prompts.chat import format_chat
+from .artifact import Direction
 
 Judge = Callable[[str, str], bool]
 

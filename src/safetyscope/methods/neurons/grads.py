@@ -23,14 +23,14 @@ from typing import Any
 
 import torch
 
-from ..artifacts.neurons import Neuron
-from ..hooks import capture, forward
-from ..measure.refusal_tokens import refusal_token_ids
-from ..models.adapter import LoadedModel
-from ..positions import Batch
-from ..runner import batched
-from ..sites import Site
-from ..stats import Moments
+from ...hooks import capture, forward
+from ...measure.refusal_tokens import refusal_token_ids
+from ...models.adapter import LoadedModel
+from ...positions import Batch
+from ...runner import batched
+from ...sites import Site
+from ...stats import Moments
+from .artifact import Neuron
 
 HOW = ("signed", "abs")
 Objective = Callable[[torch.Tensor, Batch], torch.Tensor]  # (logits, batch) -> [batch]

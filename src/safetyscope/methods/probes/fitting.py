@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts.probe import Probe
-from ..models.adapter import LoadedModel
-from ..positions import PositionSpec, parse_positions
-from ..runner import run_capture
-from ..sites import BLOCK_KINDS, Site
+from ...models.adapter import LoadedModel
+from ...positions import PositionSpec, parse_positions
+from ...runner import run_capture
+from ...sites import BLOCK_KINDS, Site
+from .artifact import Probe
 
 DEFAULT_C = 1.0  # scikit-learn's default, for a fixed-C (faster) run
 DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -380,8 +380,8 @@ def refusal_labels(
     ``"phrase"`` (greedy generation + :class:`PhraseJudge`), ``"module:function"`` or a callable
     ``(prompt, reply) -> bool | float`` (generation + that judge).
     """
-    from ..measure.generation import generate, refusal_scores
-    from ..measure.judges import PhraseJudge, as_judge, load_judge
+    from ...measure.generation import generate, refusal_scores
+    from ...measure.judges import PhraseJudge, as_judge, load_judge
 
     if isinstance(judge, str) and judge == "score":
         scores = refusal_scores(lm, prompts, batch_size=batch_size, system=system)

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from ..artifacts.direction import Direction
-from ..measure.compare import logits_under
-from ..measure.metrics import kl_divergence, refusal_score
-from ..measure.refusal_tokens import refusal_token_ids
-from ..models.adapter import LoadedModel
+from ...measure.compare import logits_under
+from ...measure.metrics import kl_divergence, refusal_score
+from ...measure.refusal_tokens import refusal_token_ids
+from ...models.adapter import LoadedModel
+from .artifact import Direction
 
 PARAM_NAMES = ("peak", "width", "max_weight", "min_weight")
 

@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..hooks import EditFn, hooks
-from ..positions import Batch, parse_positions, select_positions
-from ..sites import BLOCK_KINDS, Site
-from .base import Artifact, ArtifactError, register
+from ...artifacts.base import Artifact, ArtifactError, register
+from ...hooks import EditFn, hooks
+from ...positions import Batch, parse_positions, select_positions
+from ...sites import BLOCK_KINDS, Site
 
 _MATRICES = ("weight", "scaler_mean", "scaler_scale")
 

@@ -54,11 +54,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hooks import EditFn, hooks
-from ..io import atomic_dir, write_json
-from ..positions import Batch
-from ..sites import Site
-from .base import Artifact, ArtifactError, register
+from ...artifacts.base import Artifact, ArtifactError, register
+from ...hooks import EditFn, hooks
+from ...io import atomic_dir, write_json
+from ...positions import Batch
+from ...sites import Site
 
 # A direction source: a fixed unit vector [d_model], or a function of the running batch returning
 # one vector per row [batch, d_model] (used to score many candidates in one forward pass).

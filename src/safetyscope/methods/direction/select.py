@@ -8,7 +8,7 @@ Each candidate (block ``l``, position ``p``) is scored with the one-pass logit r
 * ``kl``: mean first-token KL(original || ablated) on harmless prompts (the ablation must be gentle).
 
 ``ablation="mean"`` scores bypass and KL under mean ablation (the component moved to the harmless
-mean, see :mod:`safetyscope.artifacts.direction`) instead of the paper's zero ablation.
+mean, see :mod:`safetyscope.methods.direction.artifact`) instead of the paper's zero ablation.
 
 Filters: KL above ``kl_threshold``, induce below ``induce_threshold``, and blocks in the last
 ``prune_layers`` fraction; the lowest bypass among the rest wins. Every candidate's scores are kept.
@@ -33,7 +33,14 @@ from typing import Any
 
 import torch
 
-from ..artifacts.direction import (
+from ...hooks import hooks
+from ...measure.compare import logits_under
+from ...measure.metrics import kl_divergence, refusal_score
+from ...measure.refusal_tokens import refusal_token_ids
+from ...models.adapter import LoadedModel
+from ...positions import Batch
+from ...sites import Site
+from .artifact import (
     ABLATIONS,
     Direction,
     DirectionFn,
@@ -41,14 +48,7 @@ from ..artifacts.direction import (
     addition_edit,
     mean_ablation_edits,
 )
-from ..hooks import hooks
-from ..measure.compare import logits_under
-from ..measure.metrics import kl_divergence, refusal_score
-from ..measure.refusal_tokens import refusal_token_ids
-from ..models.adapter import LoadedModel
-from ..positions import Batch
-from ..sites import Site
-from .direction import Candidates
+from .candidates import Candidates
 
 Key = tuple[int, int]  # (layer, position offset)
 
@@ -367,9 +367,9 @@ def verify_choice(
 ) -> tuple[CandidateScore | None, str]:
     """Judge real replies of the ``cfg.verify`` lowest-bypass candidates within the KL threshold and
     choose the lowest judged refusal under ablation among those whose addition induces refusal."""
-    from ..measure.generation import generate
-    from ..measure.judges import PhraseJudge
-    from .direction_eval import ReplyCache, refusal_rate, replies_together
+    from ...measure.generation import generate
+    from ...measure.judges import PhraseJudge
+    from .evaluate import ReplyCache, refusal_rate, replies_together
 
     judge_fn = judge or PhraseJudge()
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..sites import Site
+from ...sites import Site
 
 
 @dataclass
@@ -90,7 +90,7 @@ def cell_name(site: Site, head: int | None = None, offset: int | None = None) ->
 
 def parse_cell(name: str, n_layers: int | None = None) -> tuple[Site, int | None, int | None]:
     """Inverse of :func:`cell_name`."""
-    from ..sites import parse_site
+    from ...sites import parse_site
 
     base, _, off = name.partition("@")
     head = None

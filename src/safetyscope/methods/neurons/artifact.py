@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from ..hooks import EditFn, hooks
-from ..io import atomic_dir, write_json
-from ..positions import Batch
-from ..sites import Site
-from .base import Artifact, ArtifactError, register
+from ...artifacts.base import Artifact, ArtifactError, register
+from ...hooks import EditFn, hooks
+from ...io import atomic_dir, write_json
+from ...positions import Batch
+from ...sites import Site
 
 MODES = ("zero", "mean", "scale")
 Neuron = tuple[int, int]  # (layer, neuron index)

@@ -23,11 +23,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ..hooks import EditFn, capture, forward, hooks
-from ..positions import Batch
-from ..sites import Site
-from .patching import COMPONENTS, FORWARD, REVERSE, Effects, Tracer, cell_name
-from .patching import score_logits as score_with_grad
+from ...hooks import EditFn, capture, forward, hooks
+from ...positions import Batch
+from ...sites import Site
+from .exact import COMPONENTS, FORWARD, REVERSE, Effects, Tracer, cell_name
+from .exact import score_logits as score_with_grad
 
 
 def _head_probes(layers: Sequence[int], vals: dict[Site, torch.Tensor], grads: dict[Site, torch.Tensor]) -> dict[Site, EditFn]:

@@ -37,15 +37,15 @@ from typing import Any
 
 import torch
 
-from ..artifacts.direction import Direction
-from ..hooks import forward, hooks
-from ..measure.compare import logits_under
-from ..measure.metrics import kl_divergence, refusal_score
-from ..measure.refusal_tokens import refusal_token_ids
-from ..models.adapter import LoadedModel
-from ..prompts.chat import tokenize_prompts
-from ..runner import is_oom
-from .fit import fit_group_moments
+from ...hooks import forward, hooks
+from ...measure.compare import logits_under
+from ...measure.metrics import kl_divergence, refusal_score
+from ...measure.refusal_tokens import refusal_token_ids
+from ...models.adapter import LoadedModel
+from ...prompts.chat import tokenize_prompts
+from ...runner import is_oom
+from ..fit import fit_group_moments
+from .artifact import Direction
 
 
 @dataclass

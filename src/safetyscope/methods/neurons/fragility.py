@@ -21,11 +21,11 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..measure.compare import Intervention, enter, logits_under
-from ..measure.generation import generate
-from ..measure.metrics import kl_divergence, rate_with_ci, refusal_score
-from ..measure.refusal_tokens import refusal_token_ids
-from ..models.adapter import LoadedModel
+from ...measure.compare import Intervention, enter, logits_under
+from ...measure.generation import generate
+from ...measure.metrics import kl_divergence, rate_with_ci, refusal_score
+from ...measure.refusal_tokens import refusal_token_ids
+from ...models.adapter import LoadedModel
 
 T = TypeVar("T")
 METRICS = ("refusal_score", "score_refusal_rate", "refusal_rate", "kl", "kl_median")
@@ -155,7 +155,7 @@ def measure_point(
         "kl_median": float(kl.median()),
     }
     if max_new_tokens > 0:
-        from ..measure.judges import PhraseJudge, as_judge
+        from ...measure.judges import PhraseJudge, as_judge
 
         j = as_judge(judge) if judge is not None else PhraseJudge()
         with enter(lm, intervention):
@@ -254,9 +254,9 @@ def direction_fragility(
 
     Curves ``direction`` and ``random direction`` at k = 0 (unablated) and k = 1 (one direction ablated
     at every layer), measured exactly like the neuron curves, so they share one plot and one table.
-    ``direction``: a :class:`~safetyscope.artifacts.direction.Direction`.
+    ``direction``: a :class:`~safetyscope.methods.direction.artifact.Direction`.
     """
-    from ..artifacts.direction import Direction
+    from ..direction.artifact import Direction
 
     if not harmful or not harmless:
         raise ValueError("direction fragility needs held-out harmful and harmless prompts; give at least one of each")

@@ -25,7 +25,7 @@ Sites and positions (documented choices):
     construction; unaligned pairs still get the post-instruction tokens) or ``last``.
   * per-position patching patches one position (negative offset from the end) at a time.
 
-Results are :class:`~safetyscope.methods.patch_effects.Effects` (re-exported here); attribution
+Results are :class:`~safetyscope.methods.patching.effects.Effects` (re-exported here); attribution
 patching (``attribution.py``) and noise tracing (``noise.py``) return the same type.
 
 Many patch variants run in one batched forward: the base prompt's row is repeated once per
@@ -41,14 +41,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..hooks import EditFn, capture, forward, hooks
-from ..measure.refusal_tokens import refusal_token_ids
-from ..models.adapter import LoadedModel
-from ..positions import Batch
-from ..progress import progress_bar
-from ..prompts.chat import tokenize_prompts
-from ..sites import Site
-from .patch_effects import Effects, cell_name, parse_cell
+from ...hooks import EditFn, capture, forward, hooks
+from ...measure.refusal_tokens import refusal_token_ids
+from ...models.adapter import LoadedModel
+from ...positions import Batch
+from ...progress import progress_bar
+from ...prompts.chat import tokenize_prompts
+from ...sites import Site
+from .effects import Effects, cell_name, parse_cell
 
 __all__ = ["COMPONENTS", "FORWARD", "REVERSE", "SPANS", "Effects", "Job", "Pairs", "Patch", "Runs", "Tracer",
            "capture_runs", "cell_name", "make_pairs", "parse_cell", "patch_edits", "run_jobs", "score_logits"]

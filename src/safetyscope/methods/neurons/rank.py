@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from ..artifacts.neurons import Neuron, NeuronSet
-from ..models.adapter import LoadedModel
-from ..positions import PositionSpec, parse_positions
-from ..runner import run_capture
-from ..stats import GroupMoments, Moments, effect_size, pooled_std
-from .fit import fit_group_moments
+from ...models.adapter import LoadedModel
+from ...positions import PositionSpec, parse_positions
+from ...runner import run_capture
+from ...stats import GroupMoments, Moments, effect_size, pooled_std
+from ..fit import fit_group_moments
+from .artifact import Neuron, NeuronSet
 
 RANK_BY = ("effect_size", "diff")
 DIRECTIONS = ("both", "harmful_higher", "harmless_higher")

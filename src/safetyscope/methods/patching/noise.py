@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..hooks import EditFn
-from ..positions import Batch
-from ..prompts.chat import format_chat
-from ..sites import Site
-from .patching import COMPONENTS, Effects, Job, Patch, Tracer, cell_name, run_jobs
+from ...hooks import EditFn
+from ...positions import Batch
+from ...prompts.chat import format_chat
+from ...sites import Site
+from .exact import COMPONENTS, Effects, Job, Patch, Tracer, cell_name, run_jobs
 
 _SENTINEL = "\u2063SAFETYSCOPE\u2063"
 

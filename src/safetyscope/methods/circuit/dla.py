@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from ..measure.refusal_tokens import refusal_token_ids
-from ..models.adapter import LoadedModel
-from ..runner import run_capture
+from ...measure.refusal_tokens import refusal_token_ids
+from ...models.adapter import LoadedModel
+from ...runner import run_capture
 
 
 @dataclass(frozen=True)
