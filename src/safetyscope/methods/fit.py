@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+import torch
+
 from ..models.adapter import LoadedModel
 from ..positions import PositionSpec
 from ..runner import run_capture
@@ -36,3 +38,8 @@ def fit_group_moments(
             for site, v in values.items():  # v: [batch, k, *shape]
                 stats.update(group, site.name, v)
     return stats
+
+
+def stacked_means(stats: GroupMoments, group: str, kind: str, layers: Iterable[int]) -> torch.Tensor:
+    """The group's running means at ``blocks.{l}.<kind>`` for each layer, stacked: [n_layers, k, *site_shape]."""
+    return torch.stack([stats.get(group, Site(kind, int(layer)).name).mean for layer in layers])

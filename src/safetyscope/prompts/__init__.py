@@ -11,6 +11,7 @@ from .builtin import (
     minimal_pairs,
 )
 from .loaders import FORMATS, load_prompts, parse_csv, parse_jsonl, parse_txt
+from .sets import FILE_FRACTIONS, PromptsLike, Splits, as_prompt_set, group_splits, split_prompts
 from .types import (
     LABELS,
     SPLITS,
@@ -26,6 +27,7 @@ from .types import (
 __all__ = [
     "BUILTIN_KINDS",
     "CAPABILITY_KINDS",
+    "FILE_FRACTIONS",
     "FORMATS",
     "LABELS",
     "SPLITS",
@@ -33,13 +35,18 @@ __all__ = [
     "Prompt",
     "PromptError",
     "PromptSet",
+    "PromptsLike",
+    "Splits",
+    "as_prompt_set",
     "builtin_prompts",
     "capability_passages",
     "capability_texts",
+    "group_splits",
     "load_prompts",
     "minimal_pairs",
     "normalize_label",
     "parse_csv",
     "parse_jsonl",
     "parse_txt",
+    "split_prompts",
 ]
