@@ -21,16 +21,56 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 # public name -> submodule that defines it (imported only when the name is first used)
 _LAZY: dict[str, str] = {
+    # models and mechanics
     "load_model": ".models.loading",
     "ModelLoadError": ".models.loading",
     "LoadedModel": ".models.adapter",
+    "Site": ".sites",
+    "capture": ".hooks",
+    "hooks": ".hooks",
+    "forward": ".hooks",
+    "verbosity": ".progress",
+    # prompts
+    "PromptSet": ".prompts.types",
+    "load_prompts": ".prompts.loaders",
+    "builtin_prompts": ".prompts.builtin",
+    # measurement
+    "evaluate": ".measure.evaluate",
+    # techniques: each returns a frozen result or artifact
+    "fit_probes": ".methods.probes.api",
+    "find_neurons": ".methods.neurons.api",
+    "neuron_fragility": ".methods.neurons.api",
+    "trace": ".methods.patching.api",
+    "find_direction": ".methods.direction.api",
+    "search_direction": ".methods.direction.api",
+    "DirectionConfig": ".methods.direction.api",
+    "refine_direction": ".methods.direction.refine",
+    "map_circuit": ".methods.circuit.pipeline",
+    "CircuitMap": ".methods.circuit.pipeline",
+    "MapConfig": ".methods.circuit.pipeline",
+    # artifacts
+    "Direction": ".methods.direction.artifact",
+    "NeuronSet": ".methods.neurons.artifact",
+    "Probe": ".methods.probes.artifact",
+    "load_artifact": ".artifacts.base",
 }
 
-__all__ = ["LoadedModel", "ModelLoadError", "__version__", "load_model"]
+__all__ = sorted([*_LAZY, "__version__"])
 
 if TYPE_CHECKING:
+    from .artifacts.base import load_artifact
+    from .hooks import capture, forward, hooks
+    from .measure.evaluate import evaluate
+    from .methods.direction.artifact import Direction
+    from .methods.neurons.artifact import NeuronSet
+    from .methods.probes.artifact import Probe
     from .models.adapter import LoadedModel
     from .models.loading import ModelLoadError, load_model
+    from .progress import verbosity
+    from .prompts.builtin import builtin_prompts
+    from .prompts.loaders import load_prompts
+    from .prompts.types import PromptSet
+    from .sites import Site
 
 
 def __getattr__(name: str) -> Any:
