@@ -76,10 +76,9 @@ def load_artifact(path: str | Path) -> Artifact:
     path = Path(path)
     meta_path = path / "artifact.json"
     if not meta_path.is_file():
-        from .checkpoint import Checkpoint, is_checkpoint_dir
-
-        if is_checkpoint_dir(path):  # an edited Hugging Face checkpoint (config.json + model*.safetensors)
-            return Checkpoint(path)
+        if (path / "config.json").is_file():  # an edited Hugging Face checkpoint (config.json + model*.safetensors)
+            _import_builtin_kinds()  # the checkpoint kind checks the directory itself (one-line errors)
+            return _REGISTRY["checkpoint"].from_state({"path": str(path)}, {})
         raise ArtifactError(f"{path} is not an artifact directory (no artifact.json) nor a Hugging Face checkpoint "
                             "(config.json + model*.safetensors); pass a directory saved or exported by safetyscope")
     try:
@@ -106,6 +105,7 @@ BUILTIN_KINDS: dict[str, str] = {
     "direction": "safetyscope.methods.direction.artifact",
     "neuron_set": "safetyscope.methods.neurons.artifact",
     "probe": "safetyscope.methods.probes.artifact",
+    "checkpoint": "safetyscope.artifacts.checkpoint",  # also loads directories without artifact.json
 }
 
 
