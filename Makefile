@@ -24,9 +24,13 @@ run: setup
 test: setup
 	$(PY) -m pytest -q
 
+# ruff (style, complexity), mypy, the layer contracts of docs/architecture.md (import-linter, in
+# pyproject.toml) and the rules ruff cannot check (private imports, function and module length).
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	$(PY) scripts/lint_rules.py
 
 bench: setup
 	$(PY) benchmarks/capture.py
