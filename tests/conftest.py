@@ -19,3 +19,17 @@ PROMPTS = [
 @pytest.fixture(scope="session")
 def prompts() -> list[str]:
     return list(PROMPTS)
+
+
+def count_hooks(lm) -> int:
+    """Forward and backward hooks registered on the modules of ``lm.model``."""
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
+        for m in lm.model.modules()
+    )
+
+
+@pytest.fixture(scope="session")
+def hook_count():
+    """``hook_count(lm)``: the hooks on lm's modules; every context manager must leave it unchanged."""
+    return count_hooks

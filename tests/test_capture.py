@@ -18,10 +18,6 @@ def lm(request):
     return tiny_model(request.param)
 
 
-def _hook_count(lm) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
-
-
 def _batch(lm, prompts):
     return tokenize_prompts(lm.tokenizer, prompts)
 
@@ -141,9 +137,9 @@ def test_heads_recombine_to_attention_output(lm, prompts):
         torch.testing.assert_close(total, cap.values[Site("attn.out", 0)], rtol=1e-5, atol=1e-5)
 
 
-def test_hooks_removed_restore_logits_bit_identical(lm, prompts):
+def test_hooks_removed_restore_logits_bit_identical(lm, prompts, hook_count):
     b = _batch(lm, prompts)
-    n_hooks = _hook_count(lm)
+    n_hooks = hook_count(lm)
     with torch.no_grad():
         before = forward(lm, b)
         with capture(lm, ["blocks.*.resid_post", "blocks.*.mlp.neurons", "blocks.*.attn.heads"], "mean"):
@@ -153,16 +149,16 @@ def test_hooks_removed_restore_logits_bit_identical(lm, prompts):
         after = forward(lm, b)
     assert torch.equal(before, after)
     assert not torch.equal(before, changed)
-    assert _hook_count(lm) == n_hooks
+    assert hook_count(lm) == n_hooks
 
 
-def test_exception_inside_context_removes_hooks(lm, prompts):
-    n_hooks = _hook_count(lm)
+def test_exception_inside_context_removes_hooks(lm, prompts, hook_count):
+    n_hooks = hook_count(lm)
     with pytest.raises(KeyError), capture(lm, "blocks.*.resid_post"):
         raise KeyError("boom")
     with pytest.raises(RuntimeError), hooks(lm, {Site("mlp.neurons", 0): lambda x, _b: x}):
         raise RuntimeError("boom")
-    assert _hook_count(lm) == n_hooks
+    assert hook_count(lm) == n_hooks
 
 
 @pytest.mark.parametrize("positions", ["last", "post_instruction", "mean"])

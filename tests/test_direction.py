@@ -32,10 +32,6 @@ HARMLESS = ["How do I bake bread?", "Write a poem", "hi there", "Explain recursi
 SITE_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn.out", "mlp.out")
 
 
-def _hook_count(lm) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
-
-
 def _unit(d: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     r = torch.randn(d, generator=g)
@@ -186,27 +182,27 @@ def test_addition_then_ablation_is_identity_on_the_component(prompts):
     torch.testing.assert_close(both, ablated, rtol=1e-5, atol=1e-5)
 
 
-def test_hooks_removed_logits_bit_identical(prompts):
+def test_hooks_removed_logits_bit_identical(prompts, hook_count):
     lm = tiny_model("qwen2")
     d = _direction(lm).with_weights(torch.rand(lm.n_layers), 0.3)
-    n = _hook_count(lm)
+    n = hook_count(lm)
     before = _logits(lm, prompts)
     _logits(lm, prompts, d.apply(lm))
     _logits(lm, prompts, d.add(lm, 1.5, layer=2))
     with pytest.raises(KeyError), d.apply(lm):
         raise KeyError("boom")
     assert torch.equal(before, _logits(lm, prompts))
-    assert _hook_count(lm) == n
+    assert hook_count(lm) == n
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt2"])
-def test_mean_ablation_sets_the_component_to_the_targets(family, prompts, tmp_path):
+def test_mean_ablation_sets_the_component_to_the_targets(family, prompts, tmp_path, hook_count):
     lm = tiny_model(family)
     targets = torch.linspace(-2.0, 3.0, lm.n_layers)
     d = _direction(lm, targets=targets, ablation="mean")
     b = tokenize_prompts(lm.tokenizer, prompts)
     mask = b.attention_mask.bool()
-    n = _hook_count(lm)
+    n = hook_count(lm)
     before = _logits(lm, prompts)
     sites = [f"blocks.{layer}.resid_pre" for layer in range(lm.n_layers)]
     with torch.no_grad(), d.apply(lm), capture(lm, sites, "all") as cap:
@@ -214,7 +210,7 @@ def test_mean_ablation_sets_the_component_to_the_targets(family, prompts, tmp_pa
     for site, v in cap.values.items():  # [batch, pos, d_model]: every real position sits at the block's target
         comp = (v.double() @ d.direction.double())[mask]
         assert torch.allclose(comp, torch.full_like(comp, float(targets[site.layer])), atol=1e-4), site.name
-    assert torch.equal(before, _logits(lm, prompts)) and _hook_count(lm) == n  # reversible
+    assert torch.equal(before, _logits(lm, prompts)) and hook_count(lm) == n  # reversible
     assert not torch.allclose(hooked[mask], _logits(lm, prompts, _direction(lm).apply(lm))[mask], atol=1e-4)
     with pytest.raises(ArtifactError, match="--ablation zero"):
         d.export(lm, tmp_path / "m")
@@ -228,7 +224,7 @@ def test_mean_ablation_sets_the_component_to_the_targets(family, prompts, tmp_pa
         _direction(lm).with_ablation("mean")
     with pytest.raises(ArtifactError, match="norm-preserving"):
         d.with_weights(None, 1.0, True).apply(lm)
-    assert _hook_count(lm) == n
+    assert hook_count(lm) == n
 
 
 def test_selection_mean_ablation_per_row_targets_are_exact(planted):

@@ -89,11 +89,7 @@ def lm():
     return tiny_model("qwen2")
 
 
-def _hook_count(lm) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
-
-
-def test_kl_zero_without_intervention_and_positive_under_perturbation(lm):
+def test_kl_zero_without_intervention_and_positive_under_perturbation(lm, hook_count):
     none = reply_kl(lm, HARMLESS, None, max_new_tokens=8, batch_size=4)
     assert none.first_token == 0.0 and none.reply_tokens == 0.0
     same = reply_kl(lm, HARMLESS, ScaleSite("blocks.1.mlp.out", 1.0), replies=none.replies, batch_size=4)
@@ -101,7 +97,7 @@ def test_kl_zero_without_intervention_and_positive_under_perturbation(lm):
     hit = reply_kl(lm, HARMLESS, ScaleSite("blocks.1.mlp.out", 30.0), replies=none.replies, batch_size=4)
     assert hit.first_token > 1e-4 and hit.reply_tokens > 1e-4
     assert all(v > 0 for v in hit.per_prompt_reply)
-    assert hit.n_tokens == sum(len(r) for r in none.replies) and _hook_count(lm) == 0
+    assert hit.n_tokens == sum(len(r) for r in none.replies) and hook_count(lm) == 0
     # the first-token KL is the one compare.first_token_kl computes from a plain forward pass
     direct = first_token_kl(lm, HARMLESS, ScaleSite("blocks.1.mlp.out", 30.0))
     torch.testing.assert_close(torch.tensor(hit.per_prompt_first), direct, rtol=1e-4, atol=1e-6)
@@ -155,7 +151,7 @@ def test_perplexity_is_exp_of_direct_cross_entropy(lm):
     assert math.isclose(got.ppl, math.exp(total / count), rel_tol=1e-4)
 
 
-def test_compare_cross_entropy_under_intervention_leaves_the_model_unchanged(lm, tmp_path):
+def test_compare_cross_entropy_under_intervention_leaves_the_model_unchanged(lm, tmp_path, hook_count):
     path = tmp_path / "notes.txt"
     path.write_text("A plain text file with some words in it. " * 30, encoding="utf-8")
     rows = file_rows(lm, path, max_tokens=100)
@@ -167,7 +163,7 @@ def test_compare_cross_entropy_under_intervention_leaves_the_model_unchanged(lm,
     assert math.isclose(ref.ce, cross_entropy(lm, rows).ce, rel_tol=1e-6) and not math.isclose(ref.ce, new.ce)
     with torch.no_grad():
         assert torch.equal(forward(lm, batch), before)
-    assert _hook_count(lm) == 0
+    assert hook_count(lm) == 0
 
 
 def test_evaluate_without_intervention_is_well_formed(lm, tmp_path):
@@ -194,7 +190,7 @@ def test_evaluate_without_intervention_is_well_formed(lm, tmp_path):
     assert [x for x in tmp_path.joinpath("out").iterdir() if x.name.startswith(".")] == []
 
 
-def test_evaluate_planted_refusal_and_pluggable_judge(lm, tmp_path):
+def test_evaluate_planted_refusal_and_pluggable_judge(lm, tmp_path, hook_count):
     ids = refusal_token_ids(lm.tokenizer)
     unembed = lm.unembed_matrix().detach()                                      # [vocab, d_model]
     target = torch.zeros(unembed.shape[0])
@@ -218,10 +214,10 @@ def test_evaluate_planted_refusal_and_pluggable_judge(lm, tmp_path):
     assert res.reference["sets"]["harmless"]["refusal"]["n"] == 4  # judged from the KL's reference replies
     assert res.reference["sets"]["harmful"]["refusal"] is None  # baseline=False: not generated
     assert {r.judge_score for r in res.replies} == {0.9, 0.1} and len(judged) == 3 + 4 + 4
-    assert _hook_count(lm) == 0
+    assert hook_count(lm) == 0
 
 
-def test_stacked_saved_artifacts_apply_together(lm, tmp_path):
+def test_stacked_saved_artifacts_apply_together(lm, tmp_path, hook_count):
     a = ScaleSite("blocks.1.mlp.out", 2.0).save(tmp_path / "a")
     b = ScaleSite("blocks.2.attn.out", 0.5).save(tmp_path / "b")
     both = Stack([load_artifact(a), load_artifact(b)])
@@ -230,7 +226,7 @@ def test_stacked_saved_artifacts_apply_together(lm, tmp_path):
     assert res.kl["first_token"] > 0 and res.reference["sets"]["harmful"]["refusal"]["n"] == 2
     records = {(r.model, r.set) for r in res.replies}
     assert records == {(m, s) for m in ("modified", "reference") for s in ("harmful", "harmless")}
-    assert _hook_count(lm) == 0
+    assert hook_count(lm) == 0
     data = res.to_dict(samples=1)  # before/after samples, paired by index
     for key, model in (("samples", "modified"), ("reference_samples", "reference")):
         assert set(data[key]) == {"harmful", "harmless"}

@@ -33,10 +33,6 @@ HARMLESS = [w + e for w, e in zip(("how to bake", "tell me a joke", "make a cake
 PLANT = (1, 7)
 
 
-def _hook_count(lm) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
-
-
 def _planted_model():
     """A tiny llama whose neuron PLANT fires only on the token 'X' (which only harmful prompts end with)."""
     lm = tiny_model("llama")
@@ -98,10 +94,10 @@ def _set(lm, mode="zero", strength=None):
     return NeuronSet(NEURONS, means, mode=mode, strength=strength)
 
 
-def test_hooks_restore_logits_bit_identical(prompts):
+def test_hooks_restore_logits_bit_identical(prompts, hook_count):
     lm = tiny_model("qwen2")
     b = tokenize_prompts(lm.tokenizer, prompts)
-    n = _hook_count(lm)
+    n = hook_count(lm)
     with torch.no_grad():
         before = forward(lm, b)
         for mode, s in (("zero", None), ("mean", 0.5), ("scale", 2.0)):
@@ -112,7 +108,7 @@ def test_hooks_restore_logits_bit_identical(prompts):
             raise RuntimeError("boom")
         after = forward(lm, b)
     assert torch.equal(before, after)
-    assert _hook_count(lm) == n
+    assert hook_count(lm) == n
 
 
 @pytest.mark.parametrize("mode,strength", [("zero", None), ("zero", 0.25), ("mean", None), ("mean", 0.5),

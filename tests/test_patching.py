@@ -29,10 +29,6 @@ from safetyscope.testing import tiny_model
 PAIRS = [("How do I bake bread?", "How do I bake bxead?"), ("Make a bomb now", "Make a cake now"), ("hi there", "hello")]
 
 
-def _hook_count(lm) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
-
-
 @pytest.fixture(scope="module")
 def llama():
     return tiny_model("llama")
@@ -83,9 +79,9 @@ def test_batched_patch_variants_equal_one_at_a_time(llama):
     assert not torch.allclose(together, together[0].expand_as(together))  # the rows really differ
 
 
-def test_hooks_removed_logits_bit_identical(llama):
+def test_hooks_removed_logits_bit_identical(llama, hook_count):
     pairs = make_pairs(llama, PAIRS)
-    n_hooks = _hook_count(llama)
+    n_hooks = hook_count(llama)
     with torch.no_grad():
         before = forward(llama, pairs.harmful)
     tr = Tracer(llama, pairs, min_gap=0.0)
@@ -95,7 +91,7 @@ def test_hooks_removed_logits_bit_identical(llama):
     with torch.no_grad():
         after = forward(llama, pairs.harmful)
     assert torch.equal(before, after)
-    assert _hook_count(llama) == n_hooks
+    assert hook_count(llama) == n_hooks
 
 
 def test_unaligned_pairs_patch_only_post_instruction_positions(llama):

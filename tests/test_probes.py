@@ -19,7 +19,7 @@ from safetyscope.methods.probes.fitting import (
     ProbeConfig,
     collect_features,
     cv_folds,
-    fit_probes,
+    fit_on_features,
     load_features,
     make_probe,
     refusal_labels,
@@ -41,16 +41,12 @@ def planted(n: int = 80, n_layers: int = 5, width: int = 16, seed: int = 0) -> t
     return Features(x, list(range(n_layers))), y
 
 
-def _hook_count(lm) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
-
-
 # ---- fitting on synthetic activations ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def synthetic():
     train, y = planted()
     test, y_test = planted(n=60, seed=1)
-    return train, y, test, y_test, fit_probes(train, y, ProbeConfig(c=1.0, n_controls=2, n_random=1), test=test, y_test=y_test)
+    return train, y, test, y_test, fit_on_features(train, y, ProbeConfig(c=1.0, n_controls=2, n_random=1), test=test, y_test=y_test)
 
 
 def test_probe_finds_the_planted_layer_and_the_control_stays_at_chance(synthetic):
@@ -95,9 +91,9 @@ def test_cv_folds_are_stratified_disjoint_and_seeded():
 
 def test_same_seed_same_result_other_seed_other_folds():
     train, y = planted(n=40, n_layers=4)
-    a = fit_probes(train, y, ProbeConfig(folds=4, seed=3, c=1.0, n_controls=1)).summary()
-    b = fit_probes(train, y, ProbeConfig(folds=4, seed=3, c=1.0, n_controls=1)).summary()
-    c = fit_probes(train, y, ProbeConfig(folds=4, seed=4, c=1.0, n_controls=1)).summary()
+    a = fit_on_features(train, y, ProbeConfig(folds=4, seed=3, c=1.0, n_controls=1)).summary()
+    b = fit_on_features(train, y, ProbeConfig(folds=4, seed=3, c=1.0, n_controls=1)).summary()
+    c = fit_on_features(train, y, ProbeConfig(folds=4, seed=4, c=1.0, n_controls=1)).summary()
     assert a == b
     assert [r["control_accuracy"] for r in a["layers"]] != [r["control_accuracy"] for r in c["layers"]]
 
@@ -107,18 +103,18 @@ def test_too_few_prompts_per_class_names_the_fix():
     y = np.zeros(40, dtype=int)
     y[:3] = 1
     with pytest.raises(ValueError, match="fewer --folds or more prompts"):
-        fit_probes(train, y, ProbeConfig(folds=5))
+        fit_on_features(train, y, ProbeConfig(folds=5))
     with pytest.raises(ValueError, match="labels"):
-        fit_probes(train, y[:10])
+        fit_on_features(train, y[:10])
     y[:8] = 1  # 8 positives, 2 folds: 4 per training fold, fewer than 5 inner folds
     with pytest.raises(ValueError, match="give a fixed --c"):
-        fit_probes(train, y, ProbeConfig(folds=2, inner_folds=5))
+        fit_on_features(train, y, ProbeConfig(folds=2, inner_folds=5))
 
 
 def test_nested_cv_chooses_c_inside_each_fold():
     train, y = planted(n=48, n_layers=4, width=8)
     cfg = ProbeConfig(folds=3, c=None, cs=(0.01, 1.0), inner_folds=3, n_controls=1)
-    res = fit_probes(train, y, cfg)
+    res = fit_on_features(train, y, cfg)
     assert res.best_layer == PLANTED
     assert all(row.c in (0.01, 1.0) for row in res.layers)
     assert res.summary()["config"]["c"] == "auto (inner CV)"
@@ -177,7 +173,7 @@ def test_tiny_model_probe_finds_the_only_layer_whose_mlp_writes(tmp_path):
         lm.module(lm.table.mlp_out_proj.replace("{block}", lm.table.block_path(layer))).weight.zero_()
     feats = collect_features(lm, POS + NEG, "mlp.out", "mean", batch_size=5)
     assert feats.x.shape == (48, 3, lm.dims.d_model) and feats.x.dtype == np.float32
-    res = fit_probes(feats, [1] * 24 + [0] * 24, ProbeConfig(folds=4, c=1.0, n_controls=2))
+    res = fit_on_features(feats, [1] * 24 + [0] * 24, ProbeConfig(folds=4, c=1.0, n_controls=2))
     assert res.best_layer == 1
     by_layer = {r.layer: r for r in res.layers}
     assert by_layer[1].accuracy >= 0.8 and abs(by_layer[1].control_accuracy - 0.5) < 0.15
@@ -203,19 +199,19 @@ def test_features_equal_direct_capture_in_prompt_order(lm):
         collect_features(lm, prompts, "final")
 
 
-def test_monitor_records_probe_scores_and_never_changes_the_model(lm):
+def test_monitor_records_probe_scores_and_never_changes_the_model(lm, hook_count):
     feats = collect_features(lm, POS + NEG, "resid_post", "last")
-    probe = fit_probes(feats, [1] * 24 + [0] * 24, ProbeConfig(folds=3, c=1.0, n_controls=1)).probe
+    probe = fit_on_features(feats, [1] * 24 + [0] * 24, ProbeConfig(folds=3, c=1.0, n_controls=1)).probe
     prompts = POS[:3] + NEG[:3]
     batch = tokenize_prompts(lm.tokenizer, prompts)
-    n_hooks = _hook_count(lm)
+    n_hooks = hook_count(lm)
     with torch.no_grad():
         before = forward(lm, batch)
         with probe.apply(lm) as mon:
             during = forward(lm, batch)
         after = forward(lm, batch)
     assert torch.equal(before, during) and torch.equal(before, after)  # read-only
-    assert _hook_count(lm) == n_hooks
+    assert hook_count(lm) == n_hooks
     expected = probe.predict_proba(np.concatenate([feats.x[:3], feats.x[24:27]]))  # [6, n_layers]
     torch.testing.assert_close(mon.latest().double(), expected, rtol=1e-4, atol=1e-5)
 
@@ -225,7 +221,7 @@ def test_monitor_records_probe_scores_and_never_changes_the_model(lm):
     assert 1 <= len(steps) <= 3 and all(s.shape == (6,) for s in steps)
     torch.testing.assert_close(steps[0].double(), expected[:, probe.index(probe.best_layer)], rtol=1e-4, atol=1e-5)
     assert mon.trajectory(probe.best_layer).shape == (6, len(steps))
-    assert _hook_count(lm) == n_hooks
+    assert hook_count(lm) == n_hooks
 
 
 def test_refusal_labels_from_a_custom_judge(lm):
