@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from ..io import fingerprint
 from .common import PromptSettings, emit, prompt_sets, user_errors
 from .settings import command, opt
-
-LABELS = ("harmful", "refusal")
 
 
 @dataclass
@@ -42,111 +39,34 @@ def register(app: typer.Typer) -> None:
             run_probe(s)
 
 
-
-def _model_id(lm: Any) -> list[Any]:
-    d = lm.describe()
-    return [d["name"], d["model_type"], d["n_params"], d["dtype"]]
-
-
-def _features(lm: Any, s: ProbeSettings, texts: list[str], tag: str, cache: Path) -> Any:
-    from ..methods.probes.fitting import collect_features, load_features, probe_sites
-
-    sites = probe_sites(lm, s.site, s.layers)
-    layers = [int(x.layer) for x in sites if x.layer is not None]
-    path = cache / f"features-{tag}-{fingerprint(_model_id(lm), s.site, s.positions, layers, s.system, texts)}.npy"
-    found = load_features(path, layers, s.site, s.positions, len(texts))
-    if found is not None:
-        return found
-    return collect_features(
-        lm, texts, s.site, s.positions, layers=s.layers, batch_size=s.batch_size, system=s.system,
-        spill=path, description=f"capturing {tag}",
-    )
-
-
-def _labels(lm: Any, s: ProbeSettings, texts: list[str], is_harmful: list[int], cache: Path) -> tuple[list[int], dict]:
-    """Class labels (1 = harmful, or 1 = refused) and a note on how they relate to the harmful label."""
-    if s.label == "harmful":
-        return is_harmful, {}
-    from ..io import read_json, write_json
-    from ..methods.probes.fitting import refusal_labels
-
-    path = cache / f"refusal-{fingerprint(_model_id(lm), s.refusal_judge, s.refusal_threshold, s.max_new_tokens, s.system, texts)}.json"
-    if path.is_file():
-        refused = [bool(v) for v in read_json(path)["refused"]]
-    else:
-        flags, scores = refusal_labels(
-            lm, texts, s.refusal_judge, threshold=s.refusal_threshold, batch_size=s.batch_size,
-            system=s.system, max_new_tokens=s.max_new_tokens,
-        )
-        refused = [bool(v) for v in flags]
-        write_json(path, {"judge": s.refusal_judge, "refused": refused, "scores": scores})
-    y = [int(r) for r in refused]
-    n_h = sum(is_harmful)
-    note = {
-        "refused_harmful": sum(a and h for a, h in zip(y, is_harmful)), "n_harmful": n_h,
-        "refused_harmless": sum(a and not h for a, h in zip(y, is_harmful)), "n_harmless": len(y) - n_h,
-        "label_agreement": sum(a == h for a, h in zip(y, is_harmful)) / len(y),
-    }
-    return y, note
-
-
 def run_probe(s: ProbeSettings) -> dict[str, Any]:
     from ..io import write_json
-    from ..methods.probes.fitting import ProbeConfig, fit_probes
-    from ..prompts import load_prompts
+    from ..methods.probes.api import check_label, fit_probes, parse_c
+    from ..progress import verbosity
     from ..report.plots.probes import plot_probe_layers
 
-    if s.quiet or s.json:
-        os.environ["SAFETYSCOPE_QUIET"] = "1"
-    if s.label not in LABELS:
-        raise ValueError(f"unknown --label {s.label!r}; use harmful or refusal")
-    if bool(s.test_harmful) != bool(s.test_harmless):
-        raise ValueError("give both --test-harmful and --test-harmless (or neither)")
-    try:
-        c = None if s.c.strip().lower() == "auto" else float(s.c)
-    except ValueError:
-        raise ValueError(f"--c must be a positive number or 'auto', got {s.c!r}") from None
-    if c is not None and c <= 0:
-        raise ValueError(f"--c must be a positive number or 'auto', got {s.c!r}")
-    cfg = ProbeConfig(folds=s.folds, seed=s.seed, c=c, n_controls=s.controls, n_random=s.random_directions, n_jobs=s.n_jobs)
-    harmful, harmless = prompt_sets(s)
-    tests = None
-    if s.test_harmful:
-        tests = [load_prompts(p, label=k) for p, k in ((s.test_harmful, "harmful"), (s.test_harmless, "harmless"))]
-        tests = [(t.sample(s.n_test, seed=s.seed) if s.n_test else t).require_nonempty(f"held-out {t_kind} prompts")
-                 for t, t_kind in zip(tests, ("harmful", "harmless"))]
-    lm = s.load_model()
-    out = s.out / "probe"
-    cache = out / "cache"
-    texts = harmful.texts + harmless.texts
-    is_h = [1] * len(harmful) + [0] * len(harmless)
-    y, note = _labels(lm, s, texts, is_h, cache)
-    if s.label == "refusal" and len(set(y)) < 2:  # (a one-class held-out set is fine: accuracy still means something)
-        what = "refused" if y[0] else "answered"
-        raise ValueError(f"--label refusal: the {s.refusal_judge} judge found all {len(y)} training prompts {what}, so "
-                         "there is nothing to separate; change --refusal-threshold or --refusal-judge, or use --label harmful")
-    train = _features(lm, s, texts, "train", cache)
-    test, y_test, test_note = None, None, dict[str, Any]()
-    if tests is not None:
-        t_texts = tests[0].texts + tests[1].texts
-        y_test, test_note = _labels(lm, s, t_texts, [1] * len(tests[0]) + [0] * len(tests[1]), cache)
-        test = _features(lm, s, t_texts, "test", cache)
-    res = fit_probes(train, y, cfg, test=test, y_test=y_test, label="refused" if s.label == "refusal" else "harmful")
-    res.probe.info.update(model=lm.name, system_prompt=s.system_prompt)
-    res.probe.save(out / "artifact")
-    result: dict[str, Any] = {
-        "model": lm.describe(), **res.summary(),
-        "train": {"harmful": s.harmful or f"built-in ({s.split})", "harmless": s.harmless or f"built-in ({s.split})",
-                  "n_harmful": len(harmful), "n_harmless": len(harmless), **({"refusal": note} if note else {})},
-        "test": None if tests is None else {"harmful": s.test_harmful, "harmless": s.test_harmless,
-                                            "n_harmful": len(tests[0]), "n_harmless": len(tests[1]),
-                                            **({"refusal": test_note} if test_note else {})},
-        "artifact": str(out / "artifact"), "plot": str(out / "probe_layers.png"),
-    }
+    with verbosity(False) if s.quiet or s.json else nullcontext():
+        label = check_label(s.label)
+        if bool(s.test_harmful) != bool(s.test_harmless):
+            raise ValueError("give both --test-harmful and --test-harmless (or neither)")
+        c = parse_c(s.c)
+        harmful, harmless = prompt_sets(s)
+        lm = s.load_model()
+        out = s.out / "probe"
+        report = fit_probes(
+            lm, harmful, harmless, layers=s.layers, site=s.site, positions=s.positions, folds=s.folds,
+            controls=s.controls, c=c, random_directions=s.random_directions, n_jobs=s.n_jobs, label=label,
+            refusal_judge=s.refusal_judge, refusal_threshold=s.refusal_threshold, max_new_tokens=s.max_new_tokens,
+            test_harmful=s.test_harmful or None, test_harmless=s.test_harmless or None, n_test=s.n_test,
+            batch_size=s.batch_size, system=s.system, seed=s.seed, cache_dir=out / "cache",
+            source_names=(s.harmful or f"built-in ({s.split})", s.harmless or f"built-in ({s.split})"))
+    report.probe.save(out / "artifact")
+    result = report.to_json(artifact=out / "artifact", plot=out / "probe_layers.png")
     write_json(out / "summary.json", result)
     what = "refused vs answered" if s.label == "refusal" else "harmful vs harmless"
+    n = result["n_positive"] + result["n_negative"]
     plot_probe_layers(result["layers"], out / "probe_layers.png", chance=result["chance"],
-                      title=f"{lm.name}: {what} at {s.site} ({s.positions}), {len(texts)} prompts, {s.folds}-fold CV")
+                      title=f"{lm.name}: {what} at {s.site} ({s.positions}), {n} prompts, {s.folds}-fold CV")
     emit(s, result, lambda: _render(result, what, out))
     return result
 

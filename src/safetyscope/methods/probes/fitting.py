@@ -3,7 +3,7 @@
 1. :func:`collect_features` runs one forward pass per batch that captures the chosen site of every
    layer (``run_capture``) at the chosen position (several selected positions are averaged) and
    keeps features ``[n_prompts, n_layers, width]`` float32, in memory or in a ``.npy`` memory map.
-2. :func:`fit_probes` scores, per layer, ``Pipeline(StandardScaler, LogisticRegression)`` with
+2. :func:`fit_on_features` scores, per layer, ``Pipeline(StandardScaler, LogisticRegression)`` with
    stratified, seeded k-fold cross-validation (the same folds for every layer):
 
    - regularisation: by default (``c=None``) C is picked from ``cs`` by ``LogisticRegressionCV``
@@ -64,10 +64,14 @@ class Features:
         return np.asarray(self.x[:, j, :], dtype=np.float64)
 
 
-def probe_sites(lm: LoadedModel, site: str, layers: str = "*") -> list[Site]:
+def probe_sites(lm: LoadedModel, site: str, layers: str | Sequence[int] = "*") -> list[Site]:
+    """The ``site`` kind at each of ``layers`` (a layer pattern of the site grammar: ``*``, ``a-b``, ``a,b``;
+    or block indices), validated against the model."""
     if site not in BLOCK_KINDS:
         raise ValueError(f"probes read block sites; got {site!r}, use one of {', '.join(BLOCK_KINDS)}")
-    return lm.sites(f"blocks.{layers}.{site}")
+    if not isinstance(layers, str):
+        return lm.sites([Site(site, int(layer)) for layer in layers])
+    return lm.sites(f"blocks.{layers}.{site}")  # a wildcard pattern of the grammar, parsed by sites.py
 
 
 def _position_name(position: PositionSpec) -> str:
@@ -151,7 +155,7 @@ class ProbeConfig:
     n_jobs: int = 1  # layers fitted in parallel (joblib)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerResult:
     layer: int
     accuracy: float  # mean over CV folds
@@ -254,6 +258,14 @@ def _fit_layer(
     dom = _dom(x, y)
     cos = float(w @ dom / (np.linalg.norm(w) * np.linalg.norm(dom) + 1e-12))
     c_arr = np.array(ctrl) if ctrl else np.full((1, 2), np.nan)
+    extra: dict[str, float | None] = {}
+    if rand:
+        m = np.asarray(rand).mean(axis=0)
+        extra.update(random_accuracy=float(m[0]), random_auroc=float(m[1]))
+    if x_test is not None and y_test is not None:
+        s = pipe.decision_function(x_test)
+        extra.update(test_accuracy=float(((s > 0).astype(int) == y_test).mean()), test_auroc=_auroc(y_test, s),
+                     test_dom_auroc=_auroc(y_test, x_test @ dom))
     res = LayerResult(
         layer=layer,
         accuracy=float(acc.mean()), accuracy_std=float(acc.std()),
@@ -261,24 +273,16 @@ def _fit_layer(
         control_accuracy=float(c_arr[:, 0].mean()), control_accuracy_std=float(c_arr[:, 0].std()),
         control_auroc=float(c_arr[:, 1].mean()), control_auroc_std=float(c_arr[:, 1].std()),
         selectivity=float(acc.mean() - c_arr[:, 0].mean()),
-        dom_auroc=float(np.nanmean(dom_auc)), cosine_dom=cos, c=_chosen_c(pipe),
+        dom_auroc=float(np.nanmean(dom_auc)), cosine_dom=cos, c=_chosen_c(pipe), **extra,  # type: ignore[arg-type]
     )
-    if rand:
-        m = np.asarray(rand).mean(axis=0)
-        res.random_accuracy, res.random_auroc = float(m[0]), float(m[1])
-    if x_test is not None and y_test is not None:
-        s = pipe.decision_function(x_test)
-        res.test_accuracy = float(((s > 0).astype(int) == y_test).mean())
-        res.test_auroc = _auroc(y_test, s)
-        res.test_dom_auroc = _auroc(y_test, x_test @ dom)
     state = {"weight": lr.coef_[0], "bias": np.array(lr.intercept_[0]), "mean": scaler.mean_,
              "scale": scaler.scale_, "dom": dom}
     return res, state
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbeResult:
-    layers: list[LayerResult]
+    layers: tuple[LayerResult, ...]
     probe: Probe
     label: str
     n_positive: int
@@ -306,7 +310,7 @@ class ProbeResult:
         }
 
 
-def fit_probes(
+def fit_on_features(
     train: Features,
     y: Sequence[int] | np.ndarray,
     cfg: ProbeConfig | None = None,
@@ -358,7 +362,7 @@ def fit_probes(
         info={"n_positive": int(y_arr.sum()), "n_negative": int(len(y_arr) - y_arr.sum()), "folds": cfg.folds,
               "seed": cfg.seed, "c": cfg.c},
     )
-    return ProbeResult(rows, probe, label, int(y_arr.sum()), int(len(y_arr) - y_arr.sum()), cfg,
+    return ProbeResult(tuple(rows), probe, label, int(y_arr.sum()), int(len(y_arr) - y_arr.sum()), cfg,
                        0 if yt is None else len(yt))
 
 
