@@ -141,4 +141,11 @@ def load_model(
     lm = LoadedModel.wrap(model, tokenizer, name=spec, arch_table=arch_table)
     assert lm.table.family == table.family
     lm.meta.update({"source": source, "device_map": device_map})
+    lm.meta["param_hash"] = param_hash(model)  # what `audit_runtime` compares against (changed since load)
     return lm
+
+
+def param_hash(model: Any) -> dict[str, float]:
+    """{parameter name: float64 sum of all its entries}: a cheap running hash (one read, no copy)."""
+    with torch.no_grad():
+        return {name: float(p.detach().sum(dtype=torch.float64)) for name, p in model.named_parameters()}
