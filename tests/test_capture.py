@@ -7,6 +7,7 @@ import torch
 
 from safetyscope.hooks import capture, forward, hooks
 from safetyscope.models.arch import ArchitectureError
+from safetyscope.positions import Batch
 from safetyscope.prompts.chat import tokenize_prompts
 from safetyscope.runner import run_capture
 from safetyscope.sites import Site
@@ -186,3 +187,90 @@ def test_editing_resid_mid_changes_the_residual(lm, prompts):
     ):
         forward(lm, b)
     torch.testing.assert_close(cap.values[Site("resid_post", 0)], cap.values[Site("mlp.out", 0)])
+
+
+# ---- capture with any forward call (no hooks.forward, so no running Batch) ---------------------------
+CALL_SITES = ["blocks.*.resid_post", "blocks.1.mlp.neurons", "blocks.0.attn.heads", "embed"]
+
+
+def _call(lm, b, **extra):
+    return lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, **extra)
+
+
+@pytest.mark.parametrize("positions", ["last", "mean", "-1,-2", "all"])
+def test_plain_model_call_captures_what_forward_captures(lm, prompts, positions, hook_count):
+    b = _batch(lm, prompts)
+    assert b.attention_mask[:, 0].eq(0).any()  # the rows really are left padded
+    n = hook_count(lm)
+    with torch.no_grad():
+        with capture(lm, CALL_SITES, positions) as ref:
+            forward(lm, b)
+        with capture(lm, CALL_SITES, positions) as got:
+            _call(lm, b, position_ids=b.position_ids)
+    assert set(got.values) == set(ref.values) == set(lm.sites(CALL_SITES))
+    for site, v in ref.values.items():
+        torch.testing.assert_close(got.values[site], v, rtol=1e-5, atol=1e-5)
+    assert hook_count(lm) == n
+
+
+def test_plain_call_without_position_ids_captures_the_last_token(lm, prompts):
+    """Rotary models attend by relative position, so the model's own position ids give the same values."""
+    if lm.table.family == "gpt2":  # absolute positions: the padded rows really differ without position_ids
+        pytest.skip("absolute position embeddings")
+    b = _batch(lm, prompts)
+    with torch.no_grad():
+        with capture(lm, "blocks.*.resid_post", "last") as ref:
+            forward(lm, b)
+        with capture(lm, "blocks.*.resid_post", "last") as got:
+            _call(lm, b)
+    for site, v in ref.values.items():
+        torch.testing.assert_close(got.values[site], v, rtol=1e-4, atol=1e-4)
+
+
+def test_plain_call_leaves_logits_bit_identical_and_no_hooks(lm, prompts, hook_count):
+    b = _batch(lm, prompts)
+    n = hook_count(lm)
+    with torch.no_grad():
+        before = _call(lm, b).logits
+        with capture(lm, ["blocks.*.resid_post", "blocks.*.attn.heads"], "last") as cap:
+            during = _call(lm, b).logits
+        after = _call(lm, b).logits
+    assert len(cap.values) == lm.n_layers * 2
+    assert torch.equal(before, during) and torch.equal(before, after)
+    assert hook_count(lm) == n and cap.call_batch is None
+
+
+def test_generate_under_capture_records_the_last_step(lm, prompts, hook_count):
+    b = _batch(lm, prompts)
+    n = hook_count(lm)
+    with torch.no_grad(), capture(lm, "blocks.*.resid_post", "last") as cap:
+        out = lm.model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=2,
+                                do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    assert hook_count(lm) == n
+    # the last step ran on the first generated token (KV cache): the same as a full pass up to it
+    ids = out[:, :-1]  # [batch, pos + 1]
+    mask = torch.cat([b.attention_mask, torch.ones_like(b.attention_mask[:, :1])], dim=1)
+    with torch.no_grad(), capture(lm, "blocks.*.resid_post", "last") as ref:
+        forward(lm, Batch(input_ids=ids, attention_mask=mask, n_post=b.n_post))
+    for site, v in ref.values.items():
+        assert cap.values[site].shape == (len(prompts), 1, lm.dims.d_model)
+        torch.testing.assert_close(cap.values[site], v, rtol=1e-4, atol=1e-4)
+
+
+def test_post_instruction_without_forward_names_the_fix(lm, prompts, hook_count):
+    b = _batch(lm, prompts)
+    n = hook_count(lm)
+    with torch.no_grad(), capture(lm, "blocks.0.resid_post", "post_instruction") as cap:
+        with pytest.raises(ValueError, match=r"post_instruction.*safetyscope\.hooks\.forward"):
+            _call(lm, b)
+        forward(lm, b)  # through forward it works inside the same context
+    assert cap.values[Site("resid_post", 0)].shape[1] == b.n_post
+    assert hook_count(lm) == n
+
+
+def test_right_padded_call_is_refused(lm, prompts):
+    b = _batch(lm, prompts)
+    right = b.attention_mask.flip(-1)  # pads at the end of the short rows
+    with torch.no_grad(), capture(lm, "blocks.0.resid_post", "last"):
+        with pytest.raises(ValueError, match="left-padded.*padding_side"):
+            lm.model(input_ids=b.input_ids, attention_mask=right)

@@ -2,6 +2,10 @@
 
 The batch being run is published through a context variable by :func:`forward` (and by
 generation helpers), so hooks can select positions without the caller threading it through.
+:func:`capture` also works with any other call of the model (``lm.model(input_ids=...,
+attention_mask=...)``, ``lm.model.generate(...)``): it then reads the positions from that call's
+attention mask (left padding), which gives ``last``, ``mean``, ``all`` and negative offsets;
+``post_instruction`` needs the Batch, so it asks for :func:`forward`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import SafetyscopeError
 from .models.adapter import LoadedModel
 from .positions import Batch, PositionSpec, parse_positions, select_positions
 from .sites import Site
@@ -27,7 +32,7 @@ _CURRENT_BATCH: contextvars.ContextVar[Batch | None] = contextvars.ContextVar("s
 EditFn = Callable[[torch.Tensor, "Batch | None"], "torch.Tensor | None"]
 
 
-class NaNActivationError(FloatingPointError):
+class NaNActivationError(SafetyscopeError, FloatingPointError):
     """Non-finite activations were captured."""
 
 
@@ -165,9 +170,14 @@ class Capture:
                     "or shorten the prompts"
                 )
 
+    # the positions of a model call made without forward (set only while that call runs)
+    call_batch: Batch | None = field(default=None, repr=False)
+
     def _record(self, site: Site, t: torch.Tensor, batch: Batch | None) -> None:
+        batch = batch if batch is not None else self.call_batch
         if batch is None:
-            raise RuntimeError("capture needs the batch: run the model through safetyscope.hooks.forward")
+            raise RuntimeError("capture needs the batch: call the model itself (lm.model(...)) or "
+                               "run it through safetyscope.hooks.forward(lm, batch)")
         sel = select_positions(t, self.positions, batch)
         self.values[site] = sel.detach().to("cpu") if self.to_cpu else sel.detach()
         if self.grad and t.requires_grad:
@@ -177,6 +187,58 @@ class Capture:
                 self.grads[site] = gsel.to("cpu") if self.to_cpu else gsel
 
             t.register_hook(store)
+
+
+def batch_of_call(args: tuple, kwargs: dict) -> Batch:
+    """The Batch of a plain model call (``input_ids`` or ``inputs_embeds``, optional ``attention_mask``).
+
+    Rows must be left padded (their last token real), as the positions count from the end. With a KV
+    cache the mask also covers the cached tokens: only its last ``pos`` columns belong to this call.
+    """
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    ref = ids if ids is not None else kwargs.get("inputs_embeds")
+    if not isinstance(ref, torch.Tensor):
+        raise RuntimeError("capture found neither input_ids nor inputs_embeds in the model call; "
+                           "pass them as keyword arguments or run safetyscope.hooks.forward(lm, batch)")
+    n_rows, n_pos = ref.shape[:2]
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(n_rows, n_pos, dtype=torch.long, device=ref.device)  # [batch, pos]
+    elif mask.dim() != 2:
+        raise ValueError("capture reads positions from a 2-d attention_mask [batch, pos]; pass one, "
+                         "or run safetyscope.hooks.forward(lm, batch)")
+    mask = mask[:, -n_pos:]  # [batch, pos]
+    if not bool(mask[:, -1].all()):
+        raise ValueError("capture needs left-padded inputs (every row's last token real): set "
+                         "lm.tokenizer.padding_side = 'left', or run safetyscope.hooks.forward(lm, batch)")
+    input_ids = ids if ids is not None else torch.zeros(n_rows, n_pos, dtype=torch.long, device=ref.device)
+    return Batch(input_ids=input_ids, attention_mask=mask, n_post=0)
+
+
+@contextmanager
+def call_batches(lm: LoadedModel, cap: Capture) -> Iterator[None]:
+    """Give ``cap`` the positions of model calls made without :func:`forward` (hooks on ``lm.model``)."""
+
+    def before(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        if _CURRENT_BATCH.get() is not None:  # forward (or a generation helper) runs: its Batch is used
+            return
+        if cap.positions == "post_instruction":
+            raise ValueError("capture(..., 'post_instruction') needs the Batch (its post-instruction token "
+                             "count): run the model through safetyscope.hooks.forward(lm, batch)")
+        cap.call_batch = batch_of_call(args, kwargs)
+
+    def after(_m: nn.Module, _args: Any, _output: Any) -> None:
+        cap.call_batch = None
+
+    handles = []
+    try:
+        handles.append(lm.model.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(lm.model.register_forward_hook(after, always_call=True))
+        yield
+    finally:
+        cap.call_batch = None
+        for h in handles:
+            h.remove()
 
 
 @contextmanager
@@ -191,8 +253,10 @@ def capture(
     """Capture every requested site in one forward pass.
 
     >>> with capture(lm, "blocks.*.resid_post", "last") as cap:
-    ...     forward(lm, batch)
+    ...     forward(lm, batch)  # or lm.model(input_ids=..., attention_mask=...) with left padding
     >>> cap.values[site]  # [batch, 1, d_model]
+
+    During generation every step overwrites the values (the last step's remain).
     """
     parsed = lm.sites(sites)
     cap = Capture(parsed, parse_positions(positions), to_cpu=to_cpu, grad=grad)
@@ -210,5 +274,5 @@ def capture(
             return t if t.requires_grad or not torch.is_grad_enabled() else t.detach().requires_grad_(True)
 
         pairs.insert(0, (Site("embed"), track))
-    with hooks(lm, pairs):
+    with hooks(lm, pairs), call_batches(lm, cap):
         yield cap
