@@ -38,7 +38,7 @@ from .metrics import kl_divergence, perplexity, token_cross_entropy
 __all__ = [
     "CrossEntropy", "KLResult", "capability_rows", "compare_cross_entropy", "cross_entropy", "decode_reply",
     "file_rows", "generate_batch_ids", "generate_batch_with_logits", "generate_ids", "generate_with_logits",
-    "reply_kl", "teacher_forced_logits",
+    "reply_cross_entropy", "reply_kl", "teacher_forced_logits",
 ]
 
 def _cache(out: Any) -> tuple[str, Any]:
@@ -241,6 +241,23 @@ class CrossEntropy:
         return {"ce": self.ce, "ppl": self.ppl, "n_tokens": self.n_tokens}
 
 
+def reply_cross_entropy(lm: LoadedModel, batch: Batch, replies: Sequence[Sequence[int]]) -> CrossEntropy:
+    """Summed NLL of each prompt's reply tokens, teacher forced after the prompt as during generation
+    (apply interventions around the call; an empty reply counts no token)."""
+    logits, _ = teacher_forced_logits(lm, batch, replies)                    # [batch, T, vocab]
+    width = logits.shape[1]
+    target = torch.zeros((len(replies), width), dtype=torch.long)            # [batch, T]
+    real = torch.zeros((len(replies), width), dtype=torch.bool)              # [batch, T]
+    for i, r in enumerate(replies):
+        if r:
+            target[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+            real[i, : len(r)] = True
+    if not real.any():
+        return CrossEntropy(0.0, 0)
+    nll = torch.nn.functional.cross_entropy(logits[real], target[real], reduction="sum")
+    return CrossEntropy(float(nll), int(real.sum()))
+
+
 def _max_tokens(lm: LoadedModel, max_tokens: int | None) -> int:
     return min(int(max_tokens or 512), int(lm.dims.max_positions or 512))
 
@@ -299,26 +316,17 @@ def compare_cross_entropy(
         raise ValueError("no text to score: give at least one passage of two or more tokens")
     ref, new = CrossEntropy(0.0, 0), CrossEntropy(0.0, 0)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
-    size, start = max(1, batch_size), 0
-    while start < len(order):
-        idx = order[start : start + size]
+
+    def run(idx: list[int]) -> tuple[CrossEntropy, CrossEntropy]:
         batch = _row_batch(lm, rows, idx)
-        try:
-            r = _batch_ce(lm, batch)
-            if intervention is None:
-                n = r
-            else:
-                with enter(lm, intervention):
-                    n = _batch_ce(lm, batch)
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-            if size == 1:
-                raise OutOfMemory("out of memory scoring one text row; use shorter windows (max_tokens)") from None
-            size = max(1, size // 2)
-            continue
+        r = _batch_ce(lm, batch)
+        if intervention is None:
+            return r, r
+        with enter(lm, intervention):
+            return r, _batch_ce(lm, batch)
+
+    for _idx, (r, n) in oom_backoff(order, batch_size, run, hint="text row; use shorter windows (max_tokens)"):
         ref, new = ref + r, new + n
-        start += len(idx)
     return (ref, ref) if intervention is None else (ref, new)
 
 

@@ -49,7 +49,7 @@ import copy
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
@@ -60,10 +60,14 @@ from ...io import atomic_dir, write_json
 from ...positions import Batch
 from ...sites import Site
 
+if TYPE_CHECKING:
+    from ...models.adapter import LoadedModel
+
 # A direction source: a fixed unit vector [d_model], or a function of the running batch returning
 # one vector per row [batch, d_model] (used to score many candidates in one forward pass).
 DirectionFn = Callable[["Batch | None"], torch.Tensor]
-ABLATIONS = ("zero", "mean")
+Ablation = Literal["zero", "mean"]
+ABLATIONS: tuple[Ablation, ...] = ("zero", "mean")
 
 
 def _constant(v: torch.Tensor) -> DirectionFn:
@@ -117,7 +121,7 @@ def set_component(x: torch.Tensor, r: torch.Tensor, target: torch.Tensor, weight
 
 
 def mean_ablation_edits(
-    lm: Any,
+    lm: LoadedModel,
     direction: torch.Tensor | DirectionFn,
     targets: torch.Tensor | Callable[[Batch | None], torch.Tensor],
     layer_weights: torch.Tensor | None = None,
@@ -145,7 +149,7 @@ def mean_ablation_edits(
 
 
 def ablation_sites(
-    lm: Any, layer_weights: torch.Tensor | None = None, embed_weight: float = 1.0, norm_preserving: bool = False
+    lm: LoadedModel, layer_weights: torch.Tensor | None = None, embed_weight: float = 1.0, norm_preserving: bool = False
 ) -> list[tuple[Site, float]]:
     """(site, weight) pairs of a directional ablation; see the module docstring for the choice."""
     n = lm.n_layers
@@ -169,7 +173,7 @@ def ablation_sites(
 
 
 def ablation_edits(
-    lm: Any,
+    lm: LoadedModel,
     direction: torch.Tensor | DirectionFn,
     layer_weights: torch.Tensor | None = None,
     embed_weight: float = 1.0,
@@ -225,7 +229,7 @@ class Direction(Artifact):
         embed_weight: float = 1.0,
         norm_preserving: bool = False,
         targets: torch.Tensor | None = None,
-        ablation: str = "zero",
+        ablation: Ablation | str = "zero",
         meta: dict[str, Any] | None = None,
     ):
         d = direction.detach().to("cpu", torch.float64).flatten()
@@ -297,21 +301,28 @@ class Direction(Artifact):
             out.norm_preserving = bool(norm_preserving)
         return out
 
-    def with_ablation(self, ablation: str) -> Direction:
+    def with_meta(self, **extra: Any) -> Direction:
+        """A copy whose metadata has ``extra`` added (e.g. the prompt files it was fitted on)."""
+        out = copy.copy(self)
+        out.meta = {**self.meta, **extra}
+        return out
+
+    def with_ablation(self, ablation: Ablation | str) -> Direction:
         """A copy using ``ablation`` ("zero": Arditi et al.; "mean": to the harmless mean)."""
         out = copy.copy(self)
         out.ablation = self._valid_ablation(ablation)
         return out
 
-    def _valid_ablation(self, ablation: str) -> str:
+    def _valid_ablation(self, ablation: Ablation | str) -> Ablation:
         if ablation not in ABLATIONS:
             raise ArtifactError(f"unknown ablation {ablation!r}; use {' or '.join(ABLATIONS)}")
+        ablation = cast(Ablation, ablation)
         if ablation == "mean" and self.targets is None:
             raise ArtifactError("this direction has no harmless mean projections (targets) for mean ablation; "
                                 "re-create it with `safetyscope direction find` or use --ablation zero")
         return ablation
 
-    def _check(self, lm: Any) -> None:
+    def _check(self, lm: LoadedModel) -> None:
         if int(self.direction.numel()) != lm.dims.d_model:
             raise ArtifactError(
                 f"the direction has d_model {self.direction.numel()} but {lm.name} has {lm.dims.d_model}; "
@@ -324,13 +335,13 @@ class Direction(Artifact):
                                 f"{lm.n_layers}; use it with the model it was found on")
 
     # ---- interventions ----------------------------------------------------------------------
-    def apply(self, lm: Any) -> Any:
+    def apply(self, lm: LoadedModel) -> Any:
         """Directional ablation as a context manager (hooks removed on exit)."""
         return hooks(lm, self.edits(lm))
 
     def edits(
         self,
-        lm: Any,
+        lm: LoadedModel,
         direction: torch.Tensor | DirectionFn | None = None,
         targets: torch.Tensor | Callable[[Batch | None], torch.Tensor] | None = None,
     ) -> list[tuple[Site, EditFn]]:
@@ -347,7 +358,7 @@ class Direction(Artifact):
             return mean_ablation_edits(lm, vec, tgt, self.layer_weights)
         return ablation_edits(lm, vec, self.layer_weights, self.embed_weight, self.norm_preserving)
 
-    def add(self, lm: Any, coeff: float = 1.0, layer: int | None = None) -> Any:
+    def add(self, lm: LoadedModel, coeff: float = 1.0, layer: int | None = None) -> Any:
         """Activation addition of ``coeff * norm * r`` at ``blocks.{layer}.resid_pre`` (default: own layer)."""
         self._check(lm)
         where = self.layer if layer is None else int(layer)
@@ -355,7 +366,7 @@ class Direction(Artifact):
         return hooks(lm, [(site, addition_edit(self.direction * (coeff * self.norm)))])
 
     # ---- weight orthogonalisation -----------------------------------------------------------
-    def export(self, lm: Any, out_dir: str | Path) -> Path:
+    def export(self, lm: LoadedModel, out_dir: str | Path) -> Path:
         """Orthogonalise a deep copy of the weights and save it as a normal Hugging Face checkpoint."""
         self._check(lm)
         if self.ablation == "mean":
@@ -410,7 +421,7 @@ def _untie_output_embedding(model: Any) -> None:
 
 
 def orthogonalized_copy(
-    lm: Any,
+    lm: LoadedModel,
     direction: torch.Tensor,
     layer_weights: torch.Tensor | None = None,
     embed_weight: float = 1.0,

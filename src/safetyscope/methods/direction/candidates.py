@@ -24,7 +24,7 @@ from ...models.adapter import LoadedModel
 from ...positions import parse_positions
 from ...prompts.chat import post_instruction_length, tokenize_prompts
 from ..filtering import filter_by_refusal
-from ..fit import fit_group_moments
+from ..fit import fit_group_moments, stacked_means
 from .artifact import Direction
 
 ZERO_NORM = 1e-6  # candidates whose difference of means is (relatively) this small are degenerate
@@ -156,14 +156,9 @@ def find_candidates(
         lm, {"harmful": kept.harmful, "harmless": kept.harmless}, "blocks.*.resid_pre", list(offsets),
         batch_size=batch_size, system=system,
     )
-    means: dict[str, torch.Tensor] = {}
-    for group in ("harmful", "harmless"):
-        rows = []
-        for layer in range(lm.n_layers):
-            m = stats.get(group, f"blocks.{layer}.resid_pre").mean
-            assert m is not None
-            rows.append(m)  # [n_positions, d_model]
-        means[group] = torch.stack(rows)  # [n_layers, n_positions, d_model]
+    layers = range(lm.n_layers)
+    means = {group: stacked_means(stats, group, "resid_pre", layers)  # [n_layers, n_positions, d_model]
+             for group in ("harmful", "harmless")}
     return Candidates(
         means["harmful"], means["harmless"], offsets, template_tokens(lm, offsets, system),
         len(kept.harmful), len(kept.harmless), {"filter": kept.summary(), "model": lm.name, "system": system},

@@ -12,10 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ...hooks import forward
 from ...io import fingerprint, read_json, write_json
+from ...measure.capability import CrossEntropy, reply_cross_entropy
 from ...measure.compare import enter, logits_under
 from ...measure.generation import generate
 from ...measure.judges import PhraseJudge
@@ -23,7 +21,7 @@ from ...measure.metrics import kl_divergence, perplexity, rate_with_ci, refusal_
 from ...measure.refusal_tokens import refusal_token_ids
 from ...models.adapter import LoadedModel
 from ...positions import Batch
-from ...prompts.chat import format_chat
+from ...runner import batched
 from .artifact import Direction
 
 Judge = Callable[[str, str], bool]
@@ -106,37 +104,23 @@ def reply_nll(
     lm: LoadedModel, prompts: Sequence[str], replies: Sequence[str], intervention: Any = None, *,
     batch_size: int = 4, system: str | None = None,
 ) -> tuple[float, int]:
-    """Summed negative log-likelihood of ``replies`` (teacher forced after each chat prompt) and token count."""
-    tok = lm.tokenizer
-    rows = []
-    for p, r in zip(prompts, replies):
-        prompt_ids = tok(format_chat(tok, p, system), add_special_tokens=False)["input_ids"]
-        reply_ids = tok(r, add_special_tokens=False)["input_ids"]
-        if reply_ids:
-            rows.append((prompt_ids, reply_ids))
-    rows.sort(key=lambda x: len(x[0]) + len(x[1]))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    total, count = 0.0, 0
-    with enter(lm, intervention), torch.inference_mode():
-        for i in range(0, len(rows), max(1, batch_size)):
-            chunk = rows[i : i + batch_size]
-            width = max(len(a) + len(b) for a, b in chunk)
-            ids = torch.full((len(chunk), width), int(pad), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            target = torch.zeros_like(ids, dtype=torch.bool)  # positions whose token is a reply token
-            for j, (a, b) in enumerate(chunk):
-                seq = a + b
-                ids[j, width - len(seq):] = torch.tensor(seq)
-                mask[j, width - len(seq):] = 1
-                target[j, width - len(b):] = True
-            logits = forward(lm, Batch(ids, mask, n_post=1))  # [batch, pos, vocab]
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # predicts tokens 1..
-            tgt = ids[:, 1:].to(logp.device)
-            picked = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # [batch, pos-1]
-            sel = target[:, 1:].to(picked.device)
-            total -= float(picked[sel].sum())
-            count += int(sel.sum())
-    return total, count
+    """Summed negative log-likelihood of ``replies`` (teacher forced after each chat prompt, as
+    :func:`safetyscope.measure.capability.reply_cross_entropy` does) and their token count."""
+    rows = [(p, lm.tokenizer(r, add_special_tokens=False)["input_ids"]) for p, r in zip(prompts, replies)]
+    rows = [(p, ids) for p, ids in rows if ids]
+    if not rows:
+        return 0.0, 0
+    reply_ids = [ids for _p, ids in rows]
+
+    def step(batch: Batch) -> CrossEntropy:
+        with enter(lm, intervention):
+            return reply_cross_entropy(lm, batch, [reply_ids[i] for i in batch.index])
+
+    total = CrossEntropy(0.0, 0)
+    for _batch, ce in batched(lm, [p for p, _ids in rows], step, batch_size=max(1, batch_size), system=system,
+                              description="reply likelihood"):
+        total = total + ce
+    return total.sum_nll, total.n_tokens
 
 
 def evaluate_ablation(

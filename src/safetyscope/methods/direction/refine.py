@@ -43,9 +43,11 @@ from ...measure.metrics import kl_divergence, refusal_score
 from ...measure.refusal_tokens import refusal_token_ids
 from ...models.adapter import LoadedModel
 from ...prompts.chat import tokenize_prompts
+from ...prompts.sets import PromptsLike
 from ...runner import is_oom
-from ..fit import fit_group_moments
+from ..fit import fit_group_moments, stacked_means
 from .artifact import Direction
+from .inputs import file_records, train_val_texts, with_fit_files
 
 
 @dataclass
@@ -79,22 +81,17 @@ def harmless_means(lm: LoadedModel, harmless: Sequence[str], position: int, *, b
     """[n_layers, d_model] float64 mean of every block's resid_pre over ``harmless`` at ``position``."""
     stats = fit_group_moments(lm, {"harmless": list(harmless)}, "blocks.*.resid_pre", [int(position)],
                               batch_size=batch_size, system=system)
-    rows = []
-    for layer in range(lm.n_layers):
-        m = stats.get("harmless", f"blocks.{layer}.resid_pre").mean
-        assert m is not None
-        rows.append(m[0])
-    return torch.stack(rows)
+    return stacked_means(stats, "harmless", "resid_pre", range(lm.n_layers))[:, 0]
 
 
 def refine_direction(
     lm: LoadedModel,
     direction: Direction,
-    harmful: Sequence[str],
-    harmless: Sequence[str],
+    harmful: PromptsLike,
+    harmless: PromptsLike,
     *,
-    val_harmful: Sequence[str],
-    val_harmless: Sequence[str],
+    val_harmful: PromptsLike | None = None,
+    val_harmless: PromptsLike | None = None,
     steps: int = 30,
     lr: float = 0.002,
     kl_weight: float = 20.0,
@@ -105,43 +102,100 @@ def refine_direction(
     system: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> RefineResult:
-    """Train ``direction`` (only it; the model stays frozen) on the loss in the module docstring."""
-    if not harmful or not harmless or not val_harmful or not val_harmless:
-        raise ValueError("refinement needs harmful and harmless prompts for training and validation; give at least one of each")
+    """Train ``direction`` (only it; the model stays frozen) on the loss in the module docstring.
+
+    Prompts: lists of strings, PromptSets or prompt files. Without validation prompts each group is split
+    with :func:`safetyscope.prompts.sets.split_prompts` (train to train on, val to choose the checkpoint).
+    Prompt files it trains on are recorded (sha256) in the refined direction's metadata.
+    """
     if steps < 0 or lr <= 0 or kl_weight < 0 or batch < 1 or micro_batch < 1 or eval_every < 1:
         raise ValueError("refinement settings must be positive: --steps >= 0, --lr > 0, --kl-weight >= 0, "
                          "--batch >= 1, --batch-size >= 1, --eval-every >= 1")
+    tv = train_val_texts(harmful, harmless, val_harmful, val_harmless, what="refinement")
+    h, s, vh, vs = tv.harmful, tv.harmless, tv.val_harmful, tv.val_harmless
     say = log or (lambda _m: None)
-    ids = refusal_token_ids(lm.tokenizer)
-    ref_train = logits_under(lm, harmless, None, batch_size=micro_batch, system=system)  # [n, V]
-    ref_val = logits_under(lm, val_harmless, None, batch_size=micro_batch, system=system)
-    tau = float(refusal_score(ref_train, ids).mean())
-    device = lm.input_device
-    means = None
-    if direction.ablation == "mean":
-        means = harmless_means(lm, harmless, direction.position, batch_size=micro_batch, system=system)
-        means = means.to(device=device, dtype=torch.float32)  # [n_layers, d_model]
-    start = direction.direction.to(device=device, dtype=torch.float32)  # [d_model] unit
-    v = start.clone().requires_grad_(True)
-    state: dict[str, torch.Tensor] = {}
+    if not tv.held_out:
+        say("too few prompts to hold some out for validation: the checkpoint is chosen on the training prompts")
+    run = _Refinement(lm, direction, s, vs, micro_batch=micro_batch, system=system, log=say)
+    rng = random.Random(seed)
+    opt = torch.optim.Adam([run.v], lr=lr)
+    history: list[RefineStep] = []
+    best: tuple[float, int, torch.Tensor] | None = None
+    with hooks(lm, direction.edits(lm, lambda _b: run.state["r"], lambda _b: run.state["t"])):
+        t0 = time.perf_counter()
+        for step in range(steps + 1):
+            train = run.train_step(opt, rng, h, s, batch, kl_weight) if step else {}
+            if step % eval_every == 0 or step == steps:
+                rec = run.validate(vh, step, t0, kl_weight, **train)
+                history.append(rec)
+                assert rec.val_loss is not None
+                if best is None or rec.val_loss < best[0]:
+                    best = (rec.val_loss, step, run.v.detach().clone())
+                say(f"refine step {step}/{steps}: val KL {rec.val_kl:.4f}, val bypass {rec.val_bypass:.3f} "
+                    f"({rec.val_refusing:.0%} above the harmless mean score), cosine to start {rec.cosine:.3f}")
+                t0 = time.perf_counter()
+    assert best is not None
+    _loss, chosen, vec = best
+    out = refined(direction, vec.cpu(), None if run.means is None else run.means.cpu())
+    out = with_fit_files(out, file_records({"harmful": harmful, "harmless": harmless, "val_harmful": val_harmful,
+                                            "val_harmless": val_harmless}))
+    return RefineResult(
+        out, history, chosen,
+        {"steps": steps, "lr": lr, "kl_weight": kl_weight, "batch": batch, "eval_every": eval_every, "seed": seed,
+         "tau": run.tau, "n_harmful": len(h), "n_harmless": len(s), "n_val": [len(vh), len(vs)]},
+    )
 
-    def set_r(vec: torch.Tensor) -> None:
+
+class _Refinement:
+    """The trained vector ``v``, the hooks' state (unit ``r`` [d_model], mean targets ``t`` [n_layers]) and
+    the reference logits of the unmodified model."""
+
+    def __init__(self, lm: LoadedModel, direction: Direction, harmless: list[str], val_harmless: list[str], *,
+                 micro_batch: int, system: str | None, log: Callable[[str], None]):
+        self.lm, self.micro_batch, self.system, self.say = lm, micro_batch, system, log
+        self.ids = refusal_token_ids(lm.tokenizer)
+        self.ref_train = logits_under(lm, harmless, None, batch_size=micro_batch, system=system)  # [n, V]
+        self.val_harmless = list(val_harmless)
+        self.ref_val = logits_under(lm, val_harmless, None, batch_size=micro_batch, system=system)
+        self.tau = float(refusal_score(self.ref_train, self.ids).mean())
+        device = lm.input_device
+        self.means: torch.Tensor | None = None
+        if direction.ablation == "mean":
+            means = harmless_means(lm, harmless, direction.position, batch_size=micro_batch, system=system)
+            self.means = means.to(device=device, dtype=torch.float32)  # [n_layers, d_model]
+        self.start = direction.direction.to(device=device, dtype=torch.float32)  # [d_model] unit
+        self.v = self.start.clone().requires_grad_(True)
+        self.state: dict[str, torch.Tensor] = {}
+
+    def set_r(self, vec: torch.Tensor) -> None:
         r = vec / vec.norm()
-        state["r"] = r
-        if means is not None:
-            state["t"] = means @ r  # [n_layers]
+        self.state["r"] = r
+        if self.means is not None:
+            self.state["t"] = self.means @ r  # [n_layers]
 
-    def backward(prompts: Sequence[str], ref: torch.Tensor | None, scale: float) -> float:
+    def train_step(self, opt: torch.optim.Optimizer, rng: random.Random, harmful: list[str], harmless: list[str],
+                   batch: int, kl_weight: float) -> dict[str, float]:
+        """One Adam step on a seeded minibatch of each group; the minibatch means of both terms."""
+        hb = rng.sample(list(harmful), min(batch, len(harmful)))
+        sb_idx = rng.sample(range(len(harmless)), min(batch, len(harmless)))
+        opt.zero_grad()
+        b_sum = self.backward(hb, None, 1.0 / len(hb))
+        k_sum = self.backward([harmless[i] for i in sb_idx], self.ref_train[sb_idx], kl_weight / len(sb_idx))
+        opt.step()
+        return {"train_bypass": b_sum / len(hb), "train_kl": k_sum / len(sb_idx)}
+
+    def backward(self, prompts: Sequence[str], ref: torch.Tensor | None, scale: float) -> float:
         """Backward of ``scale`` x the sum of relu(score - tau) (``ref`` None) or of KL over ``prompts``; the sum."""
-        total, size, i = 0.0, micro_batch, 0
+        total, size, i = 0.0, self.micro_batch, 0
         while i < len(prompts):
             chunk = list(prompts[i:i + size])
             try:
                 with torch.enable_grad():
-                    set_r(v)
-                    logits = forward(lm, tokenize_prompts(lm.tokenizer, chunk, system=system), last_only=True)[:, -1]
+                    self.set_r(self.v)
+                    batch = tokenize_prompts(self.lm.tokenizer, chunk, system=self.system)
+                    logits = forward(self.lm, batch, last_only=True)[:, -1]  # [b, vocab]
                     if ref is None:
-                        vals = torch.relu(refusal_score(logits, ids, grad=True) - tau)  # [b]
+                        vals = torch.relu(refusal_score(logits, self.ids, grad=True) - self.tau)  # [b]
                     else:
                         vals = kl_divergence(ref[i:i + len(chunk)].to(logits.device), logits, grad=True)  # [b]
                     (vals.sum() * scale).backward()
@@ -149,54 +203,25 @@ def refine_direction(
                 if not is_oom(exc) or size == 1:
                     raise
                 size = max(1, size // 2)
-                say(f"out of memory: retrying with micro-batches of {size}")
+                self.say(f"out of memory: retrying with micro-batches of {size}")
                 continue
             total += float(vals.detach().sum())
             i += len(chunk)
         return total
 
-    def validate(step: int, t0: float, **train: float) -> RefineStep:
-        set_r(v.detach())  # the hooks are installed: one scoring pass over both validation groups
-        logits = logits_under(lm, list(val_harmful) + list(val_harmless), None, batch_size=micro_batch, system=system)
-        scores = refusal_score(logits[: len(val_harmful)], ids)
-        bypass = float(torch.relu(scores - tau).mean())
-        kl = float(kl_divergence(ref_val, logits[len(val_harmful):]).mean())
-        cos = float(v.detach() @ start / v.detach().norm())
+    def validate(self, val_harmful: list[str], step: int, t0: float, kl_weight: float, **train: float) -> RefineStep:
+        """The loss on the validation prompts, without gradient (the hooks are installed)."""
+        v = self.v.detach()
+        self.set_r(v)
+        logits = logits_under(self.lm, val_harmful + self.val_harmless, None, batch_size=self.micro_batch,
+                              system=self.system)  # [n_vh + n_vs, vocab]
+        scores = refusal_score(logits[: len(val_harmful)], self.ids)
+        bypass = float(torch.relu(scores - self.tau).mean())
+        kl = float(kl_divergence(self.ref_val, logits[len(val_harmful):]).mean())
+        cos = float(v @ self.start / v.norm())
         return RefineStep(step, cos, val_bypass=bypass, val_kl=kl, val_loss=bypass + kl_weight * kl,
-                          val_refusing=float((scores > tau).float().mean()), seconds=time.perf_counter() - t0, **train)
-
-    rng = random.Random(seed)
-    opt = torch.optim.Adam([v], lr=lr)
-    history: list[RefineStep] = []
-    best: tuple[float, int, torch.Tensor] | None = None
-    with hooks(lm, direction.edits(lm, lambda _b: state["r"], lambda _b: state["t"])):
-        t0 = time.perf_counter()
-        for step in range(steps + 1):
-            train: dict[str, float] = {}
-            if step:
-                hb = rng.sample(list(harmful), min(batch, len(harmful)))
-                sb_idx = rng.sample(range(len(harmless)), min(batch, len(harmless)))
-                opt.zero_grad()
-                b_sum = backward(hb, None, 1.0 / len(hb))
-                k_sum = backward([harmless[i] for i in sb_idx], ref_train[sb_idx], kl_weight / len(sb_idx))
-                opt.step()
-                train = {"train_bypass": b_sum / len(hb), "train_kl": k_sum / len(sb_idx)}
-            if step % eval_every == 0 or step == steps:
-                rec = validate(step, t0, **train)
-                history.append(rec)
-                assert rec.val_loss is not None
-                if best is None or rec.val_loss < best[0]:
-                    best = (rec.val_loss, step, v.detach().clone())
-                say(f"refine step {step}/{steps}: val KL {rec.val_kl:.4f}, val bypass {rec.val_bypass:.3f} "
-                    f"({rec.val_refusing:.0%} above the harmless mean score), cosine to start {rec.cosine:.3f}")
-                t0 = time.perf_counter()
-    assert best is not None
-    _loss, chosen, vec = best
-    return RefineResult(
-        refined(direction, vec.cpu(), None if means is None else means.cpu()), history, chosen,
-        {"steps": steps, "lr": lr, "kl_weight": kl_weight, "batch": batch, "eval_every": eval_every, "seed": seed,
-         "tau": tau, "n_harmful": len(harmful), "n_harmless": len(harmless), "n_val": [len(val_harmful), len(val_harmless)]},
-    )
+                          val_refusing=float((scores > self.tau).float().mean()), seconds=time.perf_counter() - t0,
+                          **train)
 
 
 def refined(direction: Direction, vector: torch.Tensor, means: torch.Tensor | None) -> Direction:
