@@ -1,0 +1,12 @@
+"""Audit a checkpoint or a live model for removed refusal machinery (issue 16).
+
+* :func:`audit_checkpoint`: weights against a reference (:mod:`.weights`) or alone (:mod:`.signature`);
+* :func:`audit_runtime`: hooks, adapters, swapped modules and parameters changed since load (:mod:`.runtime`).
+"""
+
+from .api import audit_checkpoint, audit_runtime
+from .source import AuditInputError
+from .types import AuditReport, RuntimeAudit, SignatureAudit, WeightAudit
+
+__all__ = ["AuditInputError", "AuditReport", "RuntimeAudit", "SignatureAudit", "WeightAudit", "audit_checkpoint",
+           "audit_runtime"]

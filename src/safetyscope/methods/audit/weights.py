@@ -280,6 +280,8 @@ def audit_weights(ck: TensorSource, ref: TensorSource, refusal: torch.Tensor | N
                   "at noise level")
     elif counts["noise"]:
         ev.append(f"{counts['noise']} tensors differ at noise level only (dtype or quantisation round trip)")
+    else:
+        ev.append(f"all {counts['none']} tensors are identical to the reference")
     if (signature and related) or n_neurons:
         verdict = "tampering"
     elif signature:
