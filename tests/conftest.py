@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,3 +34,24 @@ def count_hooks(lm) -> int:
 def hook_count():
     """``hook_count(lm)``: the hooks on lm's modules; every context manager must leave it unchanged."""
     return count_hooks
+
+
+def check_png(path, min_width: int = 200, min_height: int = 150) -> np.ndarray:
+    """Assert ``path`` is a real plot: a PNG that decodes, of at least this size, with drawn content."""
+    from matplotlib.image import imread
+
+    img = imread(path)  # [height, width, channels], floats in [0, 1]
+    assert img.ndim == 3 and img.shape[2] in (3, 4), f"{path}: not an RGB(A) image, shape {img.shape}"
+    assert img.shape[1] >= min_width and img.shape[0] >= min_height, f"{path}: only {img.shape[1]}x{img.shape[0]} px"
+    rgb = img[..., :3].reshape(-1, 3)
+    assert len(np.unique(rgb, axis=0)) > 10, f"{path}: (nearly) one flat colour"
+    background = np.median(rgb, axis=0)
+    drawn = np.abs(rgb - background).max(axis=1) > 0.1
+    assert drawn.mean() > 0.005, f"{path}: almost nothing drawn ({drawn.mean():.2%} of the pixels)"
+    return img
+
+
+@pytest.fixture(scope="session")
+def png():
+    """``png(path)``: assert a written plot decodes, has a plot's size and is not blank; returns the pixels."""
+    return check_png

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -367,19 +368,22 @@ def test_tune_weights_runs_and_reports_front(planted):
     res = tune_weights(lm, d, HARMFUL[:2], HARMLESS[:2], n_trials=4, seed=0, batch_size=4)
     assert len(res.trials) == 4 and res.trials[0].kernel is None
     assert res.front and all(res.trials[i].pareto for i in res.front)
-    tuned = res.direction(d, lm.n_layers)
-    assert tuned.layer_weights is None or tuned.layer_weights.shape == (lm.n_layers,)
+    assert dataclasses.replace(res, chosen=0).direction(d, lm.n_layers).layer_weights is None  # full ablation
+    kernel = next(t for t in res.trials if t.kernel is not None)
+    tuned = dataclasses.replace(res, chosen=kernel.index).direction(d, lm.n_layers)
+    assert tuned.layer_weights.shape == (lm.n_layers,) and tuned.meta["kernel"] == kernel.kernel
     assert all(t.kl >= 0 for t in res.trials)
     ok = [t for t in res.trials if t.refusal <= res.settings["target"]]
     assert res.settings["target_met"] == bool(ok)
-    if ok:
-        assert res.trials[res.chosen].kl == min(t.kl for t in ok)
+    assert res.chosen == (min(ok, key=lambda t: t.kl) if ok else min(res.trials, key=lambda t: t.refusal)).index
+    loose = tune_weights(lm, d, HARMFUL[:2], HARMLESS[:2], n_trials=2, target=1e9, batch_size=4)
+    assert loose.settings["target_met"] and loose.chosen == min(loose.trials, key=lambda t: t.kl).index
     forced = tune_weights(lm, d, HARMFUL[:2], HARMLESS[:2], n_trials=2, target=-1e9, batch_size=4)
     assert not forced.settings["target_met"]
     assert forced.chosen == min(forced.trials, key=lambda t: t.refusal).index
 
 
-def test_plots_write_png(tmp_path):
+def test_plots_write_png(tmp_path, png):
     from safetyscope.methods.direction.tune import Trial, TuneResult
     from safetyscope.report.plots.direction import candidate_heatmaps, pareto_plot
 
@@ -387,9 +391,9 @@ def test_plots_write_png(tmp_path):
               for layer in range(4) for pos in (-2, -1)]
     scores[0] = CandidateScore(0, -2, "t", 0.0, reasons=["zero difference"])
     sel = Selection(scores, (2, -1), {}, {}, 2, 2)
-    assert candidate_heatmaps(sel, 4, [-2, -1], ["<|im_end|>", "\n"], tmp_path / "c.png").stat().st_size > 0
+    png(candidate_heatmaps(sel, 4, [-2, -1], ["<|im_end|>", "\n"], tmp_path / "c.png"))
     trials = [Trial(0, None, -3.0, 0.0, 0.2), Trial(1, {"peak": 1, "width": 1, "max_weight": 1, "min_weight": 0}, 1.0, 0.5, 0.01)]
-    assert pareto_plot(TuneResult(trials, 1, [1, 0], False), tmp_path / "p.png").stat().st_size > 0
+    png(pareto_plot(TuneResult(trials, 1, [1, 0], False), tmp_path / "p.png"))
 
 
 def test_reply_perplexity_batched_equals_unbatched():
@@ -519,7 +523,7 @@ def test_cli_direction_export_loads_with_transformers_and_equals_the_hooks(cli_s
     assert r.exit_code == 2 and "no direction artifact" in r.output and not (root / "x").exists()
 
 
-def test_cli_direction_tune_writes_its_pareto_output(cli_setup, tmp_path):
+def test_cli_direction_tune_writes_its_pareto_output(cli_setup, tmp_path, png):
     from safetyscope.measure.compare import logits_under
     from safetyscope.measure.metrics import kl_divergence, refusal_score
     from safetyscope.measure.refusal_tokens import refusal_token_ids
@@ -534,7 +538,8 @@ def test_cli_direction_tune_writes_its_pareto_output(cli_setup, tmp_path):
     assert res["front"] == [saved["trials"][i] for i in saved["front"]] and res["front"]
     assert all(t["pareto"] for t in res["front"]) and res["chosen"] == saved["trials"][saved["chosen"]]
     assert res["full_ablation"] == saved["trials"][0] and saved["trials"][0]["kernel"] is None
-    assert (out / "pareto.png").stat().st_size > 0 and res["plot"] == str(out / "pareto.png")
+    assert res["plot"] == str(out / "pareto.png")
+    png(out / "pareto.png")
     tuned = load_artifact(out / "artifact")
     assert isinstance(tuned, Direction) and torch.allclose(tuned.direction, load_artifact(root / "full").direction)
     assert (tuned.layer_weights is None) == (res["chosen"]["kernel"] is None)

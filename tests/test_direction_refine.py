@@ -95,7 +95,7 @@ def test_refine_rejects_bad_settings(lm):
         _run(lm, _start(lm), lr=0.0)
 
 
-def test_cli_direction_refine_writes_artifact_history_and_plot(tmp_path):
+def test_cli_direction_refine_writes_artifact_history_and_plot(tmp_path, png):
     from typer.testing import CliRunner
 
     from safetyscope.cli.main import app
@@ -114,7 +114,8 @@ def test_cli_direction_refine_writes_artifact_history_and_plot(tmp_path):
     out = tmp_path / "direction_refine"
     saved = json.loads((out / "refine.json").read_text())
     assert [h["step"] for h in saved["history"]] == [0, 1, 2] and saved["chosen"] == res["chosen_step"]
-    assert res["start"] == saved["history"][0] and (out / "refine.png").stat().st_size > 0
+    assert res["start"] == saved["history"][0]
+    png(out / "refine.png")
     d = load_artifact(out / "artifact")
     assert isinstance(d, Direction) and d.meta.get("refined") is True
     bad = CliRunner().invoke(app, ["direction", "refine", str(tmp_path / "model"), "--direction", str(tmp_path / "missing"),

@@ -330,7 +330,7 @@ def _cli(*args):
     return json.loads(res.stdout)
 
 
-def test_cli_find_ablate_fragility_on_a_tiny_model(tmp_path):
+def test_cli_find_ablate_fragility_on_a_tiny_model(tmp_path, png):
     lm = tiny_model("llama")
     lm.model.save_pretrained(tmp_path / "model")
     lm.tokenizer.save_pretrained(tmp_path / "model")
@@ -338,7 +338,7 @@ def test_cli_find_ablate_fragility_on_a_tiny_model(tmp_path):
     found = _cli("neurons", "find", *common, "--top-k", "8", "--utility-texts", "2", "--utility-tokens", "24",
                  "--no-filter")
     assert len(found["top"]) == 8 and found["n_harmful"] == 6 and "top_by_gradient_diff" in found
-    assert (tmp_path / "run/neurons/effect_size.png").is_file()
+    png(tmp_path / "run/neurons/effect_size.png")
     ablated = _cli("neurons", "ablate", *common, "--n-eval", "3", "--max-new-tokens", "4", "--k", "4",
                    "--export", str(tmp_path / "edited"))
     assert ablated["n_neurons"] == 4 and "refusal_rate" in ablated["after"]
@@ -347,7 +347,8 @@ def test_cli_find_ablate_fragility_on_a_tiny_model(tmp_path):
                 "--utility-texts", "2", "--utility-tokens", "24", "--no-filter", "--curves", "diff,gradient_diff")
     assert frag["ks"] == [0, 2, 10]  # 5% of 3 x 64 neurons
     assert {r["curve"] for r in frag["summary"]} == {"top_by_diff", "top_by_gradient_diff", "random"}
-    assert (tmp_path / "run/neurons/fragility.png").is_file() and (tmp_path / "run/neurons/fragility.svg").is_file()
+    png(tmp_path / "run/neurons/fragility.png")
+    assert (tmp_path / "run/neurons/fragility.svg").is_file()
 
 
 @pytest.mark.slow

@@ -249,7 +249,7 @@ def _cli(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
-def test_cli_probe_with_held_out_set_and_cached_rerun(tiny_dir, tmp_path):
+def test_cli_probe_with_held_out_set_and_cached_rerun(tiny_dir, tmp_path, png):
     files = {}
     for name, rows in (("h", POS[:14]), ("s", NEG[:14]), ("th", POS[14:]), ("ts", NEG[14:])):
         files[name] = tmp_path / f"{name}.txt"
@@ -264,7 +264,7 @@ def test_cli_probe_with_held_out_set_and_cached_rerun(tiny_dir, tmp_path):
     assert all(r["test_accuracy"] is not None and r["random_auroc"] is not None for r in result["layers"])
     out = tmp_path / "run" / "probe"
     assert json.loads((out / "summary.json").read_text())["layers"] == result["layers"]
-    assert (out / "probe_layers.png").stat().st_size > 0
+    png(out / "probe_layers.png")
     assert load_artifact(out / "artifact").layers == [0, 1, 2]
     cached = sorted(out.glob("cache/features-*.npy"))
     mtimes = [p.stat().st_mtime_ns for p in cached]
@@ -319,7 +319,7 @@ def _threshold_in_a_gap(scores: list[float]) -> float:
     return (s[i] + s[i + 1]) / 2
 
 
-def test_cli_probe_label_refusal_uses_the_refusal_judgement(tiny_dir, lm, tmp_path):
+def test_cli_probe_label_refusal_uses_the_refusal_judgement(tiny_dir, lm, tmp_path, png):
     from safetyscope.measure.generation import refusal_scores
 
     train_h, train_s, test_h, test_s = POS[:10], NEG[:10], POS[18:], NEG[18:]
@@ -354,7 +354,7 @@ def test_cli_probe_label_refusal_uses_the_refusal_judgement(tiny_dir, lm, tmp_pa
     cached = {len(json.loads(p.read_text())["refused"]): json.loads(p.read_text())
               for p in (tmp_path / "run/probe/cache").glob("refusal-*.json")}
     assert cached[len(train)]["refused"] == refused and cached[len(train)]["judge"] == "score"
-    assert (tmp_path / "run/probe/probe_layers.png").stat().st_size > 0
+    png(tmp_path / "run/probe/probe_layers.png")
 
     text = _cli("probe", str(tiny_dir), "--harmful", str(files["h"]), "--harmless", str(files["s"]),
                 "--label", "refusal", "--refusal-threshold", repr(thr), "--folds", "2", "--c", "1.0", "--controls", "1",
