@@ -16,7 +16,7 @@ app = typer.Typer(
 )
 
 # Modules that define `register(app)`. A module missing here (not written yet) is skipped.
-COMMAND_MODULES = ("basic", "eval", "neurons", "probe", "trace", "direction", "map", "monitor")
+COMMAND_MODULES = ("basic", "eval", "neurons", "probe", "trace", "direction", "map", "monitor", "audit")
 
 for _name in COMMAND_MODULES:
     try:

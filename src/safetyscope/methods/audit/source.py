@@ -121,10 +121,8 @@ class TensorSource:
     def tied_alias(self, name: str) -> str | None:
         """For an unembedding the checkpoint omits because it is tied to the embedding: the embedding's name."""
         unembed, embed = f"{self.table.unembed}.weight", f"{self.table.embed}.weight"
-        if name == unembed and name not in self.shapes and embed in self.shapes:
-            if self.config.get("tie_word_embeddings", True):
-                return embed
-        return None
+        tied = bool(self.config.get("tie_word_embeddings", True))
+        return embed if tied and name == unembed and name not in self.shapes and embed in self.shapes else None
 
 
 def _template_names(table: ArchTable, templates: tuple[str, ...], n_layers: int) -> dict[str, int]:

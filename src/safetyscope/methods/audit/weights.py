@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...models.arch import ArchTable
 from .source import AuditInputError, TensorRole, TensorSource, roles, writes_residual
 from .types import DiffKind, LayerVerdict, MatrixDiff, NeuronEdit, Verdict, WeightAudit
 
@@ -216,7 +217,7 @@ def _cos_reference(r: torch.Tensor | None, refusal: torch.Tensor | None) -> floa
     return float((ref @ r.double()).abs().max())
 
 
-def _layer_verdicts(diffs: dict[str, MatrixDiff], neurons: list[NeuronEdit], n_layers: int,
+def _layer_verdicts(diffs: dict[str, MatrixDiff], neurons: list[NeuronEdit], table: ArchTable, n_layers: int,
                     signature: bool, tamper: bool) -> tuple[LayerVerdict, ...]:
     out = []
     by_layer: dict[int, list[MatrixDiff]] = {}
@@ -226,6 +227,7 @@ def _layer_verdicts(diffs: dict[str, MatrixDiff], neurons: list[NeuronEdit], n_l
     for layer in range(n_layers):
         ms = by_layer.get(layer, [])
         ev: list[str] = []
+        block = table.block_path(layer) + "."
         weights = {m.name: round(m.global_weight, 4) for m in ms if m.global_weight is not None}
         removed = [m for m in ms if m.removal]
         edits = [e for e in neurons if e.layer == layer]
@@ -235,7 +237,8 @@ def _layer_verdicts(diffs: dict[str, MatrixDiff], neurons: list[NeuronEdit], n_l
             verdict = "modified"
             ev.append(f"{len(changed)} matrices changed beyond noise")
         if removed:
-            ev.append("direction removed from " + ", ".join(f"{m.name} (w={m.self_weight:.2f})" for m in removed))
+            ev.append("direction removed from " + ", ".join(
+                f"{m.name.removeprefix(block)} (w={m.self_weight:.2f})" for m in removed))
             if signature and tamper:
                 verdict = "tampering"
         if edits:
@@ -286,7 +289,7 @@ def audit_weights(ck: TensorSource, ref: TensorSource, refusal: torch.Tensor | N
         verdict = "tampering"
     elif signature:
         ev.append(f"the removed direction is unrelated to refusal (|cos| < {cfg.min_cos}): modified, not refusal tampering")
-    layers = _layer_verdicts(p.diffs, p.neurons, ref.dims.n_layers, signature, related)
+    layers = _layer_verdicts(p.diffs, p.neurons, ref.table, ref.dims.n_layers, signature, related)
     return WeightAudit(
         checkpoint=ck.label, reference=ref.label, verdict=verdict, evidence=tuple(ev),
         matrices=tuple(p.diffs.values()), layers=layers, neurons=tuple(p.neurons), direction=r,
