@@ -20,7 +20,7 @@ from safetyscope.methods.neurons.grads import (
     set_difference,
     text_batches,
 )
-from safetyscope.methods.neurons.rank import find_neurons
+from safetyscope.methods.neurons.rank import neuron_stats
 from safetyscope.prompts.chat import post_instruction_length, tokenize_prompts
 from safetyscope.sites import Site
 from safetyscope.stats import Moments
@@ -63,7 +63,7 @@ def lm64():
 @pytest.mark.parametrize("positions", ["offset", "mean"])
 def test_planted_neuron_ranked_first(planted, positions):
     pos = str(-(post_instruction_length(planted.tokenizer) + 1)) if positions == "offset" else "mean"
-    stats = find_neurons(planted, HARMFUL, HARMLESS, positions=pos, batch_size=3)
+    stats = neuron_stats(planted, HARMFUL, HARMLESS, positions=pos, batch_size=3)
     for by in ("effect_size", "diff"):
         assert stats.ranking(by, k=1) == [PLANT]
     top = stats.top(1)[0]
@@ -78,8 +78,8 @@ def test_planted_neuron_ranked_first(planted, positions):
 
 
 def test_finder_batched_equals_unbatched(planted):
-    a = find_neurons(planted, HARMFUL[:4], HARMLESS[:4], positions="post_instruction", batch_size=1)
-    b = find_neurons(planted, HARMFUL[:4], HARMLESS[:4], positions="post_instruction", batch_size=4)
+    a = neuron_stats(planted, HARMFUL[:4], HARMLESS[:4], positions="post_instruction", batch_size=1)
+    b = neuron_stats(planted, HARMFUL[:4], HARMLESS[:4], positions="post_instruction", batch_size=4)
     for name in ("harmful_mean", "harmless_mean", "pooled_std"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-4, atol=1e-5)
     assert a.n_harmful == b.n_harmful == 4

@@ -24,7 +24,9 @@ __all__ = [
 _EPS = 1e-8  # smoothing of p and 1 - p in the log-odds (as in Arditi et al.'s refusal metric)
 
 
-def refusal_score(logits: Tensor, token_ids: Iterable[int], *, grad: bool = False) -> Tensor:
+def refusal_score(
+    logits: Tensor, token_ids: Iterable[int], *, grad: bool = False, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Log-odds of the refusal tokens at the first response position.
 
     ``score = log(p + eps) - log(1 - p + eps)`` with ``p`` the softmax probability mass on ``token_ids``
@@ -37,9 +39,11 @@ def refusal_score(logits: Tensor, token_ids: Iterable[int], *, grad: bool = Fals
         logits: ``[B, V]`` (or ``[V]``) next-token logits at the first reply position.
         token_ids: refusal token ids (duplicates are ignored).
         grad: keep the autograd graph (a training loss); by default the logits are detached.
+        dtype: of the returned scores; ``torch.float64`` keeps small differences between scores (patching
+            effects) above the float32 rounding of the score.
 
     Returns:
-        ``[B]`` float32 scores (a 0-d tensor for ``[V]`` input).
+        ``[B]`` scores in ``dtype`` (a 0-d tensor for ``[V]`` input).
     """
     if logits.dim() not in (1, 2):
         raise ValueError(f"logits must be [batch, vocab] or [vocab], got shape {tuple(logits.shape)}")
@@ -54,7 +58,7 @@ def refusal_score(logits: Tensor, token_ids: Iterable[int], *, grad: bool = Fals
     log_p = torch.logsumexp(x.masked_fill(~is_refusal, -math.inf), dim=-1) - log_z   # log p      [B]
     log_q = torch.logsumexp(x.masked_fill(is_refusal, -math.inf), dim=-1) - log_z    # log (1-p)  [B]
     log_eps = torch.tensor(math.log(_EPS), dtype=x.dtype, device=x.device)
-    return (torch.logaddexp(log_p, log_eps) - torch.logaddexp(log_q, log_eps)).to(torch.float32)
+    return (torch.logaddexp(log_p, log_eps) - torch.logaddexp(log_q, log_eps)).to(dtype)
 
 
 def kl_divergence(logits_ref: Tensor, logits_new: Tensor, mask: Tensor | None = None, *, grad: bool = False) -> Tensor:

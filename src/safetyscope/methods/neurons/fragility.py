@@ -83,7 +83,7 @@ def matched_random(
     return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class FragilityResult:
     ks: list[int]
     rows: list[dict[str, Any]]  # one per (curve, seed, k): {"curve", "seed", "k", **metrics}

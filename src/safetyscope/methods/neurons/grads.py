@@ -16,7 +16,6 @@ the top of the refusal ranking but not in the top ``q`` of the utility ranking (
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,13 +23,16 @@ from typing import Any
 import torch
 
 from ...hooks import capture, forward
+from ...measure.metrics import refusal_score
 from ...measure.refusal_tokens import refusal_token_ids
 from ...models.adapter import LoadedModel
 from ...positions import Batch
+from ...prompts.chat import pad_token_id
 from ...runner import batched
 from ...sites import Site
 from ...stats import Moments
 from .artifact import Neuron
+from .rank import neuron_sites
 
 HOW = ("signed", "abs")
 Objective = Callable[[torch.Tensor, Batch], torch.Tensor]  # (logits, batch) -> [batch]
@@ -97,17 +99,11 @@ class NeuronAttribution:
                    Moments.from_state(t, f"{prefix}abs/"), objective)
 
 
-def refusal_logodds(logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
-    """Differentiable log p(refusal) - log(1 - p(refusal)); logits [batch, vocab] -> [batch] (float32+)."""
-    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    is_ref = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
-    is_ref[list(token_ids)] = True
-    return torch.logsumexp(x.masked_fill(~is_ref, -math.inf), -1) - torch.logsumexp(x.masked_fill(is_ref, -math.inf), -1)
-
-
 def refusal_objective(token_ids: Sequence[int]) -> Objective:
+    """The logit refusal score (:func:`~safetyscope.measure.metrics.refusal_score`) at the last position,
+    differentiable, in float64: [batch]."""
     ids = list(token_ids)
-    return lambda logits, _b: refusal_logodds(logits[:, -1], ids)
+    return lambda logits, _b: refusal_score(logits[:, -1], ids, grad=True, dtype=torch.float64)
 
 
 def lm_loss_objective(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -137,21 +133,52 @@ def attribution_batch(lm: LoadedModel, batch: Batch, objective: Objective, sites
     return torch.stack(rows, 1)
 
 
-def _accumulate(lm: LoadedModel, batches: Iterator[tuple[Batch, torch.Tensor]], layers: list[int],
-                objective: str) -> NeuronAttribution:
-    signed, absolute = Moments(), Moments()
-    for _b, att in batches:  # att: [batch, L, d_mlp]
-        signed.update(att)
-        absolute.update(att.abs())
-    if signed.n == 0:
-        raise ValueError("no prompts to attribute; give at least one")
-    return NeuronAttribution(layers, signed, absolute, objective)
+@dataclass
+class AttributionMoments:
+    """Running moments of per-prompt attributions (signed and absolute), [n_layers, d_mlp] each."""
+
+    signed: Moments = field(default_factory=Moments)
+    absolute: Moments = field(default_factory=Moments)
+
+    def update(self, att: torch.Tensor) -> None:  # att: [batch, L, d_mlp]
+        self.signed.update(att)
+        self.absolute.update(att.abs())
+
+    def result(self, layers: list[int], objective: str) -> NeuronAttribution:
+        if self.signed.n == 0:
+            raise ValueError("no prompts to attribute; give at least one")
+        return NeuronAttribution(layers, self.signed, self.absolute, objective)
+
+    def state(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        return {} if self.signed.n == 0 else {**self.signed.state(f"{prefix}signed/"), **self.absolute.state(f"{prefix}abs/")}
+
+    @classmethod
+    def from_state(cls, t: dict[str, torch.Tensor], prefix: str = "") -> AttributionMoments:
+        if f"{prefix}signed/n" not in t:
+            return cls()
+        return cls(Moments.from_state(t, f"{prefix}signed/"), Moments.from_state(t, f"{prefix}abs/"))
 
 
-def _sites(lm: LoadedModel, layers: str | Iterable[int]) -> tuple[list[Site], list[int]]:
-    spec = layers if isinstance(layers, str) else ",".join(str(int(v)) for v in layers)
-    sites = lm.sites(f"blocks.{spec}.mlp.neurons")
-    return sites, [int(s.layer) for s in sites if s.layer is not None]
+def refusal_batches(lm: LoadedModel, prompts: Sequence[str], sites: Sequence[Site], *,
+                    token_ids: Sequence[int] | None = None, batch_size: int = 8,
+                    system: str | None = None) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """(batch, per-prompt attribution of the refusal score [batch, L, d_mlp]) for chat-formatted ``prompts``."""
+    obj = refusal_objective(token_ids if token_ids is not None else refusal_token_ids(lm.tokenizer))
+    return batched(lm, prompts, lambda b: attribution_batch(lm, b, obj, sites, last_only=True),
+                   batch_size=batch_size, system=system, description="attributing refusal")
+
+
+def loss_batches(lm: LoadedModel, texts: Sequence[str], sites: Sequence[Site], *, max_tokens: int = 128,
+                 batch_size: int = 8) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """(batch, per-text attribution of the language-modelling loss [batch, L, d_mlp]) for plain ``texts``."""
+    if not texts:
+        raise ValueError("no utility texts given; pass at least one text")
+    return ((b, attribution_batch(lm, b, lm_loss_objective, sites))
+            for b in text_batches(lm, texts, max_tokens=max_tokens, batch_size=batch_size))
+
+
+def _layers(sites: Sequence[Site]) -> list[int]:
+    return [int(s.layer) for s in sites if s.layer is not None]
 
 
 def refusal_attribution(
@@ -164,17 +191,17 @@ def refusal_attribution(
     system: str | None = None,
 ) -> NeuronAttribution:
     """Attribution of the logit refusal score to every neuron, aggregated over (harmful) prompts."""
-    sites, layer_list = _sites(lm, layers)
-    obj = refusal_objective(token_ids if token_ids is not None else refusal_token_ids(lm.tokenizer))
-    it = batched(lm, prompts, lambda b: attribution_batch(lm, b, obj, sites, last_only=True),
-                 batch_size=batch_size, system=system, description="attributing refusal")
-    return _accumulate(lm, it, layer_list, "refusal_score")
+    sites = neuron_sites(lm, layers)
+    acc = AttributionMoments()
+    for _b, att in refusal_batches(lm, prompts, sites, token_ids=token_ids, batch_size=batch_size, system=system):
+        acc.update(att)
+    return acc.result(_layers(sites), "refusal_score")
 
 
 def text_batches(lm: LoadedModel, texts: Sequence[str], *, max_tokens: int = 128, batch_size: int = 8) -> Iterator[Batch]:
     """Plain (non-chat) text, truncated to ``max_tokens`` and left padded, in batches."""
     tok = lm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_token_id(tok)
     for start in range(0, len(texts), max(1, batch_size)):
         rows = [list(tok(t, add_special_tokens=True)["input_ids"])[:max_tokens] for t in texts[start:start + batch_size]]
         width = max(len(r) for r in rows)
@@ -195,12 +222,11 @@ def loss_attribution(
     batch_size: int = 8,
 ) -> NeuronAttribution:
     """Attribution of the language-modelling loss on plain texts (the utility objective)."""
-    if not texts:
-        raise ValueError("no utility texts given; pass at least one text")
-    sites, layer_list = _sites(lm, layers)
-    it = ((b, attribution_batch(lm, b, lm_loss_objective, sites))
-          for b in text_batches(lm, texts, max_tokens=max_tokens, batch_size=batch_size))
-    return _accumulate(lm, it, layer_list, "lm_loss")
+    sites = neuron_sites(lm, layers)
+    acc = AttributionMoments()
+    for _b, att in loss_batches(lm, texts, sites, max_tokens=max_tokens, batch_size=batch_size):
+        acc.update(att)
+    return acc.result(_layers(sites), "lm_loss")
 
 
 def _count(k: float | int, total: int) -> int:

@@ -10,17 +10,17 @@ offset, or several positions (``post_instruction``, ``-1,-2``), which are averag
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ...models.adapter import LoadedModel
-from ...positions import PositionSpec, parse_positions
+from ...positions import Batch, PositionSpec, parse_positions
 from ...runner import run_capture
-from ...stats import GroupMoments, Moments, effect_size, pooled_std
-from ..fit import fit_group_moments
+from ...sites import Site
+from ...stats import GroupMoments, effect_size, pooled_std
 from .artifact import Neuron, NeuronSet
 
 RANK_BY = ("effect_size", "diff")
@@ -144,7 +144,7 @@ def stats_from_moments(gm: GroupMoments, layers: Sequence[int], positions: str =
     rows: dict[str, list[torch.Tensor]] = {"h": [], "s": [], "p": [], "d": []}
     n_h = n_s = 0
     for layer in layers:
-        key = f"blocks.{layer}.mlp.neurons"
+        key = Site("mlp.neurons", int(layer)).name
         mh, ms = gm.get(harmful, key), gm.get(harmless, key)
         assert mh.mean is not None and ms.mean is not None
         if mh.mean.shape[0] != 1:
@@ -160,11 +160,47 @@ def stats_from_moments(gm: GroupMoments, layers: Sequence[int], positions: str =
                        torch.stack(rows["d"]), n_h, n_s, positions)
 
 
-def _single_position(spec: str | tuple[int, ...]) -> bool:
-    return spec in ("last", "mean") or (isinstance(spec, tuple) and len(spec) == 1)
+def neuron_sites(lm: LoadedModel, layers: str | Iterable[int] = "*") -> list[Site]:
+    """The ``mlp.neurons`` site of each of ``layers`` (a layer pattern of the site grammar: ``*``, ``a-b``,
+    ``a,b``; or block indices), validated against the model."""
+    if not isinstance(layers, str):
+        return lm.sites([Site("mlp.neurons", int(layer)) for layer in layers])
+    return lm.sites(f"blocks.{layers}.mlp.neurons")  # a wildcard pattern of the grammar, parsed by sites.py
 
 
-def find_neurons(
+def check_positions(positions: PositionSpec) -> str | tuple[int, ...]:
+    spec = parse_positions(positions)
+    if spec == "all":
+        raise ValueError("positions 'all' would mix pads and prompts of different lengths; use mean, last or offsets")
+    return spec
+
+
+def accumulate(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    sites: Sequence[Site],
+    positions: PositionSpec,
+    into: GroupMoments,
+    group: str,
+    *,
+    batch_size: int = 8,
+    system: str | None = None,
+) -> Iterator[Batch]:
+    """Add each batch's activations at ``sites`` to ``into[group]`` and yield the finished batch (so a caller
+    can save progress). Several selected positions are averaged per prompt first."""
+    spec = check_positions(positions)
+    for batch, values in run_capture(lm, prompts, sites, spec, batch_size=batch_size, system=system,
+                                     description=f"capturing {group}"):
+        for site, v in values.items():  # v: [batch, k, d_mlp]
+            into.update(group, site.name, v if v.shape[1] == 1 else v.double().mean(1, keepdim=True))
+        yield batch
+
+
+def position_name(positions: PositionSpec) -> str:
+    return positions if isinstance(positions, str) else ",".join(str(p) for p in positions)
+
+
+def neuron_stats(
     lm: LoadedModel,
     harmful: Sequence[str],
     harmless: Sequence[str],
@@ -175,24 +211,12 @@ def find_neurons(
     system: str | None = None,
 ) -> NeuronStats:
     """Per-neuron harmful/harmless statistics at every analysed layer (one forward pass per batch)."""
-    spec = parse_positions(positions)
-    if spec == "all":
-        raise ValueError("positions 'all' would mix pads and prompts of different lengths; use mean, last or offsets")
-    layer_spec = layers if isinstance(layers, str) else ",".join(str(int(v)) for v in layers)
-    sites = lm.sites(f"blocks.{layer_spec}.mlp.neurons")
-    layer_list = [int(s.layer) for s in sites if s.layer is not None]
-    groups = {"harmful": list(harmful), "harmless": list(harmless)}
-    if _single_position(spec):
-        gm = fit_group_moments(lm, groups, sites, spec, batch_size=batch_size, system=system)
-    else:  # several positions: average them per prompt, then accumulate
-        gm = GroupMoments()
-        for group, prompts in groups.items():
-            if not prompts:
-                raise ValueError(f"the {group!r} prompt set is empty; give at least one prompt")
-            for _b, values in run_capture(lm, prompts, sites, spec, batch_size=batch_size, system=system,
-                                          description=f"capturing {group}"):
-                for site, v in values.items():  # v: [batch, k, d_mlp]
-                    gm.groups.setdefault(group, {}).setdefault(site.name, Moments()).update(
-                        v.double().mean(1, keepdim=True))
-    name = positions if isinstance(positions, str) else ",".join(str(p) for p in positions)
-    return stats_from_moments(gm, layer_list, name)
+    check_positions(positions)
+    sites = neuron_sites(lm, layers)
+    gm = GroupMoments()
+    for group, prompts in (("harmful", harmful), ("harmless", harmless)):
+        if not prompts:
+            raise ValueError(f"the {group!r} prompt set is empty; give at least one prompt")
+        for _batch in accumulate(lm, list(prompts), sites, positions, gm, group, batch_size=batch_size, system=system):
+            pass
+    return stats_from_moments(gm, [int(s.layer) for s in sites if s.layer is not None], position_name(positions))

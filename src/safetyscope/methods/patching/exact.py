@@ -34,7 +34,6 @@ variant and each row gets its own site / position / head through index-assigning
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 
 from ...hooks import EditFn, capture, forward, hooks
+from ...measure.metrics import refusal_score
 from ...measure.refusal_tokens import refusal_token_ids
 from ...models.adapter import LoadedModel
 from ...positions import Batch
@@ -58,20 +58,10 @@ SPANS: tuple[str, ...] = ("post_instruction", "all", "last")
 FORWARD, REVERSE = "harmless->harmful", "harmful->harmless"
 
 
-_EPS = 1e-8  # as in measure.metrics.refusal_score
-
-
 def score_logits(logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
-    """The logit refusal score of ``measure.metrics.refusal_score`` in float64 and differentiable,
-    [B] from [B, V]: float64 keeps small patching effects above the float32 rounding of the score."""
-    x = logits.to(torch.float64)  # [B, V]
-    is_ref = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
-    is_ref[sorted({int(i) for i in token_ids})] = True
-    log_z = torch.logsumexp(x, -1)
-    log_p = torch.logsumexp(x.masked_fill(~is_ref, -math.inf), -1) - log_z
-    log_q = torch.logsumexp(x.masked_fill(is_ref, -math.inf), -1) - log_z
-    log_eps = torch.tensor(math.log(_EPS), dtype=x.dtype, device=x.device)
-    return torch.logaddexp(log_p, log_eps) - torch.logaddexp(log_q, log_eps)
+    """:func:`safetyscope.measure.metrics.refusal_score`, differentiable and in float64, [B] from [B, V]:
+    float64 keeps small patching effects above the float32 rounding of the score."""
+    return refusal_score(logits, token_ids, grad=True, dtype=torch.float64)
 
 
 @dataclass(frozen=True)
