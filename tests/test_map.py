@@ -11,9 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from safetyscope.cli import map as map_cli
-from safetyscope.cli.map import STAGES, MapSettings, run_map
+from safetyscope.cli.map import MapSettings
+from safetyscope.cli.map import run_map as run_map_cli
+from safetyscope.methods.circuit import pipeline
+from safetyscope.methods.circuit.pipeline import STAGES
 from safetyscope.testing import tiny_model
+
+
+def run_map(s: MapSettings) -> dict:
+    """The CLI's run (one model load, the library pipeline) and its summary, as `map --json` prints it."""
+    return run_map_cli(s).summary()
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +38,7 @@ def test_map_runs_every_stage_and_resumes_after_an_interruption(tiny_dir, tmp_pa
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(map_cli.RUNNERS, "dla", interrupted)
+    monkeypatch.setitem(pipeline.COMPUTE, "dla", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_map(s)
     stages = tmp_path / "map" / "stages"
@@ -41,10 +48,11 @@ def test_map_runs_every_stage_and_resumes_after_an_interruption(tiny_dir, tmp_pa
     monkeypatch.undo()
 
     calls = []
-    for name, fn in list(map_cli.RUNNERS.items()):
-        monkeypatch.setitem(map_cli.RUNNERS, name, lambda s_, b, d, fn=fn, name=name: (calls.append(name), fn(s_, b, d))[1])
+    for name, fn in list(pipeline.COMPUTE.items()):
+        monkeypatch.setitem(pipeline.COMPUTE, name, lambda x, fn=fn, name=name: (calls.append(name), fn(x))[1])
     summary = run_map(s)
     assert calls == ["dla", "report"]  # the rerun resumed from the last finished stage
+    assert summary["status"] == {**{st: "cached" for st in STAGES[: STAGES.index("dla")]}, "dla": "done", "report": "done"}
     assert {p.name: p.stat().st_mtime_ns for p in stages.glob("*.json") if p.name in mtimes} == mtimes
     report = Path(summary["report"]).read_text()
     assert "Refusal circuit of" in report and "Implications" in report and "<svg" in report
@@ -61,14 +69,17 @@ def test_map_runs_every_stage_and_resumes_after_an_interruption(tiny_dir, tmp_pa
 
 
 def test_a_changed_upstream_result_invalidates_later_stages(tiny_dir, tmp_path):
-    from safetyscope.cli.map import budget
+    from safetyscope.methods.circuit.inputs import Budget, MapConfig
+    from safetyscope.methods.circuit.pipeline import stage_key
 
     s = MapSettings(model=str(tiny_dir), out=tmp_path, quick=True)
-    b = budget(s)
-    a = map_cli._key(s, b, "fragility", {"probe": {"best": 1}})
-    assert a == map_cli._key(s, b, "fragility", {"probe": {"best": 1}})  # same inputs, same key (resume works)
-    assert a != map_cli._key(s, b, "fragility", {"probe": {"best": 2}})  # an upstream change reruns the stage
-    assert a != map_cli._key(s, b, "dla", {"probe": {"best": 1}})
+    b = Budget.of(s.config())
+    settings = {"model": ["tiny", 1, "float32"], "config": {"quick": True}}
+    a = stage_key("fragility", settings, b, {"probe": {"best": 1}})
+    assert a == stage_key("fragility", settings, b, {"probe": {"best": 1}})  # same inputs, same key (resume works)
+    assert a != stage_key("fragility", settings, b, {"probe": {"best": 2}})  # an upstream change reruns the stage
+    assert a != stage_key("dla", settings, b, {"probe": {"best": 1}})
+    assert a != stage_key("fragility", settings, Budget.of(MapConfig(n_eval=5)), {"probe": {"best": 1}})  # the budget counts
 
 
 def test_map_on_user_files_splits_them_and_the_report_escapes_prompt_text(tiny_dir, tmp_path):
@@ -122,7 +133,15 @@ def test_map_quick_on_the_default_model(tmp_path):
 
 
 def test_breaking_points_use_the_fragility_curves_real_names():
-    from safetyscope.cli.map_report import breaking_point, neuron_breaking_point
+    from safetyscope.methods.circuit.results import FragilitySummary
+    from safetyscope.report.circuit import breaking_point as breaking_point_of
+    from safetyscope.report.circuit import neuron_breaking_point as neuron_breaking_point_of
+
+    def breaking_point(frag: dict, curve: str):
+        return breaking_point_of(FragilitySummary.from_json(frag), curve)
+
+    def neuron_breaking_point(frag: dict):
+        return neuron_breaking_point_of(FragilitySummary.from_json(frag))
 
     def row(curve: str, k: int, rate: float) -> dict:
         return {"curve": curve, "k": k, "score_refusal_rate": rate}
@@ -137,7 +156,11 @@ def test_breaking_points_use_the_fragility_curves_real_names():
 
 
 def test_decision_onset_is_the_first_block_whose_residual_patch_restores_half_the_peak():
-    from safetyscope.cli.map import decision_onset
+    from safetyscope.methods.circuit.evidence import decision_onset as onset_of_grid
+    from safetyscope.methods.circuit.results import TraceSummary
+
+    def decision_onset(trace: dict | None):
+        return onset_of_grid(TraceSummary.from_json({"modes": {}, **trace}).grid if trace else None)
 
     grid = {"rows": ["0", "1", "2", "3", "4"], "cols": ["resid_pre", "attn.out", "mlp.out"],
             "median": [[0.0, 0.9, 0.0], [0.1, 0.0, 0.0], [0.3, 0.0, None], [0.7, 0.1, 0.0], [0.8, 0.0, 0.0]]}

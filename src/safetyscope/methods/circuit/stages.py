@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ...sites import Site
+
 _LAYER = re.compile(r"blocks\.(\d+)\.")
 
 
@@ -57,21 +59,24 @@ def _span(layers: Sequence[int], n_layers: int) -> tuple[int, int]:
 
 
 def detection_stage(ev: Evidence) -> Stage | None:
+    """None without probe accuracies or when no layer's accuracy beats the shuffled-label control."""
     if not ev.probe_acc:
         return None
     acc = list(ev.probe_acc)
     ctrl = list(ev.probe_control) if ev.probe_control else [0.5] * len(acc)
     best = max(acc)
     base = max(0.5, sum(ctrl) / len(ctrl))
+    if best <= base:  # no layer reads harmfulness better than the control: no evidence for the stage
+        return None
     half = base + 0.5 * (best - base)
     near = base + 0.95 * (best - base)
-    first_half = next(i for i, a in enumerate(acc) if a >= half)
+    first_half = next(i for i, a in enumerate(acc) if a >= half)  # exists: best >= near >= half
     first_near = next(i for i, a in enumerate(acc) if a >= near)
     lo, hi = first_half, max(first_half, first_near)
     return Stage(
         "detection",
         (lo, hi),
-        [f"blocks.{i}.resid_post" for i in range(lo, hi + 1)][:4],
+        [str(Site("resid_post", i)) for i in range(lo, hi + 1)][:4],
         f"probe accuracy {acc[lo]:.2f} at layer {lo} (halfway above control {base:.2f}), "
         f"{acc[hi]:.2f} at layer {hi} (95% of its best, {best:.2f})",
         {"first_half_layer": float(lo), "first_near_best_layer": float(hi), "best_accuracy": best},
@@ -94,7 +99,7 @@ def evaluation_stage(ev: Evidence) -> Stage | None:
     return Stage(
         "evaluation",
         (lo, hi),
-        list(in_span[:4]) or [f"blocks.{peak}.mlp.neurons"],
+        list(in_span[:4]) or [str(Site("mlp.neurons", peak))],
         f"neuron effect sizes peak at layer {peak} ({score[peak]:.2f}); layers {lo}-{hi} stay within 70% of the peak",
         {"peak_layer": float(peak), "peak_score": score[peak]},
     )
@@ -136,3 +141,18 @@ def assign_stages(ev: Evidence) -> list[Stage]:
     """The stages that the available evidence supports, in circuit order."""
     stages = [detection_stage(ev), evaluation_stage(ev), decision_stage(ev), production_stage(ev)]
     return [s for s in stages if s is not None]
+
+
+STAGE_NAMES = ("detection", "evaluation", "decision", "production")
+
+
+def missing_stages(ev: Evidence) -> dict[str, str]:
+    """Why each stage that :func:`assign_stages` leaves out has no evidence (stage -> one sentence)."""
+    found = {s.name for s in assign_stages(ev)}
+    why = {
+        "detection": "no probe results" if not ev.probe_acc else "no layer's probe accuracy beats the shuffled-label control",
+        "evaluation": "no safety-neuron statistics",
+        "decision": "no patching effects and no refusal direction",
+        "production": "no direct logit attribution",
+    }
+    return {name: f"no evidence: {why[name]}" for name in STAGE_NAMES if name not in found}

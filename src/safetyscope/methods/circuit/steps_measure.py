@@ -1,0 +1,176 @@
+"""The map's measuring stages: the refusal direction (found on fitting prompts, measured held out), the
+fragility curves and the capability cost. Each takes :class:`StageInputs` and returns its JSON result."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...io import fingerprint, read_json, write_json
+from ..direction.artifact import Direction
+from ..direction.evaluate import ReplyCache, evaluate_ablation, evaluate_addition
+from ..direction.select import SelectConfig
+from .evidence import decision_onset, readable_layers
+from .inputs import StageInputs
+from .results import ProbeSummary, TraceSummary
+
+
+def candidate_layers(x: StageInputs) -> str:
+    """Blocks whose candidates are scored: the readable layers (probe), from 2 blocks before the trace's
+    decision onset; in --quick the last position of 4 evenly spaced readable blocks before the cutoff."""
+    n = x.lm.n_layers
+    probe = ProbeSummary.from_json(x.done["probe"]) if "probe" in x.done else None
+    layers = readable_layers(probe, n) if probe else ""
+    trace = TraceSummary.from_json(x.done["trace"]) if "trace" in x.done else None
+    onset = decision_onset(trace.grid if trace else None)
+    if onset is not None and layers not in ("", "*"):  # and from 2 blocks before the residual patching effect sets in
+        lo = max(int(layers.split("-")[0]), onset - 2)
+        layers = f"{min(lo, n - 1)}-{layers.split('-')[1]}"
+    if x.config.quick and probe:
+        hi = max(0, SelectConfig().cutoff(n) - 1)  # the last block not pruned as "late"
+        lo = min(hi, int(layers.split("-")[0]) if layers not in ("", "*") else 0)
+        layers = ",".join(str(v) for v in sorted({lo + round(i * (hi - lo) / 3) for i in range(4)}))
+    return "" if layers == "*" else layers
+
+
+def find_direction_stage(x: StageInputs) -> tuple[Direction, dict[str, Any]]:
+    """Candidates in the readable blocks (cached, keyed on their inputs), screened then fully scored on the
+    validation prompts; the best judged on real replies (the first-token score is only a proxy)."""
+    from ...sites import parse_sites
+    from ..direction.api import DirectionConfig, NoDirectionFound, search_direction
+
+    lm, b, out = x.lm, x.budget, x.out / "direction"
+    spec = candidate_layers(x)
+    layers = tuple(int(s.layer) for s in parse_sites(f"blocks.{spec}.resid_pre", lm.n_layers) if s.layer is not None) if spec else None
+    if x.config.quick:  # a smoke test: the last position of a few blocks, one finalist judged on short replies
+        cfg = DirectionConfig(positions="-1", layers=layers, induce="lazy", verify=1, verify_tokens=8)
+    else:
+        cfg = DirectionConfig(layers=layers, induce="lazy", screen=3, keep=6, verify=2)
+    try:
+        found = search_direction(
+            lm, x.sampled("harmful", b.n_prompts, "train"), x.sampled("harmless", b.n_prompts, "train"),
+            val_harmful=x.sampled("harmful", b.n_val, "val"), val_harmless=x.sampled("harmless", b.n_val, "val"),
+            config=cfg, batch_size=x.batch_size, system=x.system, cache_dir=out, log=x.log, verdict_cache=x.out / "cache")
+    except NoDirectionFound as exc:
+        write_json(out / "selection.json", exc.selection.to_json())  # what was measured stays on record
+        raise
+    write_json(out / "selection.json", found.selection.to_json())
+    found.direction.save(out / "artifact")
+    return found.direction, {**found.to_json(), "model": lm.name, "artifact": str(out / "artifact"),
+                             "positions": list(found.candidates.positions), "tokens": list(found.candidates.tokens),
+                             "selection": str(out / "selection.json")}
+
+
+def direction_stage(x: StageInputs) -> dict[str, Any]:
+    """The refusal direction, then its ablation and addition measured on held-out test prompts."""
+    direction, found = find_direction_stage(x)
+    b = x.budget
+    harmful, harmless = x.sampled("harmful", b.n_eval, "test"), x.sampled("harmless", b.n_eval, "test")
+    d = x.lm.describe()
+    meta, _ = direction.to_state()
+    common = {"model": [d["name"], d["n_params"], d["dtype"]], "system": x.system, "max_new_tokens": b.max_new_tokens}
+    cache = ReplyCache(x.out / "direction_eval", common, {"direction": meta, "vector": direction.direction.tolist(),
+                                                          "weights": None, "coeff": 1.0, "layer": -1})
+    kw: dict[str, Any] = {"max_new_tokens": b.max_new_tokens, "batch_size": x.batch_size, "system": x.system, "cache": cache}
+    ablate = evaluate_ablation(x.lm, direction, harmful, harmless, **kw)
+    ablate.update(model=x.lm.name, direction=found["artifact"], norm_preserving=direction.norm_preserving,
+                  weighted=direction.layer_weights is not None, ablation=direction.ablation)
+    add = evaluate_addition(x.lm, direction, harmless, coeff=1.0, **kw)
+    add.update(model=x.lm.name, direction=found["artifact"])
+    return {"find": found, "ablate": ablate, "add": add}
+
+
+def _neuron_curves(x: StageInputs, harmful: list[str], harmless: list[str]) -> dict[str, Any]:
+    """Top neurons by effect size and by gradient, and random neurons from the same layers (zero ablation)."""
+    from ..neurons.artifact import ablate_neurons
+    from ..neurons.fragility import fragility_curves, parse_ks
+    from .steps_fit import neuron_analysis
+
+    layers = str(x.done["neurons"]["layers_analysed"]) if "neurons" in x.done else "*"
+    a = neuron_analysis(x, layers)  # the neurons stage's cached analysis when its inputs are unchanged
+    stats, b = a.stats, x.budget
+    assert a.refusal is not None  # the map always computes gradients
+    ks = parse_ks(b.ks, stats.n_neurons)
+    ranked = {"top_by_effect_size": stats.ranking("effect_size", "both", max(ks)),
+              "top_by_gradient": a.refusal.ranking("signed", max(ks))}
+
+    def make(prefix: Any) -> Any:
+        return lambda: ablate_neurons(x.lm, prefix, mode="zero", strength=None, means=None)
+
+    out = x.out / "neurons"
+    key = fingerprint(x.lm.name, ranked, harmful, harmless, "zero", None, 0, x.config.seed, b.seeds)
+    partial = out / "fragility_partial.json"  # finished points, so an interrupted curve resumes
+    done = read_json(partial)["rows"] if partial.is_file() and read_json(partial).get("key") == key else []
+    rows: list[dict[str, Any]] = list(done)
+
+    def save_row(row: dict[str, Any]) -> None:
+        rows.append(row)
+        write_json(partial, {"key": key, "rows": rows})
+
+    res = fragility_curves(
+        x.lm, ranked, make, ks, harmful, harmless, random_pools={lay: [(lay, i) for i in range(stats.d_mlp)] for lay in stats.layers},
+        group=lambda n: n[0], seeds=[x.config.seed + i for i in range(b.seeds)], random_like=next(iter(ranked)),
+        max_new_tokens=0, batch_size=x.batch_size, system=x.system, done=done, on_row=save_row)
+    res.info.update(model=x.lm.name, mode="zero", strength=None, n_neurons_total=stats.n_neurons, filter=a.filter,
+                    ks_spec=b.ks, eval_split="test")
+    result = res.to_dict()
+    write_json(out / "fragility.json", result)
+    partial.unlink(missing_ok=True)
+    return result
+
+
+def fragility_stage(x: StageInputs) -> dict[str, Any]:
+    """Neuron curves and the refusal direction as one component against random directions, on the same
+    held-out prompts and metrics."""
+    from ...artifacts.base import load_artifact
+    from ..neurons.fragility import direction_fragility
+
+    b = x.budget
+    harmful, harmless = x.sampled("harmful", b.n_eval, "test"), x.sampled("harmless", b.n_eval, "test")
+    res = _neuron_curves(x, harmful, harmless)
+    path = x.out / "direction" / "artifact"
+    if "direction" in x.done and (path / "artifact.json").is_file():
+        d = direction_fragility(x.lm, load_artifact(path), harmful, harmless, seeds=[x.config.seed + i for i in range(b.seeds)],
+                                batch_size=x.batch_size, system=x.system).to_dict()
+        res["direction"] = d
+        res["direction_summary"] = d["summary"]
+    res["n_eval"] = [len(harmful), len(harmless)]
+    return res
+
+
+def capability_stage(x: StageInputs) -> dict[str, Any]:
+    """First-token KL on held-out harmless prompts and perplexity on the built-in prose/code passages, under
+    the direction and under the neuron set; plus a few replies before/after, for the report."""
+    from ...artifacts.base import load_artifact
+    from ...measure.capability import capability_rows, cross_entropy
+    from ...measure.compare import first_token_kl, logits_under
+    from ...measure.generation import generate
+    from ...measure.judges import PhraseJudge
+
+    lm, b, bs, system = x.lm, x.budget, x.batch_size, x.system
+    harmless = x.sampled("harmless", b.n_eval, "test")
+    harmful = x.sampled("harmful", 2 if x.config.quick else 4, "test", seed_offset=1)
+    rows = capability_rows(lm, max_tokens=64 if x.config.quick else 128)[: 4 if x.config.quick else None]
+    reference = logits_under(lm, harmless, None, batch_size=bs, system=system)
+    ref_ce = cross_entropy(lm, rows, batch_size=bs)  # once, shared by every intervention
+    judge = PhraseJudge()
+    before = generate(lm, harmful, max_new_tokens=b.max_new_tokens, batch_size=bs, system=system)
+    samples = [{"prompt": p, "before": r, "refused_before": judge(p, r)} for p, r in zip(harmful, before)]
+    out: dict[str, Any] = {"n_harmless": len(harmless), "n_capability_tokens": sum(len(r) - 1 for r in rows),
+                           "interventions": {}, "samples": samples}
+    arts = {"direction": (x.out / "direction" / "artifact", "direction"), "neurons": (x.out / "neurons" / "set", "neurons")}
+    for name, (path, stage) in arts.items():
+        if stage not in x.done or not path.is_dir():  # only the artifacts this run's stages produced
+            continue
+        art = load_artifact(path)
+        kl = first_token_kl(lm, harmless, art, reference=reference, batch_size=bs, system=system)
+        with art.apply(lm):
+            new_ce = cross_entropy(lm, rows, batch_size=bs)
+            after = generate(lm, harmful, max_new_tokens=b.max_new_tokens, batch_size=bs, system=system)
+        for sample, p, r in zip(samples, harmful, after):
+            sample[f"after_{name}"] = r
+            sample[f"refused_after_{name}"] = judge(p, r)
+        out["interventions"][name] = {
+            "artifact": str(path), "kl_first_token_mean": float(kl.mean()), "kl_first_token_median": float(kl.median()),
+            "ppl_before": ref_ce.ppl, "ppl_after": new_ce.ppl, "ppl_ratio": new_ce.ppl / ref_ce.ppl,
+        }
+    return out
