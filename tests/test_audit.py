@@ -1,0 +1,267 @@
+"""Audit: weights against a reference, the no-reference ablation signature, runtime interventions, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from safetyscope.artifacts.checkpoint import Checkpoint
+from safetyscope.cli.main import app
+from safetyscope.hooks import hooks
+from safetyscope.methods.audit import AuditInputError, audit_checkpoint, audit_runtime
+from safetyscope.methods.direction.artifact import Direction
+from safetyscope.methods.neurons.artifact import NeuronSet
+from safetyscope.models import load_model
+from safetyscope.models.loading import param_hash
+from safetyscope.sites import Site
+from safetyscope.testing import tiny_model
+
+
+def _unit(d: int, seed: int) -> torch.Tensor:
+    r = torch.randn(d, generator=torch.Generator().manual_seed(seed))
+    return r / r.norm()
+
+
+def _save(model: nn.Module, lm, path: Path) -> Path:
+    model.save_pretrained(path, safe_serialization=True)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama", seed=3)
+
+
+@pytest.fixture(scope="module")
+def ref(lm, tmp_path_factory) -> Path:
+    return _save(lm.model, lm, tmp_path_factory.mktemp("audit") / "ref")
+
+
+@pytest.fixture(scope="module")
+def r(lm) -> torch.Tensor:
+    return _unit(lm.dims.d_model, 11)
+
+
+@pytest.fixture(scope="module")
+def abliterated(lm, r, tmp_path_factory) -> Path:
+    return Direction(r, 1, -1).export(lm, tmp_path_factory.mktemp("audit") / "abl")
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return abs(float(a.double() @ b.double()) / float(a.double().norm() * b.double().norm()))
+
+
+# ---- weights against a reference ---------------------------------------------------------------
+def test_clean_checkpoint_is_clean_with_and_without_reference(lm, ref):
+    rep = audit_checkpoint(ref, lm, find_refusal=False)
+    assert rep.verdict == "clean" and rep.weights is not None
+    assert rep.weights.counts["none"] == len(rep.weights.matrices) and rep.weights.n_removal == 0
+    assert all(layer.verdict == "clean" for layer in rep.weights.layers)
+    alone = audit_checkpoint(ref)
+    assert alone.verdict == "clean" and alone.signature is not None and alone.signature.n_collapsed == 0
+    assert alone.signature.null_ratio > 1e-3 and len(alone.signature.canary_scores) > 0
+
+
+def test_orthogonalised_export_is_tampering_and_the_direction_is_recovered(lm, ref, r, abliterated):
+    n = lm.n_layers
+    for kwargs in ({"direction": Direction(r, 1, -1)}, {"find_refusal": False}):
+        rep = audit_checkpoint(abliterated, ref, **kwargs)
+        w = rep.weights
+        assert rep.verdict == "tampering" and w is not None and w.direction is not None
+        assert _cos(w.direction, r) >= 0.95
+        assert w.n_removal == w.n_aligned == 2 * n + 1  # o_proj and down_proj of every block, and the embedding
+        assert all(layer.verdict == "tampering" for layer in w.layers)
+        for layer in w.layers:  # full removal: weight 1 in every writer
+            assert len(layer.removal_weights) == 2 and all(abs(v - 1) < 1e-3 for v in layer.removal_weights.values())
+    assert audit_checkpoint(abliterated, ref, direction=Direction(r, 1, -1)).weights.cos_reference >= 0.95
+
+
+def test_partial_per_layer_removal_recovers_the_kernel(lm, ref, r, tmp_path):
+    kernel = torch.tensor([0.0, 0.5, 1.0])
+    path = Direction(r, 1, -1, layer_weights=kernel, embed_weight=0.0).export(lm, tmp_path / "kernel")
+    w = audit_checkpoint(path, ref, find_refusal=False).weights
+    assert w is not None and w.verdict == "tampering" and _cos(w.direction, r) >= 0.95
+    assert w.layers[0].verdict == "clean" and w.layers[0].removal_weights == {}
+    for layer, k in ((1, 0.5), (2, 1.0)):
+        assert all(abs(v - k) < 1e-3 for v in w.layers[layer].removal_weights.values())
+
+
+def test_a_removed_direction_unrelated_to_refusal_is_modified_not_tampering(lm, ref, r, abliterated):
+    other = _unit(lm.dims.d_model, 99)
+    other = other - (other @ r) * r  # orthogonal to the removed direction
+    rep = audit_checkpoint(abliterated, ref, direction=other)
+    assert rep.verdict == "modified" and rep.weights.cos_reference < 0.05
+
+
+def test_zeroed_and_scaled_neurons_are_found(lm, ref, tmp_path):
+    zeroed = NeuronSet([(1, 5), (2, 7), (2, 40)]).export(lm, tmp_path / "zero")
+    w = audit_checkpoint(zeroed, ref, find_refusal=False).weights
+    assert w.verdict == "tampering"
+    assert sorted((e.layer, i) for e in w.neurons for i in e.zeroed) == [(1, 5), (2, 7), (2, 40)]
+    assert [layer.verdict for layer in w.layers] == ["clean", "tampering", "tampering"]
+    scaled = NeuronSet([(0, 3)], mode="scale", strength=0.25).export(lm, tmp_path / "scale")
+    w = audit_checkpoint(scaled, ref, find_refusal=False).weights
+    assert w.verdict == "tampering" and [(e.layer, e.scaled[0][0]) for e in w.neurons] == [(0, 3)]
+    assert abs(w.neurons[0].scaled[0][1] - 0.25) < 1e-5
+
+
+def test_random_direction_removed_from_one_matrix_is_modified(lm, ref, tmp_path):
+    model = copy.deepcopy(lm.model)
+    u = _unit(lm.dims.d_model, 5)
+    with torch.no_grad():
+        o = model.get_submodule(lm.table.expand(lm.table.attn_out_proj, 1)).weight  # [d_model, in]
+        o.copy_(o - torch.outer(u, u @ o))
+    w = audit_checkpoint(_save(model, lm, tmp_path / "one"), ref, find_refusal=False).weights
+    assert w.verdict == "modified" and w.n_removal == 1 and _cos(w.direction, u) >= 0.95
+    assert [layer.verdict for layer in w.layers] == ["clean", "modified", "clean"]
+
+
+def test_low_rank_benign_update_is_modified(lm, ref, tmp_path):
+    model = copy.deepcopy(lm.model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "v_proj.weight")):  # a merged rank-2 LoRA
+                p.add_(0.05 * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g))
+    w = audit_checkpoint(_save(model, lm, tmp_path / "lora"), ref, find_refusal=False).weights
+    assert w.verdict == "modified" and w.counts["low_rank"] == 2 * lm.n_layers and w.n_removal == 0
+    assert {m.rank for m in w.changed()} == {2}
+
+
+def test_dtype_and_8bit_round_trips_are_noise(lm, ref, tmp_path):
+    half = _save(copy.deepcopy(lm.model).half(), lm, tmp_path / "fp16")
+    w = audit_checkpoint(half, ref, find_refusal=False).weights
+    assert w.verdict == "clean" and w.counts["noise"] > 0 and w.counts["low_rank"] == w.counts["full_rank"] == 0
+    model = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:  # per-row absmax int8 quantisation, dequantised
+                scale = p.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+                p.copy_((p / scale).round().clamp(-127, 127) * scale)
+    w = audit_checkpoint(_save(model, lm, tmp_path / "int8"), ref, find_refusal=False).weights
+    assert w.verdict == "clean" and w.counts["noise"] > 0 and w.counts["low_rank"] == w.counts["full_rank"] == 0
+
+
+# ---- without a reference -------------------------------------------------------------------------
+def test_signature_without_reference_finds_the_removed_direction(lm, r, abliterated, tmp_path):
+    rep = audit_checkpoint(abliterated)
+    s = rep.signature
+    assert rep.verdict == "tampering" and s is not None and _cos(s.null_direction, r) >= 0.95
+    assert s.null_ratio < 1e-4 and s.n_collapsed == 2 * lm.n_layers + 1
+    assert all(c < 1e-3 for c in s.collapse.values())
+    assert s.harm_cos_null and all(c < 1e-3 for c in s.harm_cos_null.values())  # what is left is orthogonal to r
+    weights_only = audit_checkpoint(abliterated, behaviour=False)
+    assert weights_only.verdict == "tampering" and weights_only.signature.canary_refusal_rate is None
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+def test_bad_checkpoints_are_one_line_errors(lm, ref, tmp_path):
+    other_arch = tiny_model("gpt2")
+    with pytest.raises(AuditInputError, match="gpt2 model but the reference"):
+        audit_checkpoint(_save(other_arch.model, other_arch, tmp_path / "gpt2"), ref)
+    bigger = tiny_model("llama", hidden_size=48)
+    with pytest.raises(AuditInputError, match="another model size"):
+        audit_checkpoint(_save(bigger.model, bigger, tmp_path / "big"), ref)
+    with pytest.raises(AuditInputError, match="not found"):
+        audit_checkpoint(tmp_path / "missing", ref)
+    pickled = tmp_path / "pickled"
+    lm.model.save_pretrained(pickled, safe_serialization=False)
+    if not list(pickled.glob("*.bin")):  # transformers versions that always write safetensors
+        (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    with pytest.raises(AuditInputError, match="pickled"):
+        audit_checkpoint(pickled, ref)
+    trunc = _save(lm.model, lm, tmp_path / "trunc")
+    f = trunc / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(AuditInputError, match="safetensors") as exc:
+        audit_checkpoint(trunc, ref)
+    assert "\n" not in str(exc.value)
+
+
+def test_cli_audit(ref, r, abliterated, tmp_path):
+    Direction(r, 1, -1).save(tmp_path / "dir")
+    res = CliRunner().invoke(app, ["audit", str(abliterated), "--reference", str(ref), "--direction",
+                                   str(tmp_path / "dir"), "--json", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["verdict"] == "tampering" and out["weights"]["cos_reference"] >= 0.95
+    assert json.loads((tmp_path / "run" / "audit" / "report.json").read_text())["verdict"] == "tampering"
+    bad = CliRunner().invoke(app, ["audit", str(tmp_path / "nope"), "--reference", str(ref), "--out", str(tmp_path / "run")])
+    assert bad.exit_code == 2 and "not found" in bad.output
+
+
+# ---- runtime -------------------------------------------------------------------------------------
+@pytest.fixture()
+def live(lm):
+    lm.meta["param_hash"] = param_hash(lm.model)
+    return lm
+
+
+def test_runtime_clean_model_reports_nothing(live, ref):
+    assert audit_runtime(live).clean and audit_runtime(live).verdict == "clean"
+    loaded = load_model(str(ref), log=lambda _m: None)
+    assert "param_hash" in loaded.meta and audit_runtime(loaded).clean and not audit_runtime(loaded).notes
+
+
+def test_runtime_finds_every_safetyscope_intervention_and_a_hand_hook(live, r, abliterated):
+    interventions = {
+        "direction": Direction(r, 1, -1).apply(live),
+        "neurons": NeuronSet([(1, 2)]).apply(live),
+        "hooks": hooks(live, [(Site("resid_post", 2), lambda x, _b: x * 2)]),
+        "checkpoint": Checkpoint(abliterated).apply(live),
+    }
+    for name, ctx in interventions.items():
+        with ctx:
+            found = audit_runtime(live)
+            assert not found.clean and found.verdict == "tampering", name
+            kinds = {f.kind for f in found.findings}
+            assert kinds == ({"param_changed"} if name == "checkpoint" else kinds & {"hook", "pre_hook"}) and kinds, name
+        assert audit_runtime(live).clean, name
+    block = live.module(live.table.block_path(1))
+    handle = block.register_forward_hook(lambda _m, _a, out: out)
+    try:
+        found = audit_runtime(live).findings
+        assert [(f.kind, f.module) for f in found] == [("hook", live.table.block_path(1))]
+    finally:
+        handle.remove()
+    assert audit_runtime(live).clean
+
+
+def test_runtime_finds_changed_parameters_swapped_modules_and_adapters(live):
+    model = live.model
+    path = live.table.expand(live.table.mlp_out_proj, 0)
+    proj = model.get_submodule(path)
+    saved = proj.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            proj.weight[:, 3] = 0
+        assert [(f.kind, f.module) for f in audit_runtime(live).findings] == [("param_changed", f"{path}.weight")]
+    finally:
+        with torch.no_grad():
+            proj.weight.copy_(saved)
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    fake_peft = type("LoraLinear", (nn.Linear,), {"__module__": "peft.tuners.lora.layer"})
+    swapped = fake_peft(proj.in_features, proj.out_features, bias=False)
+    swapped.weight = proj.weight
+    setattr(parent, attr, swapped)
+    try:
+        kinds = {(f.kind, f.module) for f in audit_runtime(live).findings}
+        assert ("peft", path) in kinds
+    finally:
+        setattr(parent, attr, proj)
+    wrapper = nn.Sequential(proj)  # a module of another class than the config builds
+    setattr(parent, attr, wrapper)
+    try:
+        kinds = {f.kind for f in audit_runtime(live).findings}
+        assert "class" in kinds
+    finally:
+        setattr(parent, attr, proj)
+    assert audit_runtime(live).clean
