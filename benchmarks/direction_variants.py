@@ -47,10 +47,16 @@ def _load(args: argparse.Namespace) -> Any:
     return load_model(args.model, device=args.device, dtype=args.dtype, log=lambda _m: None)
 
 
+def _along(x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, r, x . r) in at least float32; x: [batch, pos, d_model], r: unit [d_model], x . r: [batch, pos, 1]."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    xf, rf = x.to(dt), r.to(device=x.device, dtype=dt)
+    return xf, rf, (xf @ rf).unsqueeze(-1)
+
+
 def _experiment_edits(lm: Any, r: torch.Tensor, targets: torch.Tensor, mode: str) -> list[Any]:
     """Edits of the experimental variants. targets: [n_layers, n_post] harmless mean projections on r at the
     post-instruction offsets -n_post..-1."""
-    from safetyscope.methods.direction.artifact import _along
     from safetyscope.sites import Site
 
     def make(layer: int) -> Any:
@@ -73,7 +79,7 @@ def _experiment_edits(lm: Any, r: torch.Tensor, targets: torch.Tensor, mode: str
     return [(Site("resid_pre", layer), make(layer)) for layer in range(lm.n_layers)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="Model alias or path, or tiny:<family> for a random tiny model.")
     p.add_argument("--candidates", default="15:-1,18:-2", help="Candidate directions as block:offset, comma separated.")
@@ -90,86 +96,112 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", help="Dtype (auto, float32, bfloat16, ...).")
     p.add_argument("--json", default="", help="Also write the results to this JSON file.")
     args = p.parse_args(argv)
+    return args
 
-    from safetyscope.hooks import hooks
-    from safetyscope.measure.compare import logits_under
-    from safetyscope.measure.generation import generate
-    from safetyscope.measure.judges import PhraseJudge
-    from safetyscope.measure.metrics import kl_divergence
-    from safetyscope.methods.direction.artifact import Direction
-    from safetyscope.methods.direction.candidates import find_candidates, position_offsets
-    from safetyscope.methods.direction.evaluate import refusal_rate
+
+def _prompt_sets(args: argparse.Namespace) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(harmful train, harmless train, harmful measurement, harmless measurement) prompts."""
     from safetyscope.prompts import builtin_prompts, load_prompts
-
-    torch.set_grad_enabled(False)
-    lm = _load(args)
 
     def split(kind: str, name: str, n: int, path: str = "") -> list[str]:
         ps = load_prompts(path, label=kind) if path else builtin_prompts(kind, name, seed=args.seed)
         return list((ps.sample(n, seed=args.seed) if n else ps).texts)
 
-    h_train, s_train = split("harmful", "train", args.n_train), split("harmless", "train", args.n_train)
-    h_val, s_val = split("harmful", "val", args.n_val, args.harmful), split("harmless", "val", args.n_val, args.harmless)
-    offsets = position_offsets(lm, "post_instruction")
-    cands = find_candidates(lm, h_train, s_train, positions=list(offsets), filter="none", batch_size=args.batch_size)
-    judge = PhraseJudge()
-    kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
-    reference = logits_under(lm, s_val, None, batch_size=args.batch_size)
-    baseline = float(refusal_rate(h_val, generate(lm, h_val, **kw), judge)["rate"])
-    print(f"{lm.name}: {len(h_train)}+{len(s_train)} train prompts, {len(h_val)}+{len(s_val)} measurement prompts; "
-          f"judged refusal of the harmful ones without intervention {baseline:.1%}")
-    print(f"{'candidate':<12}{'variant':<14}{'judged refusal':>15}{'KL mean':>10}{'KL median':>11}{'KL max':>9}{'s':>6}")
-    rows: list[dict[str, Any]] = []
+    return (split("harmful", "train", args.n_train), split("harmless", "train", args.n_train),
+            split("harmful", "val", args.n_val, args.harmful), split("harmless", "val", args.n_val, args.harmless))
 
-    def measure(ctx: Any, layer: int, pos: int, variant: str) -> None:
+
+class _Bench:
+    """Judged refusal on the harmful and first-token KL on the harmless measurement prompts, one row per call."""
+
+    def __init__(self, lm: Any, h_val: list[str], s_val: list[str], args: argparse.Namespace):
+        from safetyscope.measure.compare import logits_under
+        from safetyscope.measure.judges import PhraseJudge
+
+        self.lm, self.h_val, self.s_val, self.batch_size = lm, h_val, s_val, args.batch_size
+        self.judge = PhraseJudge()
+        self.kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
+        self.reference = logits_under(lm, s_val, None, batch_size=args.batch_size)
+        self.baseline = self.refusal()
+        self.rows: list[dict[str, Any]] = []
+
+    def refusal(self) -> float:
+        from safetyscope.measure.generation import generate
+        from safetyscope.methods.direction.evaluate import refusal_rate
+
+        return float(refusal_rate(self.h_val, generate(self.lm, self.h_val, **self.kw), self.judge)["rate"])
+
+    def measure(self, ctx: Any, layer: int, pos: int, variant: str) -> None:
+        from safetyscope.measure.compare import logits_under
+        from safetyscope.measure.metrics import kl_divergence
+
         t0 = time.perf_counter()
         with ctx:
-            kl = kl_divergence(reference, logits_under(lm, s_val, None, batch_size=args.batch_size))
-            rate = float(refusal_rate(h_val, generate(lm, h_val, **kw), judge)["rate"])
+            kl = kl_divergence(self.reference, logits_under(self.lm, self.s_val, None, batch_size=self.batch_size))
+            rate = self.refusal()
         row = {"layer": layer, "position": pos, "variant": variant, "judged_refusal": rate,
                "kl_mean": float(kl.mean()), "kl_median": float(kl.median()), "kl_max": float(kl.max()),
                "seconds": time.perf_counter() - t0}
-        rows.append(row)
+        self.rows.append(row)
         print(f"{f'{layer}:{pos}':<12}{variant:<14}{rate:>15.1%}{row['kl_mean']:>10.4f}{row['kl_median']:>11.4f}"
               f"{row['kl_max']:>9.3f}{row['seconds']:>6.0f}", flush=True)
 
+
+def _variant(lm: Any, cands: Any, offsets: Any, layer: int, pos: int, variant: str) -> Any:
+    """The intervention (a context manager) of one variant on the candidate at (layer, pos)."""
+    from safetyscope.hooks import hooks
+    from safetyscope.methods.direction.artifact import Direction
+
+    base = cands.direction(layer, pos)
+    col = cands.column(pos)
+    unit = base.direction
+    per_pos = torch.einsum("lpd,d->lp", cands.harmless_mean, unit.double()).float()  # [n_layers, n_post]
+    name, _, arg = variant.partition(":")
+    mean = Direction(base.direction, layer, pos, targets=per_pos[:, col], ablation="mean")
+    if name == "zero":
+        return base.apply(lm)
+    if name == "mean":
+        return mean.apply(lm)
+    if name == "partial":
+        return mean.with_weights(torch.full((lm.n_layers,), float(arg))).apply(lm)
+    if name == "blocks":
+        lo, hi = (int(v) for v in arg.split("-"))
+        return mean.with_weights(torch.tensor([1.0 if lo <= i <= hi else 0.0 for i in range(lm.n_layers)])).apply(lm)
+    if name in ("cap", "template"):
+        targets = per_pos[:, [cands.column(o) for o in offsets]]
+        return hooks(lm, _experiment_edits(lm, unit, targets if name == "template" else per_pos[:, [col]], name))
+    raise SystemExit(f"unknown variant {variant!r}; use zero, mean, partial:W, blocks:A-B, cap or template")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from safetyscope.methods.direction.artifact import Direction
+    from safetyscope.methods.direction.candidates import find_candidates, position_offsets
+
+    args = parse_args(argv)
+    torch.set_grad_enabled(False)
+    lm = _load(args)
+    h_train, s_train, h_val, s_val = _prompt_sets(args)
+    offsets = position_offsets(lm, "post_instruction")
+    cands = find_candidates(lm, h_train, s_train, positions=list(offsets), filter="none", batch_size=args.batch_size)
+    bench = _Bench(lm, h_val, s_val, args)
+    print(f"{lm.name}: {len(h_train)}+{len(s_train)} train prompts, {len(h_val)}+{len(s_val)} measurement prompts; "
+          f"judged refusal of the harmful ones without intervention {bench.baseline:.1%}")
+    print(f"{'candidate':<12}{'variant':<14}{'judged refusal':>15}{'KL mean':>10}{'KL median':>11}{'KL max':>9}{'s':>6}")
     for spec in [c for c in args.candidates.split(",") if c]:
         layer, pos = (int(v) for v in spec.split(":"))
         layer = layer if layer >= 0 else layer + lm.n_layers
-        base = cands.direction(layer, pos)
-        col = cands.column(pos)
-        unit = base.direction
-        per_pos = torch.einsum("lpd,d->lp", cands.harmless_mean, unit.double()).float()  # [n_layers, n_post]
         for variant in args.variants.split(","):
-            name, _, arg = variant.partition(":")
-            mean = Direction(base.direction, layer, pos, targets=per_pos[:, col], ablation="mean")
-            if name == "zero":
-                ctx: Any = base.apply(lm)
-            elif name == "mean":
-                ctx = mean.apply(lm)
-            elif name == "partial":
-                ctx = mean.with_weights(torch.full((lm.n_layers,), float(arg))).apply(lm)
-            elif name == "blocks":
-                lo, hi = (int(v) for v in arg.split("-"))
-                w = torch.tensor([1.0 if lo <= i <= hi else 0.0 for i in range(lm.n_layers)])
-                ctx = mean.with_weights(w).apply(lm)
-            elif name in ("cap", "template"):
-                targets = per_pos[:, [cands.column(o) for o in offsets]]
-                ctx = hooks(lm, _experiment_edits(lm, unit, targets if name == "template" else per_pos[:, [col]], name))
-            else:
-                raise SystemExit(f"unknown variant {variant!r}; use zero, mean, partial:W, blocks:A-B, cap or template")
-            measure(ctx, layer, pos, variant)
+            bench.measure(_variant(lm, cands, offsets, layer, pos, variant), layer, pos, variant)
     for path in [a for a in args.artifacts.split(",") if a]:
         saved = Direction.load(path)
         name = ("refined " if saved.meta.get("refined") else "") + saved.ablation
         print(f"  artifact {path}: {name}")
-        measure(saved.apply(lm), saved.layer, saved.position, f"artifact:{name}")
+        bench.measure(saved.apply(lm), saved.layer, saved.position, f"artifact:{name}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"model": lm.name, "baseline_judged_refusal": baseline, "n_val": [len(h_val), len(s_val)],
-                       "rows": rows}, f, indent=2)
+            json.dump({"model": lm.name, "baseline_judged_refusal": bench.baseline, "n_val": [len(h_val), len(s_val)],
+                       "rows": bench.rows}, f, indent=2)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

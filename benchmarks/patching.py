@@ -24,7 +24,6 @@ component grid.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any
@@ -82,7 +81,7 @@ def _timed(fn: Any) -> tuple[Any, float, float]:
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default", help="model spec, or tiny:FAMILY for a tiny random model")
     ap.add_argument("--device", default="auto")
@@ -100,11 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", action="store_true", help="also time and compare the layer x head grid")
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
-    os.environ.setdefault("SAFETYSCOPE_QUIET", "1")
+    args.comps = [c.strip() for c in args.components.split(",") if c.strip()]
+    args.grid_list = [g.strip() for g in args.grids.split(",") if g.strip()] + (["head"] if args.heads else [])
+    bad = sorted(set(args.grid_list) - {"component", "position", "head"})
+    if bad:
+        ap.error(f"unknown grid(s) {', '.join(bad)}; use component, position")
+    return args
 
+
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, list[dict[str, Any]]]:
+    """The model and the minimal pairs (two fixed ones on a tiny model), warmed up."""
     from safetyscope.hooks import forward
-    from safetyscope.methods.patching.attribution import agreement, attribute
-    from safetyscope.methods.patching.exact import Tracer
 
     lm = _load(args)
     if args.model.startswith("tiny:"):
@@ -115,14 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         args.min_gap = -1e9
     else:
         pairs, info = _pairs(lm, args)
-    comps = [c.strip() for c in args.components.split(",") if c.strip()]
     with torch.inference_mode():  # warm-up (lazy initialisation, kernels) outside the timings
         forward(lm, pairs.harmful.select([0]), last_only=True)
+    return lm, pairs, info
 
-    grids = [g.strip() for g in args.grids.split(",") if g.strip()] + (["head"] if args.heads else [])
-    bad = sorted(set(grids) - {"component", "position", "head"})
-    if bad:
-        ap.error(f"unknown grid(s) {', '.join(bad)}; use component, position")
+
+def _run(lm: Any, pairs: Any, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(attribution grids, exact grids, times): attribution once for every grid, each exact grid timed alone."""
+    from safetyscope.methods.patching.attribution import attribute
+    from safetyscope.methods.patching.exact import Tracer
+
+    comps, grids = args.comps, args.grid_list
 
     def exact(grid: str) -> Any:
         tr = Tracer(lm, pairs, batch_size=args.batch_size, min_gap=args.min_gap)
@@ -138,20 +146,29 @@ def main(argv: list[str] | None = None) -> int:
 
     est, a_wall, a_cpu = _timed(attribution)
     ex: dict[str, Any] = {}
-    times: dict[str, dict[str, float]] = {}
+    times: dict[str, Any] = {"attribution": {"wall": a_wall, "cpu": a_cpu}}
     for g in grids:
         ex[g], wall, cpu = _timed(lambda g=g: exact(g))
         times[g] = {"wall": wall, "cpu": cpu}
     if "position" in ex:  # attribution's per-position grids cover every offset: keep the exact grid's columns
         est["position"] = _hstack([_columns(est[f"position:{c}"], ex["position"], c) for c in comps])
+    return est, ex, times
+
+
+def _report(lm: Any, pairs: Any, info: list[dict[str, Any]], args: argparse.Namespace,
+            est: dict[str, Any], ex: dict[str, Any], times: dict[str, Any]) -> dict[str, Any]:
+    """Print the comparison table and the top cells; returns the JSON result."""
+    from safetyscope.methods.patching.attribution import agreement
+
+    a_wall, a_cpu = times["attribution"]["wall"], times["attribution"]["cpu"]
     n_cells = {k: int(np.isfinite(v.raw[0]).sum()) for k, v in ex.items()}
     agree = {k: agreement(ex[k], est[k]) for k in ex}
-    speedup = {k: {"wall": t["wall"] / a_wall, "cpu": t["cpu"] / max(a_cpu, 1e-9)} for k, t in times.items()}
+    speedup = {k: {"wall": times[k]["wall"] / a_wall, "cpu": times[k]["cpu"] / max(a_cpu, 1e-9)} for k in ex}
     device = str(lm.input_device) + (f" ({torch.cuda.get_device_name()})" if lm.input_device.type == "cuda" else "")
     result = {
         "model": lm.name, "device": device, "threads": torch.get_num_threads(), "pairs": info, "span": args.span,
         "grid_cells": n_cells, "batch_size": args.batch_size,
-        "exact_s": times, "attribution_s": {"wall": a_wall, "cpu": a_cpu},
+        "exact_s": {k: times[k] for k in ex}, "attribution_s": {"wall": a_wall, "cpu": a_cpu},
         "speedup": speedup, "agreement": agree,
         "top10_exact": {k: v.top(10) for k, v in ex.items()}, "top10_attribution": {k: est[k].top(10) for k in ex},
     }
@@ -169,12 +186,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'top-10 exact':>34} | top-10 attribution")
         for x, y in zip(result["top10_exact"][k], result["top10_attribution"][k]):
             print(f"{x['cell']:>24} {x['median']:6.3f}   | {y['cell']:<24} {y['median']:6.3f}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from safetyscope.progress import verbosity
+
+    args = parse_args(argv)
+    with verbosity(False):
+        lm, pairs, info = _setup(args)
+        est, ex, times = _run(lm, pairs, args)
+    result = _report(lm, pairs, info, args, est, ex, times)
     if args.json:
         from safetyscope.io import write_json
 
         write_json(args.json, result)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for path, code, name in stale:
         print(f"{args.allow}: stale entry '{path} {code} {name}' matches no violation; remove it")
     if failed or stale:
-        print(f"lint_rules: {len(failed)} violation(s), {len(stale)} stale allow-list entr(y/ies)", file=sys.stderr)
+        print(f"lint_rules: {len(failed)} violation(s), {len(stale)} stale allow-list entr(y/ies)")
         return 1
     return 0
 
