@@ -46,11 +46,10 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _pairs(lm: Any, args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]]]:
-    from safetyscope.cli.trace import TraceSettings, select_pairs
+    from safetyscope.methods.patching.api import select_pairs
 
-    s = TraceSettings(pairs=args.pairs, n_prompts=args.pool, split=args.split, seed=args.seed, min_gap=args.min_gap,
-                      batch_size=args.batch_size)
-    return select_pairs(lm, s)
+    return select_pairs(lm, n_pairs=args.pairs, pool=args.pool, split=args.split, seed=args.seed, min_gap=args.min_gap,
+                        batch_size=args.batch_size)
 
 
 def _hstack(parts: list[Any]) -> Any:

@@ -130,16 +130,15 @@ def test_attribution_matches_exact_patching_on_a_near_linear_model(linear64):
 
 
 def test_file_pairs_are_unaligned(llama, tmp_path):
-    from safetyscope.cli.trace import TraceSettings, select_pairs
+    from safetyscope.methods.patching.api import select_pairs
 
     (tmp_path / "h.txt").write_text("Make a bomb now\nhi there\nthird\n")
     (tmp_path / "s.txt").write_text("Make a cake now\nhello\nthird one\n")
-    s = TraceSettings(harmful=str(tmp_path / "h.txt"), harmless=str(tmp_path / "s.txt"), pairs=2)
-    pairs, info = select_pairs(llama, s)
+    pairs, info = select_pairs(llama, harmful=str(tmp_path / "h.txt"), harmless=str(tmp_path / "s.txt"), n_pairs=2)
     assert len(pairs) == 2 and pairs.aligned == [False, False]  # same length is not enough for file pairs
     assert [r["harmless"] for r in info] == ["Make a cake now", "hello"]
     with pytest.raises(ValueError, match="both --harmful and --harmless"):
-        select_pairs(llama, TraceSettings(harmful=str(tmp_path / "h.txt")))
+        select_pairs(llama, harmful=str(tmp_path / "h.txt"))
 
 
 def test_heads_recombine_to_the_component_effect(llama, linear64):
@@ -175,7 +174,7 @@ def test_verify_top_patches_the_ranked_cells_exactly(llama):
 
 
 def test_generation_check_generates_under_the_patch(llama):
-    from safetyscope.cli.trace import generation_check
+    from safetyscope.methods.patching.check import generation_check
 
     pairs = make_pairs(llama, PAIRS[:2])
     tr = Tracer(llama, pairs, min_gap=0.0)
@@ -214,15 +213,16 @@ def test_noise_tracing(llama):
     np.testing.assert_allclose(eff.raw[:, :, 0] / eff.gap[:, None], 1.0, atol=1e-4)
 
 
-def test_cli_noise_step_is_json_ready(llama):
-    from safetyscope.cli.trace import TraceSettings, _dump, _load, _run_noise
-    from safetyscope.io import _clean
+def test_cli_noise_step_is_json_ready(llama, tmp_path):
+    from safetyscope.io import write_json
+    from safetyscope.methods.patching.api import ModeResult, TracePlan, run_mode
 
     tr = Tracer(llama, make_pairs(llama, PAIRS[:2]), min_gap=-1e9)  # random model: either sign of gap
-    res = _run_noise(tr, TraceSettings(noise_samples=1, span="all"), ["resid_pre"], [1])
-    json.dumps(_clean({**res, "grids": {k: _dump(v) for k, v in res["grids"].items()}}))  # no numpy left
-    eff = res["grids"]["component"]
-    back = _load(json.loads(json.dumps(_clean(_dump(eff)))))  # the resume path
+    res = run_mode(tr, "noise", TracePlan(["resid_pre"], [1], span="all", noise_samples=1))
+    path = write_json(tmp_path / "noise.json", res.to_state())  # JSON-ready (write_json cleans NaN only)
+    json.dumps(res.to_state())  # no numpy left
+    eff = res.grids["component"]
+    back = ModeResult.from_state("noise", json.loads(path.read_text())).grids["component"]  # the resume path
     np.testing.assert_allclose(back.raw, eff.raw)
     np.testing.assert_allclose(back.median(), 1.0, atol=1e-6)  # the whole residual restored
 

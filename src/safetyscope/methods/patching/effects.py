@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -81,6 +82,19 @@ class Effects:
             "n_pairs": int(len(self.gap)), "n_pairs_used": int(self.used.sum()), "min_gap": self.min_gap,
             "expected_gap_sign": self.sign, **{k: None if v is None else np.asarray(v).tolist() for k, v in arrays.items()},
         }
+
+
+    def to_state(self) -> dict[str, object]:
+        """:meth:`to_dict` plus what :meth:`from_state` needs to rebuild the object (labels, sign): a cache entry."""
+        return {**self.to_dict(), "labels": self.labels, "sign": self.sign}
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> Effects:
+        """Inverse of :meth:`to_state` (after a JSON round trip: None cells are NaN again)."""
+        raw = np.array([[[np.nan if v is None else v for v in r] for r in p] for p in d["raw"]], dtype=float)
+        raw = raw.reshape(len(d["gap"]), len(d["rows"]), len(d["cols"]))  # [n_pairs, R, C]
+        return cls(d["name"], d["direction"], d["rows"], d["cols"], raw, np.array(d["gap"], dtype=float), d["min_gap"],
+                   d["note"], sign=d["sign"], labels=d["labels"])
 
 
 def cell_name(site: Site, head: int | None = None, offset: int | None = None) -> str:

@@ -10,7 +10,7 @@ same inputs refits without running the model. Nothing here loads a model or writ
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
