@@ -1,18 +1,26 @@
-"""`safetyscope direction find|tune|refine|ablate|add|export`: the refusal direction (Arditi et al. 2024) and beyond."""
+"""`safetyscope direction find|tune|refine|ablate|add|export`: the refusal direction (Arditi et al. 2024) and beyond.
+
+A thin shell over :mod:`safetyscope.methods.direction`: parse the settings, call the library, print and write.
+User prompt files are split once (``prompts.sets``, 60/20/20): find and refine fit on train, select on val,
+and write the held-out test part under OUT/<command>/prompts/; ablate and add refuse a file the direction
+was fitted or selected on (its sha256 is in the artifact) unless --allow-fit-prompts.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
 import math
-import os
 import sys
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
 
-from ..io import fingerprint
-from .common import PromptSettings, emit, prompt_sets, user_errors
+from ..progress import verbosity
+from .common import PromptSettings, emit, prompt_sets
 from .settings import Settings, command, opt
 
 
@@ -47,6 +55,18 @@ class TuneSettings(PromptSettings):
 
 
 @dataclass
+class RefineSettings(PromptSettings):
+    direction: str = opt("", "Direction artifact directory (default: OUT/direction/artifact).")
+    n_val: int = opt(32, "Validation prompts per group, for choosing the checkpoint (0 = the whole val split).")
+    ablation: str = opt("", "Refine under this ablation: zero (Arditi et al.) or mean (to the harmless mean); empty = the artifact's own.")
+    steps: int = opt(30, "Optimiser steps (0 = only measure the starting direction).")
+    lr: float = opt(0.002, "Adam learning rate on the (unnormalised) direction vector.")
+    kl_weight: float = opt(20.0, "Weight of the harmless first-token KL against the harmful bypass term.")
+    batch: int = opt(16, "Prompts per group per step (a seeded sample; --batch-size rows go through the model at once).")
+    eval_every: int = opt(5, "Measure the validation loss every this many steps; the best checkpoint is kept.")
+
+
+@dataclass
 class EvalDirSettings(PromptSettings):
     direction: str = opt("", "Direction artifact directory (default: OUT/direction/artifact).")
     split: str = opt("test", "Built-in split to measure on (test: never used for selection).")
@@ -60,6 +80,7 @@ class EvalDirSettings(PromptSettings):
     layer: int = opt(-1, "Block whose resid_pre gets the addition (-1 = the direction's own block).")
     tag: str = opt("", "Name of this measurement: results go to OUT/direction_<ablate|add>/<tag>.json (default summary.json); replies are cached and shared across tags.")
     skip_harmless_replies: bool = opt(False, "direction ablate: do not generate harmless replies under ablation (KL and perplexity are still measured).")
+    allow_fit_prompts: bool = opt(False, "Measure even on a prompt file the direction was fitted or selected on (the results are then optimistic).")
 
 
 @dataclass
@@ -70,49 +91,40 @@ class ExportSettings(Settings):
     ablation: str = opt("", "Override the artifact's ablation (weights can only hold zero ablation: pass zero for a mean-ablation artifact).")
 
 
+S = TypeVar("S", bound=Settings)
+
+
+def _with_verbosity(fn: Callable[[S], dict[str, Any]]) -> Callable[[S], dict[str, Any]]:
+    """Run a command with progress bars off under --quiet / --json."""
+    @functools.wraps(fn)
+    def run(s: S) -> dict[str, Any]:
+        with verbosity(not (s.quiet or s.json)):
+            return fn(s)
+
+    return run
+
+
 def register(app: typer.Typer) -> None:
     sub = typer.Typer(no_args_is_help=True, help="Find, apply and export the refusal direction.")
+    commands: list[tuple[str, type[Settings], str, Callable[[Any], dict[str, Any]]]] = [
+        ("find", FindSettings, "Difference-of-means candidates at every block x post-instruction position; select on validation prompts.", run_find),
+        ("tune", TuneSettings, "Search smooth per-layer ablation weights trading refusal against KL; report the Pareto front.", run_tune),
+        ("refine", RefineSettings, "Train the direction (only it; the model stays frozen) to bypass refusal at lower harmless KL.", run_refine),
+        ("ablate", EvalDirSettings, "Refusal before -> after directional ablation (greedy + judge), first-token KL, reply perplexity.", run_ablate),
+        ("add", EvalDirSettings, "Induced refusal on harmless prompts under activation addition of the direction.", run_add),
+        ("export", ExportSettings, "Write a weight-orthogonalised copy of the model as a normal HF checkpoint (safetensors).", run_export),
+    ]
+    for name, settings, help_text, run in commands:  # `command` turns known errors into one `error:` line
+        def cmd(s: Any, run: Callable[[Any], dict[str, Any]] = run) -> None:
+            run(s)
 
-    @command(sub, "find", FindSettings, "Difference-of-means candidates at every block x post-instruction position; select on validation prompts.")
-    def find_cmd(s: FindSettings) -> None:
-        with user_errors():
-            run_find(s)
-
-    @command(sub, "tune", TuneSettings, "Search smooth per-layer ablation weights trading refusal against KL; report the Pareto front.")
-    def tune_cmd(s: TuneSettings) -> None:
-        with user_errors():
-            run_tune(s)
-
-    from .direction_refine import RefineSettings, run_refine
-
-    @command(sub, "refine", RefineSettings, "Train the direction (only it; the model stays frozen) to bypass refusal at lower harmless KL.")
-    def refine_cmd(s: RefineSettings) -> None:
-        with user_errors():
-            run_refine(s)
-
-    @command(sub, "ablate", EvalDirSettings, "Refusal before -> after directional ablation (greedy + judge), first-token KL, reply perplexity.")
-    def ablate_cmd(s: EvalDirSettings) -> None:
-        with user_errors():
-            run_ablate(s)
-
-    @command(sub, "add", EvalDirSettings, "Induced refusal on harmless prompts under activation addition of the direction.")
-    def add_cmd(s: EvalDirSettings) -> None:
-        with user_errors():
-            run_add(s)
-
-    @command(sub, "export", ExportSettings, "Write a weight-orthogonalised copy of the model as a normal HF checkpoint (safetensors).")
-    def export_cmd(s: ExportSettings) -> None:
-        with user_errors():
-            run_export(s)
-
+        command(sub, name, settings, help_text)(cmd)
     app.add_typer(sub, name="direction", help="Refusal direction: find, tune, refine, ablate, add, export.")
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
-
-def _log(s: Any) -> Any:
+def _log(s: Settings) -> Callable[[str], None]:
     if s.quiet or s.json:
-        os.environ["SAFETYSCOPE_QUIET"] = "1"
         return lambda _m: None
     return lambda m: print(m, file=sys.stderr)
 
@@ -125,11 +137,11 @@ def _layers(spec: str, n_layers: int) -> list[int] | None:
     return [int(site.layer) for site in parse_sites(f"blocks.{spec}.resid_pre", n_layers) if site.layer is not None]
 
 
-def _direction_dir(s: Any) -> Path:
+def _direction_dir(s: TuneSettings | RefineSettings | EvalDirSettings | ExportSettings) -> Path:
     return Path(s.direction) if s.direction else s.out / "direction" / "artifact"
 
 
-def _load_direction(s: Any) -> Any:
+def _load_direction(s: TuneSettings | RefineSettings | EvalDirSettings | ExportSettings) -> Any:
     from ..methods.direction.artifact import Direction
 
     path = _direction_dir(s)
@@ -138,173 +150,238 @@ def _load_direction(s: Any) -> Any:
     return Direction.load(path)
 
 
-def _splits(s: Any) -> tuple[Any, Any, Any, Any]:
-    """(harmful train, harmless train, harmful val, harmless val): built-in splits, or files split 80/20."""
-    from ..prompts import builtin_prompts, load_prompts
+@dataclass(frozen=True)
+class _FitSets:
+    harmful: Any  # PromptSet: fitting (train) prompts
+    harmless: Any
+    val_harmful: Any  # selection (val) prompts
+    val_harmless: Any
+    records: list[dict[str, str]]  # the user files split here, with their sha256 and held-out test part
 
-    out = []
+
+def _fit_sets(s: FindSettings | RefineSettings, sub: str) -> _FitSets:
+    """Built-in train (--split) / val splits, or user files split 60/20/20 (train, val; the test part is
+    written to OUT/<sub>/prompts/<kind>_test.jsonl for the measurement commands)."""
+    from ..io import atomic_path
+    from ..prompts import builtin_prompts
+    from ..prompts.sets import file_digest, group_splits
+
+    sets, records = [], []
     for kind, path in (("harmful", s.harmful), ("harmless", s.harmless)):
         if path:
-            full = load_prompts(path, label=kind)
-            train, val = full.split("train", s.seed, (0.8, 0.2, 0.0)), full.split("val", s.seed, (0.8, 0.2, 0.0))
+            parts = group_splits(path, kind, s.seed)
+            train, val = parts.train, parts.val
+            record = {"group": kind, "path": str(path), "sha256": file_digest(path)}
+            if len(parts.test):
+                dest = s.out / sub / "prompts" / f"{kind}_test.jsonl"
+                with atomic_path(dest) as tmp:
+                    tmp.write_text("".join(json.dumps({"prompt": t, "label": kind}) + "\n" for t in parts.test.texts), "utf-8")
+                record["test_part"] = str(dest)
+            records.append(record)
         else:
             train, val = builtin_prompts(kind, s.split, seed=s.seed), builtin_prompts(kind, "val", seed=s.seed)
         if s.n_prompts:
             train = train.sample(s.n_prompts, seed=s.seed)
         if s.n_val:
             val = val.sample(s.n_val, seed=s.seed)
-        out.append((train.require_nonempty(f"{kind} training prompts"), val.require_nonempty(f"{kind} validation prompts")))
-    return out[0][0], out[1][0], out[0][1], out[1][1]
+        sets.append((train.require_nonempty(f"{kind} training prompts"), val.require_nonempty(f"{kind} validation prompts")))
+    return _FitSets(sets[0][0], sets[1][0], sets[0][1], sets[1][1], records)
 
 
 # ---- find -----------------------------------------------------------------------------------------------
-def run_find(s: FindSettings) -> dict[str, Any]:
-    from ..io import read_json, write_json
-    from ..measure.judges import load_judge
+def _find_config(s: FindSettings) -> Any:
+    from ..methods.direction.api import DirectionConfig
     from ..methods.direction.artifact import ABLATIONS
-    from ..methods.direction.candidates import Candidates, find_candidates, position_offsets
-    from ..methods.direction.select import SelectConfig, select_direction
-    from ..methods.filtering import filter_by_refusal
-    from ..report.plots.direction import candidate_heatmaps
 
     if s.ablation not in ABLATIONS:  # before loading anything: a typo must not cost a capture pass
         raise ValueError(f"unknown --ablation {s.ablation!r}; use {' or '.join(ABLATIONS)}")
-    log = _log(s)
+    return DirectionConfig(
+        positions=s.positions, filter=s.filter, kl_threshold=s.kl_threshold,  # type: ignore[arg-type]
+        induce_threshold=s.induce_threshold, prune_layers=s.prune_layers, induce=s.induce,  # type: ignore[arg-type]
+        score_pruned=s.score_pruned, per_pass=s.per_pass, screen=s.screen, keep=s.keep, ablation=s.ablation,  # type: ignore[arg-type]
+        verify=s.verify, verify_tokens=s.verify_tokens,
+    )
+
+
+def _write_selection(lm: Any, selection: Any, cands: Any, out: Path) -> Path:
+    from ..io import write_json
+    from ..report.plots.direction import candidate_heatmaps
+
+    write_json(out / "selection.json", selection.to_json())
+    return candidate_heatmaps(selection, lm.n_layers, list(cands.positions), cands.tokens, out / "plots" / "candidates.png",
+                              title=f"{lm.name}: refusal-direction candidates")
+
+
+@_with_verbosity
+def run_find(s: FindSettings) -> dict[str, Any]:
+    from ..io import write_json
+    from ..measure.judges import load_judge
+    from ..methods.direction.api import NoDirectionFound, search_direction
+    from ..methods.direction.inputs import with_fit_files
+
+    cfg = _find_config(s)
     judge = load_judge(s.judge) if s.judge else None
-    h_train, s_train, h_val, s_val = _splits(s)
+    sets = _fit_sets(s, "direction")
     lm = s.load_model()
     out = s.out / "direction"
-    offsets = position_offsets(lm, s.positions, s.system)
-    ident = [lm.describe()["name"], lm.describe()["n_params"], lm.describe()["dtype"], s.system, s.filter, s.judge]
-    cand_key = fingerprint(ident, offsets, h_train.texts, s_train.texts)
-    cands = None
-    if (out / "candidates" / "candidates.json").is_file():
-        loaded = Candidates.load(out / "candidates")
-        cands = loaded if loaded.info.get("key") == cand_key else None
-    if cands is None:
-        log(f"capturing resid_pre at {lm.n_layers} blocks x {len(offsets)} positions ({len(h_train)}+{len(s_train)} prompts)")
-        cands = find_candidates(lm, h_train.texts, s_train.texts, positions=list(offsets), filter=s.filter, judge=judge,
-                                batch_size=s.batch_size, system=s.system, cache_dir=s.out / "cache")
-        cands.info["key"] = cand_key
-        cands.save(out / "candidates")
-    else:
-        log(f"reusing candidates from {out / 'candidates'}")
-
-    val = filter_by_refusal(lm, h_val.texts, s_val.texts, method=s.filter, judge=judge, batch_size=s.batch_size,
-                            system=s.system, cache_dir=s.out / "cache")
-    cfg = SelectConfig(s.kl_threshold, s.induce_threshold, s.prune_layers, s.induce, s.score_pruned,
-                       _layers(s.layers, lm.n_layers), None, 1.0, s.per_pass, s.screen, s.keep,
-                       verify=s.verify, verify_tokens=s.verify_tokens, ablation=s.ablation)
-    sel_key = fingerprint(cand_key, val.harmful, val.harmless, s.verify_tokens, s.ablation)  # judged scores depend on the reply length
-    partial_path = out / "scores_partial.json"
-    done: dict[str, dict[str, float]] = {}
-    if partial_path.is_file():
-        saved = read_json(partial_path)
-        done = saved["scores"] if saved.get("key") == sel_key else {}
-    def save_partial(memo: dict[str, dict[str, float]]) -> None:
-        write_json(partial_path, {"key": sel_key, "scores": memo})
-
-    log(f"scoring candidates on {len(val.harmful)}+{len(val.harmless)} validation prompts"
-        + (f" (resuming {len(done)} scored)" if done else ""))
-    direction, selection = select_direction(
-        lm, cands, val.harmful, val.harmless, cfg, batch_size=s.batch_size, system=s.system, done=done,
-        checkpoint=save_partial, log=log, judge=judge,
-    )
-    write_json(out / "selection.json", selection.to_json())
-    plot = candidate_heatmaps(selection, lm.n_layers, list(cands.positions), cands.tokens, out / "plots" / "candidates.png",
-                              title=f"{lm.name}: refusal-direction candidates")
-    if direction is None:
-        raise RuntimeError("no candidate could be scored; check the prompts (both groups need prompts) and --layers")
+    try:
+        found = search_direction(lm, sets.harmful, sets.harmless, val_harmful=sets.val_harmful,
+                                 val_harmless=sets.val_harmless, config=replace(cfg, layers=_layers(s.layers, lm.n_layers)),
+                                 judge=judge, batch_size=s.batch_size, system=s.system, cache_dir=out,
+                                 verdict_cache=s.out / "cache", log=_log(s))
+    except NoDirectionFound as exc:
+        _write_selection(lm, exc.selection, exc.candidates, out)
+        raise ValueError(str(exc)) from None  # the prompts or --layers: a one-line error
+    plot = _write_selection(lm, found.selection, found.candidates, out)
+    direction = with_fit_files(found.direction, sets.records)
     direction.save(out / "artifact")
-    result = {
-        "model": lm.name, "artifact": out / "artifact", "layer": direction.layer, "position": direction.position,
-        "token": direction.token, "norm": direction.norm, "scores": direction.scores, "note": selection.note,
-        "ablation": direction.ablation,
-        "n_train": [cands.n_harmful, cands.n_harmless], "n_val": [len(val.harmful), len(val.harmless)],
-        "filter": cands.info.get("filter"), "n_candidates": len(selection.scores),
-        "n_eligible": sum(1 for c in selection.scores if c.eligible), "plot": plot,
-    }
+    result = {"model": lm.name, "artifact": out / "artifact", **found.to_json(), "plot": plot}
     write_json(out / "summary.json", result)
-
-    def render() -> None:
-        from rich.console import Console
-
-        c = Console()
-        sc = direction.scores
-
-        def f(key: str, fmt: str) -> str:
-            return "n/a" if sc.get(key) is None else format(sc[key], fmt)
-
-        c.print(f"[bold]refusal direction[/bold]: block {direction.layer}, position {direction.position} "
-                f"({direction.token!r}), ||Δμ|| = {direction.norm:.2f}, {direction.ablation} ablation")
-        c.print(f"  bypass {f('bypass', '+.3f')} (baseline {f('baseline_harmful_score', '+.3f')}), "
-                f"induce {f('induce', '+.3f')}, KL {f('kl', '.4f')}; "
-                f"{result['n_eligible']}/{result['n_candidates']} candidates eligible")
-        if sc.get("judged_bypass") is not None:
-            base = selection.baseline
-            c.print(f"  judged on replies: refusal under ablation {sc['judged_bypass']:.0%} "
-                    f"(without: {base.get('judged_harmful', float('nan')):.0%}), under addition {sc['judged_induce']:.0%} "
-                    f"(without: {base.get('judged_harmless', float('nan')):.0%})")
-        if selection.note:
-            c.print(f"[yellow]{selection.note}[/yellow]")
-        c.print(f"artifact: {out / 'artifact'}; scores: {out / 'selection.json'}; plot: {plot}")
-
-    emit(s, result, render)
+    emit(s, result, lambda: _render_find(result, found.selection, out))
     return result
 
 
+def _render_find(result: dict[str, Any], selection: Any, out: Path) -> None:
+    from rich.console import Console
+
+    c = Console()
+    sc = result["scores"]
+
+    def f(key: str, fmt: str) -> str:
+        return "n/a" if sc.get(key) is None else format(sc[key], fmt)
+
+    c.print(f"[bold]refusal direction[/bold]: block {result['layer']}, position {result['position']} "
+            f"({result['token']!r}), ||Δμ|| = {result['norm']:.2f}, {result['ablation']} ablation")
+    c.print(f"  bypass {f('bypass', '+.3f')} (baseline {f('baseline_harmful_score', '+.3f')}), "
+            f"induce {f('induce', '+.3f')}, KL {f('kl', '.4f')}; "
+            f"{result['n_eligible']}/{result['n_candidates']} candidates eligible")
+    if sc.get("judged_bypass") is not None:
+        base = selection.baseline
+        c.print(f"  judged on replies: refusal under ablation {sc['judged_bypass']:.0%} "
+                f"(without: {base.get('judged_harmful', float('nan')):.0%}), under addition {sc['judged_induce']:.0%} "
+                f"(without: {base.get('judged_harmless', float('nan')):.0%})")
+    if selection.note:
+        c.print(f"[yellow]{selection.note}[/yellow]")
+    c.print(f"artifact: {out / 'artifact'}; scores: {out / 'selection.json'}; plot: {result['plot']}")
+
+
 # ---- tune -----------------------------------------------------------------------------------------------
+@_with_verbosity
 def run_tune(s: TuneSettings) -> dict[str, Any]:
     from ..io import write_json
+    from ..methods.direction.inputs import file_records, with_fit_files
     from ..methods.direction.tune import tune_weights
     from ..methods.filtering import filter_by_refusal
     from ..report.plots.direction import pareto_plot
 
-    log = _log(s)
     base = _load_direction(s)
     harmful, harmless = prompt_sets(s)
     lm = s.load_model()
     kept = filter_by_refusal(lm, harmful.texts, harmless.texts, batch_size=s.batch_size, system=s.system)
     res = tune_weights(lm, base, kept.harmful, kept.harmless, n_trials=s.trials, seed=s.seed,
                        norm_preserving=s.norm_preserving, target=None if math.isnan(s.target) else s.target, batch_size=s.batch_size,
-                       system=s.system, log=log)
+                       system=s.system, log=_log(s))
     out = s.out / "direction_tune"
-    tuned = res.direction(base, lm.n_layers)
+    tuned = with_fit_files(res.direction(base, lm.n_layers), file_records({"harmful": s.harmful, "harmless": s.harmless}))
     tuned.save(out / "artifact")
     write_json(out / "tune.json", res.to_json())
     plot = pareto_plot(res, out / "pareto.png", title=f"{lm.name}: per-layer ablation weights")
     chosen = res.trials[res.chosen]
     result = {"artifact": out / "artifact", "chosen": asdict(chosen), "full_ablation": asdict(res.trials[0]),
               "front": [asdict(res.trials[i]) for i in res.front], "plot": plot}
+    emit(s, result, lambda: _render_tune(res, out, plot))
+    return result
+
+
+def _render_tune(res: Any, out: Path, plot: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="Pareto front (refusal score on harmful vs first-token KL on harmless)")
+    for col in ("trial", "refusal", "still refusing", "KL", "kernel (peak, width, max, min)"):
+        t.add_column(col, justify="right")
+    for i in res.front:
+        tr = res.trials[i]
+        k = tr.kernel
+        desc = "full ablation" if k is None else f"{k['peak']:.1f}, {k['width']:.1f}, {k['max_weight']:.2f}, {k['min_weight']:.2f}"
+        t.add_row(str(i), f"{tr.refusal:+.3f}", f"{tr.refusing:.0%}", f"{tr.kl:.4f}", desc,
+                  style="bold green" if i == res.chosen else None)
+    c = Console()
+    c.print(t)
+    met = "" if res.settings["target_met"] else " (no trial reached the target: lowest refusal chosen)"
+    c.print(f"target refusal score {res.settings['target']:+.3f}{met}")
+    c.print(f"chosen trial {res.chosen}; artifact: {out / 'artifact'}; plot: {plot}")
+
+
+# ---- refine ---------------------------------------------------------------------------------------------
+@_with_verbosity
+def run_refine(s: RefineSettings) -> dict[str, Any]:
+    from ..io import write_json
+    from ..methods.direction.inputs import with_fit_files
+    from ..methods.direction.refine import refine_direction
+    from ..report.plots.direction import refine_plot
+
+    log = _log(s)
+    direction = _load_direction(s)
+    if s.ablation:
+        direction = direction.with_ablation(s.ablation)
+    sets = _fit_sets(s, "direction_refine")
+    lm = s.load_model()
+    log(f"refining {_direction_dir(s)} ({direction.ablation} ablation) on {len(sets.harmful)}+{len(sets.harmless)} "
+        f"prompts, {s.steps} steps; validation on {len(sets.val_harmful)}+{len(sets.val_harmless)}")
+    res = refine_direction(lm, direction, sets.harmful, sets.harmless, val_harmful=sets.val_harmful,
+                           val_harmless=sets.val_harmless, steps=s.steps, lr=s.lr, kl_weight=s.kl_weight, batch=s.batch,
+                           micro_batch=s.batch_size, eval_every=s.eval_every, seed=s.seed, system=s.system, log=log)
+    out = s.out / "direction_refine"
+    with_fit_files(res.direction, sets.records).save(out / "artifact")
+    write_json(out / "refine.json", res.to_json())
+    plot = refine_plot(res, out / "refine.png", title=f"{lm.name}: direction refinement")
+    first = res.history[0]
+    chosen = next(h for h in res.history if h.step == res.chosen)
+    result = {"artifact": out / "artifact", "chosen_step": res.chosen, "start": asdict(first), "chosen": asdict(chosen),
+              "ablation": direction.ablation, "plot": plot, "settings": res.settings}
 
     def render() -> None:
         from rich.console import Console
-        from rich.table import Table
 
-        t = Table(title="Pareto front (refusal score on harmful vs first-token KL on harmless)")
-        for col in ("trial", "refusal", "still refusing", "KL", "kernel (peak, width, max, min)"):
-            t.add_column(col, justify="right")
-        for i in res.front:
-            tr = res.trials[i]
-            k = tr.kernel
-            desc = "full ablation" if k is None else f"{k['peak']:.1f}, {k['width']:.1f}, {k['max_weight']:.2f}, {k['min_weight']:.2f}"
-            t.add_row(str(i), f"{tr.refusal:+.3f}", f"{tr.refusing:.0%}", f"{tr.kl:.4f}", desc,
-                      style="bold green" if i == res.chosen else None)
         c = Console()
-        c.print(t)
-        met = "" if res.settings["target_met"] else " (no trial reached the target: lowest refusal chosen)"
-        c.print(f"target refusal score {res.settings['target']:+.3f}{met}")
-        c.print(f"chosen trial {res.chosen}; artifact: {out / 'artifact'}; plot: {plot}")
+        c.print(f"[bold]refined direction[/bold] (block {direction.layer}, position {direction.position}, "
+                f"{direction.ablation} ablation): step {res.chosen} of {s.steps} chosen on validation")
+        c.print(f"  val first-token KL {first.val_kl:.4f} -> {chosen.val_kl:.4f}; "
+                f"harmful prompts above the harmless mean score {first.val_refusing:.0%} -> {chosen.val_refusing:.0%}; "
+                f"cosine to the start {chosen.cosine:.3f}")
+        c.print(f"artifact: {out / 'artifact'}; history: {out / 'refine.json'}; plot: {plot}")
+        c.print("measure it held out with `safetyscope direction ablate --direction " f"{out / 'artifact'}`")
 
     emit(s, result, render)
     return result
 
 
 # ---- ablate / add ---------------------------------------------------------------------------------------
-def _eval_inputs(s: EvalDirSettings) -> tuple[Any, Any, Any, Any, Any]:
+def _refuse_fit_files(s: EvalDirSettings, direction: Any, kinds: tuple[str, ...]) -> None:
+    """A measurement on a file the direction was fitted or selected on: an error (a loud warning with
+    --allow-fit-prompts)."""
+    from ..methods.direction.inputs import fitted_on
+
+    for kind in kinds:
+        path = getattr(s, kind)
+        record = fitted_on(direction, path) if path else None
+        if record is None:
+            continue
+        held_out = f"its held-out test part {record['test_part']}" if record.get("test_part") else "a held-out file"
+        msg = (f"--{kind} {path} holds the prompts {_direction_dir(s)} was fitted or selected on "
+               f"(sha256 {str(record['sha256'])[:12]}); measure on {held_out} or another file, or pass --allow-fit-prompts")
+        if not s.allow_fit_prompts:
+            raise ValueError(msg)
+        print(f"WARNING: --allow-fit-prompts: --{kind} {path} holds prompts the direction was fitted or selected on; "
+              "these numbers are optimistic, not a held-out measurement", file=sys.stderr)
+
+
+def _eval_inputs(s: EvalDirSettings, kinds: tuple[str, ...]) -> tuple[Any, Any, Any, Any, Any]:
     from ..measure.judges import load_judge
 
     direction = _load_direction(s)
+    _refuse_fit_files(s, direction, kinds)
     if s.full:
         direction = direction.with_weights(None, 1.0)
     if s.norm_preserving:
@@ -328,12 +405,12 @@ def _cache(s: EvalDirSettings, lm: Any, direction: Any, sub: str) -> Any:
                                             "coeff": s.coeff, "layer": s.layer})
 
 
+@_with_verbosity
 def run_ablate(s: EvalDirSettings) -> dict[str, Any]:
     from ..io import write_json
     from ..methods.direction.evaluate import evaluate_ablation, fmt_rate
 
-    _log(s)
-    direction, harmful, harmless, judge, lm = _eval_inputs(s)
+    direction, harmful, harmless, judge, lm = _eval_inputs(s, ("harmful", "harmless"))
     res = evaluate_ablation(lm, direction, harmful.texts, harmless.texts, judge=judge, max_new_tokens=s.max_new_tokens,
                             batch_size=s.batch_size, system=s.system, cache=_cache(s, lm, direction, "direction_eval"),
                             harmless_replies_ablated=not s.skip_harmless_replies)
@@ -360,12 +437,12 @@ def run_ablate(s: EvalDirSettings) -> dict[str, Any]:
     return res
 
 
+@_with_verbosity
 def run_add(s: EvalDirSettings) -> dict[str, Any]:
     from ..io import write_json
     from ..methods.direction.evaluate import evaluate_addition, fmt_rate
 
-    _log(s)
-    direction, _harmful, harmless, judge, lm = _eval_inputs(s)
+    direction, _harmful, harmless, judge, lm = _eval_inputs(s, ("harmless",))
     layer = None if s.layer == -1 else s.layer
     res = evaluate_addition(lm, direction, harmless.texts, coeff=s.coeff, layer=layer, judge=judge,
                             max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, system=s.system,
@@ -389,8 +466,8 @@ def run_add(s: EvalDirSettings) -> dict[str, Any]:
 
 
 # ---- export ---------------------------------------------------------------------------------------------
+@_with_verbosity
 def run_export(s: ExportSettings) -> dict[str, Any]:
-    _log(s)
     if not str(s.to) or str(s.to) == ".":
         raise ValueError("give the checkpoint directory to write with --to PATH")
     direction = _load_direction(s)

@@ -347,7 +347,7 @@ class Direction(Artifact):
     ) -> list[tuple[Site, EditFn]]:
         """The (site, edit) pairs of this direction's ablation; ``direction`` / ``targets`` override the
         stored unit vector [d_model] and mean-ablation targets [n_layers] (e.g. with callables returning
-        tensors that carry gradients, as ``methods.direction_refine`` does)."""
+        tensors that carry gradients, as ``methods.direction.refine`` does)."""
         self._check(lm)
         vec = self.direction if direction is None else direction
         if self.ablation == "mean":
