@@ -62,7 +62,23 @@ def forward(lm: LoadedModel, batch: Batch, *, last_only: bool = False) -> torch.
     if last_only:
         kwargs["logits_to_keep"] = 1
     with running(batch):
-        return lm.model(**kwargs).logits
+        logits = lm.model(**kwargs).logits  # [batch, pos, vocab]
+    check_logits(logits)
+    return logits
+
+
+def check_logits(logits: torch.Tensor) -> None:
+    """Raise :class:`NaNActivationError` when the last position's logits hold NaN or +inf (an overflow).
+
+    Cheap: one reduction over ``[batch, vocab]``; the last position is real in every left-padded row,
+    and an overflow anywhere earlier reaches it. ``-inf`` (a masked token) is allowed.
+    """
+    last = logits[:, -1].detach()  # [batch, vocab]
+    if bool(torch.isnan(last).any() | torch.isposinf(last).any()):
+        raise NaNActivationError(
+            "the model's output is NaN/inf (activations overflowed); run with --dtype float32 "
+            "(float16 overflows easily, above all on CPU), or check the model's weights"
+        )
 
 
 # ---- low-level hook plumbing -------------------------------------------------------------------

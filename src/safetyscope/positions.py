@@ -16,11 +16,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .errors import SafetyscopeError
+
 NAMED_POSITIONS = ("last", "post_instruction", "mean", "all")
 PositionSpec = str | Sequence[int]
 
 
-class PositionError(ValueError):
+class PositionError(SafetyscopeError, ValueError):
     """An unknown position name or offset."""
 
 

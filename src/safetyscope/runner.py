@@ -7,6 +7,7 @@ from typing import TypeVar
 
 import torch
 
+from .errors import SafetyscopeError
 from .hooks import capture, forward
 from .models.adapter import LoadedModel
 from .positions import Batch, PositionSpec
@@ -17,7 +18,7 @@ from .sites import Site
 T = TypeVar("T")
 
 
-class OutOfMemory(RuntimeError):
+class OutOfMemory(SafetyscopeError, RuntimeError):
     """Even a batch of one prompt does not fit."""
 
 
@@ -30,6 +31,32 @@ def is_oom(exc: BaseException) -> bool:
 def _free() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def oom_backoff(
+    order: Sequence[int], batch_size: int, run: Callable[[list[int]], T], *, hint: str
+) -> Iterator[tuple[list[int], T]]:
+    """The one out-of-memory back-off: ``run(rows)`` on consecutive slices of ``order``, halving the slice
+    on out-of-memory (the smaller size is kept for the rest); yields ``(rows, result)``.
+
+    At one row, out-of-memory raises :class:`OutOfMemory` with ``hint`` (what to change) as its fix.
+    """
+    size = max(1, int(batch_size))
+    start = 0
+    while start < len(order):
+        rows = list(order[start : start + size])
+        try:
+            result = run(rows)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            _free()
+            if size == 1:
+                raise OutOfMemory(f"out of memory with a batch of one {hint}") from None
+            size = max(1, size // 2)
+            continue
+        yield rows, result
+        start += len(rows)
 
 
 def batched(
@@ -52,29 +79,15 @@ def batched(
     if sort_by_length:
         order.sort(key=lambda i: len(prompts[i]))
     max_len = lm.dims.max_positions
-    size = max(1, int(batch_size))
-    start = 0
+
+    def run(rows: list[int]) -> tuple[Batch, T]:
+        batch = tokenize_prompts(lm.tokenizer, [prompts[i] for i in rows], system=system, max_length=max_len, index=rows)
+        return batch, fn(batch)
+
+    hint = "prompt; use a smaller model, --dtype bfloat16, --device-map auto across GPUs, or shorter prompts"
     with progress_bar(len(prompts), description) as advance:
-        while start < len(order):
-            rows = order[start : start + size]
-            batch = tokenize_prompts(
-                lm.tokenizer, [prompts[i] for i in rows], system=system, max_length=max_len, index=rows
-            )
-            try:
-                result = fn(batch)
-            except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                _free()
-                if size == 1:
-                    raise OutOfMemory(
-                        "out of memory with a batch of one prompt; use a smaller model, --dtype bfloat16, "
-                        "--device-map auto across GPUs, or shorter prompts"
-                    ) from None
-                size = max(1, size // 2)
-                continue
+        for rows, (batch, result) in oom_backoff(order, batch_size, run, hint=hint):
             yield batch, result
-            start += len(rows)
             advance(len(rows))
 
 

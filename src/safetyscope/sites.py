@@ -22,6 +22,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from .errors import SafetyscopeError
+
 BLOCK_KINDS: tuple[str, ...] = (
     "resid_pre",
     "resid_mid",
@@ -41,7 +43,7 @@ GRAMMAR_HINT = (
 _BLOCK_RE = re.compile(r"^blocks\.([^.]+)\.(.+)$")
 
 
-class SiteError(ValueError):
+class SiteError(SafetyscopeError, ValueError):
     """A site name that does not follow the grammar, or names a layer the model lacks."""
 
 

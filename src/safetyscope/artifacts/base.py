@@ -18,6 +18,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from ..errors import SafetyscopeError
 from ..io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 
 FORMAT_VERSION = 1
@@ -25,7 +26,7 @@ _REGISTRY: dict[str, type[Artifact]] = {}
 A = TypeVar("A", bound="Artifact")
 
 
-class ArtifactError(ValueError):
+class ArtifactError(SafetyscopeError, ValueError):
     """A missing, malformed or unknown artifact."""
 
 
@@ -37,6 +38,8 @@ def register(cls: type[A]) -> type[A]:
 
 class Artifact(ABC):
     kind: ClassVar[str]
+    # False for kinds whose saved directory holds only artifact.json (a pointer); else tensors.safetensors is required
+    stores_tensors: ClassVar[bool] = True
 
     @abstractmethod
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -90,8 +93,20 @@ def load_artifact(path: str | Path) -> Artifact:
     _import_builtin_kinds()
     if kind not in _REGISTRY:
         raise ArtifactError(f"{path}: unknown artifact kind {kind!r}; known: {', '.join(sorted(_REGISTRY))}")
-    tensors = load_tensors(path / "tensors.safetensors") if (path / "tensors.safetensors").is_file() else {}
-    return _REGISTRY[kind].from_state(meta, tensors)
+    cls = _REGISTRY[kind]
+    return cls.from_state(meta, _artifact_tensors(path) if cls.stores_tensors else {})
+
+
+def _artifact_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an artifact directory; one-line errors for a missing or unreadable file."""
+    file = path / "tensors.safetensors"
+    if not file.is_file():
+        raise ArtifactError(f"{file} is missing (the artifact is incomplete); re-create the artifact, "
+                            "or copy the whole directory again")
+    try:
+        return load_tensors(file)
+    except Exception as exc:  # a truncated or foreign file (safetensors raises its own error types)
+        raise ArtifactError(f"{file} is not a readable safetensors file ({str(exc)[:80]}); re-create the artifact") from None
 
 
 def known_kinds() -> list[str]:

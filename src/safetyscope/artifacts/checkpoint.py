@@ -122,6 +122,7 @@ class Checkpoint(Artifact):
     """A Hugging Face checkpoint directory applied by swapping its tensors into the model's parameters."""
 
     kind = "checkpoint"
+    stores_tensors = False  # a saved checkpoint artifact is a pointer (artifact.json) to the directory
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

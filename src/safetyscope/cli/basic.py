@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         for alias, title in result["aliases"].items():
             c.print(f"[bold]{alias}[/bold]: {title}")
 
-    @command(app, "info", Settings, "Print a model's layers, widths, heads, chat template and site names.")
+    @command(app, "info", Settings, "Print a model's layers, widths, heads, chat template and site names.", writes=False)
     def info_cmd(s: Settings) -> None:
         with user_errors():
             lm = s.load_model()
@@ -71,19 +71,19 @@ def register(app: typer.Typer) -> None:
             run_capture_analysis(s)
 
 
-def run_capture_analysis(s) -> dict:
+def run_capture_analysis(s: Any) -> dict:
     from ..io import save_tensors, write_json
     from ..methods.fit import fit_group_moments
     from ..methods.separation import layer_separation
+    from ..progress import verbosity
 
-    if s.quiet or s.json:
-        os.environ["SAFETYSCOPE_QUIET"] = "1"
     harmful, harmless = prompt_sets(s)
     lm = s.load_model()
-    stats = fit_group_moments(
-        lm, {"harmful": harmful.texts, "harmless": harmless.texts}, f"blocks.*.{s.site}", s.positions,
-        batch_size=s.batch_size, system=s.system,
-    )
+    with verbosity(False) if s.quiet or s.json else nullcontext():
+        stats = fit_group_moments(
+            lm, {"harmful": harmful.texts, "harmless": harmless.texts}, f"blocks.*.{s.site}", s.positions,
+            batch_size=s.batch_size, system=s.system,
+        )
     rows = layer_separation(stats, lm.n_layers, s.site)
     out = s.out / "capture"
     save_tensors(out / "moments.safetensors", stats.state())

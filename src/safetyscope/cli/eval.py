@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,9 +111,8 @@ def run_eval(s: EvalSettings) -> dict[str, Any]:
     from ..measure.evaluate import evaluate
     from ..measure.generation import add_stop_tokens
     from ..measure.refusal_tokens import refusal_token_ids
+    from ..progress import verbosity
 
-    if s.quiet or s.json:
-        os.environ["SAFETYSCOPE_QUIET"] = "1"
     inp = _inputs(s)
     lm = s.load_model()
     if inp["intervention"] is not None:  # e.g. a checkpoint for another model: fail before any generation
@@ -122,13 +121,13 @@ def run_eval(s: EvalSettings) -> dict[str, Any]:
         add_stop_tokens(lm, s.stop)
     openings = [o.strip() for o in s.refusal_openings.split(",") if o.strip()]
     ids = refusal_token_ids(lm.tokenizer, openings) if openings else None
-    res = evaluate(
-        lm, inp["intervention"], harmful=inp["harmful"], harmless=inp["harmless"], scary=inp["scary"],
-        judge=inp["judge"], max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, system=s.system,
-        token_ids=ids, kl=s.kl, capability=s.capability, ppl_file=s.ppl_text or None, ppl_max_tokens=s.ppl_max_tokens,
-        baseline=s.baseline,
-        names=inp["names"],
-    )
+    with verbosity(False) if s.quiet or s.json else nullcontext():
+        res = evaluate(
+            lm, inp["intervention"], harmful=inp["harmful"], harmless=inp["harmless"], scary=inp["scary"],
+            judge=inp["judge"], max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, system=s.system,
+            token_ids=ids, kl=s.kl, capability=s.capability, ppl_file=s.ppl_text or None,
+            ppl_max_tokens=s.ppl_max_tokens, baseline=s.baseline, names=inp["names"],
+        )
     eval_path, replies_path = res.save(s.out, samples=s.samples)
     result = res.to_dict(s.samples)
     emit(s, result, lambda: _render(result, eval_path, replies_path))

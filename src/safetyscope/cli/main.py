@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
-import os
 
 import typer
+
+from ..progress import verbosity
 
 app = typer.Typer(
     name="safetyscope",
@@ -29,9 +30,12 @@ for _name in COMMAND_MODULES:
 
 
 @app.callback()
-def _main(quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (also SAFETYSCOPE_QUIET=1).")) -> None:
-    if quiet:
-        os.environ["SAFETYSCOPE_QUIET"] = "1"
+def _main(
+    ctx: typer.Context,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (also SAFETYSCOPE_QUIET=1)."),
+) -> None:
+    if quiet:  # for the whole invocation: the context closes after the subcommand has run
+        ctx.with_resource(verbosity(False))
 
 
 def main() -> None:  # pragma: no cover

@@ -1,7 +1,9 @@
 """One typed settings object per command, feeding both CLI flags and TOML config files.
 
 Each field's ``help`` metadata is its CLI help text. Precedence: explicit CLI flag > config file
-section ``[common]`` / ``[<command>]`` > the dataclass default.
+(``[common]`` < ``[<group>]`` < ``[<command>]`` < ``[<group>.<command>]``, see :mod:`.config`) > the
+dataclass default. The whole config file is type-checked, and the settings checked (:mod:`.checks`),
+before a command does any work.
 """
 
 from __future__ import annotations
@@ -9,17 +11,20 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
 import typer
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from ..errors import SafetyscopeWarning, SettingsError
+from ..models.arch import Dims
+from ..progress import verbosity
+from .checks import check_counts, check_file_pairs, check_layers, check_out_dir, check_specs, out_lock
+from .config import CommandTable, config_values
 
 
 def opt(default: Any, help: str, *, flag: str | None = None, short: str | None = None) -> Any:
@@ -48,9 +53,12 @@ class Settings:
     json: bool = opt(False, "Print the result as JSON on stdout (for scripts).")
 
     def load_model(self) -> Any:
+        """The model, after the layer settings were checked against its config (before the weights load)."""
         from ..models import load_model
 
         log = (lambda _m: None) if self.quiet or self.json else (lambda m: print(m, file=sys.stderr))
+        if self.gen_batch_size < 1:
+            raise SettingsError(f"--gen-batch-size must be a positive number, not {self.gen_batch_size}")
         lm = load_model(
             self.model,
             device=self.device,
@@ -61,11 +69,32 @@ class Settings:
             arch_table=self.arch_table or None,
             chat_template=self.chat_template or None,
             log=log,
+            check_dims=self.check_dims,
         )
-        if self.gen_batch_size < 1:
-            raise ValueError(f"--gen-batch-size must be at least 1, not {self.gen_batch_size}")
         lm.meta["gen_batch_size"] = int(self.gen_batch_size)
         return lm
+
+    def validate(self) -> None:
+        """Everything that can be checked without the model (the CLI runs this before any work).
+
+        Model path, device and dtype, chat template, architecture table, counts, site / position / layer
+        syntax, harmful and harmless files that are one file. Raises a one-line SafetyscopeError.
+        """
+        from ..models import check_model_spec, load_chat_template, load_tables, pick_device, pick_dtype
+
+        check_model_spec(self.model, self.allow_pickle)
+        pick_dtype(self.dtype, pick_device(self.device))
+        if self.chat_template:
+            load_chat_template(self.chat_template)
+        if self.arch_table:
+            load_tables(self.arch_table)
+        check_counts(self)
+        check_specs(self)
+        check_file_pairs(self)
+
+    def check_dims(self, dims: Dims) -> None:
+        """Layer settings against the model's block count (from its config, before the weights load)."""
+        check_layers(self, dims)
 
     @property
     def system(self) -> str | None:
@@ -80,21 +109,64 @@ def _flag(f: dataclasses.Field) -> list[str]:
     return [name] + ([f.metadata["short"]] if f.metadata.get("short") else [])
 
 
-def load_config(path: Path | None, section: str) -> dict[str, Any]:
-    if path is None:
-        return {}
-    if not path.is_file():
-        raise typer.BadParameter(f"config file {path} not found; give the path of a TOML file")
-    try:
-        data = tomllib.loads(path.read_text("utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise typer.BadParameter(f"config file {path} is not valid TOML: {exc}") from None
-    merged = {**data.get("common", {}), **data.get(section, {})}
-    return {k.replace("-", "_"): v for k, v in merged.items()}
+def command_table(ctx: typer.Context, name: str, settings_cls: type[Settings]) -> tuple[tuple[str, ...], CommandTable]:
+    """(this command's path, e.g. ("direction", "find"); every registered command's settings class)."""
+    names: list[str] = []
+    c: Any = ctx
+    while c is not None and c.parent is not None:
+        names.append(str(c.info_name))
+        c = c.parent
+    path = tuple(reversed(names)) or (name,)
+    table: dict[tuple[str, ...], type] = {}
+
+    def walk(cmd: Any, prefix: tuple[str, ...]) -> None:
+        if isinstance(getattr(cmd, "commands", None), dict):  # a group (typer ships its own click)
+            for sub_name, sub in cmd.commands.items():
+                walk(sub, (*prefix, sub_name))
+        elif prefix and getattr(cmd.callback, "settings_cls", None) is not None:
+            table[prefix] = cmd.callback.settings_cls
+
+    walk(ctx.find_root().command, ())
+    table[path] = settings_cls
+    return path, table
 
 
-def command(app: typer.Typer, name: str, settings_cls: type[S], help: str) -> Callable[[Callable[[S], Any]], Callable[[S], Any]]:
-    """Register ``fn(settings)`` as a CLI command whose flags are the settings fields."""
+def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """Warnings of safetyscope as one ``warning:`` line on stderr; others as Python prints them."""
+    if issubclass(category, SafetyscopeWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr, end="")
+
+
+def build_settings(ctx: typer.Context, name: str, settings_cls: type[S], config: Path | None, kwargs: dict[str, Any]) -> S:
+    """Settings from the dataclass defaults, the config file (checked as a whole) and the flags given."""
+    values: dict[str, Any] = {f.name: f.default for f in fields(settings_cls)}
+    path, table = command_table(ctx, name, settings_cls)
+    values.update(config_values(config, path, table))
+    for key, value in kwargs.items():
+        source = ctx.get_parameter_source(key)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            values[key] = value
+    hints = get_type_hints(settings_cls)
+    for f in fields(settings_cls):
+        if hints[f.name] is Path and not isinstance(values[f.name], Path):
+            values[f.name] = Path(values[f.name])
+    return settings_cls(**values)
+
+
+def command(
+    app: typer.Typer, name: str, settings_cls: type[S], help: str, *, writes: bool = True
+) -> Callable[[Callable[[S], Any]], Callable[[S], Any]]:
+    """Register ``fn(settings)`` as a CLI command whose flags are the settings fields.
+
+    Before ``fn`` runs: the config file is checked as a whole and the settings with ``Settings.validate``
+    (one-line errors, nothing loaded yet); a command that ``writes`` into ``--out`` also gets the directory
+    checked and holds its lock (``OUT/.safetyscope.lock``) while it runs. ``--quiet`` / ``--json`` turn the
+    progress bars off for the run.
+    """
+    from .common import user_errors
 
     def deco(fn: Callable[[S], Any]) -> Callable[[S], Any]:
         hints = get_type_hints(settings_cls)
@@ -103,7 +175,7 @@ def command(app: typer.Typer, name: str, settings_cls: type[S], help: str) -> Ca
             inspect.Parameter(
                 "config",
                 inspect.Parameter.KEYWORD_ONLY,
-                default=typer.Option(None, "--config", help="TOML config file (\\[common] and \\[<command>] sections)."),
+                default=typer.Option(None, "--config", help="TOML config file (\\[common], \\[<command>] and \\[<group>.<command>] sections)."),
                 annotation=Path | None,
             ),
         ]
@@ -115,24 +187,19 @@ def command(app: typer.Typer, name: str, settings_cls: type[S], help: str) -> Ca
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hints[f.name]))
 
         def wrapper(ctx: typer.Context, config: Path | None = None, **kwargs: Any) -> Any:
-            values: dict[str, Any] = {f.name: f.default for f in fields(settings_cls)}
-            from_file = load_config(config, name)
-            unknown = set(from_file) - set(values)
-            if unknown:
-                raise typer.BadParameter(f"unknown setting(s) in {config}: {', '.join(sorted(unknown))}")
-            values.update(from_file)
-            for key, value in kwargs.items():
-                source = ctx.get_parameter_source(key)
-                if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
-                    values[key] = value
-            for f in fields(settings_cls):
-                if hints[f.name] is Path and not isinstance(values[f.name], Path):
-                    values[f.name] = Path(values[f.name])
-            return fn(settings_cls(**values))
+            with user_errors(), warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                s = build_settings(ctx, name, settings_cls, config, kwargs)
+                s.validate()
+                if writes:
+                    check_out_dir(s.out)
+                with out_lock(s.out) if writes else nullcontext(), verbosity(False) if s.quiet or s.json else nullcontext():
+                    return fn(s)
 
         wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         wrapper.__doc__ = help
         wrapper.__name__ = fn.__name__
+        wrapper.settings_cls = settings_cls  # type: ignore[attr-defined]  # read by command_table
         app.command(name, help=help)(wrapper)
         return fn
 

@@ -27,10 +27,11 @@ from typing import Any, cast
 
 import torch
 
-from ..hooks import forward, running
+from ..hooks import check_logits, forward, running
 from ..models.adapter import LoadedModel
 from ..positions import Batch
-from ..runner import OutOfMemory, batched, is_oom
+from ..prompts.chat import pad_token_id
+from ..runner import batched, oom_backoff
 from .compare import Intervention, enter
 from .generation import _stop_ids
 from .metrics import kl_divergence, perplexity, token_cross_entropy
@@ -71,13 +72,14 @@ def generate_batch_with_logits(lm: LoadedModel, batch: Batch, max_new_tokens: in
     """
     stops = _stop_ids(lm)
     batch = batch.to(lm.input_device)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
+    pad = pad_token_id(lm.tokenizer)
     with running(batch), torch.inference_mode():
         out = cast(Any, lm.model).generate(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
             do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=stops, pad_token_id=pad,
             output_logits=True, return_dict_in_generate=True,
         )
+    check_logits(out.logits[0][:, None])  # first step [batch, 1, vocab]: NaN/inf means an overflow
     new = out.sequences[:, batch.seq_len:].tolist()  # [batch, <= max_new_tokens]
     return [_trim(row, set(stops)) for row in new], out.logits[0].float().cpu()
 
@@ -127,7 +129,7 @@ def teacher_forced_logits(lm: LoadedModel, batch: Batch, replies: Sequence[Seque
     batch = batch.to(lm.input_device)
     dev = batch.input_ids.device
     width = max(1, max(len(r) for r in replies))
-    pad = int(lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id)
+    pad = pad_token_id(lm.tokenizer)
     reply = torch.full((len(batch), width), pad, dtype=torch.long, device=dev)  # [batch, T]
     rmask = torch.zeros((len(batch), width), dtype=torch.long, device=dev)    # [batch, T]
     for i, r in enumerate(replies):
@@ -288,7 +290,7 @@ def file_rows(lm: LoadedModel, path: str | Path, *, max_tokens: int | None = Non
 
 def _row_batch(lm: LoadedModel, rows: Sequence[Sequence[int]], idx: Sequence[int]) -> Batch:
     """A left-padded batch of raw token rows (no chat template; ``n_post = 0``)."""
-    pad = int(lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id)
+    pad = pad_token_id(lm.tokenizer)
     width = max(len(rows[i]) for i in idx)
     ids = torch.full((len(idx), width), pad, dtype=torch.long)               # [batch, pos]
     mask = torch.zeros((len(idx), width), dtype=torch.long)                  # [batch, pos]

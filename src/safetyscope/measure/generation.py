@@ -16,6 +16,7 @@ import torch
 from ..hooks import forward, running
 from ..models.adapter import LoadedModel
 from ..positions import Batch
+from ..prompts.chat import pad_token_id
 from ..runner import batched
 from .metrics import refusal_score
 from .refusal_tokens import refusal_token_ids
@@ -64,7 +65,7 @@ def _stop_ids(lm: LoadedModel) -> list[int]:
 def generate_batch(lm: LoadedModel, batch: Batch, max_new_tokens: int = 64, do_sample: bool = False, **kwargs: Any) -> list[str]:
     """Greedy (unless asked) continuation of one batch; returns the decoded replies."""
     batch = batch.to(lm.input_device)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
+    pad = pad_token_id(lm.tokenizer)
     with running(batch), torch.inference_mode():
         out = cast(Any, lm.model).generate(
             input_ids=batch.input_ids,

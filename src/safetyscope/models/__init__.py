@@ -3,7 +3,7 @@
 from .adapter import LoadedModel
 from .arch import ArchitectureError, ArchTable, Dims, load_tables, table_for
 from .embedded import EMBEDDED, EmbeddedModelError, cache_root
-from .loading import ModelLoadError, load_model, pick_device, pick_dtype
+from .loading import ModelLoadError, check_model_spec, load_chat_template, load_model, pick_device, pick_dtype
 
 __all__ = [
     "EMBEDDED",
@@ -14,6 +14,8 @@ __all__ = [
     "LoadedModel",
     "ModelLoadError",
     "cache_root",
+    "check_model_spec",
+    "load_chat_template",
     "load_model",
     "load_tables",
     "pick_device",

@@ -13,6 +13,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from ..errors import SafetyscopeError
 from ..sites import Site
 
 OVERRIDE_HINT = (
@@ -21,7 +22,7 @@ OVERRIDE_HINT = (
 )
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(SafetyscopeError, ValueError):
     """The model's architecture is unknown, or a site does not exist in it."""
 
 

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import SafetyscopeError
+
 CACHE_ENV = "SAFETYSCOPE_CACHE"
 
 
-class EmbeddedModelError(RuntimeError):
+class EmbeddedModelError(SafetyscopeError, RuntimeError):
     """An embedded model's packages are missing or its assembled file does not verify."""
 
 

@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 
+from ..errors import SafetyscopeError
 from .adapter import LoadedModel
-from .arch import table_for
+from .arch import Dims, table_for
 from .embedded import EMBEDDED, convert_gguf, ensure_embedded, gguf_cache_dir
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(SafetyscopeError, RuntimeError):
     """A model spec that cannot be loaded; the message names the fix."""
 
 
@@ -51,8 +52,51 @@ def pick_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+WEIGHT_PATTERNS: tuple[str, ...] = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def check_model_spec(spec: str, allow_pickle: bool = False) -> None:
+    """Cheap checks of a model spec, without loading anything: a path must exist and hold a model.
+
+    Raises :class:`ModelLoadError` naming what is missing; aliases and hub ids pass.
+    """
+    if spec in EMBEDDED:
+        return
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} not found; check the path")
+        return
+    if path.is_dir():
+        _check_model_dir(path, allow_pickle)
+        return
+    if path.exists():
+        raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
+    if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        raise ModelLoadError(
+            f"model {spec!r} not found: use an alias ({', '.join(EMBEDDED)}), a local directory, a .gguf file or a hub id"
+        )
+
+
+def _check_model_dir(path: Path, allow_pickle: bool) -> None:
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; point at a Hugging Face model directory")
+    if not any(f for pattern in WEIGHT_PATTERNS for f in path.glob(pattern)):
+        raise ModelLoadError(
+            f"{path} has a config.json but no weights (no model*.safetensors); copy the weight files into it "
+            "or point at the complete model directory"
+        )
+    has_st = any(path.glob("*.safetensors"))
+    if not has_st and not allow_pickle:
+        raise ModelLoadError(
+            f"{path} holds only pickled weights (.bin), which can run code when loaded; "
+            "convert them to safetensors or pass --allow-pickle if you trust the source"
+        )
+
+
 def _resolve_source(spec: str, allow_pickle: bool, log: Callable[[str], None]) -> tuple[str, dict[str, Any]]:
     """Turn a spec into (path or hub id, extra from_pretrained kwargs)."""
+    check_model_spec(spec, allow_pickle)
     if spec in EMBEDDED:
         try:
             return str(ensure_embedded(spec, log)), {}
@@ -60,30 +104,51 @@ def _resolve_source(spec: str, allow_pickle: bool, log: Callable[[str], None]) -
             raise ModelLoadError(str(exc)) from None
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file {path} not found; check the path")
         cache = gguf_cache_dir(path)
         if not (cache / "config.json").is_file():
             convert_gguf(path, cache, log)
         return str(cache), {}
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} has no config.json; point at a Hugging Face model directory")
         has_st = any(path.glob("*.safetensors"))
-        has_bin = any(path.glob("*.bin")) or any(path.glob("*.pt"))
-        if not has_st and has_bin and not allow_pickle:
-            raise ModelLoadError(
-                f"{path} holds only pickled weights (.bin), which can run code when loaded; "
-                "convert them to safetensors or pass --allow-pickle if you trust the source"
-            )
         return str(path), {"use_safetensors": has_st or not allow_pickle}
-    if path.exists():
-        raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
-    if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
-        raise ModelLoadError(
-            f"model {spec!r} not found: use an alias ({', '.join(EMBEDDED)}), a local directory, a .gguf file or a hub id"
-        )
     return spec, {"use_safetensors": None if allow_pickle else True}
+
+
+def looks_like_template(text: str) -> bool:
+    """True for Jinja template text (it has ``{{`` or ``{%``), False for what can only be a file name."""
+    return "{{" in text or "{%" in text
+
+
+def load_chat_template(spec: str | Path) -> str:
+    """The text of a Jinja chat template given as a file or as the template itself, syntax-checked.
+
+    A value without Jinja markup is taken as a file name and must exist; a syntax error is one line
+    naming the file (or the text) and the line of the error.
+    """
+    text, name = str(spec), "the --chat-template text"
+    if isinstance(spec, Path) or not looks_like_template(text):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "not found"
+            raise ModelLoadError(f"chat template file {text!r} {what}; give a Jinja file (e.g. template.jinja) "
+                                    "or the template text itself")
+        try:
+            text, name = path.read_text("utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"cannot read chat template {path} ({exc}); save it as a UTF-8 text file") from None
+    check_template_syntax(text, name)
+    return text
+
+
+def check_template_syntax(text: str, name: str = "the chat template") -> None:
+    """Raise :class:`ModelLoadError` (one line, with the line number) on a Jinja syntax error."""
+    import jinja2
+
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ModelLoadError(f"{name}: Jinja syntax error on line {exc.lineno}: {exc.message}; "
+                                "fix the template") from None
 
 
 def load_model(
@@ -95,19 +160,23 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     arch_table: str | Path | None = None,
-    chat_template: str | None = None,
+    chat_template: str | Path | None = None,
     log: Callable[[str], None] = print,
+    check_dims: Callable[[Dims], None] | None = None,
 ) -> LoadedModel:
     """Load a causal LM for analysis (eval mode, gradients off on parameters).
 
     ``spec``: an alias (``default``, ``small``, ``large``), a local HF directory, a ``.gguf`` file, or a hub id
     (needs network; fails fast and clearly without it). ``device_map`` goes to accelerate for several GPUs.
-    ``chat_template``: a Jinja template string or a path to one, for tokenizers that lack a template.
+    ``chat_template``: a Jinja template string or a path to one, for tokenizers that lack a template
+    (syntax-checked before anything loads). ``check_dims`` is called with the model's dimensions as soon
+    as its config is read, before the weights load (e.g. to check layer ranges).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
+    template = None if chat_template is None else load_chat_template(chat_template)
     source, extra = _resolve_source(spec, allow_pickle, log)
     is_hub = not Path(source).exists()
     if is_hub:
@@ -118,10 +187,14 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(source, **common)
         table = table_for(config.model_type, arch_table)  # fail before loading weights
+        if check_dims is not None:
+            check_dims(Dims.from_config(table, config))
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
         model: Any = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, device_map=device_map, **common, **{k: v for k, v in extra.items() if v is not None}
         )
+    except SafetyscopeError:
+        raise
     except (OSError, ValueError) as exc:
         if is_hub:
             raise ModelLoadError(
@@ -135,9 +208,8 @@ def load_model(
         model.to(dev)
     model.eval()
     model.requires_grad_(False)
-    if chat_template is not None:
-        p = Path(chat_template)
-        tokenizer.chat_template = p.read_text("utf-8") if p.is_file() else chat_template
+    if template is not None:
+        tokenizer.chat_template = template
     lm = LoadedModel.wrap(model, tokenizer, name=spec, arch_table=arch_table)
     assert lm.table.family == table.family
     lm.meta.update({"source": source, "device_map": device_map})

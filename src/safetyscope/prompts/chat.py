@@ -7,17 +7,26 @@ from typing import Any
 
 import torch
 
+from ..errors import SafetyscopeError
 from ..positions import Batch
 
 _SENTINEL = "\u2063SAFETYSCOPE\u2063"
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(SafetyscopeError, ValueError):
     """The tokenizer has no chat template."""
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(SafetyscopeError, ValueError):
     """A prompt does not fit the model's context."""
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id left padding uses: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    return int(pad) if pad is not None else 0
 
 
 def _messages(prompt: str, system: str | None) -> list[dict[str, str]]:
@@ -32,7 +41,14 @@ def format_chat(tokenizer: Any, prompt: str, system: str | None = None) -> str:
             "this tokenizer has no chat template; pass one with --chat-template FILE.jinja "
             "(load_model(..., chat_template=...))"
         )
-    return tokenizer.apply_chat_template(_messages(prompt, system), tokenize=False, add_generation_prompt=True)
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(_messages(prompt, system), tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ChatTemplateError(f"the chat template failed on a prompt ({first}); fix the template or pass "
+                                "another with --chat-template") from None
 
 
 def post_instruction_length(tokenizer: Any, system: str | None = None) -> int:
@@ -42,6 +58,9 @@ def post_instruction_length(tokenizer: Any, system: str | None = None) -> int:
     if key in cache:
         return cache[key]
     text = format_chat(tokenizer, _SENTINEL, system)
+    if _SENTINEL not in text:
+        raise ChatTemplateError("the chat template does not write the user's message into its output "
+                                "(no {{ message['content'] }}); fix it or pass another with --chat-template")
     end = text.rindex(_SENTINEL) + len(_SENTINEL)
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -75,7 +94,7 @@ def tokenize_prompts(
                     f"prompt {i if index is None else index[i]} is {len(r)} tokens, over the model's "
                     f"context of {max_length}; shorten it or drop it from the file"
                 )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

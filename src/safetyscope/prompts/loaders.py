@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
+from ..errors import SafetyscopeWarning
 from .types import Prompt, PromptError, PromptSet, normalize_label
 
 Format = Literal["jsonl", "csv", "txt"]
@@ -30,7 +33,8 @@ def load_prompts(path: str | Path, *, label: str | None = None, fmt: str | None 
     """Load prompts from ``path`` (JSONL, CSV or text; format from the suffix or ``fmt``).
 
     ``label`` (a label or a synonym such as ``"unsafe"``) sets the label of every prompt,
-    overriding any label column. The set is named after the file stem.
+    overriding any label column; rows whose own label says otherwise are counted in a
+    :class:`~safetyscope.errors.SafetyscopeWarning`. The set is named after the file stem.
     """
     p = Path(path)
     forced = None if label is None else normalize_label(label, where="label=")
@@ -40,8 +44,25 @@ def load_prompts(path: str | Path, *, label: str | None = None, fmt: str | None 
     if not text.strip():
         raise PromptError(f"{p} is empty: add one prompt per line (or per JSONL object / CSV row)")
     parser = {"jsonl": parse_jsonl, "csv": parse_csv, "txt": parse_txt}[kind]
-    items = parser(text, origin=str(p), label=forced, name=p.stem)
+    items = _with_label(parser, text, p, forced) if forced is not None else parser(text, origin=str(p), name=p.stem)
     return PromptSet(name=p.stem, items=tuple(items)).require_nonempty(f"{p} (no prompts after parsing)")
+
+
+def _with_label(parser: Any, text: str, p: Path, label: str) -> list[Prompt]:
+    """Parse with every prompt labelled ``label``; warn when the file's own labels say otherwise."""
+    try:
+        own = parser(text, origin=str(p), label=None, name=p.stem)
+    except PromptError:  # e.g. label values this loader does not know: they are overridden anyway
+        return list(parser(text, origin=str(p), label=label, name=p.stem))
+    other = [q for q in own if q.label is not None and q.label != label]
+    if other:
+        warnings.warn(
+            f"{p}: {len(other)} of {len(own)} prompts are labelled {other[0].label!r} in the file, but it is passed "
+            f"as the {label} prompts, so they count as {label}; check the file, or pass it with --prompts "
+            "(which routes by label) where the command has that option",
+            SafetyscopeWarning, stacklevel=3,
+        )
+    return [replace(q, label=label) for q in own]
 
 
 def _resolve_format(p: Path, fmt: str | None) -> str:

@@ -7,6 +7,8 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, overload
 
+from ..errors import SafetyscopeError
+
 LABELS: tuple[str, ...] = ("harmful", "harmless")
 SPLITS: tuple[str, ...] = ("train", "val", "test", "all")
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.6, 0.2, 0.2)
@@ -22,7 +24,7 @@ _LABEL_SYNONYMS: dict[str, str] = {
 T = TypeVar("T")
 
 
-class PromptError(ValueError):
+class PromptError(SafetyscopeError, ValueError):
     """One-line, user-facing error that names the fix."""
 
 

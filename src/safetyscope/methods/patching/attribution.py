@@ -25,6 +25,7 @@ import torch
 
 from ...hooks import EditFn, capture, forward, hooks
 from ...positions import Batch
+from ...prompts.chat import pad_token_id
 from ...sites import Site
 from .exact import COMPONENTS, FORWARD, REVERSE, Effects, Tracer, cell_name
 from .exact import score_logits as score_with_grad
@@ -46,8 +47,7 @@ def _head_probes(layers: Sequence[int], vals: dict[Site, torch.Tensor], grads: d
 
 def _stack(a: Batch, b: Batch, width: int, tokenizer: object) -> Batch:
     """Rows of ``a`` then rows of ``b`` in one batch, left padded to ``width``."""
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", 0) or 0
+    pad = pad_token_id(tokenizer)
 
     def widen(x: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         extra = width - x.seq_len
