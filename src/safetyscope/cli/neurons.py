@@ -136,16 +136,17 @@ def _analysis_kw(s: FindSettings) -> dict[str, Any]:
 def _interrupted(s: Settings) -> None:
     """The truthful interrupt message of `neurons find` / `fragility`, then exit 130."""
     from ..methods.neurons.analysis import saved_progress
+    from ..methods.neurons.api import FRAGILITY_PARTIAL
 
     where = s.out / "neurons"
     n = saved_progress(where)
     kept = [f"the neuron statistics of {n} finished prompt(s)"] if n else []
-    if (where / "fragility_partial.json").is_file():
+    if (where / FRAGILITY_PARTIAL).is_file():
         kept.append("the finished fragility points")
     if kept:
         msg = f"interrupted: {' and '.join(kept)} are saved in {where}; rerun the same command to resume from them"
     else:
-        msg = "interrupted before the first batch of the neuron analysis finished: nothing is saved; rerun to start over"
+        msg = "interrupted: no partial results of this run are saved; a rerun starts the unfinished work over"
     print(msg, file=sys.stderr)
     raise SystemExit(130)
 

@@ -31,6 +31,7 @@ from .rank import DIRECTIONS
 
 Ranking = Literal["effect_size", "diff", "gradient", "gradient_diff"]
 RANKINGS: tuple[str, ...] = get_args(Ranking)
+FRAGILITY_PARTIAL = "fragility_partial.json"  # finished fragility points of an interrupted run (in cache_dir)
 
 
 def check_ranking(name: str) -> Ranking:
@@ -311,6 +312,8 @@ def neuron_fragility(
                            group=lambda n: n[0], seeds=seed_list, random_like=next(iter(ranked)),
                            max_new_tokens=max_new_tokens, batch_size=batch_size, system=system, done=done,
                            on_row=save_row)
+    if cache_dir is not None:  # finished: no resume file left behind
+        (Path(cache_dir) / FRAGILITY_PARTIAL).unlink(missing_ok=True)
     extra = {"model": lm.name, "mode": mode, "strength": strength, "n_neurons_total": a.stats.n_neurons,
              "filter": a.filter, "ks_spec": ks if isinstance(ks, str) else ",".join(str(k) for k in ks), **(info or {})}
     return replace(res, info={**res.info, **extra})
@@ -320,7 +323,7 @@ def _fragility_progress(cache_dir: str | Path | None, key: str) -> tuple[list[di
     """Rows of an interrupted run with the same key, and a callback that saves each new row."""
     if cache_dir is None:
         return [], None
-    partial = Path(cache_dir) / "fragility_partial.json"
+    partial = Path(cache_dir) / FRAGILITY_PARTIAL
     saved = read_json(partial) if partial.is_file() else {}
     rows: list[dict[str, Any]] = list(saved.get("rows", [])) if saved.get("key") == key else []
     done = list(rows)

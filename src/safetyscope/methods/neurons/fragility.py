@@ -166,6 +166,21 @@ def measure_point(
     return row
 
 
+def _curves(rankings: Mapping[str, Sequence[T]], longest: int, like: Sequence[str], seeds: Sequence[int],
+            pools: Mapping[Hashable, Sequence[T]] | None,
+            group: Callable[[T], Hashable] | None) -> dict[tuple[str, int | None], Sequence[T]]:
+    """{(curve, seed): ordering}: every ranking, and per seed a random ordering matching each ``like`` ranking."""
+    curves: dict[tuple[str, int | None], Sequence[T]] = {(n, None): list(r[:longest]) for n, r in rankings.items()}
+    if like and seeds:
+        if pools is None or group is None:
+            raise ValueError("random baselines need random_pools and group (or pass random_like=[])")
+        for ref in like:
+            name = "random" if len(like) == 1 else f"random~{ref}"
+            for seed in seeds:
+                curves[(name, int(seed))] = matched_random(rankings[ref][:longest], pools, group, int(seed))
+    return curves
+
+
 def fragility_curves(
     lm: LoadedModel,
     rankings: Mapping[str, Sequence[T]],
@@ -201,14 +216,7 @@ def fragility_curves(
             raise ValueError(f"ranking {name!r} has {len(ranked)} candidates, fewer than k={longest}; lower --ks")
     like = [next(iter(rankings))] if random_like is None else (
         [random_like] if isinstance(random_like, str) else list(random_like))
-    curves: dict[tuple[str, int | None], Sequence[T]] = {(n, None): list(r[:longest]) for n, r in rankings.items()}
-    if like and seeds:
-        if random_pools is None or group is None:
-            raise ValueError("random baselines need random_pools and group (or pass random_like=[])")
-        for ref in like:
-            name = "random" if len(like) == 1 else f"random~{ref}"
-            for seed in seeds:
-                curves[(name, int(seed))] = matched_random(rankings[ref][:longest], random_pools, group, int(seed))
+    curves = _curves(rankings, longest, like, seeds, random_pools, group)
     ids = list(token_ids) if token_ids is not None else refusal_token_ids(lm.tokenizer)
     # Reference logits come from the same combined run (same batches) as every point, so KL(k=0) = 0 exactly.
     base_logits = logits_under(lm, [*harmful, *harmless], None, batch_size=batch_size, system=system)

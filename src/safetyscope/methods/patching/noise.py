@@ -28,7 +28,7 @@ from ...hooks import EditFn
 from ...positions import Batch
 from ...prompts.chat import format_chat
 from ...sites import Site
-from .exact import COMPONENTS, Effects, Job, Patch, Tracer, cell_name, run_jobs
+from .exact import COMPONENTS, Effects, ExtraEdits, Job, Pairs, Patch, Tracer, cell_name, run_jobs
 
 _SENTINEL = "\u2063SAFETYSCOPE\u2063"
 
@@ -55,6 +55,60 @@ def instruction_offsets(batch: Batch, lengths: Sequence[int], n_pre: int) -> lis
     return out
 
 
+Grid = tuple[str, list[str], list[int | None], list[str]]  # (name, components, offsets (None: span), columns)
+
+
+def _noise(emb: torch.Tensor, instr: Sequence[tuple[int, ...]], samples: int, scale: float,
+           seed: int) -> tuple[torch.Tensor, float]:
+    """Gaussian noise on the instruction tokens' embeddings, [n, samples, pos, d_model], and its std
+    (``scale`` x the std of those clean embeddings). ``emb``: [n, pos, d_model]."""
+    n, width = emb.shape[0], emb.shape[1]
+    picked = torch.cat([emb[i, [width + o for o in instr[i]]] for i in range(n)]).double()
+    std = float(picked.std()) * scale
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.zeros(n, samples, width, emb.shape[-1], dtype=torch.float32)
+    for i in range(n):
+        idx = [width + o for o in instr[i]]
+        noise[i, :, idx] = torch.randn(samples, len(idx), emb.shape[-1], generator=gen) * std
+    return noise, std
+
+
+def _corrupter(noise: torch.Tensor) -> ExtraEdits:
+    """Extra edits adding each job's noise sample (``job.key``) to the embeddings of its row."""
+    def extra(chunk: Sequence[Job], sub: Batch) -> Mapping[Site, EditFn]:
+        add = noise[torch.tensor([j.row for j in chunk]), torch.tensor([j.key for j in chunk])]  # [rows, pos, d_model]
+
+        def corrupt(x: torch.Tensor, _b: Batch | None) -> torch.Tensor | None:
+            if x.shape[1] != sub.seq_len:
+                return None
+            return x + add.to(device=x.device, dtype=x.dtype)
+
+        return {Site("embed"): corrupt}
+
+    return extra
+
+
+def _restore_jobs(pairs: Pairs, grids: Sequence[Grid], layers: Sequence[int], samples: int,
+                  span: str) -> tuple[list[Job], list[tuple[int, int, int, int, int]]]:
+    """The corrupted runs (one per pair and sample), then every restored variant, and where each variant goes
+    ((grid, pair, row, column, sample) per restored job)."""
+    n = len(pairs)
+    jobs = [Job(i, (), s) for i in range(n) for s in range(samples)]
+    where: list[tuple[int, int, int, int, int]] = []
+    for g, (_name, comps, offs, _cols) in enumerate(grids):
+        for i in range(n):
+            ok = set(pairs.offsets(i, "all"))
+            for r, layer in enumerate(layers):
+                for c, (comp, off) in enumerate((cp, of) for cp in comps for of in offs):
+                    if off is not None and off not in ok:
+                        continue
+                    patch = Patch(Site(comp, layer), pairs.offsets(i, span) if off is None else (off,))
+                    for s in range(samples):
+                        jobs.append(Job(i, (patch,), s))
+                        where.append((g, i, r, c, s))
+    return jobs, where
+
+
 def noise_trace(
     tracer: Tracer,
     components: Sequence[str] = COMPONENTS,
@@ -79,48 +133,15 @@ def noise_trace(
     n_pre = prefix_length(lm.tokenizer, system)
     sites = [Site(c, layer) for layer in layers for c in dict.fromkeys([*components, *position_components])]
     clean = tracer.runs("harmful", [Site("embed"), *sites])
-    base = clean.batch
-    width, n = base.seq_len, len(pairs)
-    instr = instruction_offsets(base, pairs.lengths, n_pre)
-    emb = clean.values[Site("embed")]  # [n, pos, d_model]
-    picked = torch.cat([emb[i, [width + o for o in instr[i]]] for i in range(n)]).double()
-    std = float(picked.std()) * scale
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.zeros(n, samples, width, emb.shape[-1], dtype=torch.float32)  # [n, samples, pos, d_model]
-    for i in range(n):
-        idx = [width + o for o in instr[i]]
-        noise[i, :, idx] = torch.randn(samples, len(idx), emb.shape[-1], generator=gen) * std
-
-    def extra(chunk: Sequence[Job], sub: Batch) -> Mapping[Site, EditFn]:
-        rows = torch.tensor([j.row for j in chunk])
-        keys = torch.tensor([j.key for j in chunk])
-        add = noise[rows, keys]  # [rows, pos, d_model]
-
-        def corrupt(x: torch.Tensor, _b: Batch | None) -> torch.Tensor | None:
-            if x.shape[1] != sub.seq_len:
-                return None
-            return x + add.to(device=x.device, dtype=x.dtype)
-
-        return {Site("embed"): corrupt}
-
-    grids: list[tuple[str, list[str], list[int | None], list[str]]] = [("component", list(components), [None], list(components))]
+    n = len(pairs)
+    instr = instruction_offsets(clean.batch, pairs.lengths, n_pre)
+    noise, std = _noise(clean.values[Site("embed")], instr, samples, scale, seed)
+    grids: list[Grid] = [("component", list(components), [None], list(components))]
     offsets: list[int | None] = [*sorted(set().union(*(pairs.offsets(i, "all") for i in range(n))))]
     grids += [(f"position:{c}", [c], offsets, [str(o) for o in offsets]) for c in position_components]
-    jobs = [Job(i, (), s) for i in range(n) for s in range(samples)]  # the corrupted runs
-    where: list[tuple[int, int, int, int, int]] = []
-    for g, (_name, comps, offs, _cols) in enumerate(grids):
-        for i in range(n):
-            ok = set(pairs.offsets(i, "all"))
-            for r, layer in enumerate(layers):
-                for c, (comp, off) in enumerate((cp, of) for cp in comps for of in offs):
-                    if off is not None and off not in ok:
-                        continue
-                    patch = Patch(Site(comp, layer), pairs.offsets(i, span) if off is None else (off,))
-                    for s in range(samples):
-                        jobs.append(Job(i, (patch,), s))
-                        where.append((g, i, r, c, s))
-    scores = run_jobs(lm, base, clean, jobs, tracer.token_ids, batch_size=tracer.batch_size, extra=extra,
-                      description="noise tracing").double().numpy()
+    jobs, where = _restore_jobs(pairs, grids, layers, samples, span)
+    scores = run_jobs(lm, clean.batch, clean, jobs, tracer.token_ids, batch_size=tracer.batch_size,
+                      extra=_corrupter(noise), description="noise tracing").double().numpy()
     corrupted = scores[: n * samples].reshape(n, samples)
     gap = clean.scores.double().numpy() - corrupted.mean(1)
     out: dict[str, Any] = {"clean": clean.scores, "corrupted": corrupted, "noise_std": std, "n_prefix_tokens": n_pre}
