@@ -27,7 +27,7 @@ from ...hooks import EditFn, capture, forward, hooks
 from ...positions import Batch
 from ...prompts.chat import pad_token_id
 from ...sites import Site
-from .exact import COMPONENTS, FORWARD, REVERSE, Effects, Tracer, cell_name
+from .exact import COMPONENTS, FORWARD, REVERSE, Effects, Pairs, Tracer, cell_name
 from .exact import score_logits as score_with_grad
 
 
@@ -65,6 +65,39 @@ def _per_position(src: torch.Tensor, base: torch.Tensor, grad: torch.Tensor, k: 
     return (d * grad[:, -k:].double()).sum(-1).cpu()
 
 
+def _estimates(tracer: Tracer, sites: Sequence[Site], head_layers: Sequence[int], reverse: bool,
+               k: int) -> tuple[dict[Site, torch.Tensor], np.ndarray]:
+    """Per-position estimates {site: [n_pairs, k] (heads: [n_pairs, k, n_heads])} and the gap per pair, from one
+    forward pass of base + source rows and one backward pass of the base rows' scores per chunk of pairs."""
+    lm, pairs = tracer.lm, tracer.pairs
+    base, source = (pairs.harmless, pairs.harmful) if reverse else (pairs.harmful, pairs.harmless)
+    comp_sites = [s for s in sites if s.kind != "attn.heads"]
+    pos_est: dict[Site, list[torch.Tensor]] = {}  # site -> chunks of [rows, k] (heads: [rows, k, n_heads])
+    scores: list[torch.Tensor] = []  # chunks of [2 * rows]: base rows, then source rows
+    step = max(1, tracer.batch_size // 2)
+    for lo in range(0, len(pairs), step):
+        rows = list(range(lo, min(lo + step, len(pairs))))
+        r = len(rows)
+        joint = _stack(base.select(rows), source.select(rows), k, lm.tokenizer)  # [2r, k]
+        vals: dict[Site, torch.Tensor] = {}
+        grads: dict[Site, torch.Tensor] = {}
+        with torch.enable_grad(), capture(lm, comp_sites, "all", grad=True) as cap, hooks(
+            lm, _head_probes(head_layers, vals, grads)
+        ):
+            logits = forward(lm, joint, last_only=True)[:, -1]  # [2r, vocab]
+            s = score_with_grad(logits, tracer.token_ids)  # [2r]
+            s[:r].sum().backward()  # base rows are independent: each gets its own score's gradient
+        scores.append(s.detach().cpu())
+        vals.update(cap.values)
+        grads.update(cap.grads)
+        for site in sites:
+            pos_est.setdefault(site, []).append(_per_position(vals[site][r:], vals[site][:r], grads[site][:r], k))
+        del vals, grads, cap, logits, s
+    base_scores = torch.cat([c[: len(c) // 2] for c in scores])
+    source_scores = torch.cat([c[len(c) // 2 :] for c in scores])
+    return {site: torch.cat(parts) for site, parts in pos_est.items()}, (source_scores - base_scores).double().numpy()
+
+
 def attribute(
     tracer: Tracer,
     components: Sequence[str] = COMPONENTS,
@@ -79,70 +112,48 @@ def attribute(
     and ``position:<component>`` (layer x position offset) grids, each an :class:`Effects`."""
     lm, pairs = tracer.lm, tracer.pairs
     layers = list(range(lm.n_layers)) if layers is None else list(layers)
-    comp_sites = [Site(c, layer) for layer in layers for c in components]
     head_sites = [Site("attn.heads", layer) for layer in layers] if heads else []
-    base, source = (pairs.harmless, pairs.harmful) if reverse else (pairs.harmful, pairs.harmless)
-    k = max(base.seq_len, source.seq_len)  # both runs are left padded to this width
-    pos_est: dict[Site, list[torch.Tensor]] = {}  # site -> chunks of [rows, k] (heads: [rows, k, n_heads])
-    scores: list[torch.Tensor] = []  # chunks of [2 * rows]: base rows, then source rows
-    step = max(1, tracer.batch_size // 2)
-    for lo in range(0, len(pairs), step):
-        rows = list(range(lo, min(lo + step, len(pairs))))
-        r = len(rows)
-        joint = _stack(base.select(rows), source.select(rows), k, tracer.lm.tokenizer)  # [2r, k]
-        vals: dict[Site, torch.Tensor] = {}
-        grads: dict[Site, torch.Tensor] = {}
-        with torch.enable_grad(), capture(lm, comp_sites, "all", grad=True) as cap, hooks(lm, _head_probes(
-            [s.layer for s in head_sites if s.layer is not None], vals, grads)
-        ):
-            logits = forward(lm, joint, last_only=True)[:, -1]  # [2r, vocab]
-            s = score_with_grad(logits, tracer.token_ids)  # [2r]
-            s[:r].sum().backward()  # base rows are independent: each gets its own score's gradient
-        scores.append(s.detach().cpu())
-        vals.update(cap.values)
-        grads.update(cap.grads)
-        for site in comp_sites + head_sites:
-            part = _per_position(vals[site][r:], vals[site][:r], grads[site][:r], k)
-            pos_est.setdefault(site, []).append(part)
-        del vals, grads, cap, logits, s
-    pos_est_t = {site: torch.cat(parts) for site, parts in pos_est.items()}
-    base_scores = torch.cat([c[: len(c) // 2] for c in scores])
-    source_scores = torch.cat([c[len(c) // 2 :] for c in scores])
-    gap = (source_scores - base_scores).double().numpy()
+    k = max(pairs.harmful.seq_len, pairs.harmless.seq_len)  # both runs are left padded to this width
+    est, gap = _estimates(tracer, [*(Site(c, layer) for layer in layers for c in components), *head_sites],
+                          layers if heads else [], reverse, k)
     direction, sign = (REVERSE, 1) if reverse else (FORWARD, -1)
-    n = len(pairs)
+    n, rows = len(pairs), [str(x) for x in layers]
+    note = "attribution estimate; " + pairs.alignment_note(span)
 
-    def effects(name: str, rows_: list[str], cols: list[str], raw: np.ndarray, labels: list[list[str]], note: str) -> Effects:
-        return Effects(name, direction, rows_, cols, raw, gap, tracer.min_gap, note, sign=sign, labels=labels)
+    def effects(name: str, cols: list[str], raw: np.ndarray, labels: list[list[str]], note: str = note) -> Effects:
+        return Effects(name, direction, rows, cols, raw, gap, tracer.min_gap, note, sign=sign, labels=labels)
 
-    def span_sum(est: torch.Tensor, i: int) -> torch.Tensor:  # est: [n_pairs, k, ...] -> [...]
-        return est[i, [k + o for o in pairs.offsets(i, span)]].sum(0)
+    def span_sum(e: torch.Tensor, i: int) -> torch.Tensor:  # e: [n_pairs, k, ...] -> [...]
+        return e[i, [k + o for o in pairs.offsets(i, span)]].sum(0)
 
-    out: dict[str, Effects] = {}
-    raw = np.array([[[float(span_sum(pos_est_t[Site(c, layer)], i)) for c in components] for layer in layers] for i in range(n)])
-    out["component"] = effects("component", [str(x) for x in layers], list(components), raw,
-                               [[cell_name(Site(c, layer)) for c in components] for layer in layers],
-                               "attribution estimate; " + pairs.alignment_note(span))
+    raw = np.array([[[float(span_sum(est[Site(c, layer)], i)) for c in components] for layer in layers] for i in range(n)])
+    out = {"component": effects("component", list(components), raw,
+                                [[cell_name(Site(c, layer)) for c in components] for layer in layers])}
     if heads:
-        raw = np.stack([np.stack([span_sum(pos_est_t[s], i).numpy() for s in head_sites]) for i in range(n)])
+        raw = np.stack([np.stack([span_sum(est[s], i).numpy() for s in head_sites]) for i in range(n)])
         n_heads = lm.dims.n_heads
-        out["head"] = effects("head", [str(x) for x in layers], [str(h) for h in range(n_heads)], raw,
-                              [[cell_name(s, h) for h in range(n_heads)] for s in head_sites],
-                              "attribution estimate; " + pairs.alignment_note(span))
+        out["head"] = effects("head", [str(h) for h in range(n_heads)], raw,
+                              [[cell_name(s, h) for h in range(n_heads)] for s in head_sites])
     if positions:
         offsets = sorted(set().union(*(pairs.offsets(i, "all") for i in range(n))))
+        pos_note = "attribution estimate; " + pairs.alignment_note("all") + "; one position at a time"
         for c in components:
-            raw = np.full((n, len(layers), len(offsets)), np.nan)
-            for i in range(n):
-                ok = set(pairs.offsets(i, "all"))
-                for j, o in enumerate(offsets):
-                    if o in ok and -o <= k:
-                        raw[i, :, j] = [float(pos_est_t[Site(c, layer)][i, k + o]) for layer in layers]
-            out[f"position:{c}"] = effects(
-                f"position:{c}", [str(x) for x in layers], [str(o) for o in offsets], raw,
-                [[cell_name(Site(c, layer), None, o) for o in offsets] for layer in layers],
-                "attribution estimate; " + pairs.alignment_note("all") + "; one position at a time")
+            out[f"position:{c}"] = effects(f"position:{c}", [str(o) for o in offsets], _position_raw(est, c, layers, offsets, pairs, k),
+                                           [[cell_name(Site(c, layer), None, o) for o in offsets] for layer in layers], pos_note)
     return out
+
+
+def _position_raw(est: dict[Site, torch.Tensor], component: str, layers: Sequence[int], offsets: Sequence[int],
+                  pairs: Pairs, k: int) -> np.ndarray:
+    """[n_pairs, n_layers, n_offsets] per-position estimates (NaN where a pair has no such position)."""
+    n = len(pairs)
+    raw = np.full((n, len(layers), len(offsets)), np.nan)
+    for i in range(n):
+        ok = set(pairs.offsets(i, "all"))
+        for j, o in enumerate(offsets):
+            if o in ok and -o <= k:
+                raw[i, :, j] = [float(est[Site(component, layer)][i, k + o]) for layer in layers]
+    return raw
 
 
 def agreement(exact: Effects, approx: Effects, top: int = 10) -> dict[str, float | int]:
