@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from ..methods.circuit.inputs import MapConfig
+from ..methods.circuit.inputs import MapConfig, MapPrompts
 from ..methods.circuit.pipeline import STAGES, CircuitMap, map_circuit, parse_stages
 from ..progress import verbosity
 from .common import PromptSettings, user_errors
@@ -37,7 +37,7 @@ class MapSettings(PromptSettings):
                          batch_size=self.batch_size, system=self.system, seed=self.seed)
 
 
-INTERRUPTED = ("interrupted: every finished stage is saved in {dir}; rerun the same command to resume from them "
+INTERRUPTED = ("every finished stage is saved in {dir}; rerun the same command to resume from them "
                "(the interrupted stage starts again, reusing what it had cached)")
 
 
@@ -46,6 +46,7 @@ def run_map(s: MapSettings) -> CircuitMap:
     say = (lambda _m: None) if (s.quiet or s.json) else (lambda m: print(m, file=sys.stderr, flush=True))
     wanted = parse_stages(s.stages)  # a typo fails before the model loads
     config = s.config()
+    MapPrompts.of(s.harmful or None, s.harmless or None, split=s.split, seed=s.seed)  # so do too few prompts
     with verbosity(not (s.quiet or s.json)):
         lm = s.load_model()
         return map_circuit(lm, s.harmful or None, s.harmless or None, out=s.out, config=config, stages=wanted,
@@ -68,12 +69,6 @@ def _print(s: MapSettings, cmap: CircuitMap) -> None:
 def register(app: typer.Typer) -> None:
     @command(app, "map", MapSettings, "Map the refusal circuit: probes, neurons, patching, direction, fragility, capability; HTML report.")
     def map_cmd(s: MapSettings) -> None:
-        cmap = None
-        with user_errors():
-            try:
-                cmap = run_map(s)
-            except KeyboardInterrupt:  # the map keeps its finished stages: say so (and nothing more)
-                print(INTERRUPTED.format(dir=s.out / "map" / "stages"), file=sys.stderr)
-        if cmap is None:
-            raise typer.Exit(130)
+        with user_errors(on_interrupt=INTERRUPTED.format(dir=s.out / "map" / "stages")):
+            cmap = run_map(s)
         _print(s, cmap)

@@ -10,9 +10,7 @@ import random
 from typing import Any
 
 from ...io import write_json
-from ...prompts.builtin import capability_texts
-from ..neurons.analysis import NeuronAnalysis, analyse_neurons
-from ..neurons.grads import set_difference
+from ..neurons.api import find_neurons
 from ..probes.api import fit_probes
 from .dla import direct_logit_attribution
 from .evidence import readable_layers
@@ -39,46 +37,22 @@ def neuron_layers(x: StageInputs) -> str:
     return readable_layers(probe, x.lm.n_layers)
 
 
-def neuron_analysis(x: StageInputs, layers: str) -> NeuronAnalysis:
-    """Filtered prompts, neuron statistics and attributions, cached in OUT/neurons (the fragility stage reuses
-    the neurons stage's analysis; an interrupted analysis resumes from its last finished batch)."""
-    n = x.budget.n_prompts
-    return analyse_neurons(x.lm, x.sampled("harmful", n), x.sampled("harmless", n), positions="last", layers=layers,
-                           filter="first_token", gradient=True, utility=capability_texts()[: x.budget.utility_texts],
-                           utility_tokens=128, batch_size=x.batch_size, system=x.system, cache_dir=x.out / "neurons",
-                           filter_cache=x.out / "cache")
+def neuron_kwargs(x: StageInputs, layers: str) -> dict[str, Any]:
+    """The analysis settings the neurons and fragility stages share, so the second reuses the first's cache
+    (OUT/neurons; an interrupted analysis resumes from its last finished batch)."""
+    return {"layers": layers, "positions": "last", "filter": "first_token", "gradient": True,
+            "utility_texts": x.budget.utility_texts, "utility_tokens": 128, "n_prompts": x.budget.n_prompts,
+            "batch_size": x.batch_size, "system": x.system, "seed": x.config.seed, "cache_dir": x.out / "neurons",
+            "filter_cache": x.out / "cache"}
 
 
-def _gradient_record(a: NeuronAnalysis, neuron: tuple[int, int]) -> dict[str, Any]:
-    assert a.refusal is not None  # the map always computes gradients
-    rec = a.stats.record(neuron)
-    rec["attribution"], rec["attribution_abs"] = a.refusal.value(neuron)
-    if a.utility is not None:
-        rec["utility_attribution_abs"] = a.utility.value(neuron)[1]
-    return rec
-
-
-def neurons_stage(x: StageInputs, top_k: int = 100) -> dict[str, Any]:
+def neurons_stage(x: StageInputs) -> dict[str, Any]:
     """Safety neurons in the readable layers (activation difference + gradient importance); saves the set."""
     layers = neuron_layers(x)
-    a = neuron_analysis(x, layers)
-    stats, refusal = a.stats, a.refusal
-    assert refusal is not None
-    ranked = stats.ranking("effect_size", "both", top_k)
-    ns = stats.neuron_set(ranked, mode="zero", strength=None,
-                          info={"model": x.lm.name, "rank_by": "effect_size", "direction": "both", "filter": a.filter})
-    ns.save(x.out / "neurons" / "set")
-    result: dict[str, Any] = {
-        "model": x.lm.name, "positions": "last", "n_harmful": stats.n_harmful, "n_harmless": stats.n_harmless,
-        "filter": a.filter, "n_neurons_analysed": stats.n_neurons, "rank_by": "effect_size",
-        "top_by_effect_size": stats.top(top_k, "effect_size", "both"), "top_by_diff": stats.top(top_k, "diff", "both"),
-        "top_per_layer": stats.top_per_layer(5, "effect_size", "both"), "layers": stats.layer_summary(),
-        "top_by_gradient": [_gradient_record(a, n) for n in refusal.ranking("signed", top_k)],
-        "layers_analysed": layers,
-    }
-    if a.utility is not None:
-        diff = set_difference(refusal, a.utility, top_utility=0.05, k=top_k)
-        result["top_by_gradient_diff"] = [_gradient_record(a, n) for n in diff]
+    rep = find_neurons(x.lm, x.prompts.fit("harmful"), x.prompts.fit("harmless"), top_k=100, per_layer=5,
+                       rank_by="effect_size", **neuron_kwargs(x, layers))
+    rep.neuron_set.save(x.out / "neurons" / "set")
+    result = {**rep.to_json(), "layers_analysed": layers}
     write_json(x.out / "neurons" / "records.json", result)
     return result
 

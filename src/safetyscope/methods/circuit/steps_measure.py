@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...io import fingerprint, read_json, write_json
+from ...io import write_json
 from ..direction.artifact import Direction
 from ..direction.evaluate import ReplyCache, evaluate_ablation, evaluate_addition
 from ..direction.select import SelectConfig
@@ -80,41 +80,20 @@ def direction_stage(x: StageInputs) -> dict[str, Any]:
 
 
 def _neuron_curves(x: StageInputs, harmful: list[str], harmless: list[str]) -> dict[str, Any]:
-    """Top neurons by effect size and by gradient, and random neurons from the same layers (zero ablation)."""
-    from ..neurons.artifact import ablate_neurons
-    from ..neurons.fragility import fragility_curves, parse_ks
-    from .steps_fit import neuron_analysis
+    """Top neurons by effect size and by gradient, and random neurons from the same layers (zero ablation);
+    every finished point is kept in OUT/neurons, so an interrupted curve resumes."""
+    from ..neurons.api import neuron_analysis, neuron_fragility
+    from .steps_fit import neuron_kwargs
 
     layers = str(x.done["neurons"]["layers_analysed"]) if "neurons" in x.done else "*"
-    a = neuron_analysis(x, layers)  # the neurons stage's cached analysis when its inputs are unchanged
-    stats, b = a.stats, x.budget
-    assert a.refusal is not None  # the map always computes gradients
-    ks = parse_ks(b.ks, stats.n_neurons)
-    ranked = {"top_by_effect_size": stats.ranking("effect_size", "both", max(ks)),
-              "top_by_gradient": a.refusal.ranking("signed", max(ks))}
-
-    def make(prefix: Any) -> Any:
-        return lambda: ablate_neurons(x.lm, prefix, mode="zero", strength=None, means=None)
-
-    out = x.out / "neurons"
-    key = fingerprint(x.lm.name, ranked, harmful, harmless, "zero", None, 0, x.config.seed, b.seeds)
-    partial = out / "fragility_partial.json"  # finished points, so an interrupted curve resumes
-    done = read_json(partial)["rows"] if partial.is_file() and read_json(partial).get("key") == key else []
-    rows: list[dict[str, Any]] = list(done)
-
-    def save_row(row: dict[str, Any]) -> None:
-        rows.append(row)
-        write_json(partial, {"key": key, "rows": rows})
-
-    res = fragility_curves(
-        x.lm, ranked, make, ks, harmful, harmless, random_pools={lay: [(lay, i) for i in range(stats.d_mlp)] for lay in stats.layers},
-        group=lambda n: n[0], seeds=[x.config.seed + i for i in range(b.seeds)], random_like=next(iter(ranked)),
-        max_new_tokens=0, batch_size=x.batch_size, system=x.system, done=done, on_row=save_row)
-    res.info.update(model=x.lm.name, mode="zero", strength=None, n_neurons_total=stats.n_neurons, filter=a.filter,
-                    ks_spec=b.ks, eval_split="test")
+    kw = neuron_kwargs(x, layers)
+    a = neuron_analysis(x.lm, x.prompts.fit("harmful"), x.prompts.fit("harmless"), **kw)  # the neurons stage's cache
+    res = neuron_fragility(x.lm, a, harmful, harmless, ks=x.budget.ks, seeds=x.budget.seeds,
+                           curves=("effect_size", "gradient"), mode="zero", max_new_tokens=0, batch_size=x.batch_size,
+                           system=x.system, seed=x.config.seed, cache_dir=kw["cache_dir"], info={"eval_split": "test"})
     result = res.to_dict()
-    write_json(out / "fragility.json", result)
-    partial.unlink(missing_ok=True)
+    write_json(x.out / "neurons" / "fragility.json", result)
+    (x.out / "neurons" / "fragility_partial.json").unlink(missing_ok=True)  # finished: no resume file left behind
     return result
 
 
