@@ -13,7 +13,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -195,12 +195,8 @@ def _find_config(s: FindSettings) -> Any:
 
     if s.ablation not in ABLATIONS:  # before loading anything: a typo must not cost a capture pass
         raise ValueError(f"unknown --ablation {s.ablation!r}; use {' or '.join(ABLATIONS)}")
-    return DirectionConfig(
-        positions=s.positions, filter=s.filter, kl_threshold=s.kl_threshold,  # type: ignore[arg-type]
-        induce_threshold=s.induce_threshold, prune_layers=s.prune_layers, induce=s.induce,  # type: ignore[arg-type]
-        score_pruned=s.score_pruned, per_pass=s.per_pass, screen=s.screen, keep=s.keep, ablation=s.ablation,  # type: ignore[arg-type]
-        verify=s.verify, verify_tokens=s.verify_tokens,
-    )
+    # every search setting is a FindSettings field of the same name; the layers need the model's block count
+    return DirectionConfig(**{f.name: getattr(s, f.name) for f in fields(DirectionConfig) if f.name != "layers"})
 
 
 def _write_selection(lm: Any, selection: Any, cands: Any, out: Path) -> Path:

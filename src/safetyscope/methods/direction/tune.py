@@ -121,6 +121,26 @@ def _perturb(rng: random.Random, k: Kernel, n_layers: int, scale: float) -> Kern
     )
 
 
+def _search(run: Callable[[Kernel | None], Trial], trials: list[Trial], rng: random.Random, n_trials: int,
+            n_layers: int) -> None:
+    """Trial 0 full ablation, a third random exploration, the rest perturbations of Pareto-front kernels
+    with a shrinking step (``run`` measures a kernel and appends its trial to ``trials``)."""
+    run(None)
+    n_explore = max(1, (n_trials - 1) // 3)
+    for i in range(1, n_trials):
+        if i <= n_explore:
+            run(_sample(rng, n_layers))
+            continue
+        best = [trials[j] for j in pareto_front([(t.refusal, t.kl) for t in trials]) if trials[j].kernel is not None]
+        pool = best or [t for t in trials if t.kernel is not None]
+        if not pool:
+            run(_sample(rng, n_layers))
+            continue
+        parent = Kernel(**rng.choice(pool).kernel)  # type: ignore[arg-type]
+        scale = 0.25 * (1.0 - (i - n_explore) / max(1, n_trials - n_explore)) + 0.03
+        run(_perturb(rng, parent, n_layers, scale))
+
+
 def tune_weights(
     lm: LoadedModel,
     direction: Direction,
@@ -162,21 +182,7 @@ def tune_weights(
         say(f"trial {t.index:>3}: refusal {t.refusal:+.3f} refusing {t.refusing:.0%} kl {t.kl:.4f} {t.kernel or 'full'}")
         return t
 
-    run(None)
-    n_explore = max(1, (n_trials - 1) // 3)
-    for i in range(1, n_trials):
-        if i <= n_explore:
-            run(_sample(rng, n_layers))
-            continue
-        best = [trials[j] for j in pareto_front([(t.refusal, t.kl) for t in trials]) if trials[j].kernel is not None]
-        pool = best or [t for t in trials if t.kernel is not None]
-        if not pool:
-            run(_sample(rng, n_layers))
-            continue
-        parent = Kernel(**rng.choice(pool).kernel)  # type: ignore[arg-type]
-        scale = 0.25 * (1.0 - (i - n_explore) / max(1, n_trials - n_explore)) + 0.03
-        run(_perturb(rng, parent, n_layers, scale))
-
+    _search(run, trials, rng, n_trials, n_layers)
     on_front = pareto_front([(t.refusal, t.kl) for t in trials])
     for j in on_front:
         trials[j].pareto = True

@@ -5,9 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import PALETTE, figure, save_figure
+
+if TYPE_CHECKING:
+    from ...methods.direction.refine import RefineResult
+    from ...methods.direction.scores import Selection
+    from ...methods.direction.tune import TuneResult
 
 METRICS = (
     ("bypass", "bypass: refusal score, harmful, ablated (lower = better)", "RdBu_r"),
@@ -17,11 +22,12 @@ METRICS = (
 
 
 def candidate_heatmaps(
-    selection: Any, n_layers: int, positions: Sequence[int], tokens: Sequence[str], path: str | Path, *, title: str = ""
+    selection: Selection, n_layers: int, positions: Sequence[int], tokens: Sequence[str], path: str | Path, *, title: str = ""
 ) -> Path:
     """Three heatmaps (bypass, induce, KL) over block x post-instruction position.
 
-    Filtered candidates carry a small cross, the chosen one a black frame; grey = not scored.
+    Filtered candidates (any :class:`~safetyscope.methods.direction.scores.Reason`) carry a small cross,
+    the chosen one a black frame; grey = not scored.
     """
     import matplotlib.patches as patches
     import numpy as np
@@ -55,14 +61,14 @@ def candidate_heatmaps(
         ax.set_xticks(range(len(positions)), labels, fontsize=7)
         ax.set_ylabel("block (resid_pre)")
         ax.set_title(label, fontsize=8)
-    if any(getattr(s, "bypass", None) is None and getattr(s, "screen_bypass", None) is not None for s in selection.scores):
+    if any(s.bypass is None and s.screen_bypass is not None for s in selection.scores):
         title = (title + "; " if title else "") + "bypass/KL of screened-out cells are screening-pass values"
     if title:
         fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 
 
-def pareto_plot(result: Any, path: str | Path, *, title: str = "") -> Path:
+def pareto_plot(result: TuneResult, path: str | Path, *, title: str = "") -> Path:
     """Refusal score vs KL of every tuning trial, the Pareto front joined, full ablation and choice marked."""
     fig, ax = figure(5.2, 3.8)
     trials = result.trials
@@ -85,7 +91,7 @@ def pareto_plot(result: Any, path: str | Path, *, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
-def refine_plot(result: Any, path: str | Path, *, title: str = "") -> Path:
+def refine_plot(result: RefineResult, path: str | Path, *, title: str = "") -> Path:
     """Validation KL and bypass term of a direction refinement against the step, the chosen step marked."""
     fig, ax = figure(5.2, 3.8)
     steps = [h.step for h in result.history]
