@@ -54,10 +54,10 @@ def _refusal(direction: Direction | torch.Tensor | None, ref: TensorSource, ref_
     """The refusal direction(s) the removed direction is compared with, and where they came from."""
     if direction is not None:
         vec = direction.direction if isinstance(direction, Direction) else direction
-        if vec.numel() != ref.dims.d_model:
-            raise AuditInputError(f"the refusal direction has {vec.numel()} entries but the model's d_model is "
+        if vec.shape[-1] != ref.dims.d_model:
+            raise AuditInputError(f"the refusal direction has {vec.shape[-1]} entries but the model's d_model is "
                                   f"{ref.dims.d_model}; pass a direction found on the reference model")
-        return vec.detach().float().flatten(), "the given refusal direction"
+        return vec.detach().float().reshape(-1, ref.dims.d_model), "the given refusal direction(s)"
     if not find:
         return None, ""
     lm = ref_lm if ref_lm is not None else _load(ref.label, device, log)
