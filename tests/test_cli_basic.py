@@ -144,3 +144,27 @@ def test_config_file_feeds_settings_and_flags_override(tmp_path, tiny_dir):
     bad.write_text("[common]\nno_such_option = 1\n")
     proc = run("capture", "--config", str(bad), check=False)
     assert proc.returncode != 0 and "no_such_option" in proc.stderr
+
+
+def test_global_quiet_flag_turns_progress_off_for_the_command(tiny_dir, tmp_path, monkeypatch):
+    """`safetyscope --quiet CMD` silences progress bars through progress.verbosity, not the environment."""
+    from typer.testing import CliRunner
+
+    import safetyscope.methods.fit as fit
+    from safetyscope import progress
+    from safetyscope.cli.main import app
+
+    monkeypatch.delenv("SAFETYSCOPE_QUIET", raising=False)
+    real, seen = fit.fit_group_moments, []
+
+    def spy(*args, **kwargs):
+        seen.append(progress.quiet())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit, "fit_group_moments", spy)
+    for flags, expected in ((["--quiet"], True), ([], False)):
+        res = CliRunner().invoke(app, [*flags, "capture", str(tiny_dir), "--n-prompts", "2", "--out", str(tmp_path)])
+        assert res.exit_code == 0, res.output
+        assert seen.pop() is expected
+        assert "SAFETYSCOPE_QUIET" not in os.environ
+    assert progress.quiet() is False  # the flag did not outlive the command

@@ -142,6 +142,55 @@ def test_out_of_memory_backs_off_the_batch_size():
         list(batched(lm, [], fn))
 
 
+def test_text_scoring_uses_the_same_out_of_memory_back_off(monkeypatch):
+    import safetyscope.measure.capability as capability
+    from safetyscope.runner import OutOfMemory
+
+    lm = tiny_model("llama")
+    rows = [[5, 6, 7, 8][: 2 + i % 3] for i in range(7)]
+    whole = capability.cross_entropy(lm, rows, batch_size=8)
+    real, sizes = capability._batch_ce, []
+
+    def small_only(lm_, batch):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real(lm_, batch)
+
+    monkeypatch.setattr(capability, "_batch_ce", small_only)
+    backed_off = capability.cross_entropy(lm, rows, batch_size=8)
+    assert sizes[:3] == [7, 4, 2] and max(sizes[3:]) <= 2 and sum(sizes[2:]) == 7
+    assert backed_off.n_tokens == whole.n_tokens and backed_off.ce == pytest.approx(whole.ce, rel=1e-5)
+    monkeypatch.setattr(capability, "_batch_ce", lambda *_a: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(OutOfMemory, match="batch of one text row; use shorter windows"):
+        capability.cross_entropy(lm, rows, batch_size=1)
+
+
+def test_pad_token_id_falls_back_to_eos_then_zero():
+    from types import SimpleNamespace
+
+    from safetyscope.prompts.chat import pad_token_id
+
+    assert pad_token_id(tiny_tokenizer()) == tiny_tokenizer().pad_token_id == 0
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=3)) == 3
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0
+    b = tokenize_prompts(tiny_tokenizer(), ["hi", "a longer prompt"])
+    assert int(b.input_ids[0, 0]) == 0 and int(b.attention_mask[0, 0]) == 0  # the short row is left padded
+
+
+def test_nan_logits_stop_the_forward_with_the_dtype_fix():
+    lm = tiny_model("llama")
+    b = tokenize_prompts(lm.tokenizer, ["hi", "hello there"])
+    with torch.no_grad(), hooks(lm, {Site("resid_post", 2): lambda x, _b: x * float("inf")}):
+        with pytest.raises(NaNActivationError, match="--dtype float32"):
+            forward(lm, b)
+    masked = torch.zeros(2, 3, 5)
+    masked[:, :, 0] = float("-inf")  # a masked token is not an overflow
+    from safetyscope.hooks import check_logits
+
+    check_logits(masked)
+
+
 def test_grad_capture_gives_gradients_at_every_site():
     lm = tiny_model("qwen2")
     b = tokenize_prompts(lm.tokenizer, ["hello", "hi there"])

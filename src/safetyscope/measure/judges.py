@@ -50,7 +50,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["DEFAULT_REFUSAL_MARKERS", "STRONG_REFUSAL_MARKERS", "Judge", "PhraseJudge", "Verdict",
+from ..errors import SafetyscopeError
+
+__all__ = ["DEFAULT_REFUSAL_MARKERS", "STRONG_REFUSAL_MARKERS", "Judge", "JudgeAttributeError", "JudgeError",
+           "JudgeImportError", "PhraseJudge", "Verdict",
            "as_judge", "load_judge"]
 
 _STRONG_SUBJECTS = ("I cannot", "I can't", "I can not", "I won't", "I will not")
@@ -249,6 +252,18 @@ class PhraseJudge:
         return rest if echo is None or len(_WORD.findall(rest)) >= 3 else None
 
 
+class JudgeError(SafetyscopeError, TypeError):
+    """A judge that is not callable, or returned something other than a verdict."""
+
+
+class JudgeImportError(SafetyscopeError, ImportError):
+    """The module of a ``package.module:function`` judge cannot be imported."""
+
+
+class JudgeAttributeError(SafetyscopeError, AttributeError):
+    """The module of a ``package.module:function`` judge lacks the named function."""
+
+
 def as_judge(fn: Callable[[str, str], Any]) -> Callable[[str, str], bool]:
     """Wrap a user callable ``fn(prompt, reply)`` into a judge returning a bool.
 
@@ -256,7 +271,7 @@ def as_judge(fn: Callable[[str, str], Any]) -> Callable[[str, str], bool]:
     ``refused`` attribute (e.g. a :class:`Verdict`).
     """
     if not callable(fn):
-        raise TypeError(f"a judge must be callable as judge(prompt, reply); got {type(fn).__name__}")
+        raise JudgeError(f"a judge must be callable as judge(prompt, reply); got {type(fn).__name__}")
     if isinstance(fn, PhraseJudge):
         return fn
     name = getattr(fn, "__qualname__", type(fn).__name__)
@@ -269,7 +284,7 @@ def as_judge(fn: Callable[[str, str], Any]) -> Callable[[str, str], bool]:
             return out
         if isinstance(out, numbers.Real) or (hasattr(out, "item") and getattr(out, "ndim", 0) == 0):
             return float(out) >= 0.5
-        raise TypeError(f"judge {name!r} returned {type(out).__name__}; expected bool or float score")
+        raise JudgeError(f"judge {name!r} returned {type(out).__name__}; expected bool or float score")
 
     judge.__qualname__ = judge.__name__ = f"as_judge({name})"
     return judge
@@ -296,12 +311,13 @@ def load_judge(spec: str) -> Callable[[str, str], bool]:
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ImportError(f"cannot import judge module {module_name!r} (from {spec!r}): {exc}") from exc
+        raise JudgeImportError(f"cannot import judge module {module_name!r} (from {spec!r}): {exc}; "
+                               "put it on PYTHONPATH") from exc
     for part in attr_path.split("."):
         if not hasattr(obj, part):
-            raise AttributeError(f"judge {spec!r}: {module_name!r} has no attribute {attr_path!r}")
+            raise JudgeAttributeError(f"judge {spec!r}: {module_name!r} has no attribute {attr_path!r}")
         obj = getattr(obj, part)
     obj = obj() if isinstance(obj, type) else obj
     if not callable(obj):
-        raise TypeError(f"judge {spec!r} is a {type(obj).__name__}, not a callable (prompt, reply)")
+        raise JudgeError(f"judge {spec!r} is a {type(obj).__name__}, not a callable (prompt, reply)")
     return as_judge(obj)

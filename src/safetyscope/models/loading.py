@@ -203,7 +203,9 @@ def load_model(
             ) from None
         if "trust_remote_code" in str(exc):
             raise ModelLoadError(f"{spec!r} needs custom code; pass --trust-remote-code if you trust it") from None
-        raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelLoadError(f"cannot load the model in {source} ({first}); check that the directory holds a "
+                             "complete Hugging Face model (config.json, tokenizer files, weights)") from None
     if device_map is None:
         model.to(dev)
     model.eval()
