@@ -120,6 +120,7 @@ BUILTIN_KINDS: dict[str, str] = {
     "direction": "safetyscope.methods.direction.artifact",
     "neuron_set": "safetyscope.methods.neurons.artifact",
     "probe": "safetyscope.methods.probes.artifact",
+    "monitor": "safetyscope.methods.monitor.artifact",
     "checkpoint": "safetyscope.artifacts.checkpoint",  # also loads directories without artifact.json
 }
 

@@ -1,0 +1,8 @@
+"""monitor: notice harmful intent without refusal, at runtime (:func:`fit_monitor`, :class:`Monitor`, ``watch``)."""
+
+from .api import MonitorEval, MonitorRun, evaluate_monitor, fit_monitor, run_monitor
+from .artifact import Monitor, MonitorMismatch, Reader
+from .watch import Verdict, Watch, verdict_kind
+
+__all__ = ["Monitor", "MonitorEval", "MonitorMismatch", "MonitorRun", "Reader", "Verdict", "Watch",
+           "evaluate_monitor", "fit_monitor", "run_monitor", "verdict_kind"]

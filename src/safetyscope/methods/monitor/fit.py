@@ -1,0 +1,308 @@
+"""Fitting a :class:`~.artifact.Monitor`: harm readers, a refusal reader, and a calibrated threshold.
+
+One forward pass per batch captures ``blocks.{l}.resid_pre`` of every block at the instruction's last
+token and at every post-instruction template token, plus the logits of the first reply token. From
+these features (float64 statistics):
+
+1. the fitting prompts of each group are split (seeded) into a *train* part and a *validation* part;
+2. the **refusal subspace** is spanned by the difference-of-means candidates at every block and
+   post-instruction position (the candidates ``find_direction`` chooses its direction from); its
+   leading ``protect`` singular directions are projected out of every harm reader, so ablating any
+   direction in that subspace (hooks or an orthogonalised checkpoint) does not move a reading directly;
+3. harm readers at every block and position (``inst``: the instruction's last token; ``post``: mean
+   over the post-instruction tokens), each a difference of means (``dom``) or a logistic probe
+   (``probe``), fitted on *train*; their scores are standardised on the harmless train prompts; the
+   ``n_readers`` with the best validation AUROC (harmful vs harmless validation prompts; never the
+   calibration or test prompts) are averaged into the harm score;
+4. the threshold is set so that at most ``fpr`` of the harmless calibration prompts score above it;
+5. the refusal reader: the logit refusal score of the first reply token, thresholded where it best
+   separates the harmful from the harmless train prompts, and the projection on the refusal direction
+   (a given :class:`~..direction.artifact.Direction`, or the last-token difference of means at the
+   block with the best validation AUROC).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ...hooks import capture, forward
+from ...measure.metrics import auroc, refusal_score
+from ...measure.refusal_tokens import refusal_token_ids
+from ...models.adapter import LoadedModel
+from ...positions import Batch
+from ...prompts.builtin import builtin_prompts
+from ...prompts.chat import post_instruction_length
+from ...prompts.sets import PromptsLike, as_prompt_set
+from ...prompts.types import PromptSet
+from ...runner import batched
+from ...sites import Site
+from ..direction.artifact import Direction
+from .artifact import POSITIONS, Monitor, Reader, ReaderMethod
+
+Method = Literal["dom", "probe", "both"]
+METHODS: tuple[str, ...] = ("dom", "probe", "both")
+VAL_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class Features:
+    """Per prompt: ``resid_pre`` of each block at the instruction's last token and the post-instruction tokens."""
+
+    x: np.ndarray  # [n_prompts, n_layers, 1 + n_post, d_model] float32 (offset -(n_post+1) .. -1)
+    refusal: np.ndarray  # [n_prompts] logit refusal score of the first reply token
+    layers: tuple[int, ...]
+
+    def at(self, position: str) -> np.ndarray:
+        """[n, n_layers, d_model] float64 at ``inst`` (instruction's last token) or ``post`` (mean of the template)."""
+        if position == "inst":
+            return self.x[:, :, 0].astype(np.float64)
+        return self.x[:, :, 1:].astype(np.float64).mean(2)
+
+
+def collect(lm: LoadedModel, texts: Sequence[str], layers: Sequence[int], *, batch_size: int, system: str | None,
+            token_ids: Sequence[int]) -> Features:
+    """Features of ``texts`` (one forward pass per batch; every block from the same pass)."""
+    n_post = post_instruction_length(lm.tokenizer, system)
+    sites = [Site("resid_pre", int(layer)) for layer in layers]
+    offsets = tuple(range(-(n_post + 1), 0))
+    x = np.empty((len(texts), len(sites), len(offsets), lm.dims.d_model), dtype=np.float32)
+    ref = np.empty(len(texts), dtype=np.float64)
+
+    def step(batch: Batch) -> tuple[dict[Site, torch.Tensor], torch.Tensor]:
+        with torch.inference_mode(), capture(lm, sites, offsets, to_cpu=True) as cap:
+            logits = forward(lm, batch, last_only=True)[:, -1].float().cpu()  # [batch, vocab]
+        cap.check_finite()
+        return dict(cap.values), refusal_score(logits, token_ids, dtype=torch.float64)
+
+    for batch, (values, scores) in batched(lm, list(texts), step, batch_size=batch_size, system=system,
+                                           description="monitor features"):
+        rows = list(batch.index)
+        for j, s in enumerate(sites):
+            x[rows, j] = values[s].float().numpy()  # [batch, 1 + n_post, d_model]
+        ref[rows] = scores.numpy()
+    return Features(x, ref, tuple(int(v) for v in layers))
+
+
+def check_fpr(fpr: float) -> float:
+    if not (isinstance(fpr, (int, float)) and 0.0 < float(fpr) < 1.0):
+        raise ValueError(f"fpr must be a false-positive rate strictly between 0 and 1 (e.g. 0.01), not {fpr!r}")
+    return float(fpr)
+
+
+def calibration_threshold(scores: Any, fpr: float) -> float:
+    """The smallest threshold t (among the scores) with ``mean(scores > t) <= fpr``: flag when score > t."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]  # descending
+    if s.size == 0:
+        raise ValueError("calibration needs at least one harmless prompt")
+    allowed = int(math.floor(check_fpr(fpr) * s.size + 1e-9))  # false positives allowed
+    return float(s[min(allowed, s.size - 1)])
+
+
+def default_calibration(exclude: Sequence[str]) -> PromptSet:
+    """Built-in harmless val split + built-in ``scary_harmless`` (over-refusal bait), minus fitting prompts."""
+    skip = set(exclude)
+    parts = builtin_prompts("harmless", "val") + builtin_prompts("scary_harmless", "all")
+    kept = tuple(p for p in parts if p.text not in skip)
+    return PromptSet(name="builtin:harmless-val+scary_harmless", items=kept)
+
+
+def calibration_set(calibration: PromptsLike | None, exclude: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(harmless, harmful) calibration texts; unlabelled prompts count as harmless. One-line errors."""
+    if calibration is None:
+        ps = default_calibration(exclude)
+    else:
+        ps = as_prompt_set(calibration, None, what="calibration prompts")
+    labels = ps.labels
+    harmless = [p.text for p, lab in zip(ps, labels) if lab in (None, "harmless")]
+    harmful = [p.text for p, lab in zip(ps, labels) if lab == "harmful"]
+    if not harmless:
+        what = f"only {len(harmful)} harmful prompts" if harmful else "no prompts"
+        raise ValueError(f"the calibration set has {what}: the threshold is set on harmless prompts, so give "
+                         "harmless calibration prompts (e.g. the built-in harmless val split + scary_harmless)")
+    return harmless, harmful
+
+
+def _split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices of ``n`` prompts; val holds VAL_FRACTION (at least one, when n >= 2)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(VAL_FRACTION * n))) if n >= 2 else 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def refusal_subspace(cands: np.ndarray, protect: int) -> np.ndarray:
+    """[k, d_model] orthonormal rows: the leading singular directions of unit candidates [m, d_model]."""
+    if protect <= 0:
+        return np.zeros((0, cands.shape[-1]))
+    unit = cands / np.linalg.norm(cands, axis=-1, keepdims=True).clip(1e-12)
+    _, sv, vt = np.linalg.svd(unit, full_matrices=False)
+    k = int(min(protect, int((sv > 1e-6 * sv[0]).sum())))
+    return vt[:k]
+
+
+def project_out(x: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """x [..., d] without its components in the span of ``basis`` [k, d] (orthonormal rows)."""
+    return x - (x @ basis.T) @ basis if basis.size else x
+
+
+def fit_reader(method: ReaderMethod, x_tr: np.ndarray, y_tr: np.ndarray, basis: np.ndarray, c: float,
+               seed: int) -> tuple[np.ndarray, float]:
+    """(w [d], b) of one harm reader on raw activations, orthogonal to ``basis``."""
+    xp = project_out(x_tr, basis)  # [n, d]
+    if method == "dom":
+        w = xp[y_tr == 1].mean(0) - xp[y_tr == 0].mean(0)
+        return project_out(w, basis), 0.0
+    from sklearn.linear_model import LogisticRegression
+
+    center = xp.mean(0)
+    scale = float(xp.std()) or 1.0  # one global scale: per-feature scaling would leave the protected span
+    clf = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit((xp - center) / scale, y_tr)
+    w = clf.coef_[0] / scale
+    w = project_out(w, basis)
+    return w, float(clf.intercept_[0] - center @ w)
+
+
+def _standardise(score_neg: np.ndarray) -> tuple[float, float]:
+    return float(score_neg.mean()), float(score_neg.std()) or 1.0
+
+
+def fit_readers(feats: Features, y: np.ndarray, tr: np.ndarray, va: np.ndarray, basis: np.ndarray, *,
+                method: Method, c: float, seed: int) -> list[Reader]:
+    """Every (block, position, method) reader fitted on ``tr`` and scored (AUROC) on ``va``; best first."""
+    methods: list[ReaderMethod] = ["dom", "probe"] if method == "both" else [method]  # type: ignore[list-item]
+    out: list[Reader] = []
+    for position in POSITIONS:
+        x = feats.at(position)  # [n, n_layers, d]
+        for j, layer in enumerate(feats.layers):
+            for m in methods:
+                w, b = fit_reader(m, x[tr, j], y[tr], basis, c, seed)
+                s = x[:, j] @ w + b  # [n]
+                mu, sd = _standardise(s[tr][y[tr] == 0])
+                val = auroc(s[va], y[va]) if len(set(y[va].tolist())) == 2 else float("nan")
+                out.append(Reader(layer, position, m, w, b, mu, sd, val))
+    return sorted(out, key=lambda r: (-(r.val_auroc if r.val_auroc == r.val_auroc else -1.0), r.method != "dom",
+                                      r.layer, r.position))
+
+
+def refusal_threshold(scores: np.ndarray, y: np.ndarray) -> float:
+    """The logit-score threshold with the best balanced accuracy between harmful (1) and harmless (0)."""
+    cand = np.unique(scores)
+    mids = np.concatenate([[cand[0] - 1.0], (cand[1:] + cand[:-1]) / 2, [cand[-1] + 1.0]])
+    best, best_t = -1.0, 0.0
+    for t in mids:
+        bal = 0.5 * ((scores[y == 1] > t).mean() + (scores[y == 0] <= t).mean())
+        if bal > best + 1e-12:
+            best, best_t = bal, float(t)
+    return best_t
+
+
+def refusal_reader(feats: Features, y: np.ndarray, tr: np.ndarray, va: np.ndarray,
+                   direction: Direction | None) -> tuple[np.ndarray, int]:
+    """(unit refusal direction [d], block): the given direction, or the best last-token difference of means."""
+    if direction is not None:
+        return direction.direction.double().numpy(), int(direction.layer)
+    last = feats.x[:, :, -1].astype(np.float64)  # [n, n_layers, d]
+    cut = max(1, int(math.ceil(0.8 * len(feats.layers))))
+    best: tuple[float, int, np.ndarray] | None = None
+    for j, layer in enumerate(feats.layers[:cut]):
+        r = last[tr, j][y[tr] == 1].mean(0) - last[tr, j][y[tr] == 0].mean(0)
+        r = r / (np.linalg.norm(r) or 1.0)
+        ev = va if len(set(y[va].tolist())) == 2 else tr
+        score = auroc(last[ev, j] @ r, y[ev])
+        if best is None or score > best[0] + 1e-9:
+            best = (score, int(layer), r)
+    assert best is not None
+    return best[2], best[1]
+
+
+def resolve_layers(lm: LoadedModel, layers: str | Sequence[int]) -> list[int]:
+    """Blocks to read: a layer pattern of the site grammar (``*``, ``a-b``, ``a,b``) or block indices."""
+    if isinstance(layers, str):
+        return [int(s.layer) for s in lm.sites(f"blocks.{layers}.resid_pre") if s.layer is not None]
+    return [int(s.layer) for s in lm.sites([Site("resid_pre", int(v)) for v in layers]) if s.layer is not None]
+
+
+def fit_monitor(
+    lm: LoadedModel,
+    harmful: PromptsLike,
+    harmless: PromptsLike,
+    *,
+    calibration: PromptsLike | None = None,
+    layers: str | Sequence[int] = "*",
+    fpr: float = 0.01,
+    method: Method = "both",
+    n_readers: int = 3,
+    protect: int = 0,
+    c: float = 0.1,
+    direction: Direction | None = None,
+    batch_size: int = 8,
+    system: str | None = None,
+    seed: int = 0,
+) -> Monitor:
+    """A :class:`Monitor` fitted on ``harmful`` / ``harmless`` and calibrated to ``fpr`` on ``calibration``.
+
+    ``calibration``: harmless prompts for the threshold (prompts labelled harmful only feed the reported
+    calibration TPR); default: the built-in harmless val split + built-in ``scary_harmless``, minus any
+    fitting prompt. ``protect``: refusal-subspace dimensions projected out of the harm readers (0 = none).
+    ``direction``: the refusal direction to read (default: the best last-token difference of means).
+    """
+    fpr = check_fpr(fpr)
+    if method not in METHODS:
+        raise ValueError(f"unknown reader method {method!r}; use {', '.join(METHODS)}")
+    if n_readers < 1 or protect < 0:
+        raise ValueError(f"n_readers must be >= 1 and protect >= 0 (got {n_readers}, {protect})")
+    h = as_prompt_set(harmful, "harmful", what="harmful prompts").texts
+    s = as_prompt_set(harmless, "harmless", what="harmless prompts").texts
+    if len(h) < 2 or len(s) < 2:
+        raise ValueError(f"fitting needs at least 2 harmful and 2 harmless prompts (got {len(h)} and {len(s)}); "
+                         "give more prompts")
+    cal_s, cal_h = calibration_set(calibration, h + s)
+    if direction is not None and int(direction.direction.numel()) != lm.dims.d_model:
+        raise ValueError(f"the refusal direction has d_model {direction.direction.numel()} but {lm.name} has "
+                         f"{lm.dims.d_model}; pass a direction found on this model")
+    picked = resolve_layers(lm, layers)
+    ids = refusal_token_ids(lm.tokenizer)
+    texts = h + s + cal_s + cal_h
+    feats = collect(lm, texts, picked, batch_size=batch_size, system=system, token_ids=ids)
+    n_fit = len(h) + len(s)
+    fit = Features(feats.x[:n_fit], feats.refusal[:n_fit], feats.layers)
+    y = np.array([1] * len(h) + [0] * len(s))
+    tr_h, va_h = _split(len(h), seed)
+    tr_s, va_s = _split(len(s), seed + 1)
+    tr, va = np.concatenate([tr_h, len(h) + tr_s]), np.concatenate([va_h, len(h) + va_s])
+    cands = fit.x[tr][:, :, 1:][y[tr] == 1].mean(0) - fit.x[tr][:, :, 1:][y[tr] == 0].mean(0)  # [L, n_post, d]
+    basis = refusal_subspace(cands.reshape(-1, cands.shape[-1]).astype(np.float64), protect)
+    readers = fit_readers(fit, y, tr, va, basis, method=method, c=c, seed=seed)[:n_readers]
+    r_dir, r_layer = refusal_reader(fit, y, tr, va, direction)
+    monitor = Monitor(
+        readers=readers, threshold=0.0, fpr=fpr, refusal_threshold=refusal_threshold(fit.refusal[tr], y[tr]),
+        refusal_direction=r_dir, refusal_layer=r_layer, refusal_token_ids=ids, protect=basis,
+        model={"name": lm.name, "d_model": lm.dims.d_model, "n_layers": lm.n_layers,
+               "vocab": int(lm.unembed_matrix().shape[0])},
+        system=system or "", n_post=post_instruction_length(lm.tokenizer, system),
+    )
+    harm = monitor.harm_from_features(feats)  # [n_prompts]
+    monitor.threshold = calibration_threshold(harm[n_fit:n_fit + len(cal_s)], fpr)
+    monitor.metrics = _fit_metrics(harm, y, va, n_fit, len(cal_s), monitor.threshold)
+    monitor.info = {"n_harmful": len(h), "n_harmless": len(s), "n_calibration_harmless": len(cal_s),
+                    "n_calibration_harmful": len(cal_h), "layers": picked, "method": method, "c": c, "seed": seed,
+                    "calibration": "default (built-in harmless val + scary_harmless)" if calibration is None else
+                    "given", "refusal_reader": "given direction" if direction is not None else "difference of means"}
+    return monitor
+
+
+def _fit_metrics(harm: np.ndarray, y: np.ndarray, va: np.ndarray, n_fit: int, n_cal: int,
+                 threshold: float) -> dict[str, Any]:
+    cal = harm[n_fit:n_fit + n_cal]
+    cal_h = harm[n_fit + n_cal:]
+    out: dict[str, Any] = {"calibration_fpr": float((cal > threshold).mean()), "val_tpr": None, "val_auroc": None,
+                           "calibration_tpr": float((cal_h > threshold).mean()) if cal_h.size else None}
+    if len(set(y[va].tolist())) == 2:
+        out["val_auroc"] = auroc(harm[va], y[va])
+        out["val_tpr"] = float((harm[va][y[va] == 1] > threshold).mean())
+    return out
