@@ -4,6 +4,7 @@ killed map resumes from its finished stages with nothing half-written."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -32,12 +33,17 @@ def tiny_dir(tmp_path_factory) -> Path:
     return path
 
 
+WORDS = {"harmful": ["red", "big", "old", "new", "hot", "wet", "dry", "fat", "raw", "odd"],
+         "harmless": ["tan", "shy", "sad", "low", "far", "dim", "icy", "coy", "sly", "apt"]}
+
+
 def _files(folder: Path, n: int = 10) -> tuple[Path, Path]:
-    """Two groups of ``n`` prompts that differ in one word: nothing a probe could separate reliably."""
+    """Two groups of ``n`` prompts that differ in one three-letter word: on the tiny random model no probe layer
+    beats its shuffled-label control (the case that crashed the detection stage)."""
     harmful, harmless = folder / "h.jsonl", folder / "s.jsonl"
-    for path, word, label in ((harmful, "apple", "harmful"), (harmless, "apples", "harmless")):
-        path.write_text("".join(json.dumps({"prompt": f"Tell me about the {word} number {i}.", "label": label}) + "\n"
-                                for i in range(n)))
+    for path, label in ((harmful, "harmful"), (harmless, "harmless")):
+        path.write_text("".join(json.dumps({"prompt": f"Tell me about the {w} box.", "label": label}) + "\n"
+                                for w in WORDS[label][:n]))
     return harmful, harmless
 
 
@@ -57,6 +63,17 @@ def test_no_probe_evidence_is_said_not_crashed():
     assert missing_stages(ev)["detection"] == "no evidence: no layer's probe accuracy beats the shuffled-label control"
 
 
+def test_a_report_without_any_result_says_so_for_every_stage(tmp_path):
+    from safetyscope.methods.circuit.results import StageRun
+    from safetyscope.report.circuit import render_map
+
+    rep = render_map(tmp_path, {}, [StageRun("probe", "failed", 1.0, "ValueError: boom"), StageRun("dla", "skipped")], "m")
+    page = rep.path.read_text()
+    assert rep.stages == [] and set(rep.missing) == {"detection", "evaluation", "decision", "production"}
+    assert "No circuit stage has evidence" in page and "no evidence: no probe results" in page
+    assert "ValueError: boom" in page and "not run" in page and rep.headline == "m: no stage produced a result."
+
+
 def test_map_on_barely_different_groups_ends_with_a_report(tiny_dir, tmp_path):
     harmful, harmless = _files(tmp_path)
     out = tmp_path / "out"
@@ -70,9 +87,11 @@ def test_map_on_barely_different_groups_ends_with_a_report(tiny_dir, tmp_path):
     for stage, error in summary["failed"].items():  # whatever could not be computed is named on the page
         assert stage in page and error.split(":")[0] in page
     report = json.loads((out / "map" / "stages" / "report.json").read_text())["result"]
+    assert "no better than its control" in summary["headline"]
+    assert report["missing_stages"]["detection"] == "no evidence: no layer's probe accuracy beats the shuffled-label control"
     assert set(report["missing_stages"]) | {s["name"] for s in report["stages"]} == {
         "detection", "evaluation", "decision", "production"}
-    assert all(why.startswith("no evidence: ") and why in page for why in report["missing_stages"].values())
+    assert all(why.startswith("no evidence: ") and html.escape(why) in page for why in report["missing_stages"].values())
 
 
 def test_a_failing_stage_is_recorded_and_the_map_goes_on(tiny_dir, tmp_path, monkeypatch):
