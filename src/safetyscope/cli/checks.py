@@ -43,7 +43,7 @@ def check_counts(s: Any) -> None:
         if f.name in NEGATIVE_OK or low is None or value >= low:
             continue
         what = "a positive number" if low == 1 else f"at least {low}"
-        raise SettingsError(f"{flag_name(f)} must be {what}, not {value}; give e.g. {flag_name(f)} {max(low, f.default)}")
+        raise SettingsError(f"{flag_name(f)} must be {what}, not {value}; give e.g. {flag_name(f)} {max(low, f.default) if isinstance(f.default, int) else low}")
 
 
 def _comma(text: str) -> list[str]:

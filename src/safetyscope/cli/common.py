@@ -58,10 +58,10 @@ def prompt_sets(s: PromptSettings, split: str | None = None) -> tuple[Any, Any]:
 
 def emit(s: Settings, result: Any, render: Callable[[], None] | None = None) -> None:
     """Print JSON (--json) or the human rendering (unless --quiet)."""
-    from ..io import _clean
+    from ..io import json_safe
 
     if s.json:
-        print(json.dumps(_clean(result), indent=2))
+        print(json.dumps(json_safe(result), indent=2))
     elif render is not None and not s.quiet:
         render()
 

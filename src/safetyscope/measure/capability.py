@@ -33,7 +33,7 @@ from ..positions import Batch
 from ..prompts.chat import pad_token_id
 from ..runner import batched, oom_backoff
 from .compare import Intervention, enter
-from .generation import _stop_ids
+from .generation import stop_ids
 from .metrics import kl_divergence, perplexity, token_cross_entropy
 
 __all__ = [
@@ -70,7 +70,7 @@ def generate_batch_with_logits(lm: LoadedModel, batch: Batch, max_new_tokens: in
     next-token logits at the first response position (what the logit refusal score reads), so the
     score comes with the generation at no extra forward pass.
     """
-    stops = _stop_ids(lm)
+    stops = stop_ids(lm)
     batch = batch.to(lm.input_device)
     pad = pad_token_id(lm.tokenizer)
     with running(batch), torch.inference_mode():

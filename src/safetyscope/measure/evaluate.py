@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io import _clean, atomic_path, write_json
+from ..io import atomic_path, json_safe, write_json
 from ..models.adapter import LoadedModel
 from .capability import (
     capability_rows,
@@ -140,7 +140,7 @@ class EvalResult:
         out.mkdir(parents=True, exist_ok=True)
         replies = out / "replies.jsonl"
         with atomic_path(replies) as tmp:
-            lines = (json.dumps(_clean(asdict(r)), ensure_ascii=False) for r in self.replies)
+            lines = (json.dumps(json_safe(asdict(r)), ensure_ascii=False) for r in self.replies)
             tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         return write_json(out / "eval.json", self.to_dict(samples)), replies
 

@@ -45,7 +45,7 @@ def add_stop_tokens(lm: LoadedModel, stops: Sequence[str]) -> list[int]:
     return ids
 
 
-def _stop_ids(lm: LoadedModel) -> list[int]:
+def stop_ids(lm: LoadedModel) -> list[int]:
     """EOS, the generation config's EOS ids, common end-of-turn tokens and ``add_stop_tokens`` extras."""
     tok = lm.tokenizer
     ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
@@ -75,7 +75,7 @@ def generate_batch(lm: LoadedModel, batch: Batch, max_new_tokens: int = 64, do_s
             temperature=None if not do_sample else kwargs.pop("temperature", 1.0),
             top_p=None,
             top_k=None,
-            eos_token_id=_stop_ids(lm),
+            eos_token_id=stop_ids(lm),
             pad_token_id=pad,
             **kwargs,
         )
