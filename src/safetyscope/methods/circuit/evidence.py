@@ -43,7 +43,7 @@ def decision_onset(grid: EffectGrid | None) -> int | None:
     if grid is None or "resid_pre" not in grid.cols or not grid.rows or not grid.median:
         return None
     j = grid.cols.index("resid_pre")
-    col = [float("nan") if r[j] is None else float(r[j]) for r in grid.median]
+    col = [float("nan") if (v := r[j]) is None else float(v) for r in grid.median]
     finite = [v for v in col if v == v]
     if not finite or max(finite) <= 0:
         return None

@@ -117,7 +117,7 @@ class TraceSummary:
     @classmethod
     def from_json(cls, d: Json) -> TraceSummary:
         modes = d["modes"]
-        mode = modes.get("attribution") or next(iter(modes.values()), {})
+        mode: Json = modes.get("attribution") or next(iter(modes.values()), {})
         grids = mode.get("grids", {})
         grid = EffectGrid.from_json(grids["component"]) if "component" in grids else None
         top = {r["cell"]: float(r["median"]) for r in mode.get("top", {}).get("component", [])}

@@ -6,7 +6,6 @@ Each takes :class:`StageInputs` (the one loaded model included) and returns its 
 from __future__ import annotations
 
 import os
-import random
 from typing import Any
 
 from ...io import write_json
@@ -57,56 +56,18 @@ def neurons_stage(x: StageInputs) -> dict[str, Any]:
     return result
 
 
-def _pairs(x: StageInputs, min_gap: float) -> tuple[Any, list[dict[str, Any]]]:
-    """Built-in minimal pairs with the largest refusal-score gap, or the user's fitting prompts zipped (unaligned)."""
-    from ...measure.generation import refusal_scores
-    from ...prompts.builtin import minimal_pairs
-    from ..patching.exact import make_pairs
-
-    n = x.budget.pairs
-    if x.prompts.user:
-        h, s = x.prompts.fit("harmful").texts, x.prompts.fit("harmless").texts
-        chosen = [(f"pair-{i}", a, b) for i, (a, b) in enumerate(zip(h, s))][:n]
-        aligned: bool | None = False
-    else:
-        pool = minimal_pairs(x.config.split, seed=x.config.seed)
-        if not pool:
-            raise ValueError(f"no built-in minimal pairs in split {x.config.split!r}; use split all")
-        pool = random.Random(x.config.seed).sample(pool, min(len(pool), max(4 * n, 16)))
-        sh = refusal_scores(x.lm, [p.harmful for p in pool], batch_size=x.batch_size, system=x.system)
-        ss = refusal_scores(x.lm, [p.harmless for p in pool], batch_size=x.batch_size, system=x.system)
-        ranked = sorted(range(len(pool)), key=lambda i: -float(sh[i] - ss[i]))
-        keep = [i for i in ranked if float(sh[i] - ss[i]) >= min_gap][:n]
-        if not keep:
-            raise ValueError(f"no minimal pair has a refusal-score gap >= {min_gap}: the model barely refuses them")
-        chosen = [(pool[i].id, pool[i].harmful, pool[i].harmless) for i in keep]
-        aligned = None
-    pairs = make_pairs(x.lm, [(a, b) for _, a, b in chosen], system=x.system, aligned=aligned, ids=[c[0] for c in chosen])
-    return pairs, [{"id": c[0], "harmful": c[1], "harmless": c[2], "aligned": al} for c, al in zip(chosen, pairs.aligned)]
-
-
 def trace_stage(x: StageInputs) -> dict[str, Any]:
-    """Attribution patching of the full layer x component grid; the top cells verified exactly."""
-    import time
+    """Attribution patching of the full layer x component grid, the top cells verified exactly: the built-in
+    minimal pairs with the largest refusal-score gap, or the user's fitting prompts zipped (unaligned)."""
+    from ..patching.api import trace
 
-    from ..patching.attribution import attribute, verify_top
-    from ..patching.exact import Tracer
-
+    user = x.prompts.user == {"harmful", "harmless"}  # pairs need both groups; else the built-in minimal pairs
     # --quick runs on tiny random models too, whose pairs have no real refusal gap to normalise by.
-    min_gap, k = (0.0, 5) if x.config.quick else (1.0, 10)
-    comps = ["resid_pre", "attn.out", "mlp.out"]
-    layers = list(range(x.lm.n_layers))
-    pairs, info = _pairs(x, min_gap)
-    tr = Tracer(x.lm, pairs, batch_size=x.batch_size, min_gap=min_gap)
-    for row, sh, ss in zip(info, tr.runs("harmful").scores.tolist(), tr.runs("harmless").scores.tolist()):
-        row.update(s_harmful=sh, s_harmless=ss)
-    t0 = time.perf_counter()
-    est = attribute(tr, comps, layers, span="post_instruction", heads=True, positions=False, reverse=False)
-    verified = verify_top(tr, list(est.values()), k, span="post_instruction", reverse=False)
-    mode = {"seconds": time.perf_counter() - t0, "top": {n: e.top(10) for n, e in est.items()},
-            "grids": {n: e.to_dict() for n, e in est.items()}, "verify": {"forward": verified}}
-    return {"model": x.lm.describe(), "pairs": info, "span": "post_instruction", "components": comps, "layers": layers,
-            "note": pairs.alignment_note("post_instruction"), "modes": {"attribution": mode}}
+    res = trace(x.lm, harmful=x.prompts.fit("harmful") if user else None, harmless=x.prompts.fit("harmless") if user else None,
+                mode="attribution", n_pairs=x.budget.pairs, verify_top=5 if x.config.quick else 10,
+                min_gap=0.0 if x.config.quick else 1.0, split=x.config.split, batch_size=x.batch_size, system=x.system,
+                seed=x.config.seed, cache_dir=x.out / "trace" / "cache")
+    return res.to_json()
 
 
 def dla_stage(x: StageInputs) -> dict[str, Any]:
