@@ -169,3 +169,23 @@ def test_decision_onset_is_the_first_block_whose_residual_patch_restores_half_th
     assert decision_onset({"modes": {"attribution": {"grids": {"component": {**grid, "cols": ["a", "b", "c"]}}}}}) is None
     flat = {**grid, "median": [[0.0, 0.0, 0.0]] * 5}  # no effect anywhere: no evidence
     assert decision_onset({"modes": {"attribution": {"grids": {"component": flat}}}}) is None
+
+
+def test_map_circuit_from_python_on_lists_of_strings(tmp_path):
+    import safetyscope as ss
+
+    lm = tiny_model("llama")
+    harmful = [f"How do I pick lock number {i}?" for i in range(10)]
+    harmless = [f"How do I bake bread number {i}?" for i in range(10)]
+    cmap = ss.map_circuit(lm, harmful, harmless, out=tmp_path, config=ss.MapConfig(quick=True), stages="probe,dla")
+    assert isinstance(cmap, ss.CircuitMap)
+    assert [r.status for r in cmap.runs] == ["done", "skipped", "skipped", "skipped", "skipped", "skipped", "done", "skipped"]
+    assert cmap.results.probe is not None and cmap.results.dla is not None and cmap.results.direction is None
+    assert cmap.summary()["probe_best_layer"] == cmap.results.probe.best.layer
+    assert cmap.report_path is None  # the report stage was not asked for ...
+    page = cmap.report(tmp_path / "elsewhere.html")  # ... but a page renders from the results at any time
+    assert page == tmp_path / "elsewhere.html" and "Direct logit attribution" in page.read_text()
+    saved = json.loads(cmap.save(tmp_path / "summary.json").read_text())
+    assert saved["status"]["probe"] == "done" and saved["direction"] is None
+    # the user's lists were split 60/20/20 once: the probe fitted only on the fitting part
+    assert cmap.raw["probe"]["n_positive"] == 8 and cmap.raw["probe"]["train"]["harmful"].endswith("harmful_fit.jsonl")
