@@ -68,7 +68,8 @@ def direction_figure(out: Path, model: str, raw: Raw) -> list[Path]:
         return []
     find = d["find"]
     selection = Selection.from_json(read_json(find["selection"]))
-    n_layers = int(_ok(raw, "probe")["model"]["n_layers"]) if _ok(raw, "probe") else 1 + max(s.layer for s in selection.scores)
+    probe = _ok(raw, "probe")
+    n_layers = int(probe["model"]["n_layers"]) if probe else 1 + max(s.layer for s in selection.scores)
     return [candidate_heatmaps(selection, n_layers, find["positions"], find["tokens"],
                                out / "direction" / "plots" / "candidates.png", title=f"{model}: refusal-direction candidates")]
 
