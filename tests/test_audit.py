@@ -265,3 +265,40 @@ def test_runtime_finds_changed_parameters_swapped_modules_and_adapters(live):
     finally:
         setattr(parent, attr, proj)
     assert audit_runtime(live).clean
+
+
+# ---- fingerprint ---------------------------------------------------------------------------------
+def test_fingerprint_flags_full_and_partial_removal_of_a_harm_direction_only(lm, ref, tmp_path):
+    from safetyscope.methods.audit import Fingerprint, make_fingerprint
+
+    fp = Fingerprint.load(make_fingerprint(lm).save(tmp_path / "fp"))
+    assert fp.directions.shape == (len(fp.layers), lm.dims.d_model) and len(fp.writers) == 2 * lm.n_layers + 1
+    clean = audit_checkpoint(ref, fingerprint=tmp_path / "fp")
+    assert clean.verdict == "clean" and all(abs(v - 1) < 1e-5 for v in clean.fingerprint.ratios.values())
+    harm = fp.directions[-1]
+    for weight in (1.0, 0.5):
+        path = Direction(harm, 1, -1).with_weights(torch.full((lm.n_layers,), weight), weight).export(lm, tmp_path / f"h{weight}")
+        rep = audit_checkpoint(path, fingerprint=fp, behaviour=False)
+        assert rep.verdict == "tampering" and rep.fingerprint.ratios[fp.layers[-1]] < 1 - weight / 2
+    other = _unit(lm.dims.d_model, 21)
+    other = other - (fp.directions.T @ torch.linalg.lstsq(fp.directions.T, other).solution)  # orthogonal to every harm direction
+    rep = audit_checkpoint(Direction(other, 1, -1).export(lm, tmp_path / "other"), fingerprint=fp, behaviour=False)
+    assert rep.verdict == "modified" and min(rep.fingerprint.ratios.values()) > 0.999
+    with pytest.raises(AuditInputError, match="not a safety fingerprint"):
+        audit_checkpoint(ref, fingerprint=tmp_path)
+
+
+def test_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_audit", Path(__file__).resolve().parents[1] / "benchmarks" / "audit.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "rows.json"
+    assert mod.main(["--model", "tiny:llama", "--variants", "unmodified,zero,neurons,fp16", "--json", str(out)]) == 0
+    rows = {r["checkpoint"]: r for r in json.loads(out.read_text())}
+    assert rows["unmodified"]["ref_verdict"] == rows["unmodified"]["noref_verdict"] == "clean"
+    assert rows["zero"]["cos_true"] >= 0.95 and rows["zero"]["noref_verdict"] == "tampering"
+    assert rows["neurons"]["ref_verdict"] == "tampering" and rows["neurons"]["neurons"] == 32
+    assert rows["fp16"]["ref_verdict"] == "clean"
+    assert "flagged" in capsys.readouterr().out

@@ -18,6 +18,8 @@ class AuditSettings(Settings):
     direction: str = opt("", "A refusal direction artifact (from `safetyscope direction find` on the reference): the removed direction is compared with it.")
     find_refusal: bool = opt(True, "With --reference and no --direction: find the reference's harm directions on built-in prompts to compare the removed direction with (runs the reference).")
     behaviour: bool = opt(True, "Without --reference: also load the checkpoint and run it on built-in prompts (harm direction, canary refusal).")
+    fingerprint: str = opt("", "Without --reference: a trusted model's safety fingerprint (from --save-fingerprint) to compare against.")
+    save_fingerprint: str = opt("", "Instead of auditing: write the safety fingerprint of MODEL (harm directions, writer norms, tensor sums, canary scores) to this directory.")
 
 
 def register(app: typer.Typer) -> None:
@@ -33,14 +35,27 @@ def run_audit(s: AuditSettings) -> dict[str, Any]:
     from ..methods.direction.artifact import Direction
 
     log = (lambda _m: None) if s.quiet or s.json else (lambda m: print(m, file=sys.stderr))
+    if s.save_fingerprint:
+        return _save_fingerprint(s)
     direction = Direction.load(s.direction) if s.direction else None
     report = audit_checkpoint(
         s.model, s.reference or None, direction=direction, find_refusal=s.find_refusal, behaviour=s.behaviour,
-        device=s.device, log=log,
+        device=s.device, fingerprint=s.fingerprint or None, log=log,
     )
     result = report.to_dict()
     write_json(s.out / "audit" / "report.json", result)
     emit(s, result, lambda: _render(report, s))
+    return result
+
+
+def _save_fingerprint(s: AuditSettings) -> dict[str, Any]:
+    from ..methods.audit import make_fingerprint
+
+    fp = make_fingerprint(s.load_model())
+    path = fp.save(s.save_fingerprint)
+    result = {"fingerprint": str(path), "model": fp.label, "directions": len(fp.layers), "writers": len(fp.writers),
+              "tensors": len(fp.sums), "canaries": len(fp.canary_scores)}
+    emit(s, result, lambda: print(f"safety fingerprint of {fp.label} written to {path}"))
     return result
 
 

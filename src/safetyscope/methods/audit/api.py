@@ -16,13 +16,14 @@ import torch
 
 from ...models.adapter import LoadedModel
 from ..direction.artifact import Direction
+from .fingerprint import Fingerprint, compare_fingerprint, make_fingerprint
 from .runtime import audit_runtime
 from .signature import SignatureConfig, audit_signature, harm_directions
 from .source import AuditInputError, TensorSource
 from .types import AuditReport
 from .weights import WeightConfig, audit_weights
 
-__all__ = ["audit_checkpoint", "audit_runtime"]
+__all__ = ["audit_checkpoint", "audit_runtime", "make_fingerprint"]
 
 ModelLike = LoadedModel | str | Path
 
@@ -77,6 +78,7 @@ def audit_checkpoint(
     device: str = "auto",
     weight_config: WeightConfig | None = None,
     signature_config: SignatureConfig | None = None,
+    fingerprint: Fingerprint | str | Path | None = None,
     log: Callable[[str], None] = _quiet,
 ) -> AuditReport:
     """Was refusal removed from ``checkpoint`` (a safetensors checkpoint directory or a loaded model)?
@@ -87,6 +89,8 @@ def audit_checkpoint(
     difference-of-means harm directions at every block (runs the reference on built-in prompts).
     Without a reference the checkpoint's weights are tested for the ablation signature (:mod:`.signature`);
     with ``behaviour`` the checkpoint is also loaded and run on built-in prompts (harm direction, canaries).
+    With ``fingerprint`` (a trusted model's :class:`~.fingerprint.Fingerprint` or its directory) the writers'
+    output along the trusted model's harm directions is also compared, and decides the verdict.
     Checkpoints are read from safetensors only; bad input raises a one-line :class:`AuditInputError`.
     """
     t0 = time.perf_counter()
@@ -103,4 +107,12 @@ def audit_checkpoint(
         lm = _load(ck.label, device, log)
     s = audit_signature(ck, lm, sig_cfg)
     notes = () if behaviour else ("behaviour not checked (behaviour=False): weights only",)
-    return AuditReport(ck.label, s.verdict, s.evidence, signature=s, seconds=time.perf_counter() - t0, notes=notes)
+    if fingerprint is None:
+        return AuditReport(ck.label, s.verdict, s.evidence, signature=s, seconds=time.perf_counter() - t0, notes=notes)
+    fp = fingerprint if isinstance(fingerprint, Fingerprint) else Fingerprint.load(fingerprint)
+    f = compare_fingerprint(ck, fp, lm, sig_cfg)
+    verdict, evidence = f.verdict, f.evidence + s.evidence
+    if s.verdict != "clean" and verdict == "clean":
+        verdict = "modified"  # a direction was removed, but not one the trusted model's harm directions know
+    return AuditReport(ck.label, verdict, evidence, signature=s, fingerprint=f, seconds=time.perf_counter() - t0,
+                       notes=notes)

@@ -19,15 +19,15 @@ def worst(verdicts: list[Verdict]) -> Verdict:
     return max(verdicts, key=lambda v: _ORDER[v], default="clean")
 
 
-def _round(x: Any) -> Any:
+def rounded(x: Any) -> Any:
     if isinstance(x, float):
         return float(f"{x:.6g}")
     if isinstance(x, (list, tuple)):
-        return [_round(v) for v in x]
+        return [rounded(v) for v in x]
     if isinstance(x, dict):
-        return {k: _round(v) for k, v in x.items()}
+        return {k: rounded(v) for k, v in x.items()}
     if isinstance(x, torch.Tensor):
-        return _round(x.tolist())
+        return rounded(x.tolist())
     return x
 
 
@@ -108,7 +108,7 @@ class WeightAudit:
         d = asdict(self)
         d["matrices"] = [asdict(m) for m in self.changed()]
         d["direction"] = None if self.direction is None else "[d_model] unit vector (not printed)"
-        return _round(d)
+        return rounded(d)
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class SignatureAudit:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["null_direction"] = "[d_model] unit vector (not printed)"
-        return _round(d)
+        return rounded(d)
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,24 @@ class RuntimeAudit:
         return "clean" if self.clean else "tampering"
 
     def to_dict(self) -> dict[str, Any]:
-        return _round({**asdict(self), "clean": self.clean, "verdict": self.verdict})
+        return rounded({**asdict(self), "clean": self.clean, "verdict": self.verdict})
+
+
+@dataclass(frozen=True)
+class FingerprintAudit:
+    """The checkpoint against a trusted model's saved fingerprint (see :mod:`.fingerprint`)."""
+
+    checkpoint: str
+    fingerprint: str
+    verdict: Verdict
+    evidence: tuple[str, ...]
+    ratios: dict[int, float]  # block -> median over writers of ||h^T W'|| / ||h^T W|| along its harm direction
+    changed: tuple[str, ...]  # tensors whose squared norm moved beyond the dtype noise floor
+    canary_shift: float | None  # mean canary refusal score now minus at fingerprint time
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return rounded({**asdict(self), "changed": list(self.changed)[:50], "n_changed": len(self.changed)})
 
 
 @dataclass(frozen=True)
@@ -175,6 +192,7 @@ class AuditReport:
     evidence: tuple[str, ...]
     weights: WeightAudit | None = None
     signature: SignatureAudit | None = None
+    fingerprint: FingerprintAudit | None = None
     seconds: float = 0.0
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -183,9 +201,10 @@ class AuditReport:
         return VERDICT_TEXT[self.verdict]
 
     def to_dict(self) -> dict[str, Any]:
-        return _round({
+        return rounded({
             "checkpoint": self.checkpoint, "verdict": self.verdict, "verdict_text": self.verdict_text,
             "evidence": list(self.evidence), "notes": list(self.notes), "seconds": self.seconds,
             "weights": None if self.weights is None else self.weights.to_dict(),
             "signature": None if self.signature is None else self.signature.to_dict(),
+            "fingerprint": None if self.fingerprint is None else self.fingerprint.to_dict(),
         })
