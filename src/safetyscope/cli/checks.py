@@ -59,7 +59,8 @@ def check_specs(s: Any) -> None:
         kinds = [value] if f.name == "site" else _comma(value) if f.name.endswith("components") else []
         bad = [k for k in kinds if k not in BLOCK_KINDS]
         if bad:
-            raise SettingsError(f"{flag_name(f)}: unknown site kind {bad[0]!r}; use one of {', '.join(BLOCK_KINDS)}")
+            raise SettingsError(f"{flag_name(f)}: unknown site kind {bad[0]!r}; use one of the block sites: "
+                                  f"{', '.join(BLOCK_KINDS)}")
         if f.name == "positions":
             parse_positions(value)  # PositionError names the accepted values
         elif f.name == "layers":
