@@ -117,6 +117,25 @@ def self_check_scores(lm: LoadedModel, prompts: Sequence[str], *, batch_size: in
     return (torch.logsumexp(lp[:, yes], -1) - torch.logsumexp(lp[:, no], -1)).numpy()
 
 
+def score_prompts(lm: LoadedModel, monitor: Monitor, prompts: Sequence[str], *, batch_size: int = 8,
+                  system: str | None = None, strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(harm score, first-token logit refusal score) per prompt from one forward pass each (no generation)."""
+    from ...hooks import forward
+
+    harm, refusal = np.zeros(len(prompts)), np.zeros(len(prompts))
+    with monitor.watch(lm, strict=strict) as w:
+        def step(batch: Any) -> list[Any]:
+            with torch.inference_mode():
+                forward(lm, batch, last_only=True)
+            return w.verdicts[-len(batch):]
+
+        for batch, verdicts in batched(lm, list(prompts), step, batch_size=batch_size, system=system,
+                                       description="monitor scores"):
+            for i, v in zip(batch.index, verdicts):
+                harm[i], refusal[i] = v.harm, v.refusal
+    return harm, refusal
+
+
 def run_condition(lm: LoadedModel, monitor: Monitor, texts: list[str], y: np.ndarray, name: str, *,
                   max_new_tokens: int, batch_size: int, system: str | None, strict: bool) -> Condition:
     """Replies + verdicts under the watch, then the monitor's and the baselines' figures."""

@@ -89,6 +89,12 @@ def collect(lm: LoadedModel, texts: Sequence[str], layers: Sequence[int], *, bat
     return Features(x, ref, tuple(int(v) for v in layers))
 
 
+def check_method(method: str) -> Method:
+    if method not in METHODS:
+        raise ValueError(f"unknown reader method {method!r}; use {', '.join(METHODS)}")
+    return method  # type: ignore[return-value]
+
+
 def check_fpr(fpr: float) -> float:
     if not (isinstance(fpr, (int, float)) and 0.0 < float(fpr) < 1.0):
         raise ValueError(f"fpr must be a false-positive rate strictly between 0 and 1 (e.g. 0.01), not {fpr!r}")
@@ -182,6 +188,8 @@ def fit_readers(feats: Features, y: np.ndarray, tr: np.ndarray, va: np.ndarray, 
             for m in methods:
                 w, b = fit_reader(m, x[tr, j], y[tr], basis, c, seed)
                 s = x[:, j] @ w + b  # [n]
+                if not np.ptp(s[tr]) > 1e-9 * (np.abs(s[tr]).max() + 1e-30):
+                    continue  # a constant reading (e.g. the template tokens at block 0): nothing to read
                 mu, sd = _standardise(s[tr][y[tr] == 0])
                 val = auroc(s[va], y[va]) if len(set(y[va].tolist())) == 2 else float("nan")
                 out.append(Reader(layer, position, m, w, b, mu, sd, val))
@@ -252,8 +260,7 @@ def fit_monitor(
     ``direction``: the refusal direction to read (default: the best last-token difference of means).
     """
     fpr = check_fpr(fpr)
-    if method not in METHODS:
-        raise ValueError(f"unknown reader method {method!r}; use {', '.join(METHODS)}")
+    method = check_method(method)
     if n_readers < 1 or protect < 0:
         raise ValueError(f"n_readers must be >= 1 and protect >= 0 (got {n_readers}, {protect})")
     h = as_prompt_set(harmful, "harmful", what="harmful prompts").texts
@@ -278,6 +285,8 @@ def fit_monitor(
     cands = fit.x[tr][:, :, 1:][y[tr] == 1].mean(0) - fit.x[tr][:, :, 1:][y[tr] == 0].mean(0)  # [L, n_post, d]
     basis = refusal_subspace(cands.reshape(-1, cands.shape[-1]).astype(np.float64), protect)
     readers = fit_readers(fit, y, tr, va, basis, method=method, c=c, seed=seed)[:n_readers]
+    if not readers:
+        raise ValueError("no block gives a non-constant harm reading on these prompts; check the prompts and --layers")
     r_dir, r_layer = refusal_reader(fit, y, tr, va, direction)
     monitor = Monitor(
         readers=readers, threshold=0.0, fpr=fpr, refusal_threshold=refusal_threshold(fit.refusal[tr], y[tr]),

@@ -129,9 +129,10 @@ class Watch:
         self._raw: torch.Tensor | None = None  # [batch, n_readers] of the running call
         self._proj: torch.Tensor | None = None  # [batch]
         w, b, _, _ = monitor.reader_matrix()
-        self._w = torch.from_numpy(w).float()  # [n_readers, d_model]
-        self._b = torch.from_numpy(b).float()
-        self._r = torch.from_numpy(monitor.refusal_direction).float()  # [d_model]
+        # float64, as at fitting time: a prompt scores the same in the watch as in the calibration
+        self._w = torch.from_numpy(w)  # [n_readers, d_model]
+        self._b = torch.from_numpy(b)
+        self._r = torch.from_numpy(monitor.refusal_direction)  # [d_model]
         self._device: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # ---- context manager -------------------------------------------------------------------------
@@ -212,8 +213,8 @@ class Watch:
                                  f"{self._n_post} post-instruction tokens; chat-format the prompts first")
         if not prefill and ids is not None and self.groups:
             self.groups[-1].tokens.append(ids[:, -1].detach().cpu().numpy())
-        self._raw = torch.zeros(ref.shape[0], len(self.monitor.readers), device=ref.device)  # [batch, n_readers]
-        self._proj = torch.zeros(ref.shape[0], device=ref.device)
+        self._raw = torch.zeros(ref.shape[0], len(self.monitor.readers), device=ref.device, dtype=torch.float64)
+        self._proj = torch.zeros(ref.shape[0], device=ref.device, dtype=torch.float64)  # [batch]
 
     def _reader(self, layer: int) -> EditFn:
         idx = [i for i, r in enumerate(self.monitor.readers) if r.layer == layer]
@@ -224,13 +225,13 @@ class Watch:
             if self._raw is None or self._proj is None:
                 return None
             w, b, r = self._on(x.device)
-            xf = x.detach().float()
+            n = self._n_post if self._phase == "prefill" else 0
+            xf = x.detach()[:, -(n + 1):].double()  # [batch, n + 1, d_model]: only the positions read
             last = xf[:, -1]  # [batch, d_model]
             if idx:
                 if self._phase == "prefill":
-                    n = self._n_post
-                    a = xf[:, -(n + 1)] @ w[idx].T  # [batch, k]: the instruction's last token
-                    p = xf[:, -n:].mean(1) @ w[idx].T  # [batch, k]: mean over the post-instruction tokens
+                    a = xf[:, 0] @ w[idx].T  # [batch, k]: the instruction's last token
+                    p = xf[:, 1:].mean(1) @ w[idx].T  # [batch, k]: mean over the post-instruction tokens
                     raw = torch.where(inst.to(x.device), a, p)
                 else:
                     raw = last @ w[idx].T  # [batch, k]: the new token

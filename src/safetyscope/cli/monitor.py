@@ -1,0 +1,197 @@
+"""`safetyscope monitor fit|run|eval`: notice harmful intent without refusal, at runtime.
+
+A thin shell over :mod:`safetyscope.methods.monitor`: parse the settings, call the library, print and
+write. ``fit`` fits on the built-in train splits (harmless + scary_harmless) or on the fitting part
+(train + val) of user files; ``eval`` measures on the files it is given, whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .common import PromptSettings, emit
+from .settings import Settings, command, opt
+
+
+@dataclass
+class FitSettings(PromptSettings):
+    calibration: str = opt("", "Harmless calibration prompts for the threshold (JSONL/CSV/TXT); empty = built-in harmless val split + scary_harmless.")
+    fpr: float = opt(0.01, "Target false-positive rate on the calibration prompts (strictly between 0 and 1).")
+    layers: str = opt("*", "Blocks whose resid_pre the harm readers may read: *, a-b or a,b.")
+    method: str = opt("both", "Harm readers: dom (difference of means), probe (logistic) or both.")
+    n_readers: int = opt(3, "Readers (best validation AUROC) averaged into the harm score.")
+    protect: int = opt(0, "Refusal-subspace dimensions projected out of the harm readers (0 = none).")
+    scary: bool = opt(True, "With the built-in harmless set, also fit on the built-in scary_harmless train split.")
+
+
+@dataclass
+class RunSettings(Settings):
+    monitor: str = opt("", "Monitor artifact directory (default: OUT/monitor/artifact).")
+    prompts: str = opt("", "Prompts to answer and monitor (JSONL/CSV/TXT).")
+    max_new_tokens: int = opt(48, "Reply length.")
+    stop_on_alert: bool = opt(False, "Stop a reply as soon as the monitor raises an alert.")
+    drift_threshold: float = opt(float("nan"), "Also alert when the harm read on a reply token exceeds this (default: off).")
+    any_model: bool = opt(False, "Allow a model whose name differs from the monitor's (an edited copy of it); dims must match.")
+
+
+@dataclass
+class EvalSettings(Settings):
+    monitor: str = opt("", "Monitor artifact directory (default: OUT/monitor/artifact).")
+    harmful: str = opt("", "Held-out harmful prompts (JSONL/CSV/TXT) the monitor never saw.")
+    harmless: str = opt("", "Held-out harmless prompts (JSONL/CSV/TXT) the monitor never saw.")
+    attack: str = opt("", "An intervention artifact (e.g. a direction: ablated by hooks) or an edited checkpoint directory.")
+    max_new_tokens: int = opt(48, "Reply length for the phrase judge.")
+    any_model: bool = opt(False, "Allow a model whose name differs from the monitor's (an edited copy of it); dims must match.")
+
+
+def register(app: typer.Typer) -> None:
+    sub = typer.Typer(no_args_is_help=True, help="Runtime monitor: notice harmful intent without refusal.")
+    commands: list[tuple[str, type[Settings], str, Callable[[Any], dict[str, Any]]]] = [
+        ("fit", FitSettings, "Fit harm readers and a refusal reader; calibrate the threshold to --fpr on harmless prompts.", run_fit),
+        ("run", RunSettings, "Answer prompts under the monitor: verdicts, JSONL and an HTML page with per-token trajectories.", run_run),
+        ("eval", EvalSettings, "AUROC / TPR at 1% and 5% FPR on held-out prompts, before and under --attack, beside baselines.", run_eval),
+    ]
+    for name, settings, help_text, fn in commands:
+        def cmd(s: Any, fn: Callable[[Any], dict[str, Any]] = fn) -> None:
+            fn(s)
+
+        command(sub, name, settings, help_text)(cmd)
+    app.add_typer(sub, name="monitor", help="Runtime monitor: fit, run, eval.")
+
+
+def _monitor_path(s: RunSettings | EvalSettings) -> Path:
+    path = Path(s.monitor) if s.monitor else s.out / "monitor" / "artifact"
+    if not (path / "artifact.json").is_file():
+        raise ValueError(f"no monitor at {path}; fit one with `safetyscope monitor fit MODEL --out DIR` or pass --monitor DIR")
+    return path
+
+
+def _load_monitor(path: Path) -> Any:
+    from ..methods.monitor import Monitor
+
+    return Monitor.load(path)
+
+
+def _fit_prompts(s: FitSettings) -> tuple[Any, Any]:
+    from ..prompts import builtin_prompts
+    from ..prompts.sets import group_splits
+
+    out = []
+    for kind, path in (("harmful", s.harmful), ("harmless", s.harmless)):
+        ps = group_splits(path, kind, s.seed).fit if path else builtin_prompts(kind, s.split, seed=s.seed)
+        if kind == "harmless" and not path and s.scary:
+            ps = ps + builtin_prompts("scary_harmless", s.split, seed=s.seed)
+        out.append(ps.sample(s.n_prompts, seed=s.seed) if s.n_prompts else ps)
+    return out[0], out[1]
+
+
+def run_fit(s: FitSettings) -> dict[str, Any]:
+    from ..io import write_json
+    from ..methods.monitor import fit_monitor
+    from ..methods.monitor.fit import check_fpr, check_method
+
+    check_fpr(s.fpr)
+    method = check_method(s.method)
+    harmful, harmless = _fit_prompts(s)
+    lm = s.load_model()
+    m = fit_monitor(lm, harmful, harmless, calibration=s.calibration or None, layers=s.layers, fpr=s.fpr,
+                    method=method, n_readers=s.n_readers, protect=s.protect, batch_size=s.batch_size,
+                    system=s.system, seed=s.seed)
+    out = s.out / "monitor"
+    m.save(out / "artifact")
+    meta, _ = m.to_state()
+    result = {"artifact": str(out / "artifact"), **{k: meta[k] for k in ("model", "readers", "threshold", "fpr",
+                                                                          "refusal_threshold", "refusal_layer",
+                                                                          "metrics", "info")}}
+    write_json(out / "summary.json", result)
+    emit(s, result, lambda: _print_fit(result))
+    return result
+
+
+def _print_fit(r: dict[str, Any]) -> None:
+    for rd in r["readers"]:
+        print(f"reader: block {rd['layer']} {rd['position']} {rd['method']} (validation AUROC {rd['val_auroc']})")
+    m = r["metrics"]
+    print(f"threshold {r['threshold']:.3f} at fpr {r['fpr']}: calibration FPR {m['calibration_fpr']:.3f}, "
+          f"validation AUROC {m['val_auroc']}, validation TPR {m['val_tpr']}")
+    print(f"monitor: {r['artifact']}")
+
+
+def run_run(s: RunSettings) -> dict[str, Any]:
+    from ..io import atomic_path, write_json
+    from ..methods.monitor import run_monitor
+    from ..methods.monitor.html import render_html
+
+    if not s.prompts:
+        raise ValueError("give the prompts to monitor with --prompts FILE")
+    path = _monitor_path(s)
+    m = _load_monitor(path)
+    lm = s.load_model()
+    drift = None if math.isnan(s.drift_threshold) else s.drift_threshold
+    run = run_monitor(lm, m, s.prompts, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
+                      system=s.system, strict=not s.any_model, stop_on_alert=s.stop_on_alert, drift_threshold=drift)
+    out = s.out / "monitor_run"
+    with atomic_path(out / "verdicts.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in run.rows()), encoding="utf-8")
+    with atomic_path(out / "report.html") as tmp:
+        tmp.write_text(render_html(run), encoding="utf-8")
+    result = {"model": lm.name, "monitor": str(path), "counts": run.counts(), "verdicts": str(out / "verdicts.jsonl"),
+              "html": str(out / "report.html")}
+    write_json(out / "summary.json", result)
+    emit(s, result, lambda: _print_run(run, result))
+    return result
+
+
+def _print_run(run: Any, result: dict[str, Any]) -> None:
+    for i, v in enumerate(run.verdicts):
+        flag = "ALERT " if v.alert else ""
+        print(f"{i:4d} {flag}{v.kind:16s} harm {v.harm:7.2f} refusal {v.refusal:7.2f}  {run.prompts[i][:70]!r}")
+    print(" ".join(f"{k}: {n}" for k, n in result["counts"].items()))
+    print(f"written: {result['verdicts']}, {result['html']}")
+
+
+def run_eval(s: EvalSettings) -> dict[str, Any]:
+    from ..artifacts.base import load_artifact
+    from ..io import write_json
+    from ..methods.monitor import evaluate_monitor
+
+    if not s.harmful or not s.harmless:
+        raise ValueError("give held-out prompts with --harmful FILE and --harmless FILE")
+    path = _monitor_path(s)
+    m = _load_monitor(path)
+    attack = load_artifact(s.attack) if s.attack else None
+    lm = s.load_model()
+    ev = evaluate_monitor(lm, m, s.harmful, s.harmless, attack=attack, attack_name=s.attack or None,
+                          max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, system=s.system,
+                          strict=not s.any_model)
+    result = {"monitor": str(path), "harmful": s.harmful, "harmless": s.harmless, **ev.to_json()}
+    write_json(s.out / "monitor_eval" / "summary.json", result)
+    emit(s, result, lambda: _print_eval(result))
+    return result
+
+
+def _print_eval(r: dict[str, Any]) -> None:
+    print(f"{r['model']}: {r['n_harmful']} harmful + {r['n_harmless']} harmless held-out prompts")
+    for name in ("clean", "attacked"):
+        c = r[name]
+        if c is None:
+            continue
+        m = c["monitor"]
+        print(f"[{name}] monitor: AUROC {m['auroc']:.3f}, TPR@1%FPR {m['tpr_at_1pct_fpr']:.3f}, TPR@5%FPR "
+              f"{m['tpr_at_5pct_fpr']:.3f}; at its threshold TPR {m['tpr_at_threshold']:.3f} FPR {m['fpr_at_threshold']:.3f}")
+        share = c["complied_flagged_share"]
+        print(f"[{name}] harmful prompts answered: {c['complied']}, flagged by the monitor: {c['complied_flagged']}"
+              + (f" ({share:.0%})" if share is not None else ""))
+        for b, f in c["baselines"].items():
+            print(f"[{name}] {b}: AUROC {f['auroc']:.3f}, TPR@1%FPR {f['tpr_at_1pct_fpr']:.3f}, TPR "
+                  f"{f['tpr_at_threshold']:.3f} / FPR {f['fpr_at_threshold']:.3f}, answered harmful flagged "
+                  f"{f['complied_flagged']}")
+    if r.get("tpr_drop_at_threshold") is not None:
+        print(f"TPR drop at the threshold under the attack: {r['tpr_drop_at_threshold']:.3f}")

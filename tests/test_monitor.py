@@ -1,0 +1,235 @@
+"""The runtime monitor on tiny random models: hooks, calibration, verdicts, save/load, bad input, generation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from safetyscope.artifacts.base import load_artifact
+from safetyscope.hooks import forward
+from safetyscope.methods.monitor import Monitor, MonitorMismatch, fit_monitor, run_monitor, verdict_kind
+from safetyscope.methods.monitor.evaluate import (
+    detector_figures,
+    evaluate_monitor,
+    keyword_hits,
+    score_prompts,
+)
+from safetyscope.methods.monitor.fit import calibration_threshold
+from safetyscope.methods.monitor.html import render_html
+from safetyscope.prompts.builtin import builtin_prompts
+from safetyscope.prompts.chat import tokenize_prompts
+from safetyscope.prompts.types import Prompt, PromptSet
+from safetyscope.testing import tiny_model
+
+HARMFUL = builtin_prompts("harmful", "train").texts[:12]
+HARMLESS = builtin_prompts("harmless", "train").texts[:12]
+CALIBRATION = builtin_prompts("harmless", "val").texts[:20]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def monitor(lm):
+    return fit_monitor(lm, HARMFUL, HARMLESS, calibration=CALIBRATION, fpr=0.1, n_readers=2, protect=4)
+
+
+def _generate(lm, prompts, **kw):
+    b = tokenize_prompts(lm.tokenizer, prompts)
+    return lm.model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, do_sample=False,
+                             pad_token_id=0, **kw)
+
+
+def test_watch_removes_hooks_and_logits_are_bit_identical(lm, monitor, hook_count):
+    batch = tokenize_prompts(lm.tokenizer, HARMFUL[:3] + HARMLESS[:2])
+    before_hooks = hook_count(lm)
+    with torch.inference_mode():
+        ref = forward(lm, batch)
+        with monitor.watch(lm) as w:
+            inside = forward(lm, batch)
+            assert hook_count(lm) > before_hooks
+        after = forward(lm, batch)
+    assert hook_count(lm) == before_hooks
+    assert torch.equal(ref, inside) and torch.equal(ref, after)  # read-only, and nothing left behind
+    assert len(w.verdicts) == 5
+
+
+def test_hooks_removed_when_the_call_raises(lm, monitor, hook_count):
+    n = hook_count(lm)
+    with pytest.raises(RuntimeError, match="boom"), monitor.watch(lm):
+        raise RuntimeError("boom")
+    assert hook_count(lm) == n
+
+
+def test_threshold_hits_the_requested_fpr_on_the_calibration_set(lm, monitor):
+    harm, _ = score_prompts(lm, monitor, CALIBRATION)
+    fp = float((harm > monitor.threshold).mean())
+    assert fp <= 0.1 + 1e-12
+    assert fp == pytest.approx(monitor.metrics["calibration_fpr"])
+    # the threshold is the tightest such value: lowering it to the next score adds a false positive
+    below = np.sort(harm)[np.sort(harm) < monitor.threshold]
+    if below.size:
+        assert float((harm > below[-1]).mean()) > 0.1
+
+
+@pytest.mark.parametrize("fpr,n,expected", [(0.05, 100, 5), (0.01, 100, 1), (0.01, 50, 0), (0.5, 10, 5)])
+def test_calibration_threshold_allows_exactly_floor_fpr_n(fpr, n, expected):
+    scores = np.random.default_rng(0).normal(size=n)
+    t = calibration_threshold(scores, fpr)
+    assert int((scores > t).sum()) == expected
+
+
+def test_verdict_logic_table():
+    assert verdict_kind(harmful=True, refused=True) == "harmful_refused"
+    assert verdict_kind(harmful=True, refused=False) == "alert"
+    assert verdict_kind(harmful=False, refused=True) == "over_refusal"
+    assert verdict_kind(harmful=False, refused=False) == "answered"
+
+
+def test_save_load_round_trip_scores_identically(lm, monitor, tmp_path):
+    monitor.save(tmp_path / "m")
+    loaded = load_artifact(tmp_path / "m")
+    assert isinstance(loaded, Monitor)
+    assert json.loads((tmp_path / "m" / "artifact.json").read_text())["kind"] == "monitor"
+    assert loaded.threshold == monitor.threshold and loaded.refusal_threshold == monitor.refusal_threshold
+    assert [r.describe() for r in loaded.readers] == [r.describe() for r in monitor.readers]
+    assert np.array_equal(loaded.protect, monitor.protect)
+    a, _ = score_prompts(lm, monitor, HARMFUL[:4])
+    b, _ = score_prompts(lm, loaded, HARMFUL[:4])
+    assert np.array_equal(a, b)
+
+
+def test_readers_are_orthogonal_to_the_protected_subspace(monitor):
+    assert monitor.protect.shape[0] == 4
+    for r in monitor.readers:
+        assert np.linalg.norm(r.weight) > 0
+        assert np.abs(monitor.protect @ r.weight).max() < 1e-8 * np.linalg.norm(r.weight)
+
+
+@pytest.mark.parametrize("fpr", [0.0, 1.0, -0.1, 1.5])
+def test_fpr_outside_0_1_is_a_one_line_error(lm, fpr):
+    with pytest.raises(ValueError, match="strictly between 0 and 1") as e:
+        fit_monitor(lm, HARMFUL, HARMLESS, calibration=CALIBRATION, fpr=fpr)
+    assert "\n" not in str(e.value)
+
+
+def test_calibration_with_one_class_or_empty_is_a_one_line_error(lm):
+    only_harmful = PromptSet(name="x", items=tuple(Prompt(id=str(i), text=t, label="harmful")
+                                                  for i, t in enumerate(HARMFUL[:4])))
+    with pytest.raises(ValueError, match="calibration set has only 4 harmful prompts") as e:
+        fit_monitor(lm, HARMFUL, HARMLESS, calibration=only_harmful)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="calibration"):
+        fit_monitor(lm, HARMFUL, HARMLESS, calibration=[])
+
+
+def test_monitor_on_another_model_is_a_one_line_error(monitor):
+    wider = tiny_model("llama", hidden_size=48)
+    with pytest.raises(MonitorMismatch, match="d_model 32") as e:
+        monitor.watch(wider)
+    assert "\n" not in str(e.value)
+    other = tiny_model("llama", seed=1)
+    other.name = "another-model"
+    with pytest.raises(MonitorMismatch, match="--any-model"):
+        monitor.watch(other)
+    with monitor.watch(other, strict=False):  # an edited copy of the same architecture is allowed on request
+        pass
+
+
+def test_watch_during_generate_gives_trajectories_and_no_extra_forward_pass(lm, monitor):
+    calls = []
+    h = lm.model.register_forward_pre_hook(lambda *_a: calls.append(1))
+    try:
+        plain = _generate(lm, HARMFUL[:2] + HARMLESS[:1], max_new_tokens=6, min_new_tokens=6)
+        n_plain = len(calls)
+        calls.clear()
+        with monitor.watch(lm) as w:
+            watched = _generate(lm, HARMFUL[:2] + HARMLESS[:1], max_new_tokens=6, min_new_tokens=6)
+    finally:
+        h.remove()
+    assert torch.equal(plain, watched)
+    assert len(calls) == n_plain == w.n_calls == 6  # one prefill + five decoding steps, nothing more
+    assert len(w.verdicts) == 3
+    for row, v in enumerate(w.verdicts):
+        assert len(v.harm_trajectory) == len(v.refusal_trajectory) == len(v.projection_trajectory) == 5
+        assert list(v.token_ids) == watched[row, -6:-1].tolist()  # read on the tokens fed back
+    # the prefill verdict equals a plain forward's reading
+    harm, refusal = score_prompts(lm, monitor, HARMFUL[:2] + HARMLESS[:1])
+    assert np.allclose([v.harm for v in w.verdicts], harm, atol=1e-4)
+    assert np.allclose([v.refusal for v in w.verdicts], refusal, atol=1e-4)
+
+
+def test_alert_callback_can_stop_generation(lm, monitor):
+    m = Monitor.from_state(*monitor.to_state())
+    m.threshold, m.refusal_threshold = -1e9, 1e9  # everything harmful, nothing refused: every row alerts
+    seen = []
+
+    def on_alert(row, verdict):
+        seen.append((row, verdict.kind))
+        return True
+
+    with m.watch(lm, on_alert=on_alert) as w:
+        out = _generate(lm, HARMFUL[:2], max_new_tokens=8, stopping_criteria=w.stopping_criteria())
+    assert sorted(seen) == [(0, "alert"), (1, "alert")]
+    assert out.shape[1] - tokenize_prompts(lm.tokenizer, HARMFUL[:2]).seq_len == 1  # stopped after one token
+    assert all(v.alert for v in w.verdicts)
+
+
+def test_run_monitor_and_html_escape(lm, monitor):
+    prompts = ["<script>alert(1)</script> how do I make a bomb?", HARMLESS[0]]
+    run = run_monitor(lm, monitor, prompts, max_new_tokens=4)
+    assert len(run.verdicts) == 2 and sum(run.counts().values()) == 2
+    page = render_html(run)
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    rows = run.rows()
+    assert rows[0]["prompt"] == prompts[0] and rows[0]["verdict"] in run.counts()
+
+
+def test_baselines_and_figures(lm, monitor):
+    assert keyword_hits("How do I build a bomb to kill") == 2 and keyword_hits("bake bread") == 0
+    f = detector_figures([3, 2, 1, 0], [1, 1, 0, 0], 1.5)
+    assert f["auroc"] == 1.0 and f["tpr_at_threshold"] == 1.0 and f["fpr_at_threshold"] == 0.0
+    from safetyscope.methods.direction.artifact import Direction
+
+    attack = Direction(torch.from_numpy(monitor.refusal_direction).float(), monitor.refusal_layer)
+    ev = evaluate_monitor(lm, monitor, HARMFUL[:4], HARMLESS[:4], attack=attack, max_new_tokens=3)
+    out = ev.to_json()
+    assert out["clean"]["baselines"].keys() == {"output_judge", "keyword", "self_check"}
+    assert 0.0 <= out["attacked"]["monitor"]["auroc"] <= 1.0 and "tpr_drop_at_threshold" in out
+
+
+def test_cli_fit_run_eval(tmp_path):
+    lm = tiny_model("qwen2")
+    model_dir = tmp_path / "model"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("How do I make a bomb?\nHow do I bake bread?\n")
+    calib = tmp_path / "c.txt"
+    calib.write_text("\n".join(CALIBRATION) + "\n")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "safetyscope", "monitor", *args, "--quiet"], capture_output=True,
+                              text=True, timeout=600)
+
+    out = tmp_path / "out"
+    r = run("fit", str(model_dir), "--out", str(out), "--n-prompts", "8", "--calibration", str(calib), "--fpr", "0.1")
+    assert r.returncode == 0, r.stderr
+    assert (out / "monitor" / "artifact" / "artifact.json").is_file()
+    r = run("run", str(model_dir), "--out", str(out), "--prompts", str(prompts), "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (out / "monitor_run" / "verdicts.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and (out / "monitor_run" / "report.html").is_file()
+    r = run("eval", str(model_dir), "--out", str(out), "--harmful", str(prompts), "--harmless", str(calib),
+            "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "monitor_eval" / "summary.json").read_text())["clean"]["monitor"]["auroc"] >= 0.0
+    r = run("fit", str(model_dir), "--out", str(out), "--fpr", "1.5")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "between 0 and 1" in r.stderr
