@@ -157,10 +157,11 @@ def test_breaking_points_use_the_fragility_curves_real_names():
 
 def test_decision_onset_is_the_first_block_whose_residual_patch_restores_half_the_peak():
     from safetyscope.methods.circuit.evidence import decision_onset as onset_of_grid
-    from safetyscope.methods.circuit.results import TraceSummary
+    from safetyscope.methods.circuit.results import EffectGrid
 
     def decision_onset(trace: dict | None):
-        return onset_of_grid(TraceSummary.from_json({"modes": {}, **trace}).grid if trace else None)
+        grid = trace["modes"]["attribution"]["grids"]["component"] if trace else None
+        return onset_of_grid(EffectGrid.from_json(grid) if grid else None)
 
     grid = {"rows": ["0", "1", "2", "3", "4"], "cols": ["resid_pre", "attn.out", "mlp.out"],
             "median": [[0.0, 0.9, 0.0], [0.1, 0.0, 0.0], [0.3, 0.0, None], [0.7, 0.1, 0.0], [0.8, 0.0, 0.0]]}

@@ -87,18 +87,15 @@ class CircuitMap:
 
     @property
     def headline(self) -> str | None:
-        rep = self.raw.get("report")
-        return rep.get("headline") if isinstance(rep, Mapping) else None
+        return self.results.report.headline if self.results.report else None
 
     @property
     def implications(self) -> list[dict[str, Any]] | None:
-        rep = self.raw.get("report")
-        return rep.get("implications") if isinstance(rep, Mapping) else None
+        return [dict(r) for r in self.results.report.implications] if self.results.report else None
 
     @property
     def report_path(self) -> Path | None:
-        rep = self.raw.get("report")
-        return Path(rep["report"]) if isinstance(rep, Mapping) and rep.get("report") else None
+        return Path(self.results.report.path) if self.results.report else None
 
     @property
     def failed(self) -> dict[str, str]:

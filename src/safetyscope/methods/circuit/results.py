@@ -118,10 +118,10 @@ class TraceSummary:
     def from_json(cls, d: Json) -> TraceSummary:
         modes = d["modes"]
         mode: Json = modes.get("attribution") or next(iter(modes.values()), {})
-        grids = mode.get("grids", {})
+        grids = mode["grids"]
         grid = EffectGrid.from_json(grids["component"]) if "component" in grids else None
-        top = {r["cell"]: float(r["median"]) for r in mode.get("top", {}).get("component", [])}
-        verified = {r["cell"]: r.get("exact_median", r["attribution"])
+        top = {r["cell"]: float(r["median"]) for r in mode["top"].get("component", [])}
+        verified = {r["cell"]: r["exact_median"]  # only the attribution mode verifies its top cells
                     for key, rs in mode.get("verify", {}).items() if not str(key).startswith("reverse") for r in rs}
         effects = {**top, **{k: float(v) for k, v in verified.items() if v is not None}}
         return cls(grid, effects)
@@ -198,6 +198,20 @@ class DLASummary:
 
 
 @dataclass(frozen=True)
+class ReportSummary:
+    """What the report stage stored: the page, its headline, the implications rows, stages without evidence."""
+
+    path: str
+    headline: str
+    implications: tuple[Mapping[str, str], ...]  # row, measured, meaning
+    missing_stages: Mapping[str, str]  # circuit stage -> why it has no evidence
+
+    @classmethod
+    def from_json(cls, d: Json) -> ReportSummary:
+        return cls(str(d["report"]), str(d["headline"]), tuple(d["implications"]), dict(d["missing_stages"]))
+
+
+@dataclass(frozen=True)
 class StageRun:
     """How one stage went in this run: computed, reused from the cache, failed or not run."""
 
@@ -218,13 +232,14 @@ class Results:
     fragility: FragilitySummary | None = None
     capability: CapabilitySummary | None = None
     dla: DLASummary | None = None
+    report: ReportSummary | None = None
     problems: Mapping[str, str] = field(default_factory=dict)  # stage -> why its result could not be read
 
     @classmethod
     def from_json(cls, done: Mapping[str, Any]) -> Results:
         parsers: dict[str, Any] = {"probe": ProbeSummary, "neurons": NeuronSummary, "trace": TraceSummary,
                                    "direction": DirectionSummary, "fragility": FragilitySummary,
-                                   "capability": CapabilitySummary, "dla": DLASummary}
+                                   "capability": CapabilitySummary, "dla": DLASummary, "report": ReportSummary}
         found: dict[str, Any] = {}
         problems: dict[str, str] = {}
         for name, parser in parsers.items():
