@@ -125,12 +125,14 @@ def _fit(lm: LoadedModel, harmful: list[str], harmless: list[str], *, positions:
     sites = neuron_sites(lm, layers)
     layer_list = [int(s.layer) for s in sites if s.layer is not None]
     gm = GroupMoments.from_state({k[6:]: v for k, v in ckpt.tensors.items() if k.startswith("stats/")})
+
+    def stats_run(group: str) -> Callable[[list[str]], Iterator[Batch]]:
+        return lambda todo: accumulate(lm, todo, sites, positions, gm, group, batch_size=batch_size, system=system)
+
     for group, prompts in (("harmful", harmful), ("harmless", harmless)):
         if not prompts:
             raise ValueError(f"the {group!r} prompt set is empty; give at least one prompt")
-        _resume(ckpt, f"stats_{group}", prompts,
-                lambda todo, g=group: accumulate(lm, todo, sites, positions, gm, g, batch_size=batch_size, system=system),
-                lambda: {f"stats/{k}": v for k, v in gm.state().items()})
+        _resume(ckpt, f"stats_{group}", prompts, stats_run(group), lambda: {f"stats/{k}": v for k, v in gm.state().items()})
     stats = stats_from_moments(gm, layer_list, position_name(positions))
     if not gradient:
         return stats, None, None

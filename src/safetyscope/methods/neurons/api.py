@@ -11,7 +11,7 @@ file a set was found on is refused (:func:`check_held_out`). Nothing here loads 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -307,7 +307,7 @@ def neuron_fragility(
     seed_list = [seed + i for i in range(seeds)] if isinstance(seeds, int) else [int(x) for x in seeds]
     done, save_row = _fragility_progress(cache_dir, fingerprint(lm.name, ranked, h, s, mode, strength, max_new_tokens,
                                                                 seed_list))
-    pools = {layer: [(layer, i) for i in range(a.stats.d_mlp)] for layer in a.stats.layers}
+    pools: dict[Hashable, list[Neuron]] = {layer: [(layer, i) for i in range(a.stats.d_mlp)] for layer in a.stats.layers}
     res = fragility_curves(lm, ranked, _curve_maker(lm, a, mode, strength), k_list, h, s, random_pools=pools,
                            group=lambda n: n[0], seeds=seed_list, random_like=next(iter(ranked)),
                            max_new_tokens=max_new_tokens, batch_size=batch_size, system=system, done=done,

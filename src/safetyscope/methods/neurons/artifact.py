@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 from ...artifacts.base import Artifact, ArtifactError, register
 from ...hooks import EditFn, hooks
 from ...io import atomic_dir, write_json
+from ...models.adapter import LoadedModel
 from ...positions import Batch
 from ...sites import Site
 
@@ -131,7 +132,7 @@ class NeuronSet(Artifact):
             out[layer] = (idx, None if self.means is None else self.means[pick])
         return out
 
-    def check(self, lm: Any) -> None:
+    def check(self, lm: LoadedModel) -> None:
         bad = [(layer, i) for layer, i in self.neurons if layer >= lm.n_layers or i >= lm.dims.d_mlp]
         if bad:
             raise ValueError(
@@ -165,10 +166,10 @@ class NeuronSet(Artifact):
             info=meta.get("info", {}),
         )
 
-    def apply(self, lm: Any) -> Any:
+    def apply(self, lm: LoadedModel) -> AbstractContextManager[None]:
         return ablate_neurons(lm, self, mode=self.mode, strength=self.strength)
 
-    def export(self, lm: Any, out_dir: str | Path) -> Path:
+    def export(self, lm: LoadedModel, out_dir: str | Path) -> Path:
         """Save a Hugging Face checkpoint whose weights carry this ablation permanently."""
         edited = edited_copy(lm, self)
         with atomic_dir(out_dir) as tmp:
@@ -202,7 +203,7 @@ def _as_set(neurons: NeuronSet | Iterable[Neuron], means: torch.Tensor | Sequenc
 
 @contextmanager
 def ablate_neurons(
-    lm: Any,
+    lm: LoadedModel,
     neurons: NeuronSet | Iterable[Neuron],
     mode: str = "zero",
     strength: float | None = None,
@@ -225,7 +226,7 @@ def ablate_neurons(
 
 
 # ---- permanent weight edits ----------------------------------------------------------------------
-def _down_proj_path(lm: Any, layer: int) -> str:
+def _down_proj_path(lm: LoadedModel, layer: int) -> str:
     if not lm.table.mlp_out_proj:
         raise ArtifactError(
             f"the {lm.table.family} architecture table has no mlp_out_proj; add it with --arch-table to export"
@@ -233,7 +234,7 @@ def _down_proj_path(lm: Any, layer: int) -> str:
     return lm.table.expand(lm.table.mlp_out_proj, layer)
 
 
-def edit_weights(model: Any, lm: Any, neurons: NeuronSet) -> None:
+def edit_weights(model: Any, lm: LoadedModel, neurons: NeuronSet) -> None:
     """Apply ``neurons``' ablation to ``model``'s down projections in place (``model`` shares ``lm``'s layout).
 
     nn.Linear stores [d_model, d_mlp] (neuron i is column i); GPT-2's Conv1D stores [d_mlp, d_model] (row i).
@@ -266,7 +267,7 @@ def edit_weights(model: Any, lm: Any, neurons: NeuronSet) -> None:
                 w[:, i] = scaled
 
 
-def edited_copy(lm: Any, neurons: NeuronSet) -> Any:
+def edited_copy(lm: LoadedModel, neurons: NeuronSet) -> LoadedModel:
     """A LoadedModel sharing ``lm``'s tokenizer whose (deep-copied) weights carry the ablation."""
     neurons.check(lm)
     model = copy.deepcopy(lm.model)

@@ -262,10 +262,10 @@ def direction_fragility(
 
     Curves ``direction`` and ``random direction`` at k = 0 (unablated) and k = 1 (one direction ablated
     at every layer), measured exactly like the neuron curves, so they share one plot and one table.
-    ``direction``: a :class:`~safetyscope.methods.direction.artifact.Direction`.
+    ``direction``: a :class:`~safetyscope.methods.direction.artifact.Direction`; the random directions are built
+    by its own class (this package does not import the direction package).
     """
-    from ..direction.artifact import Direction
-
+    make_direction = type(direction)
     if not harmful or not harmless:
         raise ValueError("direction fragility needs held-out harmful and harmless prompts; give at least one of each")
     ids = list(token_ids) if token_ids is not None else refusal_token_ids(lm.tokenizer)
@@ -281,7 +281,7 @@ def direction_fragility(
         g = torch.Generator().manual_seed(int(seed))
         # Zero ablation even when the direction uses mean ablation (random directions have no harmless means):
         # zeroing a component is the larger change, so "random does nothing" is the conservative reading.
-        rand = Direction(torch.randn(d_model, generator=g, dtype=torch.float64), direction.layer, direction.position)
+        rand = make_direction(torch.randn(d_model, generator=g, dtype=torch.float64), direction.layer, direction.position)
         rows.append({"curve": "random direction", "seed": int(seed), "k": 0, **baseline})
         rows.append({"curve": "random direction", "seed": int(seed), "k": 1,
                      **measure_point(lm, rand, harmful, harmless, reference, **kw)})

@@ -33,6 +33,7 @@ import torch
 
 from ...artifacts.base import Artifact, ArtifactError, register
 from ...hooks import EditFn, hooks
+from ...models.adapter import LoadedModel
 from ...positions import Batch, parse_positions, select_positions
 from ...sites import BLOCK_KINDS, Site
 
@@ -165,7 +166,7 @@ class Probe(Artifact):
             self._device_cache[key] = (w.to(device, torch.float32), b.to(device, torch.float32))
         return self._device_cache[key]
 
-    def monitor(self, lm: Any, layers: Sequence[int] | None = None) -> AbstractContextManager[ProbeMonitor]:
+    def monitor(self, lm: LoadedModel, layers: Sequence[int] | None = None) -> AbstractContextManager[ProbeMonitor]:
         """Read-only hooks recording P(label) at each probed layer; hooks are removed on exit."""
         chosen = [int(v) for v in (self.layers if layers is None else layers)]
         idx = {layer: self.index(layer) for layer in chosen}
@@ -194,7 +195,7 @@ class Probe(Artifact):
 
         return run()
 
-    def apply(self, lm: Any) -> AbstractContextManager[Any]:
+    def apply(self, lm: LoadedModel) -> AbstractContextManager[Any]:
         """A read-only monitor (see :meth:`monitor`): probes do not edit the model."""
         return self.monitor(lm)
 
