@@ -104,7 +104,9 @@ def test_a_failing_stage_is_recorded_and_the_map_goes_on(tiny_dir, tmp_path, mon
                                    "--stages", "probe,trace,dla,report"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
-    assert summary["failed"] == {"trace": "RuntimeError: simulated failure in the trace stage"}
+    log = out / "map" / "errors" / "trace.txt"
+    assert summary["failed"] == {"trace": f"RuntimeError: simulated failure in the trace stage (traceback: {log})"}
+    assert "Traceback" in log.read_text() and "in broken" in log.read_text()
     assert summary["status"]["dla"] == "done" and summary["status"]["report"] == "done"
     stages = out / "map" / "stages"
     assert not (stages / "trace.json").exists()  # a failure is not cached: the next run tries again

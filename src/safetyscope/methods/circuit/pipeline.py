@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import importlib
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...io import fingerprint, read_json, write_json
+from ...io import atomic_path, fingerprint, read_json, write_json
 from ...models.adapter import LoadedModel
 from ...prompts.sets import PromptsLike
 from .inputs import Budget, MapConfig, MapPrompts, StageInputs
@@ -146,8 +147,11 @@ def _run_stage(stage: str, x: StageInputs, runs: list[StageRun]) -> dict[str, An
         return result
     except Exception as exc:  # noqa: BLE001 - recorded on the page; the map goes on with the evidence it has
         msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
-        runs.append(StageRun(stage, "failed", time.perf_counter() - t0, msg))
-        x.log(f"[map] {stage} failed: {msg}")
+        log = x.out / "map" / "errors" / f"{stage}.txt"  # the whole traceback, for a bug report
+        with atomic_path(log) as tmp:
+            tmp.write_text("".join(traceback.format_exception(exc)), "utf-8")
+        runs.append(StageRun(stage, "failed", time.perf_counter() - t0, f"{msg} (traceback: {log})"))
+        x.log(f"[map] {stage} failed: {msg} (traceback: {log})")
         return {"error": msg}
 
 
