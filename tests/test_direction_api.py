@@ -4,6 +4,7 @@ typed settings and reasons, and the measurement commands refusing the prompts a 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,12 @@ from safetyscope.artifacts import load_artifact
 from safetyscope.hooks import forward
 from safetyscope.methods.direction import candidates as candidates_mod
 from safetyscope.methods.direction import scoring as scoring_mod
-from safetyscope.methods.direction.api import DirectionConfig, DirectionSearch, find_direction, search_direction
+from safetyscope.methods.direction.api import (
+    DirectionConfig,
+    DirectionSearch,
+    find_direction,
+    search_direction,
+)
 from safetyscope.methods.direction.artifact import Direction
 from safetyscope.methods.direction.scores import Reason, Selection
 from safetyscope.prompts.chat import tokenize_prompts
@@ -48,6 +54,9 @@ def test_find_direction_on_plain_lists_applies_and_restores_the_model_exactly(lm
     assert torch.equal(before, after)  # bit-identical once the context exits
     assert not torch.allclose(before, during)  # and the ablation did something while active
     assert hook_count(lm) == n_hooks
+    one = find_direction(lm, HARMFUL[:1], HARMLESS[:1], config=FAST)  # too few to hold out: said in the metadata
+    assert isinstance(one, Direction) and "fitting prompts" in one.meta["selected_on"]
+    assert "selected_on" not in d.meta and "fit_files" not in d.meta  # lists carry no file to record
 
 
 def test_search_direction_resumes_from_its_cache_and_leaves_no_partial_scores(lm, tmp_path, monkeypatch):
@@ -74,7 +83,7 @@ class Stop(Exception):
 
 
 def test_an_interrupted_selection_resumes_from_its_partial_scores(lm, tmp_path, monkeypatch):
-    kw = dict(val_harmful=HARMFUL[:2], val_harmless=HARMLESS[:2], config=replace_per_pass(FAST, 1), batch_size=8,
+    kw = dict(val_harmful=HARMFUL[:2], val_harmless=HARMLESS[:2], config=replace(FAST, per_pass=1), batch_size=8,
               cache_dir=tmp_path)
     real = scoring_mod.ablated_logits
     passes = []
@@ -96,12 +105,6 @@ def test_an_interrupted_selection_resumes_from_its_partial_scores(lm, tmp_path, 
     n_scored = sum(1 for s in found.selection.scores if s.bypass is not None)
     assert n_scored >= 2 and len(passes) == n_scored - 1  # the checkpointed candidate was not scored again
     assert not (tmp_path / "scores_partial.json").exists()
-
-
-def replace_per_pass(cfg: DirectionConfig, n: int) -> DirectionConfig:
-    from dataclasses import replace
-
-    return replace(cfg, per_pass=n)
 
 
 def test_direction_config_checks_its_modes_once_with_one_line_errors():

@@ -60,7 +60,9 @@ class DirectionConfig:
             raise ValueError(f"unknown filter {self.filter!r}; use {', '.join(FILTERS)}")
         if self.induce not in INDUCE_MODES:
             raise ValueError(f"unknown induce mode {self.induce!r}; use all or lazy")
-        spec = parse_positions(self.positions if isinstance(self.positions, str) else list(self.positions))
+        if not isinstance(self.positions, str):
+            object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
+        spec = parse_positions(self.positions)
         if spec not in ("post_instruction", "last") and not isinstance(spec, tuple):
             raise ValueError(f"candidates need token positions (post_instruction, last or offsets like -1,-2), not {spec!r}")
         if self.layers is not None:
