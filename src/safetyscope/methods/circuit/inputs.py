@@ -24,8 +24,8 @@ class MapConfig:
     """Settings of a map run (the CLI's ``safetyscope map`` flags, less model loading and output)."""
 
     quick: bool = False  # tiny budgets everywhere: a smoke test, not findings
-    n_prompts: int = 48  # training prompts per group (probes, neurons, direction candidates)
-    n_eval: int = 16  # held-out prompts per group (ablation, fragility, capability)
+    n_prompts: int = 48  # training prompts per group (probes, neurons, direction candidates); 0 = all
+    n_eval: int = 16  # held-out prompts per group (ablation, fragility, capability); 0 = all
     pairs: int = 6  # minimal pairs traced by attribution patching
     max_new_tokens: int = 32  # reply length of judged generations
     fragility_ks: str = "0,10,100,1%"  # numbers of neurons ablated along the fragility curves
@@ -35,9 +35,10 @@ class MapConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_prompts", "n_eval", "pairs", "max_new_tokens", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"MapConfig.{name} must be at least 1, not {getattr(self, name)}")
+        for name, least in (("n_prompts", 0), ("n_eval", 0), ("pairs", 1), ("max_new_tokens", 1), ("batch_size", 1)):
+            if int(getattr(self, name)) < least:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be at least {least}, not {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,11 @@ class StageInputs:
         return self.config.batch_size
 
     def sampled(self, kind: Kind, n: int, part: Literal["fit", "train", "val", "test"] = "fit", seed_offset: int = 0) -> list[str]:
-        """``n`` prompts of one group's part, sampled with the run's seed."""
+        """``n`` prompts of one group's part (0 = all), sampled with the run's seed."""
         ps = self.prompts.fit(kind) if part == "fit" else getattr(self.prompts.splits(kind), part)
-        return ps.sample(n, seed=self.config.seed + seed_offset).require_nonempty(f"{kind} {part} prompts").texts
+        if n:
+            ps = ps.sample(n, seed=self.config.seed + seed_offset)
+        return ps.require_nonempty(f"{kind} {part} prompts").texts
 
     def key_settings(self) -> dict[str, Any]:
         d = self.lm.describe()
