@@ -1,0 +1,139 @@
+"""Monitor benchmark: generation time with vs without the monitor (one run), and the eval figures.
+
+    python benchmarks/monitor.py --out runs/bench_monitor                      # overhead only
+    python benchmarks/monitor.py --out runs/bench_monitor \\
+        --harmful ../shared/data/advbench.jsonl --harmless ../shared/data/alpaca_harmless_val.jsonl \\
+        --attack find                                                           # + eval before / under ablation
+
+The monitor is fitted on the built-in train splits (harmful; harmless + scary_harmless) and calibrated
+on the default calibration set, or loaded with --monitor. Overhead: the same batches are generated
+(greedy, fixed length) with and without ``monitor.watch``, interleaved (median of --repeats), so load
+from other processes hits both alike; target ratio <= 1.03. ``--attack find``: the refusal direction
+from ``find_direction`` on the built-in train split, ablated by hooks (or give an artifact directory).
+Nothing is selected on the --harmful / --harmless files: they are only measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("SAFETYSCOPE_QUIET", "1")
+
+from safetyscope.artifacts.base import Artifact, load_artifact  # noqa: E402
+from safetyscope.io import write_json  # noqa: E402
+from safetyscope.methods.monitor import Monitor, evaluate_monitor, fit_monitor  # noqa: E402
+from safetyscope.models import load_model  # noqa: E402
+from safetyscope.models.adapter import LoadedModel  # noqa: E402
+from safetyscope.prompts import builtin_prompts  # noqa: E402
+from safetyscope.prompts.chat import pad_token_id, tokenize_prompts  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench_monitor"))
+    ap.add_argument("--monitor", default="", help="monitor artifact directory (default: fit one, saved under --out)")
+    ap.add_argument("--gen-prompts", type=int, default=16, help="prompts generated for the overhead timing")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--harmful", default="", help="held-out harmful prompts for the eval (empty: no eval)")
+    ap.add_argument("--harmless", default="", help="held-out harmless prompts for the eval")
+    ap.add_argument("--attack", default="", help="'find' (direction ablation found on the built-in train split) or an artifact dir")
+    ap.add_argument("--eval-tokens", type=int, default=48, help="reply length for the eval's phrase judge")
+    ap.add_argument("--protect", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def setup(args: argparse.Namespace) -> tuple[LoadedModel, Monitor, dict[str, Any]]:
+    lm = load_model(args.model, log=lambda m: print(m, file=sys.stderr))
+    info: dict[str, Any] = {"model": lm.name}
+    if args.monitor:
+        return lm, Monitor.load(args.monitor), info
+    t0 = time.perf_counter()
+    harmless = builtin_prompts("harmless", "train") + builtin_prompts("scary_harmless", "train")
+    m = fit_monitor(lm, builtin_prompts("harmful", "train"), harmless, protect=args.protect,
+                    batch_size=args.batch_size)
+    info["fit_s"] = time.perf_counter() - t0
+    m.save(args.out / "monitor")
+    info["monitor"] = str(args.out / "monitor")
+    return lm, m, info
+
+
+def overhead(lm: LoadedModel, m: Monitor, args: argparse.Namespace) -> dict[str, Any]:
+    """Median generation time with and without the watch on the same batches (interleaved rounds)."""
+    texts = (builtin_prompts("harmful", "test").texts[: args.gen_prompts // 2]
+             + builtin_prompts("harmless", "test").texts[: args.gen_prompts - args.gen_prompts // 2])
+    batches = [tokenize_prompts(lm.tokenizer, texts[i:i + args.batch_size]).to(lm.input_device)
+               for i in range(0, len(texts), args.batch_size)]
+    n = args.max_new_tokens
+
+    def gen() -> None:
+        with torch.inference_mode():
+            for b in batches:
+                lm.model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, pad_token_id=pad_token_id(lm.tokenizer))
+
+    def watched() -> None:
+        with m.watch(lm):
+            gen()
+
+    fns = {"plain": gen, "monitored": watched}
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(args.repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"prompts": len(texts), "new_tokens": n, "plain_s": med["plain"], "monitored_s": med["monitored"],
+            "ratio": med["monitored"] / med["plain"], "repeats": args.repeats}
+
+
+def attack_of(lm: LoadedModel, args: argparse.Namespace) -> Artifact | None:
+    if not args.attack:
+        return None
+    if args.attack != "find":
+        return load_artifact(args.attack)
+    from safetyscope.methods.direction.api import find_direction
+
+    d = find_direction(lm, builtin_prompts("harmful", "train"), builtin_prompts("harmless", "train"),
+                       batch_size=args.batch_size)
+    d.save(args.out / "attack_direction")
+    return d
+
+
+def report(result: dict[str, Any], out: Path) -> None:
+    write_json(out / "summary.json", result)
+    print(json.dumps(result, indent=2, default=str))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    lm, m, result = setup(args)
+    result["overhead"] = overhead(lm, m, args)
+    print(f"overhead: monitored / plain generation = {result['overhead']['ratio']:.3f}", file=sys.stderr)
+    if args.harmful and args.harmless:
+        attack = attack_of(lm, args)
+        ev = evaluate_monitor(lm, m, args.harmful, args.harmless, attack=attack,
+                              attack_name=args.attack or None, max_new_tokens=args.eval_tokens,
+                              batch_size=args.batch_size)
+        result["eval"] = ev.to_json()
+    result["command"] = " ".join(["python", "benchmarks/monitor.py", *(argv if argv is not None else sys.argv[1:])])
+    report(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
