@@ -43,7 +43,7 @@ from .capability import (
 )
 from .compare import Intervention, enter
 from .generation import refusal_scores
-from .judges import PhraseJudge, as_judge
+from .judges import JudgeError, PhraseJudge, as_judge
 from .metrics import RateWithCI, agreement, auroc, rate_with_ci, refusal_score
 from .refusal_tokens import refusal_token_ids, refusal_tokens
 
@@ -229,21 +229,11 @@ def evaluate(
         baseline: with an intervention, also generate and judge the reference's harmful/scary replies.
         names: descriptions of the intervention(s) for the report.
     """
-    from ..prompts import builtin_prompts
-
     start = time.perf_counter()
     judge_fn: JudgeFn = judge if judge is not None else PhraseJudge()
     if not callable(judge_fn):
-        raise TypeError(f"judge must be callable as judge(prompt, reply); got {type(judge_fn).__name__}")
-    given = {"harmful": harmful, "harmless": harmless, "scary": scary}
-    defaults = {"harmful": ("harmful", "test"), "harmless": ("harmless", "test"), "scary": ("scary_harmless", "all")}
-    sets: dict[str, list[str]] = {}
-    for name in SET_NAMES:
-        texts = _texts(builtin_prompts(*defaults[name]) if given[name] is None else given[name])
-        if not texts and name != "scary":
-            raise ValueError(f"the {name} prompt set is empty; give at least one {name} prompt")
-        if texts:
-            sets[name] = texts
+        raise JudgeError(f"judge must be callable as judge(prompt, reply); got {type(judge_fn).__name__}")
+    sets = _eval_sets({"harmful": harmful, "harmless": harmless, "scary": scary})
     ids = list(token_ids) if token_ids is not None else refusal_token_ids(lm.tokenizer)
     gen: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "system": system}
 
@@ -260,32 +250,11 @@ def evaluate(
     results = {k: _set_result(k, sets[k], out[k][1], [decode_reply(lm, r) for r in out[k][0]], judge_fn,
                               "modified", records) for k in sets}
 
-    reference = None
-    if intervention is not None:
-        ref_sets = {}
-        for k, v in sets.items():
-            if k == "harmless" and ref_gen is not None:
-                got: tuple[list[list[int]] | None, list[float]] = ref_gen
-            elif baseline:
-                got = replies_and_scores(v)
-            else:  # scores only: one forward pass, no generation
-                got = None, refusal_scores(lm, v, token_ids=ids, batch_size=batch_size, system=system).tolist()
-            ref_texts = None if got[0] is None else [decode_reply(lm, r) for r in got[0]]
-            ref_sets[k] = _set_result(k, v, got[1], ref_texts, judge_fn, "reference", records)
-        reference = {"sets": {k: v.summary() for k, v in ref_sets.items()},
-                     "auroc": _auroc(ref_sets["harmful"], ref_sets["harmless"]),
-                     "auroc_harmful_vs_scary": _auroc(ref_sets["harmful"], ref_sets.get("scary")),
-                     "agreement_judge_vs_logit": _pooled_agreement(records, "reference")}
-
-    kl_out: dict[str, Any] | None = None
-    if kl and intervention is None:
-        kl_out = {"first_token": 0.0, "reply_tokens": 0.0, "n_prompts": len(sets["harmless"]),
-                  "note": "no intervention: the model is its own reference"}
-    elif kl:
-        res = reply_kl(lm, sets["harmless"], intervention, replies=ref_gen[0] if ref_gen else None,
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
-        kl_out = {**res.summary(), "per_prompt_first": res.per_prompt_first, "per_prompt_reply": res.per_prompt_reply}
-
+    reference = None if intervention is None else _reference(
+        lm, sets, judge_fn, records, ref_gen=ref_gen, generate=replies_and_scores if baseline else None,
+        scores=lambda v: refusal_scores(lm, v, token_ids=ids, batch_size=batch_size, system=system).tolist(),
+    )
+    kl_out = _kl_summary(lm, sets["harmless"], intervention, kl, ref_gen, max_new_tokens, batch_size, system)
     return EvalResult(
         model=lm.name, interventions=list(names), judge=_judge_name(judge_fn), max_new_tokens=max_new_tokens,
         refusal_tokens=refusal_tokens(lm.tokenizer, ids), sets=results,
@@ -295,6 +264,59 @@ def evaluate(
         perplexity=_perplexity(lm, intervention, capability, ppl_file, ppl_max_tokens, batch_size), reference=reference,
         replies=records, seconds=time.perf_counter() - start,
     )
+
+
+def _eval_sets(given: dict[str, Any]) -> dict[str, list[str]]:
+    """{set name: texts}; None = the built-in test split (scary: the whole set); an empty scary set is skipped."""
+    from ..prompts import builtin_prompts
+
+    defaults = {"harmful": ("harmful", "test"), "harmless": ("harmless", "test"), "scary": ("scary_harmless", "all")}
+    sets: dict[str, list[str]] = {}
+    for name in SET_NAMES:
+        texts = _texts(builtin_prompts(*defaults[name]) if given[name] is None else given[name])
+        if not texts and name != "scary":
+            raise ValueError(f"the {name} prompt set is empty; give at least one {name} prompt")
+        if texts:
+            sets[name] = texts
+    return sets
+
+
+def _reference(
+    lm: LoadedModel, sets: dict[str, list[str]], judge_fn: JudgeFn, records: list[ReplyRecord], *,
+    ref_gen: tuple[list[list[int]], list[float]] | None,
+    generate: Callable[[list[str]], tuple[list[list[int]], list[float]]] | None,
+    scores: Callable[[list[str]], list[float]],
+) -> dict[str, Any]:
+    """The unmodified model's figures on the same sets: its harmless replies ``ref_gen`` (when generated for
+    the KL), replies from ``generate`` (with --baseline), else logit scores only (one pass, no generation)."""
+    ref_sets = {}
+    for k, v in sets.items():
+        got: tuple[list[list[int]] | None, list[float]]
+        if k == "harmless" and ref_gen is not None:
+            got = ref_gen
+        else:
+            got = generate(v) if generate is not None else (None, scores(v))
+        ref_texts = None if got[0] is None else [decode_reply(lm, r) for r in got[0]]
+        ref_sets[k] = _set_result(k, v, got[1], ref_texts, judge_fn, "reference", records)
+    return {"sets": {k: v.summary() for k, v in ref_sets.items()},
+            "auroc": _auroc(ref_sets["harmful"], ref_sets["harmless"]),
+            "auroc_harmful_vs_scary": _auroc(ref_sets["harmful"], ref_sets.get("scary")),
+            "agreement_judge_vs_logit": _pooled_agreement(records, "reference")}
+
+
+def _kl_summary(
+    lm: LoadedModel, harmless: list[str], intervention: Intervention | None, kl: bool,
+    ref_gen: tuple[list[list[int]], list[float]] | None, max_new_tokens: int, batch_size: int, system: str | None,
+) -> dict[str, Any] | None:
+    """Reply KL to the unmodified model on the harmless prompts (on its own replies, when generated)."""
+    if not kl:
+        return None
+    if intervention is None:
+        return {"first_token": 0.0, "reply_tokens": 0.0, "n_prompts": len(harmless),
+                "note": "no intervention: the model is its own reference"}
+    res = reply_kl(lm, harmless, intervention, replies=ref_gen[0] if ref_gen else None,
+                   max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
+    return {**res.summary(), "per_prompt_first": res.per_prompt_first, "per_prompt_reply": res.per_prompt_reply}
 
 
 def _perplexity(lm: LoadedModel, intervention: Intervention | None, capability: bool, ppl_file: str | Path | None,
