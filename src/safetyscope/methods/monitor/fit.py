@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -42,8 +42,10 @@ from ...prompts.sets import PromptsLike, as_prompt_set
 from ...prompts.types import PromptSet
 from ...runner import batched
 from ...sites import Site
-from ..direction.artifact import Direction
 from .artifact import POSITIONS, Monitor, Reader, ReaderMethod
+
+if TYPE_CHECKING:
+    from ..direction.artifact import Direction
 
 Method = Literal["dom", "probe", "both"]
 METHODS: tuple[str, ...] = ("dom", "probe", "both")
