@@ -58,6 +58,7 @@ from ...hooks import EditFn, hooks
 from ...io import atomic_dir, write_json
 from ...positions import Batch
 from ...sites import Site
+from .weights import compute_dtype, orthogonalized_copy
 
 if TYPE_CHECKING:
     from ...models.adapter import LoadedModel
@@ -74,10 +75,6 @@ def _constant(v: torch.Tensor) -> DirectionFn:
         return v
 
     return get
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _along(x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -371,8 +368,6 @@ class Direction(Artifact):
         if self.ablation == "mean":
             raise ArtifactError("mean ablation writes a constant along the direction, which needs output biases the "
                                 "attention/MLP projections lack; export the zero-ablation variant (--ablation zero)")
-        from .weights import orthogonalized_copy
-
         model = orthogonalized_copy(lm, self.direction, self.layer_weights, self.embed_weight, self.norm_preserving)
         with atomic_dir(out_dir) as tmp:
             kwargs: dict[str, Any] = {}

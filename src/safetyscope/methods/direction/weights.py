@@ -10,10 +10,14 @@ import torch
 from torch import nn
 
 from ...artifacts.base import ArtifactError
-from .artifact import compute_dtype
 
 if TYPE_CHECKING:
     from ...models.adapter import LoadedModel
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype projections are computed in: the tensor's own when float32/64, else float32."""
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 # ---- weight editing -------------------------------------------------------------------------------
