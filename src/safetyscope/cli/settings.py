@@ -21,6 +21,7 @@ from typing import Any, TypeVar, get_type_hints
 import typer
 
 from ..errors import SafetyscopeWarning, SettingsError
+from ..models.adapter import LoadedModel
 from ..models.arch import Dims
 from ..progress import verbosity
 from .checks import check_counts, check_file_pairs, check_layers, check_out_dir, check_specs, out_lock
@@ -52,7 +53,7 @@ class Settings:
     quiet: bool = opt(False, "No progress bars or tables; only errors and the final result.")
     json: bool = opt(False, "Print the result as JSON on stdout (for scripts).")
 
-    def load_model(self) -> Any:
+    def load_model(self) -> LoadedModel:
         """The model, after the layer settings were checked against its config (before the weights load)."""
         from ..models import load_model
 
