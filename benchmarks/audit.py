@@ -239,12 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         builders[name](path)
         rows.append(_row(name, ref_dir, path, refusal, true_r, args, time.perf_counter() - t0))
-        print(f"{name}: with reference {rows[-1]['ref_verdict']}, without {rows[-1].get('noref_verdict', '-')}",
-              file=sys.stderr)
+        print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("evidence")}, default=str), file=sys.stderr)
         shutil.rmtree(path, ignore_errors=True)
+        if args.json:  # after every row, so an interrupted run keeps what it measured
+            Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
     _print_table(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0

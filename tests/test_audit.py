@@ -65,7 +65,7 @@ def test_clean_checkpoint_is_clean_with_and_without_reference(lm, ref):
     assert rep.weights.counts["none"] == len(rep.weights.matrices) and rep.weights.n_removal == 0
     assert all(layer.verdict == "clean" for layer in rep.weights.layers)
     alone = audit_checkpoint(ref)
-    assert alone.verdict == "clean" and alone.signature is not None and alone.signature.n_collapsed == 0
+    assert alone.verdict == "clean" and alone.signature is not None and alone.signature.n_collapsed < 3  # min_removals
     assert alone.signature.null_ratio > 1e-3 and len(alone.signature.canary_scores) > 0
 
 
@@ -159,6 +159,9 @@ def test_signature_without_reference_finds_the_removed_direction(lm, r, ablitera
     assert s.harm_cos_null and all(c < 1e-3 for c in s.harm_cos_null.values())  # what is left is orthogonal to r
     weights_only = audit_checkpoint(abliterated, behaviour=False)
     assert weights_only.verdict == "tampering" and weights_only.signature.canary_refusal_rate is None
+    subset = Direction(r, 1, -1).with_weights(torch.tensor([0.0, 1.0, 1.0]), 0.0).export(lm, tmp_path / "subset")
+    s = audit_checkpoint(subset, behaviour=False).signature  # two blocks only: no null direction of the sum
+    assert s.verdict == "tampering" and s.n_collapsed == 4 and _cos(s.null_direction, r) >= 0.95
 
 
 # ---- bad input -----------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ more. So:
 * the smallest eigenvalue of ``G = sum_i W_i W_i^T / ||W_i||^2`` (residual side, [d_model, d_model])
   collapses relative to the median one (``null_ratio``; about 1e-7 in float32 after an export, while in
   an unedited model some writer always writes along every direction), and its eigenvector is the
-  removed direction;
+  removed direction; when only some writers were edited (a subset of blocks, a per-layer kernel), each
+  edited writer's own near-null left singular vector is tried as well, and the direction along which
+  most writers collapsed is kept;
 * each writer's output norm along that direction, relative to the median over random unit directions
   of the same matrix (``collapse``), is ~0 for every edited matrix (a partial removal of weight w
   leaves about 1 - w of it);
@@ -59,15 +61,27 @@ def residual_writers(src: TensorSource) -> dict[str, torch.Tensor]:
     return out
 
 
-def null_direction(mats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-    """(unit direction [d_model] that the writers together write least along, its eigenvalue / the median one)."""
+def null_direction(mats: dict[str, torch.Tensor], max_candidates: int = 64) -> tuple[torch.Tensor, float, list[torch.Tensor]]:
+    """(unit direction [d_model] that the writers together write least along, its eigenvalue / the median one,
+    candidate directions: the near-null left singular vector of each writer that has one).
+
+    A removal from only some writers (a subset of blocks, a per-layer kernel) leaves an exact null direction
+    in each edited matrix but not in the sum; the candidates catch it.
+    """
     g = None
+    candidates: list[tuple[float, torch.Tensor]] = []
     for w in mats.values():
-        part = (w @ w.T).double() / max(float(w.double().pow(2).sum()), 1e-300)  # [d_model, d_model]
-        g = part if g is None else g + part
+        gram = (w @ w.T).double()  # [d_model, d_model]
+        total = max(float(gram.trace()), 1e-300)
+        g = gram / total if g is None else g + gram / total
+        vals, vecs = torch.linalg.eigh(gram)
+        ratio = float(vals[0].clamp_min(0) / vals.median().clamp_min(1e-300))
+        if ratio < 1e-3:
+            candidates.append((ratio, vecs[:, 0].float()))
     assert g is not None, "no residual writers"
     vals, vecs = torch.linalg.eigh(g)
-    return vecs[:, 0].float(), float(vals[0].clamp_min(0) / vals.median().clamp_min(1e-300))
+    ranked = [v for _, v in sorted(candidates, key=lambda c: c[0])[:max_candidates]]
+    return vecs[:, 0].float(), float(vals[0].clamp_min(0) / vals.median().clamp_min(1e-300)), ranked
 
 
 def collapse_ratios(mats: dict[str, torch.Tensor], r: torch.Tensor, n_random: int, seed: int) -> dict[str, float]:
@@ -135,9 +149,14 @@ def audit_signature(src: TensorSource, lm: LoadedModel | None = None, cfg: Signa
     cfg = cfg or SignatureConfig()
     t0 = time.perf_counter()
     mats = residual_writers(src)
-    r, ratio = null_direction(mats)
+    r, ratio, candidates = null_direction(mats)
     collapse = collapse_ratios(mats, r, cfg.n_random, cfg.seed)
     n_collapsed = sum(v < cfg.collapsed for v in collapse.values())
+    for u in candidates:  # a direction that only some writers lost
+        c = collapse_ratios(mats, u, cfg.n_random, cfg.seed)
+        n = sum(v < cfg.collapsed for v in c.values())
+        if n > n_collapsed:
+            r, collapse, n_collapsed = u, c, n
     harm_collapse: dict[int, float] = {}
     harm_cos: dict[int, float] = {}
     scores: list[float] = []
