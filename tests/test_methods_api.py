@@ -173,6 +173,7 @@ def test_an_interrupted_analysis_resumes_from_its_saved_batches(tiny, tmp_path, 
             yield batch
 
     monkeypatch.setattr(neuron_analysis_module, "accumulate", interrupting)
+    monkeypatch.setattr(neuron_analysis_module, "SAVE_EVERY_S", 0.0)  # checkpoint after every batch
     with pytest.raises(KeyboardInterrupt):
         analyse_neurons(lm, HARMFUL, HARMLESS, cache_dir=tmp_path, **kw)
     assert saved_progress(tmp_path) == 6 and (tmp_path / PARTIAL).is_file()  # 3 finished batches of 2
@@ -194,11 +195,11 @@ def test_an_interrupted_analysis_resumes_from_its_saved_batches(tiny, tmp_path, 
 def test_neurons_find_sigint_says_what_is_saved_and_the_rerun_resumes(tiny, tmp_path):
     root, lm = tiny
     many_h, many_s = tmp_path / "h.txt", tmp_path / "s.txt"
-    many_h.write_text("".join(f"{HARMFUL[i % 10]} {i}\n" for i in range(600)))
-    many_s.write_text("".join(f"{HARMLESS[i % 10]} {i}\n" for i in range(600)))
+    many_h.write_text("".join(f"{HARMFUL[i % 10]} {i}\n" for i in range(200)))
+    many_s.write_text("".join(f"{HARMLESS[i % 10]} {i}\n" for i in range(200)))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "safetyscope", "neurons", "find", str(root / "model"), "--harmful", str(many_h),
-           "--harmless", str(many_s), "--filter", "none", "--no-gradient", "--batch-size", "1", "--quiet",
+           "--harmless", str(many_s), "--filter", "none", "--no-gradient", "--batch-size", "4", "--quiet",
            "--out", str(out)]
     env = {**os.environ, "SAFETYSCOPE_QUIET": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -210,12 +211,12 @@ def test_neurons_find_sigint_says_what_is_saved_and_the_rerun_resumes(tiny, tmp_
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "are saved in" in err and "rerun the same command to resume" in err
     n_saved = saved_progress(out / "neurons")
-    assert 0 < n_saved < 1200 and f"of {n_saved} finished prompt(s)" in err
+    assert 0 < n_saved < 400 and f"of {n_saved} finished prompt(s)" in err
 
     rerun = subprocess.run([*cmd[:-3], "--json", "--out", str(out)], capture_output=True, text=True, env=env,
                            timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert json.loads(rerun.stdout)["n_harmful"] == 600
+    assert json.loads(rerun.stdout)["n_harmful"] == 200
     assert not partial.exists() and (out / "neurons" / "analysis.json").is_file()
 
 

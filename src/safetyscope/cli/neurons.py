@@ -115,17 +115,6 @@ def _eval_groups(s: EvalSettings) -> tuple[Any, Any]:
             s.eval_harmless or builtin_prompts("harmless", s.eval_split, seed=s.seed))
 
 
-def eval_sets(s: EvalSettings) -> tuple[list[str], list[str]]:
-    """The held-out prompts (texts) ablations are measured on."""
-    from ..prompts.sets import as_prompt_set
-
-    out = []
-    for kind, group in zip(("harmful", "harmless"), _eval_groups(s)):
-        ps = as_prompt_set(group, kind)
-        out.append((ps.sample(s.n_eval, seed=s.seed) if s.n_eval else ps).require_nonempty(f"held-out {kind} prompts").texts)
-    return out[0], out[1]
-
-
 def _analysis_kw(s: FindSettings) -> dict[str, Any]:
     return {"layers": s.layers, "positions": s.positions, "filter": filter_method(s), "gradient": s.gradient,
             "utility_texts": s.utility_texts, "utility_tokens": s.utility_tokens, "n_prompts": s.n_prompts,

@@ -10,6 +10,8 @@ interrupted analysis resumes from the last finished batch instead of starting ov
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from .rank import NeuronStats, accumulate, check_positions, neuron_sites, positi
 FilterMethod = Literal["first_token", "score", "judge", "none"]
 FILTERS: tuple[str, ...] = get_args(FilterMethod)
 PARTIAL = "analysis_partial.safetensors"
+SAVE_EVERY_S = 10.0  # checkpoint at most this often (and at the end of every phase): big models, fast batches
 T = TypeVar("T")
 
 
@@ -54,7 +57,8 @@ class NeuronAnalysis:
 
 
 class Checkpoint:
-    """Running statistics of finished batches, saved atomically after every batch under one key.
+    """Running statistics of finished batches, saved atomically (after the first batch, then at most every
+    :data:`SAVE_EVERY_S` seconds and at the end of every phase) under one key.
 
     ``done[phase]`` holds the indices of the finished prompts of each phase; a checkpoint whose key differs
     from the current inputs is ignored (and overwritten by the first save).
@@ -64,6 +68,7 @@ class Checkpoint:
         self.path, self.key = path, key
         self.done: dict[str, set[int]] = {}
         self.tensors: dict[str, torch.Tensor] = {}
+        self.saved_at = -math.inf
         if path is not None and path.is_file():
             try:
                 tensors = load_tensors(path)
@@ -77,7 +82,10 @@ class Checkpoint:
     def n_done(self) -> int:
         return sum(len(v) for v in self.done.values())
 
-    def save(self, phase: str, done: set[int], tensors: dict[str, torch.Tensor]) -> None:
+    def save(self, phase: str, done: set[int], tensors: dict[str, torch.Tensor], *, force: bool = False) -> None:
+        if not force and time.monotonic() - self.saved_at < SAVE_EVERY_S:
+            return
+        self.saved_at = time.monotonic()
         self.done[phase] = set(done)
         self.tensors = {**self.tensors, **tensors}
         if self.path is not None:
@@ -117,6 +125,7 @@ def _resume(ckpt: Checkpoint, phase: str, items: Sequence[T], run: Callable[[lis
     for batch in run([items[i] for i in todo]):
         done.update(todo[j] for j in batch.index)
         ckpt.save(phase, done, state())
+    ckpt.save(phase, done, state(), force=True)
 
 
 def _fit(lm: LoadedModel, harmful: list[str], harmless: list[str], *, positions: PositionSpec, layers: str | Sequence[int],
