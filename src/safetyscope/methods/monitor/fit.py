@@ -276,14 +276,36 @@ def fit_monitor(
                          f"{lm.dims.d_model}; pass a direction found on this model")
     picked = resolve_layers(lm, layers)
     ids = refusal_token_ids(lm.tokenizer)
-    texts = h + s + cal_s + cal_h
-    feats = collect(lm, texts, picked, batch_size=batch_size, system=system, token_ids=ids)
-    n_fit = len(h) + len(s)
+    feats = collect(lm, h + s + cal_s + cal_h, picked, batch_size=batch_size, system=system, token_ids=ids)
+    data = FitData(feats, len(h), len(s), len(cal_s), len(cal_h))
+    monitor = fit_from_features(lm, data, fpr=fpr, method=method, n_readers=n_readers, protect=protect, c=c,
+                                direction=direction, system=system, seed=seed, token_ids=ids)
+    monitor.info["calibration"] = "default (built-in harmless val + scary_harmless)" if calibration is None else "given"
+    return monitor
+
+
+@dataclass(frozen=True)
+class FitData:
+    """Features of the harmful, harmless, harmless-calibration and harmful-calibration prompts, in that order."""
+
+    feats: Features
+    n_harmful: int
+    n_harmless: int
+    n_cal_harmless: int
+    n_cal_harmful: int
+
+
+def fit_from_features(lm: LoadedModel, data: FitData, *, fpr: float, method: Method, n_readers: int, protect: int,
+                      c: float, direction: Direction | None, system: str | None, seed: int,
+                      token_ids: Sequence[int]) -> Monitor:
+    """The monitor's fitting steps on captured features (see the module docstring)."""
+    n_h, n_s, feats = data.n_harmful, data.n_harmless, data.feats
+    n_fit = n_h + n_s
     fit = Features(feats.x[:n_fit], feats.refusal[:n_fit], feats.layers)
-    y = np.array([1] * len(h) + [0] * len(s))
-    tr_h, va_h = _split(len(h), seed)
-    tr_s, va_s = _split(len(s), seed + 1)
-    tr, va = np.concatenate([tr_h, len(h) + tr_s]), np.concatenate([va_h, len(h) + va_s])
+    y = np.array([1] * n_h + [0] * n_s)
+    tr_h, va_h = _split(n_h, seed)
+    tr_s, va_s = _split(n_s, seed + 1)
+    tr, va = np.concatenate([tr_h, n_h + tr_s]), np.concatenate([va_h, n_h + va_s])
     cands = fit.x[tr][:, :, 1:][y[tr] == 1].mean(0) - fit.x[tr][:, :, 1:][y[tr] == 0].mean(0)  # [L, n_post, d]
     basis = refusal_subspace(cands.reshape(-1, cands.shape[-1]).astype(np.float64), protect)
     readers = fit_readers(fit, y, tr, va, basis, method=method, c=c, seed=seed)[:n_readers]
@@ -292,18 +314,18 @@ def fit_monitor(
     r_dir, r_layer = refusal_reader(fit, y, tr, va, direction)
     monitor = Monitor(
         readers=readers, threshold=0.0, fpr=fpr, refusal_threshold=refusal_threshold(fit.refusal[tr], y[tr]),
-        refusal_direction=r_dir, refusal_layer=r_layer, refusal_token_ids=ids, protect=basis,
+        refusal_direction=r_dir, refusal_layer=r_layer, refusal_token_ids=token_ids, protect=basis,
         model={"name": lm.name, "d_model": lm.dims.d_model, "n_layers": lm.n_layers,
                "vocab": int(lm.unembed_matrix().shape[0])},
         system=system or "", n_post=post_instruction_length(lm.tokenizer, system),
     )
     harm = monitor.harm_from_features(feats)  # [n_prompts]
-    monitor.threshold = calibration_threshold(harm[n_fit:n_fit + len(cal_s)], fpr)
-    monitor.metrics = _fit_metrics(harm, y, va, n_fit, len(cal_s), monitor.threshold)
-    monitor.info = {"n_harmful": len(h), "n_harmless": len(s), "n_calibration_harmless": len(cal_s),
-                    "n_calibration_harmful": len(cal_h), "layers": picked, "method": method, "c": c, "seed": seed,
-                    "calibration": "default (built-in harmless val + scary_harmless)" if calibration is None else
-                    "given", "refusal_reader": "given direction" if direction is not None else "difference of means"}
+    monitor.threshold = calibration_threshold(harm[n_fit:n_fit + data.n_cal_harmless], fpr)
+    monitor.metrics = _fit_metrics(harm, y, va, n_fit, data.n_cal_harmless, monitor.threshold)
+    monitor.info = {"n_harmful": n_h, "n_harmless": n_s, "n_calibration_harmless": data.n_cal_harmless,
+                    "n_calibration_harmful": data.n_cal_harmful, "layers": list(feats.layers), "method": method,
+                    "c": c, "seed": seed, "protect": int(basis.shape[0]),
+                    "refusal_reader": "given direction" if direction is not None else "difference of means"}
     return monitor
 
 
