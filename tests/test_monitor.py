@@ -233,3 +233,23 @@ def test_cli_fit_run_eval(tmp_path):
     assert json.loads((out / "monitor_eval" / "summary.json").read_text())["clean"]["monitor"]["auroc"] >= 0.0
     r = run("fit", str(model_dir), "--out", str(out), "--fpr", "1.5")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "between 0 and 1" in r.stderr
+
+
+def test_ablating_a_protected_direction_leaves_the_reading_unchanged(lm):
+    """At block 0 nothing upstream can change, so only the direct effect is left: zero for readers orthogonal
+    to the protected subspace, whichever hook runs first."""
+    from safetyscope.methods.direction.artifact import Direction
+
+    m = fit_monitor(lm, HARMFUL, HARMLESS, calibration=CALIBRATION, layers="0,1", protect=2, n_readers=12)
+    m.readers = [rd for rd in m.readers if rd.layer == 0]  # block 0 (its post tokens are constant: block 1 spans)
+    assert m.readers and m.protect.shape[0] == 2
+    r = torch.from_numpy(m.protect[0]).float()
+    clean, _ = score_prompts(lm, m, HARMFUL[:3] + HARMLESS[:3])
+    with Direction(r, 0).apply(lm):  # entered first: the monitor reads after the edit
+        ablated, _ = score_prompts(lm, m, HARMFUL[:3] + HARMLESS[:3])
+    assert np.allclose(clean, ablated, atol=1e-5)
+    unprotected = fit_monitor(lm, HARMFUL, HARMLESS, calibration=CALIBRATION, layers="0", protect=0, n_readers=1)
+    base, _ = score_prompts(lm, unprotected, HARMFUL[:3])
+    with Direction(torch.from_numpy(unprotected.readers[0].weight).float(), 0).apply(lm):
+        gone, _ = score_prompts(lm, unprotected, HARMFUL[:3])
+    assert not np.allclose(base, gone, atol=1e-3)  # the test can fail: ablating a reader's own direction moves it
