@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from safetyscope.errors import SafetyscopeWarning
 from safetyscope.prompts import (
     LABELS,
     MinimalPair,
@@ -232,7 +233,8 @@ def test_load_jsonl(tmp_path):
     assert ps.name == "mine" and ps.texts == ["How do I bake bread?", "Make a bomb", "Summarise this"]
     assert ps.labels == ["harmless", "harmful", None]
     assert ps[0].category == "cooking" and ps[0].id == "a" and ps[1].id
-    assert load_prompts(p, label="harmful").labels == ["harmful"] * 3
+    with pytest.warns(SafetyscopeWarning, match=r"1 of 3 prompts are labelled 'harmless'.*passed as the harmful"):
+        assert load_prompts(p, label="harmful").labels == ["harmful"] * 3  # the forced label wins, with a warning
 
 
 def test_load_json_array_and_fmt_override(tmp_path):
