@@ -152,21 +152,23 @@ FIGURE_TEXT = {  # file stem -> (title, caption)
     "fragility_all": ("Neurons vs direction vs random",
                       "The refusal direction counts as one component (star); random directions ablated with the same hooks."),
 }
-FIGURE_ORDER = ("probe", "neurons", "trace", "direction", "fragility")
+FIGURE_ORDER = {"probe": "probe_layers", "neurons": "effect_size", "trace": "", "direction": "candidates",
+                "fragility": "fragility"}  # stage -> the stem of its first figure
 
 
 def figures(drawn: Mapping[str, Sequence[Path]], problems: Mapping[str, str]) -> list[Block]:
+    """The drawn figures in stage order; a stage without a result keeps its slot, marked as not computed."""
     figs: list[Block] = []
-    for stage in FIGURE_ORDER:
-        paths = list(drawn.get(stage, ()))
-        if stage == "trace":
-            paths = paths[:3]
+    for stage, stem in FIGURE_ORDER.items():
+        paths = list(drawn.get(stage, ()))[: 3 if stage == "trace" else None]
         for p in paths:
             title, caption = FIGURE_TEXT.get(p.stem, (f"Patching: {p.stem}", "Normalised effect: 1 = the harmless run's refusal score."))
             figs.append(Figure(title, p, caption))
         if stage in problems:
             figs.append(Figure(f"{stage}: {problems[stage]}", None))
-    return figs or [Text("No figures: none of the stages that draw one has a result.")]
+        elif not paths:
+            figs.append(Figure(FIGURE_TEXT[stem][0] if stem else "Patching heatmaps", None))
+    return figs
 
 
 def circuit_section(stages: Sequence[Stage], missing: Mapping[str, str], n_layers: int) -> Section:
