@@ -137,7 +137,7 @@ def _interrupted(s: Settings) -> None:
     else:
         msg = "interrupted: no partial results of this run are saved; a rerun starts the unfinished work over"
     print(msg, file=sys.stderr)
-    raise SystemExit(130)
+    raise typer.Exit(130)
 
 
 # ---- commands ---------------------------------------------------------------------------------------
