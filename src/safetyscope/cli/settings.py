@@ -26,6 +26,7 @@ from ..models.arch import Dims
 from ..progress import verbosity
 from .checks import check_counts, check_file_pairs, check_layers, check_out_dir, check_specs, out_lock
 from .config import CommandTable, config_values
+from .failures import user_errors
 
 
 def opt(default: Any, help: str, *, flag: str | None = None, short: str | None = None) -> Any:
@@ -167,8 +168,6 @@ def command(
     checked and holds its lock (``OUT/.safetyscope.lock``) while it runs. ``--quiet`` / ``--json`` turn the
     progress bars off for the run.
     """
-    from .common import user_errors
-
     def deco(fn: Callable[[S], Any]) -> Callable[[S], Any]:
         hints = get_type_hints(settings_cls)
         params = [
