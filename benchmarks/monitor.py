@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--harmful", default="", help="held-out harmful prompts for the eval (empty: no eval)")
     ap.add_argument("--harmless", default="", help="held-out harmless prompts for the eval")
     ap.add_argument("--attack", default="", help="'find' (direction ablation found on the built-in train split) or an artifact dir")
+    ap.add_argument("--find-prompts", type=int, default=0, help="--attack find: prompts per group (0 = the whole train split)")
+    ap.add_argument("--find-layers", default="", help="--attack find: candidate blocks a-b (empty = all, the default search)")
+    ap.add_argument("--find-fast", action="store_true", help="--attack find: last position only, no refusal filter, lazy induce")
     ap.add_argument("--eval-tokens", type=int, default=48, help="reply length for the eval's phrase judge")
     ap.add_argument("--protect", type=int, default=0)
     return ap.parse_args(argv)
@@ -106,10 +109,18 @@ def attack_of(lm: LoadedModel, args: argparse.Namespace) -> Artifact | None:
         return None
     if args.attack != "find":
         return load_artifact(args.attack)
-    from safetyscope.methods.direction.api import find_direction
+    from safetyscope.methods.direction.api import DirectionConfig, find_direction
 
-    d = find_direction(lm, builtin_prompts("harmful", "train"), builtin_prompts("harmless", "train"),
-                       batch_size=args.batch_size)
+    harmful, harmless = builtin_prompts("harmful", "train"), builtin_prompts("harmless", "train")
+    if args.find_prompts:
+        harmful, harmless = harmful.sample(args.find_prompts, seed=0), harmless.sample(args.find_prompts, seed=0)
+    kw: dict[str, Any] = {}
+    if args.find_layers:
+        lo, hi = (int(v) for v in args.find_layers.split("-"))
+        kw["layers"] = tuple(range(lo, hi + 1))
+    if args.find_fast:
+        kw.update(positions=(-1,), filter="none", induce="lazy")
+    d = find_direction(lm, harmful, harmless, config=DirectionConfig(**kw), batch_size=args.batch_size)
     d.save(args.out / "attack_direction")
     return d
 
