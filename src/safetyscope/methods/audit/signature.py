@@ -8,8 +8,8 @@ more. So:
   collapses relative to the median one (``null_ratio``; about 1e-7 in float32 after an export, while in
   an unedited model some writer always writes along every direction), and its eigenvector is the
   removed direction; when only some writers were edited (a subset of blocks, a per-layer kernel), each
-  edited writer's own near-null left singular vector is tried as well, and the direction along which
-  most writers collapsed is kept;
+  edited writer's null direction is also sought as the top eigenvectors of the summed regularised
+  inverse Gram matrices, and the direction along which most writers collapsed is kept;
 * each writer's output norm along that direction, relative to the median over random unit directions
   of the same matrix (``collapse``), is ~0 for every edited matrix (a partial removal of weight w
   leaves about 1 - w of it);
@@ -61,39 +61,55 @@ def residual_writers(src: TensorSource) -> dict[str, torch.Tensor]:
     return out
 
 
-def null_direction(mats: dict[str, torch.Tensor], max_candidates: int = 64) -> tuple[torch.Tensor, float, list[torch.Tensor]]:
+def null_direction(mats: dict[str, torch.Tensor], n_candidates: int = 4,
+                   eps: float = 1e-4) -> tuple[torch.Tensor, float, list[torch.Tensor]]:
     """(unit direction [d_model] that the writers together write least along, its eigenvalue / the median one,
-    candidate directions: the near-null left singular vector of each writer that has one).
+    candidate directions that several writers each cannot write along).
 
     A removal from only some writers (a subset of blocks, a per-layer kernel) leaves an exact null direction
-    in each edited matrix but not in the sum; the candidates catch it.
+    in each edited matrix but not in the sum. Such a shared null direction dominates
+    ``H = sum_i (G_i / mean eig(G_i) + eps I)^-1`` (each edited writer adds ~1/eps along it, a writer's own
+    natural near-null direction adds 1/eps once); the top eigenvectors of H are the candidates.
     """
-    g = None
-    candidates: list[tuple[float, torch.Tensor]] = []
+    g: torch.Tensor | None = None
+    h: torch.Tensor | None = None
     for w in mats.values():
-        gram = (w @ w.T).double()  # [d_model, d_model]
-        total = max(float(gram.trace()), 1e-300)
-        g = gram / total if g is None else g + gram / total
-        vals, vecs = torch.linalg.eigh(gram)
-        ratio = float(vals[0].clamp_min(0) / vals.median().clamp_min(1e-300))
-        if ratio < 1e-3:
-            candidates.append((ratio, vecs[:, 0].float()))
-    assert g is not None, "no residual writers"
+        gram = w @ w.T  # [d_model, d_model] float32
+        d = gram.shape[0]
+        scale = max(float(gram.trace()) / d, 1e-30)
+        eye = torch.eye(d, dtype=gram.dtype)
+        inv = torch.linalg.inv(gram / scale + eps * eye)
+        g = gram.double() / (scale * d) if g is None else g + gram.double() / (scale * d)
+        h = inv if h is None else h + inv
+    assert g is not None and h is not None, "no residual writers"
     vals, vecs = torch.linalg.eigh(g)
-    ranked = [v for _, v in sorted(candidates, key=lambda c: c[0])[:max_candidates]]
-    return vecs[:, 0].float(), float(vals[0].clamp_min(0) / vals.median().clamp_min(1e-300)), ranked
+    _, hvecs = torch.linalg.eigh(((h + h.T) / 2).double())
+    candidates = [hvecs[:, -1 - i].float() for i in range(n_candidates)]
+    return vecs[:, 0].float(), float(vals[0].clamp_min(0) / vals.median().clamp_min(1e-300)), candidates
 
 
-def collapse_ratios(mats: dict[str, torch.Tensor], r: torch.Tensor, n_random: int, seed: int) -> dict[str, float]:
-    """{matrix: ||r^T W|| / median_u ||u^T W||} over ``n_random`` random unit u [d_model] (the same u for every matrix)."""
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(n_random, r.numel(), generator=g)
+def random_baselines(mats: dict[str, torch.Tensor], n_random: int, seed: int) -> dict[str, float]:
+    """{matrix: median over ``n_random`` random unit u [d_model] of ||u^T W||} (the same u for every matrix)."""
+    d_model = next(iter(mats.values())).shape[0]
+    u = torch.randn(n_random, d_model, generator=torch.Generator().manual_seed(seed))
     u = u / u.norm(dim=1, keepdim=True)  # [n_random, d_model]
-    out = {}
-    for name, w in mats.items():
-        base = (u @ w).norm(dim=1).median()  # [n_random] -> scalar
-        out[name] = float((r.float() @ w).norm() / base.clamp_min(1e-30))
-    return out
+    return {name: max(float((u @ w).norm(dim=1).median()), 1e-30) for name, w in mats.items()}
+
+
+def collapse_ratios(mats: dict[str, torch.Tensor], r: torch.Tensor, base: dict[str, float]) -> dict[str, float]:
+    """{matrix: ||r^T W|| / its random baseline} for a unit direction r [d_model]."""
+    return {name: float((r.float() @ w).norm()) / base[name] for name, w in mats.items()}
+
+
+def refine(mats: dict[str, torch.Tensor], u: torch.Tensor, ratios: dict[str, float], loose: float = 0.3) -> torch.Tensor:
+    """The exact common null direction of the writers that nearly collapse along ``u`` (ratio < ``loose``):
+    the smallest eigenvector of the sum of their normalised Gram matrices; ``u`` itself when none do."""
+    grams = [mats[n] @ mats[n].T for n, v in ratios.items() if v < loose]  # [d_model, d_model] each
+    if not grams:
+        return u
+    total = sum((gm / gm.trace().clamp_min(1e-30)).double() for gm in grams)
+    assert isinstance(total, torch.Tensor)
+    return torch.linalg.eigh(total).eigenvectors[:, 0].float()
 
 
 def harm_directions(lm: LoadedModel, cfg: SignatureConfig) -> dict[int, torch.Tensor]:
@@ -150,10 +166,12 @@ def audit_signature(src: TensorSource, lm: LoadedModel | None = None, cfg: Signa
     t0 = time.perf_counter()
     mats = residual_writers(src)
     r, ratio, candidates = null_direction(mats)
-    collapse = collapse_ratios(mats, r, cfg.n_random, cfg.seed)
+    base = random_baselines(mats, cfg.n_random, cfg.seed)
+    collapse = collapse_ratios(mats, r, base)
     n_collapsed = sum(v < cfg.collapsed for v in collapse.values())
     for u in candidates:  # a direction that only some writers lost
-        c = collapse_ratios(mats, u, cfg.n_random, cfg.seed)
+        u = refine(mats, u, collapse_ratios(mats, u, base))
+        c = collapse_ratios(mats, u, base)
         n = sum(v < cfg.collapsed for v in c.values())
         if n > n_collapsed:
             r, collapse, n_collapsed = u, c, n
@@ -163,7 +181,7 @@ def audit_signature(src: TensorSource, lm: LoadedModel | None = None, cfg: Signa
     rate = None
     if lm is not None:
         for layer, h in harm_directions(lm, cfg).items():
-            ratios = collapse_ratios(mats, h, cfg.n_random, cfg.seed)
+            ratios = collapse_ratios(mats, h, base)
             harm_collapse[layer] = float(torch.tensor(list(ratios.values())).median())
             harm_cos[layer] = abs(float(h @ r))
         scores = canary_scores(lm, cfg)
