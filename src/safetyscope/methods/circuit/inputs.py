@@ -73,6 +73,7 @@ class MapPrompts:
     harmful: Splits
     harmless: Splits
     user: frozenset[str] = frozenset()
+    split: str = "train"  # the built-in split the fitting stages use
 
     @classmethod
     def of(cls, harmful: PromptsLike | None, harmless: PromptsLike | None, *, split: str = "train",
@@ -90,7 +91,7 @@ class MapPrompts:
                 raise PromptError(f"{kind} prompts ({len(full)}) are too few to split 60/20/20 into fitting, validation "
                                   f"and test prompts (no {' or '.join(short)} prompt); give at least 5")
         users = frozenset(k for k, g in zip(KINDS, (harmful, harmless)) if g is not None and not (isinstance(g, str) and not g))
-        return cls(groups["harmful"], groups["harmless"], users)
+        return cls(groups["harmful"], groups["harmless"], users, split)
 
     def splits(self, kind: Kind) -> Splits:
         return self.harmful if kind == "harmful" else self.harmless
@@ -120,7 +121,7 @@ class MapPrompts:
 
     def describe(self, kind: Kind, files: Mapping[str, Path]) -> str:
         """How the report and results name a group's fitting prompts."""
-        return str(files[f"{kind}_fit"]) if f"{kind}_fit" in files else "built-in (train)"
+        return str(files[f"{kind}_fit"]) if f"{kind}_fit" in files else f"built-in ({self.split})"
 
 
 @dataclass(frozen=True)
