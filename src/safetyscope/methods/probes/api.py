@@ -219,12 +219,15 @@ def fit_probes(
     res = fit_on_features(train, y, cfg, test=test, y_test=y_test, label="refused" if label == "refusal" else "harmful")
     res.probe.info.update(model=lm.name, system_prompt=system or "")
     names = source_names or (describe_source(harmful), describe_source(harmless))
-    train_info = {"harmful": names[0], "harmless": names[1], "n_harmful": len(h), "n_harmless": len(s),
-                  **({"refusal": note} if note else {})}
-    test_info = None if tests is None or test_harmful is None or test_harmless is None else {
-        "harmful": describe_source(test_harmful), "harmless": describe_source(test_harmless),
-        "n_harmful": len(tests[0]), "n_harmless": len(tests[1]), **({"refusal": test_note} if test_note else {})}
-    return ProbeReport(res, lm.describe(), train_info, test_info)
+    test_info = None if tests is None or test_harmful is None or test_harmless is None else _sources(
+        (describe_source(test_harmful), describe_source(test_harmless)), tests, test_note)
+    return ProbeReport(res, lm.describe(), _sources(names, (h, s), note), test_info)
+
+
+def _sources(names: tuple[str, str], groups: tuple[PromptSet, PromptSet], note: dict[str, Any]) -> dict[str, Any]:
+    """What a report says about its prompts: the sources' names, the group sizes, the refusal-label note."""
+    return {"harmful": names[0], "harmless": names[1], "n_harmful": len(groups[0]), "n_harmless": len(groups[1]),
+            **({"refusal": note} if note else {})}
 
 
 __all__ = ["LABELS", "Label", "ProbeReport", "check_label", "describe_source", "fit_probes", "parse_c"]
