@@ -33,7 +33,7 @@ from safetyscope.io import write_json  # noqa: E402
 from safetyscope.methods.monitor import Monitor, evaluate_monitor, fit_monitor  # noqa: E402
 from safetyscope.models import load_model  # noqa: E402
 from safetyscope.models.adapter import LoadedModel  # noqa: E402
-from safetyscope.prompts import builtin_prompts  # noqa: E402
+from safetyscope.prompts import builtin_prompts, load_prompts  # noqa: E402
 from safetyscope.prompts.chat import pad_token_id, tokenize_prompts  # noqa: E402
 
 
@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--find-prompts", type=int, default=0, help="--attack find: prompts per group (0 = the whole train split)")
     ap.add_argument("--find-layers", default="", help="--attack find: candidate blocks a-b (empty = all, the default search)")
     ap.add_argument("--find-fast", action="store_true", help="--attack find: last position only, no refusal filter, lazy induce")
+    ap.add_argument("--n-eval", type=int, default=0, help="measure on a seeded sample of this many prompts per file (0 = all)")
     ap.add_argument("--eval-tokens", type=int, default=48, help="reply length for the eval's phrase judge")
     ap.add_argument("--protect", type=int, default=0)
     return ap.parse_args(argv)
@@ -137,7 +138,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"overhead: monitored / plain generation = {result['overhead']['ratio']:.3f}", file=sys.stderr)
     if args.harmful and args.harmless:
         attack = attack_of(lm, args)
-        ev = evaluate_monitor(lm, m, args.harmful, args.harmless, attack=attack,
+        harmful, harmless = (load_prompts(f) for f in (args.harmful, args.harmless))
+        if args.n_eval:
+            harmful, harmless = harmful.sample(args.n_eval, seed=0), harmless.sample(args.n_eval, seed=0)
+        ev = evaluate_monitor(lm, m, harmful, harmless, attack=attack,
                               attack_name=args.attack or None, max_new_tokens=args.eval_tokens,
                               batch_size=args.batch_size)
         result["eval"] = ev.to_json()
