@@ -253,3 +253,15 @@ def test_ablating_a_protected_direction_leaves_the_reading_unchanged(lm):
     with Direction(torch.from_numpy(unprotected.readers[0].weight).float(), 0).apply(lm):
         gone, _ = score_prompts(lm, unprotected, HARMFUL[:3])
     assert not np.allclose(base, gone, atol=1e-3)  # the test can fail: ablating a reader's own direction moves it
+
+
+def test_recalibrate_resets_the_threshold_under_an_intervention(lm, monitor):
+    from safetyscope.methods.direction.artifact import Direction
+    from safetyscope.methods.monitor.evaluate import recalibrate
+
+    attack = Direction(torch.from_numpy(monitor.refusal_direction).float(), monitor.refusal_layer)
+    with attack.apply(lm):
+        again = recalibrate(lm, monitor, CALIBRATION, fpr=0.1)
+        harm, _ = score_prompts(lm, again, CALIBRATION)
+    assert float((harm > again.threshold).mean()) <= 0.1
+    assert again.threshold != monitor.threshold and again.readers[0].layer == monitor.readers[0].layer

@@ -136,6 +136,28 @@ def score_prompts(lm: LoadedModel, monitor: Monitor, prompts: Sequence[str], *, 
     return harm, refusal
 
 
+def recalibrate(lm: LoadedModel, monitor: Monitor, calibration: PromptsLike | None = None, *,
+                fpr: float | None = None, batch_size: int = 8, system: str | None = None,
+                strict: bool = True) -> Monitor:
+    """A copy of ``monitor`` whose threshold is set again on harmless ``calibration`` prompts as ``lm`` reads
+    them now (e.g. a deployed copy, or under an intervention): an edit that shifts every harm score (a
+    directional ablation does) keeps the ranking but moves the scores past a fixed threshold.
+
+    ``calibration``: default, the built-in harmless val split + scary_harmless; ``fpr``: default, the monitor's.
+    """
+    from .fit import calibration_set, check_fpr
+
+    harmless, _ = calibration_set(calibration, [])
+    target = check_fpr(monitor.fpr if fpr is None else fpr)
+    harm, _ = score_prompts(lm, monitor, harmless, batch_size=batch_size,
+                            system=system if system is not None else (monitor.system or None), strict=strict)
+    out = Monitor.from_state(*monitor.to_state())
+    out.threshold, out.fpr = calibration_threshold(harm, target), target
+    out.metrics = {**monitor.metrics, "calibration_fpr": float((harm > out.threshold).mean()),
+                   "recalibrated_on": lm.name, "n_recalibration": len(harmless)}
+    return out
+
+
 def run_condition(lm: LoadedModel, monitor: Monitor, texts: list[str], y: np.ndarray, name: str, *,
                   max_new_tokens: int, batch_size: int, system: str | None, strict: bool) -> Condition:
     """Replies + verdicts under the watch, then the monitor's and the baselines' figures."""
