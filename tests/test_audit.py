@@ -106,6 +106,8 @@ def test_zeroed_and_scaled_neurons_are_found(lm, ref, tmp_path):
     assert w.verdict == "tampering"
     assert sorted((e.layer, i) for e in w.neurons for i in e.zeroed) == [(1, 5), (2, 7), (2, 40)]
     assert [layer.verdict for layer in w.layers] == ["clean", "tampering", "tampering"]
+    s = audit_checkpoint(zeroed, behaviour=False).signature  # without a reference: all-zero down-projection columns
+    assert s.verdict == "tampering" and sorted(i for v in s.zeroed_neurons.values() for i in v) == [5, 7, 40]
     scaled = NeuronSet([(0, 3)], mode="scale", strength=0.25).export(lm, tmp_path / "scale")
     w = audit_checkpoint(scaled, ref, find_refusal=False).weights
     assert w.verdict == "tampering" and [(e.layer, e.scaled[0][0]) for e in w.neurons] == [(0, 3)]

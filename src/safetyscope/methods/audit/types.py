@@ -133,6 +133,7 @@ class SignatureAudit:
     canary_scores: tuple[float, ...]
     canary_refusal_rate: float | None
     seconds: float
+    zeroed_neurons: dict[str, tuple[int, ...]] = field(default_factory=dict)  # MLP matrix -> all-zero neuron slices
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
