@@ -73,6 +73,11 @@ def _monitor_path(s: RunSettings | EvalSettings) -> Path:
     return path
 
 
+def _check_tokens(n: int) -> None:
+    if n < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1 (the verdict reads the first reply token), not {n}")
+
+
 def _load_monitor(path: Path) -> Any:
     from ..methods.monitor import Monitor
 
@@ -131,6 +136,7 @@ def run_run(s: RunSettings) -> dict[str, Any]:
 
     if not s.prompts:
         raise ValueError("give the prompts to monitor with --prompts FILE")
+    _check_tokens(s.max_new_tokens)
     path = _monitor_path(s)
     m = _load_monitor(path)
     lm = s.load_model()
@@ -164,6 +170,7 @@ def run_eval(s: EvalSettings) -> dict[str, Any]:
 
     if not s.harmful or not s.harmless:
         raise ValueError("give held-out prompts with --harmful FILE and --harmless FILE")
+    _check_tokens(s.max_new_tokens)
     path = _monitor_path(s)
     m = _load_monitor(path)
     attack = load_artifact(s.attack) if s.attack else None
