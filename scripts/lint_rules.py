@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [v for v in violations if v.key not in allowed]
     stale = sorted(e for e in allowed - {v.key for v in violations} if e[0] in scanned)
     for v in violations:
-        print(f"{v}{'  (allowed: listed in ' + str(args.allow) + ')' if v.key in allowed else ''}")
+        print(f"{v}{'  (allowed: listed in ' + display_path(args.allow) + ')' if v.key in allowed else ''}")
     for path, code, name in stale:
         print(f"{args.allow}: stale entry '{path} {code} {name}' matches no violation; remove it")
     if failed or stale:
