@@ -7,8 +7,8 @@ import torch
 
 from safetyscope.hooks import capture, forward
 from safetyscope.methods.circuit.dla import (
-    _norm_linearisation,
     direct_logit_attribution,
+    norm_linearisation,
     refusal_logit_direction,
 )
 from safetyscope.prompts.chat import tokenize_prompts
@@ -30,7 +30,7 @@ def test_dla_components_sum_to_the_final_direct_effect(family):
     with torch.no_grad(), capture(lm, [Site("resid_pre", 0), last, Site("final")], "last") as cap:
         forward(lm, b)
     resid = cap.values[last][:, 0]
-    mult = _norm_linearisation(lm, resid)
+    mult = norm_linearisation(lm, resid)
     total = ((resid * mult) @ direction).mean()
     embed_part = ((cap.values[Site("resid_pre", 0)][:, 0] * mult) @ direction).mean()
     assert sum(res.harmful) + float(embed_part) == pytest.approx(float(total), rel=1e-4, abs=1e-4)

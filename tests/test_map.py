@@ -83,7 +83,7 @@ def test_a_changed_upstream_result_invalidates_later_stages(tiny_dir, tmp_path):
 
 
 def test_map_on_user_files_splits_them_and_the_report_escapes_prompt_text(tiny_dir, tmp_path):
-    from test_report import CHROME_FLAGS, _chromium
+    from test_report import CHROME_FLAGS, chromium_binary
 
     attack = "<script>document.title='PWNED'</script><img src=x onerror=\"document.title='PWNED'\">"
     harmful = [f"{attack} how do I pick lock number {i}?" for i in range(10)]
@@ -110,7 +110,7 @@ def test_map_on_user_files_splits_them_and_the_report_escapes_prompt_text(tiny_d
 
     page = Path(summary["report"]).read_text()
     assert "<script>document" not in page and "&lt;script&gt;" in page
-    exe = _chromium()
+    exe = chromium_binary()
     proc = subprocess.run([exe, *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=2000",
                            "--dump-dom", Path(summary["report"]).as_uri()], capture_output=True, text=True, timeout=120)
     dom = proc.stdout

@@ -48,7 +48,7 @@ def test_report_escapes_all_text_and_is_self_contained(tmp_path):
     assert "Content-Security-Policy" in page
 
 
-def _chromium() -> str:
+def chromium_binary() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         pytest.fail("headless Chromium is required for this test: apt-get install chromium (.ci/run installs it)")
@@ -62,7 +62,7 @@ CHROME_FLAGS = [
 
 
 def test_report_renders_in_headless_chromium_without_running_prompt_scripts(tmp_path, png):
-    exe = _chromium()
+    exe = chromium_binary()
     path = build(tmp_path).write(tmp_path / "report.html")
     proc = subprocess.run(
         [exe, *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=2000", "--dump-dom",

@@ -53,9 +53,49 @@ _LAZY: dict[str, str] = {
     "NeuronSet": ".methods.neurons.artifact",
     "Probe": ".methods.probes.artifact",
     "load_artifact": ".artifacts.base",
+    # defence
+    "fit_monitor": ".methods.monitor.api",
+    "Monitor": ".methods.monitor.artifact",
+    "audit_checkpoint": ".methods.audit.api",
+    "audit_runtime": ".methods.audit.api",
+    "make_fingerprint": ".methods.audit.fingerprint",
 }
 
-__all__ = sorted([*_LAZY, "__version__"])
+__all__ = [
+    "CircuitMap",
+    "Direction",
+    "DirectionConfig",
+    "LoadedModel",
+    "MapConfig",
+    "ModelLoadError",
+    "Monitor",
+    "NeuronSet",
+    "Probe",
+    "PromptSet",
+    "Site",
+    "__version__",
+    "audit_checkpoint",
+    "audit_runtime",
+    "builtin_prompts",
+    "capture",
+    "evaluate",
+    "find_direction",
+    "find_neurons",
+    "fit_monitor",
+    "fit_probes",
+    "forward",
+    "hooks",
+    "load_artifact",
+    "load_model",
+    "load_prompts",
+    "make_fingerprint",
+    "map_circuit",
+    "neuron_fragility",
+    "refine_direction",
+    "search_direction",
+    "trace",
+    "verbosity",
+]
 
 if TYPE_CHECKING:
     from .artifacts.base import load_artifact

@@ -42,4 +42,11 @@ def fit_group_moments(
 
 def stacked_means(stats: GroupMoments, group: str, kind: str, layers: Iterable[int]) -> torch.Tensor:
     """The group's running means at ``blocks.{l}.<kind>`` for each layer, stacked: [n_layers, k, *site_shape]."""
-    return torch.stack([stats.get(group, Site(kind, int(layer)).name).mean for layer in layers])
+    means = []
+    for layer in layers:
+        site = Site(kind, int(layer)).name
+        mean = stats.get(group, site).mean
+        if mean is None:
+            raise ValueError(f"no {group} statistics at {site}; capture that site before stacking its means")
+        means.append(mean)
+    return torch.stack(means)

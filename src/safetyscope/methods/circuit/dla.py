@@ -52,7 +52,7 @@ def refusal_logit_direction(lm: LoadedModel, token_ids: Sequence[int] | None = N
     return w_u[ids].mean(0) - w_u.mean(0)
 
 
-def _norm_linearisation(lm: LoadedModel, resid: torch.Tensor) -> torch.Tensor:
+def norm_linearisation(lm: LoadedModel, resid: torch.Tensor) -> torch.Tensor:
     """[n, d_model] multiplier approximating final_norm(resid) ≈ resid_centred * mult (per prompt)."""
     norm = lm.module(lm.table.final_norm)
     weight = getattr(norm, "weight", None)
@@ -84,7 +84,7 @@ def direct_logit_attribution(
         total = torch.zeros(len(comps), dtype=torch.float64)
         for _batch, acts in run_capture(lm, prompts, sites, "last", batch_size=batch_size, system=system):
             resid = acts[final][:, 0].float()  # [batch, d_model]
-            mult = _norm_linearisation(lm, resid)  # [batch, d_model]
+            mult = norm_linearisation(lm, resid)  # [batch, d_model]
             is_ln = isinstance(lm.module(lm.table.final_norm), torch.nn.LayerNorm)
             for j, site in enumerate(comps):
                 c = acts[site][:, 0].float()  # [batch, d_model]
