@@ -42,7 +42,9 @@ print(harmful[0])
 # `find_direction` returns a `Direction` artifact; `d.apply(lm)` is a reversible intervention.
 
 # %%
-cfg = ss.DirectionConfig(filter="none", positions="last", screen=0)
+# A smoke-test budget: the last template position of four mid-depth blocks (defaults score every block x position).
+mid = lm.n_layers // 2
+cfg = ss.DirectionConfig(filter="none", positions="last", layers=[mid - 3, mid - 1, mid + 1, mid + 3], induce="lazy")
 d = ss.find_direction(lm, harmful, harmless, val_harmful=val_harmful, val_harmless=val_harmless, config=cfg)
 print(f"block {d.layer}, position {d.position}, |dmu| = {d.norm:.2f}")
 
