@@ -174,11 +174,14 @@ def _variant(lm: Any, cands: Any, offsets: Any, layer: int, pos: int, variant: s
 
 
 def main(argv: list[str] | None = None) -> int:
+    with torch.no_grad():  # scoped: a caller (the test suite) keeps its autograd mode
+        return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     from safetyscope.methods.direction.artifact import Direction
     from safetyscope.methods.direction.candidates import find_candidates, position_offsets
 
-    args = parse_args(argv)
-    torch.set_grad_enabled(False)
     lm = _load(args)
     h_train, s_train, h_val, s_val = _prompt_sets(args)
     offsets = position_offsets(lm, "post_instruction")

@@ -55,3 +55,25 @@ def check_png(path, min_width: int = 200, min_height: int = 150) -> np.ndarray:
 def png():
     """``png(path)``: assert a written plot decodes, has a plot's size and is not blank; returns the pixels."""
     return check_png
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_left_as_found():
+    """A test (or the code it runs) that leaves autograd switched off globally breaks every later test."""
+    before = torch.is_grad_enabled()
+    yield
+    leaked = torch.is_grad_enabled() != before
+    torch.set_grad_enabled(before)
+    assert not leaked, "autograd mode changed by this test and not restored"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama (3 blocks) saved as a local Hugging Face directory (one per test module)."""
+    from safetyscope.testing import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path

@@ -24,18 +24,6 @@ from safetyscope.cli.main import app
 from safetyscope.errors import SafetyscopeError
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama (3 blocks) saved as a local Hugging Face directory."""
-    from safetyscope.testing import tiny_model
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture()
 def no_model(monkeypatch):
     """Loading a model fails the test: the error must come before it."""

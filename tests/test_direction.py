@@ -33,17 +33,17 @@ HARMLESS = ["How do I bake bread?", "Write a poem", "hi there", "Explain recursi
 SITE_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn.out", "mlp.out")
 
 
-def _unit(d: int, seed: int = 1) -> torch.Tensor:
+def unit_vector(d: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     r = torch.randn(d, generator=g)
     return r / r.norm()
 
 
-def _direction(lm, seed: int = 1, **kw) -> Direction:
-    return Direction(_unit(lm.dims.d_model, seed), 1, -1, norm=3.0, **kw)
+def unit_direction(lm, seed: int = 1, **kw) -> Direction:
+    return Direction(unit_vector(lm.dims.d_model, seed), 1, -1, norm=3.0, **kw)
 
 
-def _logits(lm, prompts, ctx=None):
+def logits_of(lm, prompts, ctx=None):
     b = tokenize_prompts(lm.tokenizer, prompts)
     with torch.no_grad():
         if ctx is None:
@@ -61,7 +61,7 @@ def planted():
     """A llama whose block 0 copies (uniform attention) the component along u of every earlier token into
     each position; the token '~' (only in harmful prompts) carries a large component along u."""
     lm = tiny_model("llama")
-    u = _unit(lm.dims.d_model, seed=7)
+    u = unit_vector(lm.dims.d_model, seed=7)
     block = lm.model.model.layers[0]
     tid = lm.tokenizer.convert_tokens_to_ids("~")
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_candidates_batched_equals_unbatched(planted):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "gpt_neox"])
 def test_ablation_removes_the_component_everywhere(family, prompts):
     lm = tiny_model(family)
-    d = _direction(lm)
+    d = unit_direction(lm)
     b = tokenize_prompts(lm.tokenizer, prompts)
     with torch.no_grad(), d.apply(lm), capture(lm, _sites(lm), "all") as cap:
         forward(lm, b)
@@ -119,29 +119,29 @@ def test_orthogonalised_weights_equal_hooked_ablation(family, prompts, tmp_path)
     lm = tiny_model(family)
     b = tokenize_prompts(lm.tokenizer, prompts)
     mask = b.attention_mask.bool()
-    full = _direction(lm)
+    full = unit_direction(lm)
     weighted = full.with_weights(torch.linspace(0.2, 1.3, lm.n_layers), embed_weight=0.5)
     for i, d in enumerate((full, weighted) if family in ("llama", "gpt2") else (full,)):
-        hooked = _logits(lm, prompts, d.apply(lm))
+        hooked = logits_of(lm, prompts, d.apply(lm))
         out = d.export(lm, tmp_path / f"m{i}")
         model = AutoModelForCausalLM.from_pretrained(out).eval()
         with torch.no_grad():
             exported = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
                              use_cache=False).logits
         torch.testing.assert_close(exported[mask], hooked[mask], rtol=1e-4, atol=1e-4)
-        assert not torch.allclose(hooked[mask], _logits(lm, prompts)[mask], atol=1e-4)
+        assert not torch.allclose(hooked[mask], logits_of(lm, prompts)[mask], atol=1e-4)
     assert (tmp_path / "m0" / "model.safetensors").is_file() and (tmp_path / "m0" / "tokenizer_config.json").is_file()
     # the original model is untouched (export works on a copy; a tied unembedding is untied in the copy only)
-    assert torch.equal(_logits(lm, prompts), _logits(tiny_model(family), prompts))
+    assert torch.equal(logits_of(lm, prompts), logits_of(tiny_model(family), prompts))
 
 
 def test_export_refuses_inexact_cases(tmp_path):
     lm = tiny_model("gemma2")
     with pytest.raises(ArtifactError, match="post_norms"):
-        _direction(lm).export(lm, tmp_path / "g")
+        unit_direction(lm).export(lm, tmp_path / "g")
     lm = tiny_model("llama")
     with pytest.raises(ArtifactError, match="norm-preserving"):
-        _direction(lm, norm_preserving=True).export(lm, tmp_path / "np")
+        unit_direction(lm, norm_preserving=True).export(lm, tmp_path / "np")
     with pytest.raises(ArtifactError, match="d_model"):
         Direction(torch.ones(7), 0).apply(lm)
     assert not (tmp_path / "g").exists()
@@ -149,24 +149,24 @@ def test_export_refuses_inexact_cases(tmp_path):
 
 def test_norm_preserving_variant(prompts):
     x = torch.randn(2, 5, 16)
-    r = _unit(16)
+    r = unit_vector(16)
     y = project_out(x, r, norm_preserving=True)
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
     assert (y @ r).abs().max() < 1e-5
     lm = tiny_model("llama")
-    d = _direction(lm, norm_preserving=True)
+    d = unit_direction(lm, norm_preserving=True)
     b = tokenize_prompts(lm.tokenizer, prompts)
     with torch.no_grad(), d.apply(lm), capture(lm, ["blocks.*.resid_pre", "blocks.*.resid_mid"], "all") as cap:
         logits = forward(lm, b)
     for v in cap.values.values():
         assert (v @ d.direction).abs().max() <= 1e-5 * v.norm(dim=-1).max()
-    assert not torch.allclose(logits, _logits(lm, prompts, _direction(lm).apply(lm)), atol=1e-5)
+    assert not torch.allclose(logits, logits_of(lm, prompts, unit_direction(lm).apply(lm)), atol=1e-5)
 
 
 # ---- addition, reversibility, persistence ---------------------------------------------------------------
 def test_addition_then_ablation_is_identity_on_the_component(prompts):
     lm = tiny_model("llama")
-    d = _direction(lm)
+    d = unit_direction(lm)
     b = tokenize_prompts(lm.tokenizer, prompts)
     with torch.no_grad():
         with capture(lm, "blocks.1.resid_pre", "all") as cap:
@@ -176,8 +176,8 @@ def test_addition_then_ablation_is_identity_on_the_component(prompts):
             added = forward(lm, b)
         moved = cap.values[Site("resid_pre", 1)] - clean  # [batch, pos, d_model]
     torch.testing.assert_close(moved, (2.0 * d.norm * d.direction).expand_as(moved), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(added, _logits(lm, prompts), atol=1e-4)
-    ablated = _logits(lm, prompts, d.apply(lm))
+    assert not torch.allclose(added, logits_of(lm, prompts), atol=1e-4)
+    ablated = logits_of(lm, prompts, d.apply(lm))
     with torch.no_grad(), d.add(lm, coeff=2.0), d.apply(lm):
         both = forward(lm, b)
     torch.testing.assert_close(both, ablated, rtol=1e-5, atol=1e-5)
@@ -185,14 +185,14 @@ def test_addition_then_ablation_is_identity_on_the_component(prompts):
 
 def test_hooks_removed_logits_bit_identical(prompts, hook_count):
     lm = tiny_model("qwen2")
-    d = _direction(lm).with_weights(torch.rand(lm.n_layers), 0.3)
+    d = unit_direction(lm).with_weights(torch.rand(lm.n_layers), 0.3)
     n = hook_count(lm)
-    before = _logits(lm, prompts)
-    _logits(lm, prompts, d.apply(lm))
-    _logits(lm, prompts, d.add(lm, 1.5, layer=2))
+    before = logits_of(lm, prompts)
+    logits_of(lm, prompts, d.apply(lm))
+    logits_of(lm, prompts, d.add(lm, 1.5, layer=2))
     with pytest.raises(KeyError), d.apply(lm):
         raise KeyError("boom")
-    assert torch.equal(before, _logits(lm, prompts))
+    assert torch.equal(before, logits_of(lm, prompts))
     assert hook_count(lm) == n
 
 
@@ -200,29 +200,29 @@ def test_hooks_removed_logits_bit_identical(prompts, hook_count):
 def test_mean_ablation_sets_the_component_to_the_targets(family, prompts, tmp_path, hook_count):
     lm = tiny_model(family)
     targets = torch.linspace(-2.0, 3.0, lm.n_layers)
-    d = _direction(lm, targets=targets, ablation="mean")
+    d = unit_direction(lm, targets=targets, ablation="mean")
     b = tokenize_prompts(lm.tokenizer, prompts)
     mask = b.attention_mask.bool()
     n = hook_count(lm)
-    before = _logits(lm, prompts)
+    before = logits_of(lm, prompts)
     sites = [f"blocks.{layer}.resid_pre" for layer in range(lm.n_layers)]
     with torch.no_grad(), d.apply(lm), capture(lm, sites, "all") as cap:
         hooked = forward(lm, b)
     for site, v in cap.values.items():  # [batch, pos, d_model]: every real position sits at the block's target
         comp = (v.double() @ d.direction.double())[mask]
         assert torch.allclose(comp, torch.full_like(comp, float(targets[site.layer])), atol=1e-4), site.name
-    assert torch.equal(before, _logits(lm, prompts)) and hook_count(lm) == n  # reversible
-    assert not torch.allclose(hooked[mask], _logits(lm, prompts, _direction(lm).apply(lm))[mask], atol=1e-4)
+    assert torch.equal(before, logits_of(lm, prompts)) and hook_count(lm) == n  # reversible
+    assert not torch.allclose(hooked[mask], logits_of(lm, prompts, unit_direction(lm).apply(lm))[mask], atol=1e-4)
     with pytest.raises(ArtifactError, match="--ablation zero"):
         d.export(lm, tmp_path / "m")
     d.save(tmp_path / "dir")
     e = load_artifact(tmp_path / "dir")
     assert e.ablation == "mean" and torch.equal(e.targets, d.targets)
-    assert torch.equal(_logits(lm, prompts, d.apply(lm)), _logits(lm, prompts, e.apply(lm)))
+    assert torch.equal(logits_of(lm, prompts, d.apply(lm)), logits_of(lm, prompts, e.apply(lm)))
     zero = e.with_ablation("zero")
-    assert torch.equal(_logits(lm, prompts, zero.apply(lm)), _logits(lm, prompts, _direction(lm).apply(lm)))
+    assert torch.equal(logits_of(lm, prompts, zero.apply(lm)), logits_of(lm, prompts, unit_direction(lm).apply(lm)))
     with pytest.raises(ArtifactError, match="targets"):
-        _direction(lm).with_ablation("mean")
+        unit_direction(lm).with_ablation("mean")
     with pytest.raises(ArtifactError, match="norm-preserving"):
         d.with_weights(None, 1.0, True).apply(lm)
     assert hook_count(lm) == n
@@ -246,7 +246,7 @@ def test_selection_mean_ablation_per_row_targets_are_exact(planted):
     from safetyscope.measure.refusal_tokens import refusal_token_ids
 
     ids = refusal_token_ids(lm.tokenizer)
-    own = float(refusal_score(_logits(lm, HARMFUL[:3], d.apply(lm))[:, -1], ids).mean())
+    own = float(refusal_score(logits_of(lm, HARMFUL[:3], d.apply(lm))[:, -1], ids).mean())
     assert abs(own - one.get(*one.best).bypass) < 1e-4
 
 
@@ -262,7 +262,7 @@ def test_artifact_round_trip(tmp_path, prompts):
     assert torch.equal(e.direction, d.direction) and torch.equal(e.layer_weights, d.layer_weights)
     assert (e.layer, e.position, e.norm, e.token, e.scores, e.embed_weight, e.meta) == (
         2, -3, 5.5, "<|im_start|>", {"bypass": -1.5}, 0.25, {"model": "tiny"})
-    assert torch.equal(_logits(lm, prompts, d.apply(lm)), _logits(lm, prompts, e.apply(lm)))
+    assert torch.equal(logits_of(lm, prompts, d.apply(lm)), logits_of(lm, prompts, e.apply(lm)))
     assert abs(float(e.direction.norm()) - 1.0) < 1e-6
 
 
@@ -405,7 +405,7 @@ def test_reply_perplexity_batched_equals_unbatched():
     b = reply_nll(lm, HARMLESS, replies, batch_size=1)
     assert a[1] == b[1] == sum(len(lm.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies)
     assert a[0] == pytest.approx(b[0], rel=1e-4)
-    c = reply_nll(lm, HARMLESS, replies, _direction(lm), batch_size=4)
+    c = reply_nll(lm, HARMLESS, replies, unit_direction(lm), batch_size=4)
     assert c[1] == a[1] and c[0] != pytest.approx(a[0], rel=1e-6)
 
 
@@ -425,7 +425,7 @@ def test_replies_together_split_back_per_group_and_fill_the_cache(tmp_path, monk
     calls.clear()
     again = replies_together(lm, {"harmful_base": HARMFUL[:2], "harmless_base": HARMLESS[:3]}, None, cache, **kw)
     assert calls == [] and again == got  # both read back from the cache
-    d = _direction(lm)
+    d = unit_direction(lm)
     part = replies_together(lm, {"harmless_base": HARMLESS[:3], "harmful_ablated": HARMFUL[:2]}, d, cache, **kw)
     assert calls == [HARMFUL[:2]] and part["harmless_base"] == got["harmless_base"]  # only the uncached group runs
     with d.apply(lm):
@@ -461,121 +461,3 @@ def test_cli_find_ablate_e2e_default_model(tmp_path):
 
 
 # ---- CLI: export, tune, add on a tiny model ------------------------------------------------------------
-def _invoke(*args):
-    from typer.testing import CliRunner
-
-    from safetyscope.cli.main import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _run_json(*args):
-    r = _invoke(*args, "--json")
-    assert r.exit_code == 0, (r.output[-3000:], r.exception)
-    return json.loads(r.stdout)
-
-
-@pytest.fixture(scope="module")
-def cli_setup(tmp_path_factory):
-    """A saved tiny llama (and the same model loaded in-process), prompt files, a full and a weighted direction."""
-    from safetyscope.models import load_model
-
-    root = tmp_path_factory.mktemp("direction-cli")
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(root / "model")
-    lm.tokenizer.save_pretrained(root / "model")
-    (root / "h.txt").write_text("\n".join(HARMFUL) + "\n")
-    (root / "s.txt").write_text("\n".join(HARMLESS) + "\n")
-    full = _direction(lm)
-    weighted = full.with_weights(torch.tensor([0.3, 1.2, 0.7]), embed_weight=0.5)
-    full.save(root / "full")
-    weighted.save(root / "weighted")
-    return root, load_model(str(root / "model"), log=lambda _m: None)
-
-
-def test_cli_direction_export_loads_with_transformers_and_equals_the_hooks(cli_setup, prompts):
-    root, lm = cli_setup
-    b = tokenize_prompts(lm.tokenizer, prompts)
-    mask = b.attention_mask.bool()
-    plain = _logits(lm, prompts)
-    for name, extra in (("weighted", []), ("full", []), ("weighted", ["--full"])):
-        to = root / f"export-{name}-{len(extra)}"
-        res = _run_json("direction", "export", root / "model", "--direction", root / name, "--to", to, *extra)
-        assert res["checkpoint"] == str(to) and res["weighted"] == (name == "weighted" and not extra)
-        assert (to / "model.safetensors").is_file() and (to / "tokenizer_config.json").is_file()
-        model = AutoModelForCausalLM.from_pretrained(to).eval()
-        with torch.no_grad():
-            exported = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                             use_cache=False).logits
-        d = load_artifact(root / name)
-        if extra:
-            d = d.with_weights(None, 1.0)
-        hooked = _logits(lm, prompts, d.apply(lm))
-        torch.testing.assert_close(exported[mask], hooked[mask], rtol=1e-4, atol=1e-4)
-        assert not torch.allclose(exported[mask], plain[mask], atol=1e-3)
-    w = AutoModelForCausalLM.from_pretrained(root / "export-weighted-0").model.embed_tokens.weight
-    f = AutoModelForCausalLM.from_pretrained(root / "export-weighted-1").model.embed_tokens.weight
-    assert not torch.allclose(w, f)  # --full ignored the tuned weights (embed weight 0.5 vs 1)
-
-    r = _invoke("direction", "export", root / "model", "--direction", root / "full")
-    assert r.exit_code == 2 and "--to PATH" in r.output
-    r = _invoke("direction", "export", root / "model", "--direction", root / "missing", "--to", root / "x")
-    assert r.exit_code == 2 and "no direction artifact" in r.output and not (root / "x").exists()
-
-
-def test_cli_direction_tune_writes_its_pareto_output(cli_setup, tmp_path, png):
-    from safetyscope.measure.compare import logits_under
-    from safetyscope.measure.metrics import kl_divergence, refusal_score
-    from safetyscope.measure.refusal_tokens import refusal_token_ids
-    from safetyscope.methods.filtering import filter_by_refusal
-
-    root, lm = cli_setup
-    res = _run_json("direction", "tune", root / "model", "--direction", root / "full", "--harmful", root / "h.txt",
-                    "--harmless", root / "s.txt", "--n-prompts", "0", "--trials", "3", "--out", tmp_path)
-    out = tmp_path / "direction_tune"
-    saved = json.loads((out / "tune.json").read_text())
-    assert len(saved["trials"]) == 3 and saved["settings"]["n_trials"] == 3
-    assert res["front"] == [saved["trials"][i] for i in saved["front"]] and res["front"]
-    assert all(t["pareto"] for t in res["front"]) and res["chosen"] == saved["trials"][saved["chosen"]]
-    assert res["full_ablation"] == saved["trials"][0] and saved["trials"][0]["kernel"] is None
-    assert res["plot"] == str(out / "pareto.png")
-    png(out / "pareto.png")
-    tuned = load_artifact(out / "artifact")
-    assert isinstance(tuned, Direction) and torch.allclose(tuned.direction, load_artifact(root / "full").direction)
-    assert (tuned.layer_weights is None) == (res["chosen"]["kernel"] is None)
-
-    # trial 0 (full ablation) measured independently on the prompts the CLI's default filter keeps
-    kept = filter_by_refusal(lm, HARMFUL, HARMLESS, batch_size=8)
-    n, ids = len(kept.harmful), refusal_token_ids(lm.tokenizer)
-    base = logits_under(lm, kept.harmless, None, batch_size=8)
-    after = logits_under(lm, kept.harmful + kept.harmless, load_artifact(root / "full"), batch_size=8)
-    assert res["full_ablation"]["refusal"] == pytest.approx(float(refusal_score(after[:n], ids).mean()), abs=1e-4)
-    assert res["full_ablation"]["kl"] == pytest.approx(float(kl_divergence(base, after[n:]).mean()), rel=1e-3, abs=1e-7)
-    assert saved["settings"]["n_harmful"] == n and saved["settings"]["n_harmless"] == len(kept.harmless)
-
-
-def test_cli_direction_add_runs_and_reports(cli_setup, tmp_path):
-    from safetyscope.measure.generation import refusal_scores
-
-    root, lm = cli_setup
-    args = ["direction", "add", root / "model", "--direction", root / "full", "--harmful", root / "h.txt",
-            "--harmless", root / "s.txt", "--n-prompts", "0", "--coeff", "4", "--layer", "2", "--max-new-tokens", "3",
-            "--out", tmp_path]
-    res = _run_json(*args)
-    d = load_artifact(root / "full")
-    before = refusal_scores(lm, HARMLESS, batch_size=8)
-    with d.add(lm, 4.0, layer=2):
-        after = refusal_scores(lm, HARMLESS, batch_size=8)
-    assert res["n"] == len(HARMLESS) and res["coeff"] == 4.0 and res["layer"] == 2
-    assert res["score_before"] == pytest.approx(float(before.mean()), abs=1e-4)
-    assert res["score_after"] == pytest.approx(float(after.mean()), abs=1e-4)
-    assert abs(res["score_after"] - res["score_before"]) > 1e-3  # the addition moved the score
-    assert res["refusal_before"]["n"] == res["refusal_after"]["n"] == len(HARMLESS)
-    assert {e["prompt"] for e in res["examples"]} <= set(HARMLESS) and res["examples"]
-    assert json.loads((tmp_path / "direction_add/summary.json").read_text())["score_after"] == res["score_after"]
-
-    r = _invoke(*args, "--tag", "again")  # the human report; replies come from the cache
-    assert r.exit_code == 0, r.output
-    flat = " ".join(r.output.split())
-    assert "adding 4 x the direction at block 2" in flat and f"{res['score_before']:+.3f} -> {res['score_after']:+.3f}" in flat
-    assert (tmp_path / "direction_add/again.json").is_file()

@@ -23,15 +23,6 @@ def run_map(s: MapSettings) -> dict:
     return run_map_cli(s).summary()
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
-
-
 def test_map_runs_every_stage_and_resumes_after_an_interruption(tiny_dir, tmp_path, monkeypatch):
     s = MapSettings(model=str(tiny_dir), out=tmp_path, quick=True, quiet=True, batch_size=8)
 

@@ -21,17 +21,6 @@ from safetyscope.methods.circuit import pipeline
 from safetyscope.methods.circuit.evidence import readable_layers
 from safetyscope.methods.circuit.results import ModelInfo, ProbeLayer, ProbeSummary
 from safetyscope.methods.circuit.stages import Evidence, assign_stages, missing_stages
-from safetyscope.testing import tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
-
 
 WORDS = {"harmful": ["red", "big", "old", "new", "hot", "wet", "dry", "fat", "raw", "odd"],
          "harmless": ["tan", "shy", "sad", "low", "far", "dim", "icy", "coy", "sly", "apt"]}
