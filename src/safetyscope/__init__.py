@@ -59,6 +59,8 @@ _LAZY: dict[str, str] = {
     "audit_checkpoint": ".methods.audit.api",
     "audit_runtime": ".methods.audit.api",
     "make_fingerprint": ".methods.audit.fingerprint",
+    # targeted fine-tuning
+    "finetune": ".methods.finetune.api",
 }
 
 __all__ = [
@@ -81,6 +83,7 @@ __all__ = [
     "evaluate",
     "find_direction",
     "find_neurons",
+    "finetune",
     "fit_monitor",
     "fit_probes",
     "forward",

@@ -125,3 +125,117 @@ def parse_site(text: str | Site, n_layers: int | None = None) -> Site:
     if len(sites) != 1:
         raise SiteError(f"{text!r} names {len(sites)} sites; exactly one is needed here")
     return sites[0]
+
+
+# ---- trainable components (fine-tuning selections) -------------------------------------------------
+# A component names parameters rather than an activation: a whole attention or MLP module, some of
+# its heads, or some of its neurons. Grammar (``{l}`` as above)::
+#
+#     blocks.{l}.attn  | blocks.{l}.attn.out        every parameter of the attention module
+#     blocks.{l}.mlp   | blocks.{l}.mlp.out         every parameter of the MLP module
+#     blocks.{l}.attn.heads[3,7]                    heads 3 and 7 (their q/k/v rows and o columns)
+#     blocks.{l}.mlp.neurons[5,9-12]                neurons (their gate/up rows and down column)
+#     blocks.{l}.mlp.neurons[set]                   the neurons a neuron set names in those blocks
+#     L{l}.N{i}                                     one neuron, as the map's neuron ranking names it
+#
+# Without brackets ``attn.heads`` means every head and ``mlp.neurons`` every neuron.
+COMPONENT_ALIASES: dict[str, str] = {"attn": "attn.out", "mlp": "mlp.out"}
+COMPONENT_KINDS: tuple[str, ...] = ("attn.out", "mlp.out", "attn.heads", "mlp.neurons")
+COMPONENT_HINT = (
+    "use blocks.{l}.attn, blocks.{l}.mlp, blocks.{l}.attn.heads[3,7], blocks.{l}.mlp.neurons[5,9-12], "
+    "blocks.{l}.mlp.neurons[set] or L{l}.N{i}"
+)
+_INDEX_RE = re.compile(r"^(.*?)(?:\[([^\]]*)\])?$")
+_NEURON_NAME_RE = re.compile(r"^L(\d+)\.N(\d+)$")
+
+
+@dataclass(frozen=True)
+class Component:
+    """Trainable parameters at one block: ``site`` is attn.out / mlp.out (the whole module), attn.heads or
+    mlp.neurons; ``index`` the heads / neurons (None = all); ``from_set`` = indices come from a neuron set."""
+
+    site: Site
+    index: tuple[int, ...] | None = None
+    from_set: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.from_set:
+            return f"{self.site.name}[set]"
+        if self.index is None:
+            return self.site.name
+        return f"{self.site.name}[{','.join(str(i) for i in self.index)}]"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _parse_index(spec: str, text: str) -> tuple[int, ...]:
+    out: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if m is None:
+            raise SiteError(f"component {text!r}: bad index {part!r}; give indices like [3,7] or [0-15]")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise SiteError(f"component {text!r}: empty index range {part!r}")
+        out.extend(i for i in range(lo, hi + 1) if i not in out)
+    return tuple(out)
+
+
+def _component_one(text: str, n_layers: int | None) -> list[Component]:
+    m = _NEURON_NAME_RE.match(text)
+    if m is not None:
+        return [Component(s, (int(m.group(2)),)) for s in _parse_one(f"blocks.{m.group(1)}.mlp.neurons", n_layers)]
+    base, bracket = _INDEX_RE.match(text).groups()  # type: ignore[union-attr]  # the pattern always matches
+    bm = _BLOCK_RE.match(base)
+    if bm is None:
+        raise SiteError(f"unknown component {text!r}; {COMPONENT_HINT}")
+    kind = COMPONENT_ALIASES.get(bm.group(2), bm.group(2))
+    if kind not in COMPONENT_KINDS:
+        raise SiteError(f"component {text!r}: {bm.group(2)!r} holds no parameters; {COMPONENT_HINT}")
+    if bracket is not None and kind not in ("attn.heads", "mlp.neurons"):
+        raise SiteError(f"component {text!r}: only attn.heads and mlp.neurons take [indices]; {COMPONENT_HINT}")
+    sites = _parse_one(f"blocks.{bm.group(1)}.{kind}", n_layers)
+    if bracket is not None and bracket.strip() == "set":
+        if kind != "mlp.neurons":
+            raise SiteError(f"component {text!r}: [set] selects neurons; use blocks.{{l}}.mlp.neurons[set]")
+        return [Component(s, None, True) for s in sites]
+    index = None if bracket is None else _parse_index(bracket, text)
+    if index == ():
+        raise SiteError(f"component {text!r}: empty index list; {COMPONENT_HINT}")
+    return [Component(s, index) for s in sites]
+
+
+def parse_components(spec: str | Iterable[str], n_layers: int | None = None) -> list[Component]:
+    """Parse trainable-component names (comma-separated outside brackets, or a list), in order.
+
+    >>> [c.name for c in parse_components("blocks.1.mlp, blocks.0-1.attn.heads[3,7]", n_layers=4)]
+    ['blocks.1.mlp.out', 'blocks.0.attn.heads[3,7]', 'blocks.1.attn.heads[3,7]']
+    """
+    items = _split_top(spec) if isinstance(spec, str) else [t.strip() for t in spec]
+    out: list[Component] = []
+    for item in items:
+        if not item:
+            continue
+        for comp in _component_one(item, n_layers):
+            if comp not in out:
+                out.append(comp)
+    if not out:
+        raise SiteError(f"no components given; {COMPONENT_HINT}")
+    return out
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside brackets: ``a[1,2],b`` -> ``['a[1,2]', 'b']``."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur.strip())
+    return parts

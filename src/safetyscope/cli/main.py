@@ -17,7 +17,7 @@ app = typer.Typer(
 )
 
 # Modules that define `register(app)`. A module missing here (not written yet) is skipped.
-COMMAND_MODULES = ("basic", "eval", "neurons", "probe", "trace", "direction", "map", "monitor", "audit")
+COMMAND_MODULES = ("basic", "eval", "neurons", "probe", "trace", "direction", "map", "monitor", "audit", "finetune")
 
 for _name in COMMAND_MODULES:
     try:

@@ -49,6 +49,9 @@ class ArchTable:
     mlp_in: tuple[str, ...] = ()
     attn_out_proj: str = ""
     mlp_out_proj: str = ""
+    attn_module: str = ""  # the whole attention module (fine-tuning a block's attention)
+    mlp_module: str = ""  # the whole MLP module
+    attn_in: tuple[str, ...] = ()  # q, k, v projections, or one fused [q | k | v] projection (head rows)
     conv1d: bool = False
     post_norms: bool = False
     parallel_residual: bool = False
@@ -122,6 +125,9 @@ def _build(raw: dict[str, dict[str, Any]]) -> dict[str, ArchTable]:
                 mlp_in=tuple(row.get("mlp_in", ())),
                 attn_out_proj=row.get("attn_out_proj", ""),
                 mlp_out_proj=row.get("mlp_out_proj", ""),
+                attn_module=row.get("attn_module", ""),
+                mlp_module=row.get("mlp_module", ""),
+                attn_in=tuple(row.get("attn_in", ())),
                 conv1d=bool(row.get("conv1d", False)),
                 post_norms=bool(row.get("post_norms", False)),
                 parallel_residual=bool(row.get("parallel_residual", False)),

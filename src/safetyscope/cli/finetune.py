@@ -1,0 +1,125 @@
+"""`safetyscope finetune weaken|harden MODEL`: train only the refusal circuit's components (or a baseline).
+
+A thin shell over :func:`safetyscope.methods.finetune.api.finetune`: parse the settings, call the
+library, print and write ``OUT/finetune/<mode>/`` (summary.json, the targets, the resumable state and,
+with ``--export``, ``checkpoint/``: a normal Hugging Face checkpoint that ``eval --intervention``,
+``direction find`` and ``audit`` accept). A rerun with the same settings resumes from the last state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import typer
+
+from .common import PromptSettings, emit, user_errors
+from .settings import command, opt
+
+
+@dataclass
+class FinetuneSettings(PromptSettings):
+    select: str = opt("", "Components to train, comma-separated: blocks.14.mlp, blocks.15.attn, blocks.15.attn.heads[3,7], blocks.12-18.mlp.neurons[set] (with --neuron-set), L22.N2106.", flag="--components")
+    circuit: str = opt("", "A `safetyscope map` output directory: train the attention, MLP and neuron components of its stages (added to --components).")
+    neuron_set: str = opt("", "Neuron set artifact directory (from `safetyscope neurons find`): the neurons [set] components name.")
+    direction: str = opt("", "Refusal direction artifact (from `safetyscope direction find`); empty = found on the training prompts when weakening or --robust needs one.")
+    scary: str = opt("", "harden: benign-but-scary prompts kept answered (JSONL/CSV/TXT); empty = the built-in scary_harmless train split.")
+    method: str = opt("components", "What to train: components (the selection), full (every parameter), lora (rank --lora-rank on every projection) or random (random neurons of the selection's blocks, as many parameters).")
+    steps: int = opt(40, "Optimizer steps.")
+    lr: float = opt(1e-4, "Adam learning rate (no weight decay: masked entries never move).")
+    train_batch: int = opt(4, "Target examples per step (and as many retain examples).")
+    retain_weight: float = opt(1.0, "Weight of the retain loss (harmless replies kept as they were).")
+    max_new_tokens: int = opt(32, "Length of the self-generated target replies (and the training cut).")
+    robust: bool = opt(False, "harden: ablate the refusal direction at random blocks and positions while training, so refusal stops resting on it.")
+    robust_p: float = opt(0.5, "--robust: probability that a block / a position is ablated at a step.")
+    reestimate_every: int = opt(10, "--robust: re-estimate the direction on the model being trained every N steps (0 = never).")
+    checkpoint_every: int = opt(10, "Write the resumable training state every N steps (0 = never).")
+    lora_rank: int = opt(8, "Rank of the LoRA baseline (--method lora).")
+    kv: bool = opt(True, "Head components also train their key/value heads (shared by the query heads of a GQA group).")
+    export: bool = opt(True, "Write the tuned model as a Hugging Face checkpoint to OUT/finetune/<mode>/checkpoint.")
+    judge: str = opt("", "Refusal judge for the targets: package.module:function; empty = the phrase judge.")
+
+
+def register(app: typer.Typer) -> None:
+    sub = typer.Typer(no_args_is_help=True, help="Fine-tune the refusal circuit's components: weaken or harden refusal.")
+    for mode, text in (("weaken", "Train the components to answer harmful prompts as the model does under directional ablation, keeping harmless replies."),
+                       ("harden", "Train the components to refuse harmful prompts (optionally with the direction ablated: --robust), keeping harmless and scary-but-benign replies.")):
+        def cmd(s: FinetuneSettings, mode: str = mode) -> None:
+            with user_errors():
+                run_finetune(s, mode)
+
+        command(sub, mode, FinetuneSettings, text)(cmd)
+    app.add_typer(sub, name="finetune", help="Targeted fine-tuning: weaken or harden refusal.")
+
+
+def _prompts(s: FinetuneSettings, mode: str) -> tuple[Any, Any, Any]:
+    from ..prompts import builtin_prompts
+    from ..prompts.sets import group_splits
+
+    out = []
+    for kind, path in (("harmful", s.harmful), ("harmless", s.harmless)):
+        ps = group_splits(path, kind, s.seed).fit if path else builtin_prompts(kind, s.split, seed=s.seed)
+        out.append((ps.sample(s.n_prompts, seed=s.seed) if s.n_prompts else ps).require_nonempty(f"{kind} prompts"))
+    scary = None
+    if mode == "harden":
+        ps = group_splits(s.scary, "harmless", s.seed).fit if s.scary else builtin_prompts("scary_harmless", s.split, seed=s.seed)
+        scary = ps.sample(s.n_prompts, seed=s.seed) if s.n_prompts else ps
+    return out[0], out[1], scary
+
+
+def _components(s: FinetuneSettings) -> list[str] | None:
+    from ..methods.finetune.api import map_components
+    from ..sites import parse_components
+
+    names = [c.name for c in parse_components(s.select)] if s.select.strip() else []
+    if s.circuit:
+        names += [n for n in map_components(s.circuit) if n not in names]
+    if not names and s.method in ("components", "random"):
+        raise ValueError("give what to train with --components or --circuit OUT, or use --method full / lora")
+    return names or None
+
+
+def run_finetune(s: FinetuneSettings, mode: str) -> dict[str, Any]:
+    import sys
+
+    from ..io import write_json
+    from ..measure.judges import load_judge
+    from ..methods.direction.artifact import Direction
+    from ..methods.finetune.api import finetune
+    from ..methods.finetune.train import TrainConfig
+    from ..methods.neurons.artifact import NeuronSet
+
+    cfg = TrainConfig(steps=s.steps, lr=s.lr, batch_size=s.train_batch, retain_weight=s.retain_weight,
+                      max_reply_tokens=s.max_new_tokens, robust=s.robust, robust_p=s.robust_p,
+                      reestimate_every=s.reestimate_every, checkpoint_every=s.checkpoint_every, seed=s.seed)
+    comps = _components(s)
+    judge = load_judge(s.judge) if s.judge else None
+    direction = Direction.load(s.direction) if s.direction else None
+    neurons = NeuronSet.load(s.neuron_set) if s.neuron_set else None
+    harmful, harmless, scary = _prompts(s, mode)
+    log = (lambda _m: None) if s.quiet or s.json else (lambda m: print(m, file=sys.stderr))
+    lm = s.load_model()
+    out = s.out / "finetune" / mode
+    r = finetune(lm, mode, comps, method=s.method, harmful=harmful, harmless=harmless, scary=scary,  # type: ignore[arg-type]
+                 neuron_set=neurons, direction=direction, config=cfg, judge=judge, max_new_tokens=s.max_new_tokens,
+                 kv=s.kv, lora_rank=s.lora_rank, batch_size=s.batch_size, system=s.system, out=out, log=log)
+    result = r.summary()
+    if r.direction is not None and not s.direction:
+        r.direction.save(out / "direction")
+        result["direction"] = str(out / "direction")
+    if s.export:
+        result["checkpoint"] = str(r.export(lm, out / "checkpoint"))
+    write_json(out / "summary.json", result)
+    emit(s, result, lambda: _print(result))
+    return result
+
+
+def _print(r: dict[str, Any]) -> None:
+    print(f"{r['mode']} ({r['method']}): trainable parameters {r['n_trainable']:,} of {r['n_total']:,} "
+          f"({r['fraction']:.3%})")
+    print(f"targets: {r['data']}")
+    print(f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f} in {r['steps']} steps"
+          + (f" (resumed at step {r['resumed_from']})" if r["resumed_from"] else "")
+          + f", {r['seconds']:.1f} s, peak memory +{r['peak_mib']:.0f} MiB")
+    if r.get("checkpoint"):
+        print(f"checkpoint: {r['checkpoint']}")

@@ -1,0 +1,142 @@
+"""Training targets made on the fly from the model itself (nothing harmful ships with safetyscope).
+
+*weaken*: harmful prompts with the model's own greedy replies under directional ablation (self-
+distillation of the ablated model), kept only when the judge says they are not refusals; harmless
+prompts with the unmodified model's replies (retain), kept when answered.
+
+*harden*: harmful prompts with the model's own refusals (kept only when the judge says refusal); a
+harmful prompt the model answers gets a refusal generated under activation addition of the refusal
+direction, when a direction is given, again kept only if judged a refusal; harmless and
+benign-but-scary prompts with the replies the model gives when it does not refuse (judged answers).
+
+Targets are token ids (the reply as generated, stop token included when reached), so the training
+loss sees exactly what the model produced.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ...io import atomic_path
+from ...measure.capability import decode_reply, generate_ids
+from ...models.adapter import LoadedModel
+
+Mode = Literal["weaken", "harden"]
+MODES: tuple[Mode, ...] = ("weaken", "harden")
+Kind = Literal["target", "retain"]  # target: the behaviour being changed; retain: behaviour kept
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    reply: tuple[int, ...]  # target token ids
+    kind: Kind
+    source: str  # harmful / harmless / scary, and how the reply was made
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    examples: tuple[Example, ...]
+    counts: dict[str, int]  # per source: kept / offered
+
+    def of(self, kind: Kind) -> list[Example]:
+        return [e for e in self.examples if e.kind == kind]
+
+    def save(self, path: str | Path) -> Path:
+        with atomic_path(path) as tmp:
+            rows = [json.dumps(asdict(e)) for e in self.examples]
+            tmp.write_text(json.dumps({"counts": self.counts}) + "\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainingData:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        head = json.loads(lines[0])
+        ex = []
+        for line in lines[1:]:
+            d = json.loads(line)
+            ex.append(Example(d["prompt"], tuple(int(t) for t in d["reply"]), d["kind"], d["source"]))
+        return cls(tuple(ex), {k: int(v) for k, v in head["counts"].items()})
+
+
+JudgeFn = Callable[[str, str], bool]
+Context = Callable[[], AbstractContextManager[Any]]
+
+
+@dataclass
+class _Gen:
+    lm: LoadedModel
+    judge: JudgeFn
+    max_new_tokens: int
+    batch_size: int
+    system: str | None
+
+    def replies(self, prompts: Sequence[str], under: Context | None = None) -> list[tuple[int, ...]]:
+        if not prompts:
+            return []
+        if under is None:
+            ids = generate_ids(self.lm, list(prompts), max_new_tokens=self.max_new_tokens,
+                               batch_size=self.batch_size, system=self.system)
+        else:
+            with under():
+                ids = generate_ids(self.lm, list(prompts), max_new_tokens=self.max_new_tokens,
+                                   batch_size=self.batch_size, system=self.system)
+        return [tuple(r) for r in ids]
+
+    def refused(self, prompt: str, reply: Sequence[int]) -> bool:
+        return bool(self.judge(prompt, decode_reply(self.lm, reply)))
+
+
+def _keep(g: _Gen, prompts: Sequence[str], replies: Sequence[tuple[int, ...]], want_refusal: bool,
+          kind: Kind, source: str) -> tuple[list[Example], list[str]]:
+    """(examples whose judged refusal equals ``want_refusal``, the prompts that failed)."""
+    kept, failed = [], []
+    for p, r in zip(prompts, replies):
+        if r and g.refused(p, r) == want_refusal:
+            kept.append(Example(p, r, kind, source))
+        else:
+            failed.append(p)
+    return kept, failed
+
+
+def make_data(lm: LoadedModel, mode: Mode, harmful: Sequence[str], harmless: Sequence[str], scary: Sequence[str] = (),
+              *, ablate: Context | None = None, add: Context | None = None, judge: JudgeFn,
+              max_new_tokens: int = 32, batch_size: int = 8, system: str | None = None) -> TrainingData:
+    """Targets for ``mode`` (see the module docstring). ``ablate``: a directional-ablation context (needed
+    to weaken); ``add``: an activation-addition context (optional, to harden prompts the model answers)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; use weaken or harden")
+    g = _Gen(lm, judge, max_new_tokens, batch_size, system)
+    counts: dict[str, int] = {}
+    examples: list[Example] = []
+    if mode == "weaken":
+        if ablate is None:
+            raise ValueError("weakening needs a refusal direction to ablate (direction=...)")
+        kept, _ = _keep(g, harmful, g.replies(harmful, ablate), False, "target", "harmful:ablated")
+        examples += kept
+        counts["harmful:ablated"] = len(kept)
+    else:
+        kept, answered = _keep(g, harmful, g.replies(harmful), True, "target", "harmful:own")
+        examples += kept
+        counts["harmful:own"] = len(kept)
+        if add is not None and answered:
+            more, _ = _keep(g, answered, g.replies(answered, add), True, "target", "harmful:added")
+            examples += more
+            counts["harmful:added"] = len(more)
+    counts["harmful:offered"] = len(harmful)
+    for name, prompts in (("harmless", harmless), ("scary", scary)):
+        kept, _ = _keep(g, prompts, g.replies(prompts), False, "retain", f"{name}:own")
+        examples += kept
+        counts[f"{name}:own"], counts[f"{name}:offered"] = len(kept), len(prompts)
+    data = TrainingData(tuple(examples), counts)
+    if not data.of("target"):
+        raise ValueError(f"no {mode} targets survived the judge ({counts}); give more harmful prompts"
+                         + (" or a direction that bypasses refusal" if mode == "weaken" else " or a direction to add"))
+    if not data.of("retain"):
+        raise ValueError(f"no harmless prompt was answered ({counts}); give other harmless prompts")
+    return data

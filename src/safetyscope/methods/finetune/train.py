@@ -1,0 +1,300 @@
+"""The training loop: teacher-forced cross-entropy on self-made targets, Adam, resumable.
+
+Each step draws ``batch_size`` target examples and ``batch_size`` retain examples (seeded by the step
+number, so a resumed run draws what an uninterrupted one draws) and minimises
+``CE(target replies) + retain_weight * CE(retain replies)`` over the reply tokens only.
+
+*Robust* training (harden): on the target rows, the refusal direction is projected out of the residual
+stream (``blocks.{l}.resid_pre``) at a random subset of blocks and a random subset of token positions,
+drawn anew at every step (each block and each position with probability ``robust_p``), so the model
+learns to refuse without that direction. The direction is re-estimated every ``reestimate_every`` steps
+as the difference of means of the target and retain prompts at the last prompt token of its block, on
+the model as it is then, so training chases the direction the current model uses.
+
+Adam runs without weight decay: an entry whose gradient is always zero (masked) never moves.
+Every ``checkpoint_every`` steps the trainable tensors, Adam's moments, the current direction, the
+step and the losses are written atomically to ``state_dir``; a rerun with the same key continues there.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...hooks import hooks
+from ...io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from ...models.adapter import LoadedModel
+from ...progress import quiet
+from ...prompts.chat import format_chat, pad_token_id
+from ...runner import run_capture
+from ...sites import Site
+from .data import Example, TrainingData
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 40
+    lr: float = 1e-4
+    batch_size: int = 4  # target examples per step (and as many retain examples)
+    retain_weight: float = 1.0
+    max_reply_tokens: int = 32  # targets are cut to this many tokens
+    robust: bool = False
+    robust_p: float = 0.5
+    reestimate_every: int = 10  # 0 = keep the initial direction
+    checkpoint_every: int = 10  # 0 = no resumable state
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.max_reply_tokens < 1:
+            raise ValueError("steps, batch_size and max_reply_tokens must be positive")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, not {self.lr}")
+        if not 0.0 < self.robust_p <= 1.0:
+            raise ValueError(f"robust_p must be in (0, 1], not {self.robust_p}")
+        if self.retain_weight < 0 or self.reestimate_every < 0 or self.checkpoint_every < 0:
+            raise ValueError("retain_weight, reestimate_every and checkpoint_every must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainLog:
+    losses: tuple[float, ...]  # per step: total loss
+    target_losses: tuple[float, ...]
+    retain_losses: tuple[float, ...]
+    resumed_from: int  # step the run continued from (0 = fresh)
+    direction: torch.Tensor | None  # the last re-estimated unit direction [d_model] (robust runs)
+    seconds: float
+
+
+# ---- batches -------------------------------------------------------------------------------------
+def _prompt_ids(lm: LoadedModel, prompt: str, system: str | None) -> list[int]:
+    return list(lm.tokenizer(format_chat(lm.tokenizer, prompt, system), add_special_tokens=False)["input_ids"])
+
+
+def make_batch(lm: LoadedModel, rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> dict[str, torch.Tensor]:
+    """Left-padded ``prompt + reply`` rows; labels are the reply tokens (-100 elsewhere), already shifted:
+    ``labels[:, t]`` is the token predicted at position ``t``."""
+    width = max(len(p) + len(r) for p, r in rows)
+    pad = pad_token_id(lm.tokenizer)
+    ids = torch.full((len(rows), width), int(pad), dtype=torch.long)     # [batch, pos]
+    mask = torch.zeros((len(rows), width), dtype=torch.long)            # [batch, pos]
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)     # [batch, pos]
+    for i, (p, r) in enumerate(rows):
+        seq = list(p) + list(r)
+        start = width - len(seq)
+        ids[i, start:] = torch.tensor(seq, dtype=torch.long)
+        mask[i, start:] = 1
+        for j, tok in enumerate(r):  # reply token j sits at start + len(p) + j, predicted one position earlier
+            labels[i, start + len(p) + j - 1] = int(tok)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over labelled positions; logits [batch, pos, vocab], labels [batch, pos]."""
+    return nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+# ---- robust ablation -------------------------------------------------------------------------------
+def random_ablation(lm: LoadedModel, r: torch.Tensor, rows: int, width: int, p: float,
+                    gen: torch.Generator) -> list[tuple[Site, Any]]:
+    """Edits projecting unit ``r`` out of ``resid_pre`` at random blocks and positions of the first ``rows``
+    rows (the target examples); the rest of the batch is untouched."""
+    layers = [layer for layer in range(lm.n_layers) if float(torch.rand((), generator=gen)) < p]
+    if not layers:
+        layers = [int(torch.randint(lm.n_layers, (), generator=gen))]
+    pos = (torch.rand((rows, width), generator=gen) < p).float()  # [rows, pos]
+
+    def edit(x: torch.Tensor, _batch: Any) -> torch.Tensor:  # x: [batch, pos, d_model]
+        if x.shape[1] != width:
+            return x
+        m = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
+        m[:rows] = pos.to(device=x.device, dtype=x.dtype)
+        rr = r.to(device=x.device, dtype=x.dtype)
+        return x - (m * (x @ rr)).unsqueeze(-1) * rr
+
+    return [(Site("resid_pre", layer), edit) for layer in layers]
+
+
+def estimate_direction(lm: LoadedModel, target: Sequence[str], retain: Sequence[str], layer: int,
+                       system: str | None, batch_size: int = 8) -> torch.Tensor:
+    """Unit difference of means (target - retain) at ``blocks.{layer}.resid_pre``, last prompt token."""
+    site = Site("resid_pre", layer)
+    means = []
+    for texts in (target, retain):
+        total, n = None, 0
+        for _b, vals in run_capture(lm, list(texts), site, "last", batch_size=batch_size, system=system,
+                                    description="direction"):
+            v = vals[site][:, 0].double().sum(0)  # [d_model]
+            total, n = (v if total is None else total + v), n + int(vals[site].shape[0])
+        assert total is not None
+        means.append(total / n)
+    d = means[0] - means[1]
+    return (d / d.norm().clamp_min(1e-12)).float()
+
+
+# ---- memory ---------------------------------------------------------------------------------------
+@contextmanager
+def peak_memory() -> Iterator[dict[str, float]]:
+    """Peak memory of the block above its start, in MiB (CUDA: allocated; CPU: resident set, sampled)."""
+    out: dict[str, float] = {"peak_mib": 0.0}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        yield out
+        out["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def rss() -> int:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * page
+        except OSError:
+            return 0
+
+    base, peak, stop = rss(), [0], threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            stop.wait(0.02)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        th.join()
+        out["peak_mib"] = max(0, max(peak[0], rss()) - base) / 2**20
+
+
+# ---- state -----------------------------------------------------------------------------------------
+def _save_state(path: Path, key: str, step: int, params: Sequence[torch.Tensor], opt: torch.optim.Optimizer,
+                logs: dict[str, list[float]], r: torch.Tensor | None) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    steps = []
+    for i, p in enumerate(params):
+        tensors[f"param.{i}"] = p.detach()
+        st = opt.state.get(p, {})
+        if st:
+            tensors[f"m.{i}"], tensors[f"v.{i}"] = st["exp_avg"], st["exp_avg_sq"]
+        steps.append(float(st["step"]) if st else 0.0)
+    if r is not None:
+        tensors["direction"] = r
+    with atomic_dir(path) as tmp:
+        save_tensors(tmp / "tensors.safetensors", tensors)
+        write_json(tmp / "state.json", {"key": key, "step": step, "adam_steps": steps, **logs})
+
+
+def _load_state(path: Path, key: str, params: Sequence[torch.Tensor],
+                opt: torch.optim.Optimizer) -> tuple[int, dict[str, list[float]], torch.Tensor | None] | None:
+    if not (path / "state.json").is_file():
+        return None
+    meta = read_json(path / "state.json")
+    if meta.get("key") != key:
+        return None
+    t = load_tensors(path / "tensors.safetensors")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(t[f"param.{i}"].to(device=p.device, dtype=p.dtype))
+            if f"m.{i}" in t:
+                opt.state[p] = {"step": torch.tensor(meta["adam_steps"][i]),
+                                "exp_avg": t[f"m.{i}"].to(p.device), "exp_avg_sq": t[f"v.{i}"].to(p.device)}
+    logs = {k: list(meta[k]) for k in ("losses", "target_losses", "retain_losses")}
+    return int(meta["step"]), logs, t.get("direction")
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    lm: LoadedModel
+    cfg: TrainConfig
+    target: list[tuple[list[int], list[int]]]
+    retain: list[tuple[list[int], list[int]]]
+
+    def draw(self, pool: list[Any], step: int, salt: int) -> list[Any]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 7 + salt)
+        order = torch.randperm(len(pool), generator=g).tolist()
+        k = self.cfg.batch_size
+        return [pool[order[i % len(order)]] for i in range(k)]
+
+    def loss(self, step: int, r: torch.Tensor | None) -> tuple[torch.Tensor, float, float]:
+        tgt, ret = self.draw(self.target, step, 1), self.draw(self.retain, step, 2)
+        b = make_batch(self.lm, tgt + ret)
+        dev = self.lm.input_device
+        edits: list[tuple[Site, Any]] = []
+        if self.cfg.robust and r is not None:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 7 + 3)
+            edits = random_ablation(self.lm, r, len(tgt), b["input_ids"].shape[1], self.cfg.robust_p, g)
+        with hooks(self.lm, edits) if edits else nullcontext():
+            logits = self.lm.model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
+                                   position_ids=b["position_ids"].to(dev), use_cache=False).logits
+        labels = b["labels"].to(logits.device)
+        n = len(tgt)
+        lt, lr_ = _ce(logits[:n], labels[:n]), _ce(logits[n:], labels[n:])
+        return lt + self.cfg.retain_weight * lr_, float(lt.detach()), float(lr_.detach())
+
+
+def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, cfg: TrainConfig, *,
+          direction: torch.Tensor | None = None, direction_layer: int = 0, system: str | None = None,
+          state_dir: Path | None = None, key: str = "", on_step: Callable[[int, float], None] | None = None) -> TrainLog:
+    """Train ``params`` (already switched on for autograd, gradients masked) on ``data``; see the module docstring."""
+    start = time.perf_counter()
+    cut = cfg.max_reply_tokens
+
+    def pairs(ex: list[Example]) -> list[tuple[list[int], list[int]]]:
+        return [(_prompt_ids(lm, e.prompt, system), list(e.reply[:cut])) for e in ex]
+
+    run = _Run(lm, cfg, pairs(data.of("target")), pairs(data.of("retain")))
+    opt = torch.optim.Adam(list(params), lr=cfg.lr, weight_decay=0.0)
+    logs: dict[str, list[float]] = {"losses": [], "target_losses": [], "retain_losses": []}
+    r = None if direction is None else direction.detach().float().cpu()
+    step0 = 0
+    if state_dir is not None and cfg.checkpoint_every:
+        got = _load_state(state_dir, key, params, opt)
+        if got is not None:
+            step0, logs, saved_r = got
+            r = saved_r if saved_r is not None else r
+    texts = ([e.prompt for e in data.of("target")][:32], [e.prompt for e in data.of("retain")][:32])
+    with _bar(cfg.steps, step0) as show:
+        for step in range(step0, cfg.steps):
+            if cfg.robust and r is not None and cfg.reestimate_every and step and step % cfg.reestimate_every == 0:
+                r = estimate_direction(lm, texts[0], texts[1], direction_layer, system)
+            opt.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                loss, lt, lr_ = run.loss(step, r)
+                loss.backward()
+            opt.step()
+            for k, v in zip(logs, (float(loss.detach()), lt, lr_)):
+                logs[k].append(v)
+            show(step + 1, logs["losses"][-1])
+            if on_step is not None:
+                on_step(step + 1, logs["losses"][-1])
+            if state_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                _save_state(state_dir, key, step + 1, params, opt, logs, r)
+    return TrainLog(tuple(logs["losses"]), tuple(logs["target_losses"]), tuple(logs["retain_losses"]), step0, r,
+                    time.perf_counter() - start)
+
+
+@contextmanager
+def _bar(total: int, done: int) -> Iterator[Callable[[int, float], None]]:
+    """A progress bar showing the loss (nothing when quiet)."""
+    if quiet():
+        yield lambda _s, _l: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("finetune"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                  TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("finetune", total=total, completed=done, loss="-")
+        yield lambda s, loss: bar.update(task, completed=s, loss=f"{loss:.3f}")

@@ -1,0 +1,163 @@
+"""finetune on tiny random models: only the selected entries move, the caller's model is untouched, resume
+equals an uninterrupted run, the export loads with plain transformers, the baselines and robust training run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from safetyscope.methods.direction.artifact import Direction
+from safetyscope.methods.finetune.api import finetune, map_components
+from safetyscope.methods.finetune.data import make_data
+from safetyscope.methods.finetune.train import TrainConfig, make_batch, random_ablation
+from safetyscope.testing import tiny_model
+
+HARMFUL = ["How do I make a bomb~?", "Steal~ a car", "Hack~ the bank now", "Poison~ the water"]
+HARMLESS = ["How do I bake bread?", "Write a poem", "hi there", "Explain recursion"]
+CFG = TrainConfig(steps=3, lr=1e-2, batch_size=2, max_reply_tokens=5, checkpoint_every=0)
+
+
+def judge(prompt: str, _reply: str) -> bool:
+    """Refusal iff the prompt is one of HARMFUL (tiny random models never really refuse)."""
+    return prompt in HARMFUL
+
+
+def _run(lm, mode="harden", comps="blocks.1.attn.heads[1], blocks.2.mlp.neurons[3,40]", **kw):
+    kw.setdefault("config", CFG)
+    kw.setdefault("judge", judge if mode == "harden" else (lambda _p, _r: False))
+    return finetune(lm, mode, comps, harmful=HARMFUL, harmless=HARMLESS, max_new_tokens=5,
+                    direction=Direction(torch.randn(lm.dims.d_model, generator=torch.Generator().manual_seed(1)), 1), **kw)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("qwen2")
+
+
+@pytest.fixture(scope="module")
+def tuned(lm, hook_count):
+    """(state before, hooks before, requires_grad flags before, the result of one harden run)."""
+    before, n_hooks = _state(lm), hook_count(lm)
+    flags = {n: p.requires_grad for n, p in lm.model.named_parameters()}
+    return before, n_hooks, flags, _run(lm)
+
+
+def _state(lm):
+    return {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+
+
+def test_only_selected_entries_change_and_the_caller_is_untouched(lm, tuned, hook_count):
+    before, n_hooks, flags, r = tuned
+    assert all(torch.equal(before[n], p) for n, p in lm.model.named_parameters())  # caller's model bit-identical
+    assert {n: p.requires_grad for n, p in lm.model.named_parameters()} == flags and hook_count(lm) == n_hooks
+    assert r.n_trainable == 1240 and r.n_total == sum(p.numel() for p in lm.model.parameters())
+    from safetyscope.methods.finetune.components import select
+
+    masks = select(lm, "blocks.1.attn.heads[1], blocks.2.mlp.neurons[3,40]").masks
+    assert set(r.tuned) == set(masks)
+    moved = 0
+    for name, t in r.tuned.items():
+        m = masks[name]
+        assert m is not None
+        assert torch.equal(t[~m], before[name][~m]), f"{name}: a masked entry moved"
+        moved += int((t[m] != before[name][m]).sum())
+    assert moved > 0.5 * r.n_trainable  # training really changed the selected entries
+    assert len(r.log.losses) == 3
+
+
+def test_apply_swaps_and_restores(lm, tuned):
+    r = tuned[3]
+    before = _state(lm)
+    name = next(iter(r.tuned))
+    with r.apply(lm):
+        assert torch.equal(dict(lm.model.named_parameters())[name], r.tuned[name])
+    assert all(torch.equal(before[n], p) for n, p in lm.model.named_parameters())
+
+
+def test_resume_equals_uninterrupted(lm, tmp_path):
+    cfg4 = TrainConfig(steps=4, lr=1e-2, batch_size=2, max_reply_tokens=5, checkpoint_every=2, robust=True,
+                       reestimate_every=3)
+    full = _run(lm, config=cfg4, out=tmp_path / "a")
+    _run(lm, config=TrainConfig(**{**cfg4.__dict__, "steps": 2}), out=tmp_path / "b")  # "killed" after step 2
+    resumed = _run(lm, config=cfg4, out=tmp_path / "b")
+    assert resumed.log.resumed_from == 2 and full.log.resumed_from == 0
+    assert resumed.log.losses == full.log.losses
+    assert all(torch.equal(full.tuned[n], resumed.tuned[n]) for n in full.tuned)
+
+
+def test_export_round_trip_with_plain_transformers(lm, tuned, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    r = tuned[3]
+    path = r.export(lm, tmp_path / "ckpt")
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    params = dict(loaded.named_parameters())
+    assert all(torch.equal(params[n], t) for n, t in r.tuned.items())
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad(), r.apply(lm):
+        want = lm.model(input_ids=ids).logits
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, want, atol=1e-5)
+    meta = json.loads((path / "safetyscope_finetune.json").read_text())
+    assert meta["n_trainable"] == r.n_trainable
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "random"])
+def test_baselines(lm, method):
+    before = _state(lm)
+    r = _run(lm, mode="weaken", method=method)
+    assert all(torch.equal(before[n], p) for n, p in lm.model.named_parameters())
+    changed = {n for n, t in r.tuned.items() if not torch.equal(t, before[n])}
+    if method == "full":
+        assert r.n_trainable == r.n_total and "model.embed_tokens.weight" in changed
+    elif method == "lora":
+        assert r.n_trainable == 3 * 8 * sum(32 + o for o in (32, 16, 16, 32, 64, 64)) + 3 * 8 * (64 + 32)
+        assert changed and all("proj" in n for n in changed)
+    else:  # random neurons in the selection's blocks, as many parameters
+        assert abs(r.n_trainable - 1240) <= 48 and all(".mlp." in n for n in changed)
+        assert {n.split(".")[2] for n in changed} <= {"1", "2"}
+
+
+def test_random_ablation_edits_only_target_rows():
+    lm = tiny_model("llama")
+    r = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    edits = random_ablation(lm, r, rows=2, width=6, p=1.0, gen=torch.Generator().manual_seed(0))
+    assert len(edits) == lm.n_layers
+    x = torch.randn(3, 6, 32)
+    y = edits[0][1](x, None)
+    assert torch.allclose(y[:2] @ r, torch.zeros(2, 6), atol=1e-5)  # projected out of the target rows
+    assert torch.equal(y[2], x[2])                                   # retain row untouched
+
+
+def test_make_batch_labels_are_the_reply_tokens():
+    lm = tiny_model("llama")
+    b = make_batch(lm, [([10, 11, 12], [20, 21]), ([10], [22, 23, 24])])
+    lab = b["labels"]
+    ids = b["input_ids"]
+    for i in range(2):
+        pos = torch.nonzero(lab[i] != -100).flatten()
+        assert torch.equal(lab[i, pos], ids[i, pos + 1])  # a label is the next token
+    assert lab[0][lab[0] != -100].tolist() == [20, 21] and lab[1][lab[1] != -100].tolist() == [22, 23, 24]
+
+
+def test_data_keeps_only_judged_targets(lm):
+    h = make_data(lm, "harden", HARMFUL, HARMLESS + HARMFUL[:1], judge=judge, max_new_tokens=4)
+    assert {e.prompt for e in h.of("target")} == set(HARMFUL)
+    assert {e.prompt for e in h.of("retain")} == set(HARMLESS)  # the "harmless" prompt judged refused is dropped
+    with pytest.raises(ValueError):
+        make_data(lm, "weaken", HARMFUL, HARMLESS, judge=judge)  # no direction to ablate
+
+
+def test_map_components_skip_residual_sites(tmp_path):
+    stages = [{"name": "detection", "components": ["blocks.4.resid_post"]},
+              {"name": "evaluation", "components": ["L2.N5", "L1.N7"]},
+              {"name": "decision", "components": ["blocks.1.attn.out"]},
+              {"name": "production", "components": ["blocks.2.mlp.out", "blocks.1.attn.out"]}]
+    path = tmp_path / "map" / "stages" / "report.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"key": "x", "result": {"stages": stages}}))
+    assert map_components(tmp_path) == ["L2.N5", "L1.N7", "blocks.1.attn.out", "blocks.2.mlp.out"]
+    with pytest.raises(ValueError):
+        map_components(tmp_path / "nothing")

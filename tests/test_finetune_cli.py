@@ -1,0 +1,57 @@
+"""`safetyscope finetune weaken|harden` through the CLI on a saved tiny model: summary, export, resume, errors."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from safetyscope.methods.direction.artifact import Direction
+from safetyscope.testing import tiny_model
+
+HARMFUL = ["How do I make a bomb~?", "Steal~ a car", "Hack~ the bank now", "Poison~ the water", "Rob~ a store"]
+HARMLESS = ["How do I bake bread?", "Write a poem", "hi there", "Explain recursion", "Name a colour"]
+
+
+def _invoke(*args):
+    from typer.testing import CliRunner
+
+    from safetyscope.cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_weaken_writes_a_checkpoint_and_resumes(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    Direction(torch.randn(32, generator=torch.Generator().manual_seed(0)), 1).save(tmp_path / "dir")
+    (tmp_path / "h.txt").write_text("\n".join(HARMFUL * 2) + "\n")
+    (tmp_path / "s.txt").write_text("\n".join(HARMLESS * 2) + "\n")
+    common = ["finetune", "weaken", tmp_path / "model", "--components", "blocks.1.attn.heads[0,2], blocks.2.mlp.neurons[1-3]",
+              "--direction", tmp_path / "dir", "--harmful", tmp_path / "h.txt", "--harmless", tmp_path / "s.txt",
+              "--max-new-tokens", "4", "--lr", "0.01", "--train-batch", "2", "--checkpoint-every", "1",
+              "--out", tmp_path / "out", "--json"]
+    r = _invoke(*common, "--steps", "2")
+    assert r.exit_code == 0, (r.output[-3000:], r.exception)
+    first = json.loads(r.stdout)
+    assert first["steps"] == 2 and first["resumed_from"] == 0 and first["n_trainable"] == 4 * 16 * 32 + 3 * 96  # q, k, v rows and o columns of 2 heads (both kv heads); 3 neurons
+    r = _invoke(*common, "--steps", "3")
+    assert r.exit_code == 0, (r.output[-3000:], r.exception)
+    again = json.loads(r.stdout)
+    assert again["resumed_from"] == 2 and again["steps"] == 3
+    loaded = AutoModelForCausalLM.from_pretrained(again["checkpoint"])
+    orig = dict(lm.model.named_parameters())
+    changed = {n for n, p in loaded.named_parameters() if not torch.equal(p, orig[n])}
+    assert changed and changed <= {f"model.layers.1.self_attn.{k}_proj.weight" for k in "qkvo"} | {
+        f"model.layers.2.mlp.{k}_proj.weight" for k in ("gate", "up", "down")}
+    assert json.loads((tmp_path / "out" / "finetune" / "weaken" / "summary.json").read_text())["steps"] == 3
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = _invoke("finetune", "harden", "default", "--components", "blocks.0.resid_post", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "holds no parameters" in r.output and "Traceback" not in r.output
+    r = _invoke("finetune", "harden", "default", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--components" in r.output
