@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from .common import PromptSettings, emit, prompt_sets, user_errors
+from .judge import JUDGES_HELP, compare_on_records, parse_judges, render_comparison
 from .settings import command, opt
 
 
@@ -21,7 +22,8 @@ class EvalSettings(PromptSettings):
                                       "model*.safetensors, e.g. from `direction export`) of MODEL, to apply; repeat to "
                                       "apply several together (empty = the model as it is).")
     scary: str = opt("", "Harmless-but-scary prompts file (over-refusal probes); empty = the built-in set, 'none' = skip.")
-    judge: str = opt("", "Refusal judge as module:function taking (prompt, reply) -> bool or score (>= 0.5 = refusal); empty = the phrase judge.")
+    judge: str = opt("", "Refusal judge: phrase, llm, llm:MODEL (an LLM judge, see docs/judges.md) or module:function taking (prompt, reply) -> bool or score (>= 0.5 = refusal); empty = the phrase judge.")
+    judges: str = opt("", JUDGES_HELP)
     max_new_tokens: int = opt(64, "Reply length cap in tokens (greedy decoding).")
     refusal_openings: str = opt("", "Comma-separated refusal openings for the logit score (e.g. 'I,As,Sorry'); empty = the defaults.")
     ppl_text: str = opt("", "Plain-text file for an extra perplexity figure (cut into --ppl-max-tokens windows).")
@@ -52,7 +54,7 @@ def _judge(spec: str) -> Any:
     try:
         return load_judge(spec)
     except (ImportError, AttributeError, TypeError) as exc:  # one line, exit 2 like every user error
-        raise ValueError(str(exc).splitlines()[0] + "; --judge takes package.module:function") from None
+        raise ValueError(str(exc).splitlines()[0] + "; --judge takes phrase, llm, llm:MODEL or package.module:function") from None
 
 
 def _inputs(s: EvalSettings) -> dict[str, Any]:
@@ -77,7 +79,7 @@ def _inputs(s: EvalSettings) -> dict[str, Any]:
     names = [f"{a.kind}:{p}" for a, p in zip(parts, s.intervention)]
     intervention = None if not parts else parts[0] if len(parts) == 1 else Stack(parts)
     return {"harmful": harmful, "harmless": harmless, "scary": scary, "intervention": intervention, "names": names,
-            "judge": _judge(s.judge) if s.judge else None}
+            "judges": parse_judges(s.judges), "judge": _judge(s.judge) if s.judge else None}
 
 
 def _prompt_groups(s: EvalSettings) -> tuple[Any, Any]:
@@ -108,6 +110,7 @@ def _prompt_groups(s: EvalSettings) -> tuple[Any, Any]:
 
 
 def run_eval(s: EvalSettings) -> dict[str, Any]:
+    from ..io import write_json
     from ..measure.evaluate import evaluate
     from ..measure.generation import add_stop_tokens
     from ..measure.refusal_tokens import refusal_token_ids
@@ -130,6 +133,9 @@ def run_eval(s: EvalSettings) -> dict[str, Any]:
         )
     eval_path, replies_path = res.save(s.out, samples=s.samples)
     result = res.to_dict(s.samples)
+    if inp["judges"]:  # the same replies through every judge, three-way, with their agreement
+        result["judges"] = compare_on_records(inp["judges"], res.replies, s.batch_size)
+        write_json(s.out / "judges.json", result["judges"])
     emit(s, result, lambda: _render(result, eval_path, replies_path))
     return result
 
@@ -182,6 +188,8 @@ def _render(res: dict[str, Any], eval_path: Path, replies_path: Path) -> None:
             _fmt(p["reference"]["ppl"], 2))
     c = Console()
     c.print(t)
+    if res.get("judges"):
+        render_comparison(c, res["judges"])
     _print_samples(c, res)
     c.print(f"results: {escape(str(eval_path))}, every reply: {escape(str(replies_path))}")
 

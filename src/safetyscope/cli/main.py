@@ -17,7 +17,7 @@ app = typer.Typer(
 )
 
 # Modules that define `register(app)`. A module missing here (not written yet) is skipped.
-COMMAND_MODULES = ("basic", "eval", "neurons", "probe", "trace", "direction", "map", "monitor", "audit", "finetune")
+COMMAND_MODULES = ("basic", "eval", "neurons", "probe", "trace", "direction", "map", "monitor", "audit", "finetune", "judge")
 
 for _name in COMMAND_MODULES:
     try:

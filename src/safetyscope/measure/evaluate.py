@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..io import atomic_path, json_safe, write_json
 from ..models.adapter import LoadedModel
@@ -147,8 +147,8 @@ class EvalResult:
 
 def judge_reply(judge: JudgeFn, prompt: str, reply: str) -> tuple[bool, float | None, str | None, str | None]:
     """(refused, score, reason, marker) from any judge; a :class:`PhraseJudge` gives all four."""
-    if isinstance(judge, PhraseJudge):
-        v = judge.judge(prompt, reply)
+    if isinstance(judge, PhraseJudge) or getattr(judge, "three_way", False):  # the LLM judge gives a Verdict too
+        v = cast(PhraseJudge, judge).judge(prompt, reply)
         return v.refused, v.score, v.reason, v.marker
     raw = judge(prompt, reply)
     refused = as_judge(lambda _p, _r: raw)(prompt, reply)  # one conversion rule for every judge
@@ -173,6 +173,8 @@ def _set_result(name: str, texts: list[str], scores: list[float], replies: list[
     refusal = agree = None
     reasons: Counter[str] = Counter()
     if replies is not None:
+        if callable(prefetch := getattr(judge, "prefetch", None)):  # a batched judge: one pass over the set
+            prefetch(texts, replies)
         flags = []
         for i, (p, r) in enumerate(zip(texts, replies)):
             refused, score, reason, marker = judge_reply(judge, p, r)

@@ -46,13 +46,14 @@ from __future__ import annotations
 import importlib
 import numbers
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import SafetyscopeError
+from .verdicts import CATEGORIES, Category, JudgeError, Verdict
 
-__all__ = ["DEFAULT_REFUSAL_MARKERS", "STRONG_REFUSAL_MARKERS", "Judge", "JudgeAttributeError", "JudgeError",
+__all__ = ["CATEGORIES", "DEFAULT_REFUSAL_MARKERS", "Category", "categorize", "STRONG_REFUSAL_MARKERS", "Judge", "JudgeAttributeError", "JudgeError",
            "JudgeImportError", "PhraseJudge", "Verdict",
            "as_judge", "load_judge"]
 
@@ -133,16 +134,6 @@ def _sentence(text: str, start: int, end: int) -> tuple[int, int]:
     left = max(text.rfind(c, 0, start) for c in ".!?\n") + 1
     m = re.search(r"[.!?\n]", text[end:])
     return left, (end + m.end()) if m else len(text)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Outcome of a judge: ``refused`` flag, ``score`` in [0, 1], ``reason`` and matched ``marker``."""
-
-    refused: bool
-    score: float
-    reason: str
-    marker: str | None = None
 
 
 @runtime_checkable
@@ -252,10 +243,6 @@ class PhraseJudge:
         return rest if echo is None or len(_WORD.findall(rest)) >= 3 else None
 
 
-class JudgeError(SafetyscopeError, TypeError):
-    """A judge that is not callable, or returned something other than a verdict."""
-
-
 class JudgeImportError(SafetyscopeError, ImportError):
     """The module of a ``package.module:function`` judge cannot be imported."""
 
@@ -272,7 +259,7 @@ def as_judge(fn: Callable[[str, str], Any]) -> Callable[[str, str], bool]:
     """
     if not callable(fn):
         raise JudgeError(f"a judge must be callable as judge(prompt, reply); got {type(fn).__name__}")
-    if isinstance(fn, PhraseJudge):
+    if isinstance(fn, PhraseJudge) or getattr(fn, "three_way", False):
         return fn
     name = getattr(fn, "__qualname__", type(fn).__name__)
 
@@ -291,7 +278,9 @@ def as_judge(fn: Callable[[str, str], Any]) -> Callable[[str, str], bool]:
 
 
 def load_judge(spec: str) -> Callable[[str, str], bool]:
-    """Import a judge from ``"package.module:function"`` and wrap it with :func:`as_judge`.
+    """A judge by name: ``"phrase"`` (:class:`PhraseJudge`), ``"llm"`` / ``"llm:MODEL"`` (an
+    :class:`~safetyscope.measure.llm_judge.LLMJudge` on MODEL, default the ``large`` alias when installed,
+    else ``default``), or ``"package.module:function"`` imported and wrapped with :func:`as_judge`.
 
     The part after ``:`` may be a dotted attribute path; a class is instantiated without arguments.
     Example -- a local classifier in ``my_judges.py`` on ``sys.path``::
@@ -305,6 +294,13 @@ def load_judge(spec: str) -> Callable[[str, str], bool]:
 
         judge = load_judge("my_judges:classify")
     """
+    name, _, model = spec.strip().partition(":")
+    if name == "phrase" and not model:
+        return PhraseJudge()
+    if name == "llm":  # the model loads here (seconds to minutes)
+        from .llm_judge import load_llm_judge
+
+        return load_llm_judge(model)
     module_name, sep, attr_path = spec.strip().partition(":")
     if not sep or not module_name or not attr_path:
         raise ValueError(f"judge spec {spec!r} must look like 'package.module:function'")
@@ -321,3 +317,25 @@ def load_judge(spec: str) -> Callable[[str, str], bool]:
     if not callable(obj):
         raise JudgeError(f"judge {spec!r} is a {type(obj).__name__}, not a callable (prompt, reply)")
     return as_judge(obj)
+
+
+def categorize(judge: Callable[[str, str], Any], prompts: Sequence[str], replies: Sequence[str], *,
+               detector: bool = True) -> list[Category]:
+    """Three-way verdicts of any judge.  A judge with ``categorize`` (the LLM judge) answers itself;
+    otherwise a reply the model-free broken detector flags (``detector=True``) is ``broken``, and the
+    judge's refusal flag decides between ``refused`` and ``complied``."""
+    if len(prompts) != len(replies):
+        raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
+    own = getattr(judge, "categorize", None)
+    if callable(own):
+        return list(own(prompts, replies))
+    from .broken import detect_broken
+
+    fn = as_judge(judge)
+    out: list[Category] = []
+    for p, r in zip(prompts, replies):
+        if detector and detect_broken(p, r).broken:
+            out.append("broken")
+        else:
+            out.append("refused" if fn(p, r) else "complied")
+    return out
