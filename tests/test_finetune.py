@@ -102,6 +102,10 @@ def test_export_round_trip_with_plain_transformers(lm, tuned, tmp_path):
         assert torch.allclose(loaded(input_ids=ids).logits, want, atol=1e-5)
     meta = json.loads((path / "safetyscope_finetune.json").read_text())
     assert meta["n_trainable"] == r.n_trainable
+    from safetyscope.artifacts.checkpoint import Checkpoint  # what `eval --intervention DIR` loads
+
+    with torch.no_grad(), Checkpoint(path).apply(lm):
+        assert torch.allclose(lm.model(input_ids=ids).logits, want, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "random"])
