@@ -21,6 +21,7 @@ import typer
 
 from ..progress import verbosity
 from .common import PromptSettings, emit, prompt_sets
+from .judge import JUDGES_HELP, compare_specs, parse_judges, render_comparison
 from .settings import Settings, command, opt
 
 
@@ -72,7 +73,8 @@ class EvalDirSettings(PromptSettings):
     split: str = opt("test", "Built-in split to measure on (test: never used for selection).")
     n_prompts: int = opt(32, "Prompts per group (0 = all), sampled with --seed.")
     max_new_tokens: int = opt(64, "Greedy reply length judged for refusal.")
-    judge: str = opt("", "Refusal judge as module:function (default: the built-in phrase judge).")
+    judge: str = opt("", "Refusal judge: phrase, llm, llm:MODEL or module:function (default: the built-in phrase judge).")
+    judges: str = opt("", "direction ablate: " + JUDGES_HELP)
     norm_preserving: bool = opt(False, "Use the norm-preserving ablation variant.")
     full: bool = opt(False, "Ignore tuned per-layer weights and ablate fully.")
     ablation: str = opt("", "Override the artifact's ablation: zero (Arditi et al.) or mean (to the harmless mean); empty = the artifact's own.")
@@ -411,14 +413,21 @@ def run_ablate(s: EvalDirSettings) -> dict[str, Any]:
                             batch_size=s.batch_size, system=s.system, cache=_cache(s, lm, direction, "direction_eval"),
                             harmless_replies_ablated=not s.skip_harmless_replies)
     res.update(model=lm.name, direction=str(_direction_dir(s)), norm_preserving=direction.norm_preserving,
-               weighted=direction.layer_weights is not None, ablation=direction.ablation)
+               weighted=direction.layer_weights is not None, ablation=direction.ablation,
+               judge=str(getattr(judge, "__qualname__", s.judge)) if judge is not None else "phrase")
+    if parse_judges(s.judges):  # the harmful replies (cached by evaluate_ablation) through every judge
+        cache, texts = _cache(s, lm, direction, "direction_eval"), list(harmful.texts)
+        before, after = cache.get("harmful_base", texts) or [], cache.get("harmful_ablated", texts) or []
+        res["judges"] = compare_specs(parse_judges(s.judges), texts * 2, before + after,
+                                      ["harmful, before"] * len(texts) + ["harmful, ablated"] * len(texts),
+                                      s.batch_size)
     path = write_json(s.out / "direction_ablate" / f"{s.tag or 'summary'}.json", res)
 
     def render() -> None:
         from rich.console import Console
 
         c = Console()
-        c.print(f"[bold]{lm.name}[/bold] under directional ablation ({_direction_dir(s)})")
+        c.print(f"[bold]{lm.name}[/bold] under directional ablation ({_direction_dir(s)}; judge: {res['judge']})")
         c.print(f"  harmful refusal:  {fmt_rate(res['harmful_refusal_before'])} -> {fmt_rate(res['harmful_refusal_after'])}")
         c.print(f"  harmless refusal: {fmt_rate(res['harmless_refusal_before'])} -> {fmt_rate(res.get('harmless_refusal_after', {}))}")
         c.print(f"  refusal score (harmful): {res['harmful_score_before']:+.3f} -> {res['harmful_score_after']:+.3f}")
@@ -427,6 +436,8 @@ def run_ablate(s: EvalDirSettings) -> dict[str, Any]:
         if "reply_perplexity" in res:
             p = res["reply_perplexity"]
             c.print(f"  perplexity of the original replies (harmless): {p['before']:.3f} -> {p['after']:.3f} (x{p['ratio']:.3f})")
+        if res.get("judges"):
+            render_comparison(c, res["judges"])
         c.print(f"results: {path}")
 
     emit(s, res, render)

@@ -121,8 +121,9 @@ def parse_judges(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def compare_on_records(specs: list[str], records: list[Any], batch_size: int = 8) -> dict[str, Any]:
-    """Three-way verdicts of every judge in ``specs`` on replies (records with set/prompt/reply/model)."""
+def compare_specs(specs: list[str], prompts: list[str], replies: list[str], groups: list[str],
+                  batch_size: int = 8) -> dict[str, Any]:
+    """Three-way verdicts of every judge in ``specs`` on the same replies, per group, with their agreement."""
     from ..measure.judge_eval import compare_judges
     from ..measure.judges import load_judge
     from ..measure.llm_judge import load_llm_judge
@@ -131,9 +132,14 @@ def compare_on_records(specs: list[str], records: list[Any], batch_size: int = 8
     for spec in specs:
         name, _, model = spec.partition(":")
         judges[spec] = load_llm_judge(model, batch_size=batch_size) if name == "llm" else load_judge(spec)
-    groups = [r.set if r.model == "modified" else f"{r.set} ({r.model})" for r in records]
-    res = compare_judges(judges, [r.prompt for r in records], [r.reply for r in records], groups)
+    res = compare_judges(judges, prompts, replies, groups)
     return {**res.to_dict(), "names": {k: str(getattr(j, "__qualname__", k)) for k, j in judges.items()}}
+
+
+def compare_on_records(specs: list[str], records: list[Any], batch_size: int = 8) -> dict[str, Any]:
+    """:func:`compare_specs` on `eval`'s reply records (set, prompt, reply, model)."""
+    groups = [r.set if r.model == "modified" else f"{r.set} ({r.model})" for r in records]
+    return compare_specs(specs, [r.prompt for r in records], [r.reply for r in records], groups, batch_size)
 
 
 def render_comparison(c: Any, cmp: dict[str, Any]) -> None:
