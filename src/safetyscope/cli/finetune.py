@@ -35,8 +35,8 @@ class FinetuneSettings(PromptSettings):
     reestimate_every: int = opt(10, "--robust: re-estimate the direction on the model being trained every N steps (0 = never).")
     checkpoint_every: int = opt(10, "Write the resumable training state every N steps (0 = never).")
     lora_rank: int = opt(8, "Rank of the LoRA baseline (--method lora).")
-    kv: bool = opt(True, "Head components also train their key/value heads (shared by the query heads of a GQA group).")
-    export: bool = opt(True, "Write the tuned model as a Hugging Face checkpoint to OUT/finetune/<mode>/checkpoint.")
+    kv: bool = opt(True, "Head components also train their key/value heads (shared by the query heads of a GQA group).", flag="--kv/--no-kv")
+    export: bool = opt(True, "Write the tuned model as a Hugging Face checkpoint to OUT/finetune/<mode>/checkpoint.", flag="--export/--no-export")
     judge: str = opt("", "Refusal judge for the targets: package.module:function; empty = the phrase judge.")
 
 
