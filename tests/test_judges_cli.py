@@ -80,3 +80,26 @@ def test_judge_eval_end_to_end_on_the_default_model(app, tmp_path):
     assert rows["llm:default"]["n"] == 12 and sum(map(sum, rows["llm:default"]["confusion"])) == 12
     assert rows["llm:default"]["forward_passes"] <= 12  # at most one forward pass per reply
     assert rows["llm:default"]["accuracy"] > 1 / 3  # better than chance on three balanced labels
+
+
+def test_direction_ablate_names_its_judge_and_compares_judges(tiny_dir, tmp_path, monkeypatch):
+    import torch
+
+    from safetyscope.cli.main import app as main_app
+    from safetyscope.methods.direction.artifact import Direction
+
+    torch.manual_seed(0)
+    Direction(torch.randn(32), 1, -1).save(tmp_path / "art")
+    (tmp_path / "h18_never.py").write_text("def comply(prompt, reply):\n    return False\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    res = CliRunner().invoke(main_app, ["direction", "ablate", str(tiny_dir), "--direction", str(tmp_path / "art"),
+                                        "--n-prompts", "2", "--max-new-tokens", "3", "--skip-harmless-replies",
+                                        "--out", str(tmp_path / "run"), "--judges", "phrase,h18_never:comply", "--json"])
+    assert res.exit_code == 0, res.output[-2000:]
+    out = json.loads(res.stdout)
+    assert out["judge"] == "phrase"
+    groups = out["judges"]["groups"]
+    assert set(groups) == {"harmful, before", "harmful, ablated"}
+    never = groups["harmful, ablated"]["h18_never:comply"]
+    assert never["n"] == 2 and never["refused"] == 0
+    sys.modules.pop("h18_never", None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 from ..hooks import forward
 from ..io import fingerprint, read_json, write_json
 from ..models.adapter import LoadedModel
+from ..progress import progress_bar
 from ..prompts.chat import tokenize_prompts
 from ..runner import oom_backoff
 from .broken import BrokenDetector
@@ -153,11 +155,17 @@ class LLMJudge:
         texts = [self.judge_text(prompts[todo[k]], replies[todo[k]]) for k in keys]
         order = sorted(range(len(keys)), key=lambda j: len(texts[j]))
         hint = "reply to judge; pass a smaller --judge-batch-size or a smaller judge model"
-        for rows, probs in oom_backoff(order, self.batch_size, lambda rows: self._run([texts[j] for j in rows]),
-                                       hint=hint):
-            for j, row in zip(rows, probs.tolist()):
-                self._cache[keys[j]] = [float(x) for x in row]
-            self.forward_passes += len(rows)
+        saved = time.monotonic()
+        with progress_bar(len(keys), f"judging ({self.name})") as advance:
+            for rows, probs in oom_backoff(order, self.batch_size, lambda rows: self._run([texts[j] for j in rows]),
+                                           hint=hint):
+                for j, row in zip(rows, probs.tolist()):
+                    self._cache[keys[j]] = [float(x) for x in row]
+                self.forward_passes += len(rows)
+                advance(len(rows))
+                if self._path is not None and time.monotonic() - saved > 60:  # long runs keep what they judged
+                    write_json(self._path, self._cache)
+                    saved = time.monotonic()
         if self._path is not None:
             write_json(self._path, self._cache)
 
