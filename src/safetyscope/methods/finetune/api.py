@@ -29,9 +29,9 @@ from ...io import atomic_dir, fingerprint, write_json
 from ...models.adapter import LoadedModel
 from ...prompts.builtin import builtin_prompts
 from ...prompts.sets import PromptsLike, as_prompt_set
-from ...sites import Component, SiteError, parse_components, parse_sites
+from ...sites import Component, SiteError, parse_sites
 from ..direction.artifact import Direction
-from .components import Selection, frozen, random_neurons, select, select_all, trainable
+from .components import Selection, as_components, frozen, random_neurons, select, select_all, trainable
 from .data import MODES, Mode, TrainingData, make_data
 from .lora import lora
 from .train import TrainConfig, TrainLog, peak_memory, train
@@ -149,8 +149,7 @@ def _selection(lm: LoadedModel, method: Method, components: Any, neuron_set: Any
                          "method='full' / 'lora'")
     sel = select(lm, components, neuron_set=neuron_set, kv=kv)
     if method == "random":
-        comps = parse_components(components, lm.n_layers) if isinstance(components, str) else None
-        layers = sorted({c.site.layer for c in comps or [] if isinstance(c, Component) and c.site.layer is not None})
+        layers = sorted({c.site.layer for c in as_components(lm, components) if c.site.layer is not None})
         rnd = random_neurons(lm, sel.n_trainable, seed=seed + 1, layers=layers or None)
         return select(lm, rnd, kv=kv)
     return sel

@@ -32,7 +32,7 @@ from torch import nn
 
 from ...errors import SafetyscopeError
 from ...models.adapter import LoadedModel
-from ...sites import Component, parse_components
+from ...sites import Component, Site, parse_components
 
 
 class ComponentError(SafetyscopeError, ValueError):
@@ -171,16 +171,21 @@ def _set_neurons(neuron_set: Any, layer: int) -> list[int]:
     return [i for layer_, i in neuron_set.neurons if layer_ == layer]
 
 
+def as_components(lm: LoadedModel, components: str | Iterable[str | Component]) -> list[Component]:
+    """Parsed components (names go through :func:`safetyscope.sites.parse_components`)."""
+    items = [components] if isinstance(components, str) else list(components)
+    out: list[Component] = []
+    for item in items:
+        for c in [item] if isinstance(item, Component) else parse_components(item, lm.n_layers):
+            if c not in out:
+                out.append(c)
+    return out
+
+
 def select(lm: LoadedModel, components: str | Iterable[str | Component], *, neuron_set: Any = None,
            kv: bool = True) -> Selection:
     """The trainable entries of ``components`` (component names or parsed :class:`Component` s)."""
-    if isinstance(components, str):
-        comps = parse_components(components, lm.n_layers)
-    else:
-        items = list(components)
-        comps = [c for c in items if isinstance(c, Component)]
-        comps += parse_components([c for c in items if not isinstance(c, Component)], lm.n_layers) if any(
-            not isinstance(c, Component) for c in items) else []
+    comps = as_components(lm, components)
     b = _Builder(lm, kv)
     notes: list[str] = []
     for c in comps:
@@ -218,13 +223,7 @@ def select_all(lm: LoadedModel) -> Selection:
 
 def neuron_size(lm: LoadedModel) -> int:
     """Parameters one neuron owns (its mlp_in rows and bias entries, its down column)."""
-    return select(lm, [Component(_neuron_site(lm, 0), (0,))]).n_trainable
-
-
-def _neuron_site(lm: LoadedModel, layer: int) -> Any:
-    from ...sites import Site
-
-    return Site("mlp.neurons", layer)
+    return select(lm, [Component(Site("mlp.neurons", 0), (0,))]).n_trainable
 
 
 def random_neurons(lm: LoadedModel, n_params: int, *, seed: int = 0, layers: Sequence[int] | None = None,
@@ -241,7 +240,7 @@ def random_neurons(lm: LoadedModel, n_params: int, *, seed: int = 0, layers: Seq
     by_layer: dict[int, list[int]] = {}
     for layer, i in pick:
         by_layer.setdefault(layer, []).append(i)
-    return [Component(_neuron_site(lm, layer), tuple(ix)) for layer, ix in sorted(by_layer.items())]
+    return [Component(Site("mlp.neurons", layer), tuple(ix)) for layer, ix in sorted(by_layer.items())]
 
 
 @contextmanager
