@@ -216,7 +216,8 @@ def run_ablate(s: AblateSettings) -> dict[str, Any]:
                               batch_size=s.batch_size, system=s.system, seed=s.seed)
     m = {"before": res.before, "after": res.after}
     result = {"model": lm.name, "set": path, "n_neurons": len(ns), "mode": ns.mode, "strength": ns.strength,
-              "n_harmful": res.n_harmful, "n_harmless": res.n_harmless, **m}
+              "n_harmful": res.n_harmful, "n_harmless": res.n_harmless, **m,
+              "judge": "phrase" if s.max_new_tokens else None}  # refusal_rate's judge (the built-in phrase judge)
     if s.export:
         result["exported"] = ns.export(lm, s.export)
     write_json(s.out / "neurons" / "ablate.json", result)
@@ -225,7 +226,8 @@ def run_ablate(s: AblateSettings) -> dict[str, Any]:
         from rich.console import Console
         from rich.table import Table
 
-        t = Table(title=f"{lm.name}: {len(ns)} neurons, {ns.mode} ablation (strength {ns.strength})")
+        judged = f"; refusal_rate judged by {result['judge']}" if result["judge"] else ""
+        t = Table(title=f"{lm.name}: {len(ns)} neurons, {ns.mode} ablation (strength {ns.strength}){judged}")
         for col in ("metric", "before", "after"):
             t.add_column(col, justify="right")
         for key in ("refusal_score", "score_refusal_rate", "refusal_rate", "kl", "kl_median"):
