@@ -3,22 +3,29 @@ device_map), with the dtype chosen automatically. Run on a GPU machine from the 
 
     PYTHONPATH=src python scripts/gpu_check.py
 
-Prints one line per check and exits non-zero if any fails.
+Scale checks (docs/scale.md): a model split between the GPU, the CPU and disk (``device_map`` with
+``max_memory``), on two GPUs a model split across both, and data parallel with ``torchrun`` (nccl, one
+process per GPU) against one process; each compares logits, captures, interventions and replies with
+the plain single-device run. Prints one line per check and exits non-zero if any fails.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
 os.environ.setdefault("SAFETYSCOPE_QUIET", "1")
 
 from safetyscope.hooks import capture, forward, hooks  # noqa: E402
+from safetyscope.measure.generation import generate  # noqa: E402
 from safetyscope.models import load_model, pick_dtype  # noqa: E402
 from safetyscope.prompts.chat import tokenize_prompts  # noqa: E402
 from safetyscope.runner import run_capture  # noqa: E402
@@ -119,6 +126,97 @@ def interventions_on_cuda() -> None:
         torch.testing.assert_close(exported, hooked, rtol=1e-3, atol=1e-3)
 
 
+def _saved_tiny(d: str) -> str:
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    return d
+
+
+def _outcomes(lm) -> dict:
+    """Logits, captures at every block (on CPU), logits under an edit, a direction and a neuron ablation, replies."""
+    from safetyscope.methods.direction.artifact import Direction
+    from safetyscope.methods.neurons.artifact import ablate_neurons
+
+    b = tokenize_prompts(lm.tokenizer, PROMPTS)
+    unit = torch.nn.functional.normalize(torch.arange(lm.dims.d_model, dtype=torch.float32).sin(), dim=0)
+    with torch.no_grad():
+        with capture(lm, ["blocks.*.resid_post", "blocks.*.mlp.neurons", "blocks.*.attn.heads"], "all") as cap:
+            logits = forward(lm, b)
+        devices = sorted({str(v.device) for v in cap.values.values()})
+        with hooks(lm, {Site("resid_post", 0): lambda x, _b: x * 0.5, Site("mlp.neurons", 2): lambda x, _b: x * 0}):
+            edited = forward(lm, b)
+        with Direction(unit, layer=1, position=-1).apply(lm):
+            ablated = forward(lm, b)
+        with ablate_neurons(lm, [(0, 1), (1, 2), (2, 3)], mode="zero"):
+            neurons = forward(lm, b)
+        after = forward(lm, b)
+    assert torch.equal(after, logits), "logits changed after the interventions exited"
+    return {"logits": logits.float().cpu(), "edited": edited.float().cpu(), "ablated": ablated.float().cpu(),
+            "neurons": neurons.float().cpu(), "values": {k: v.float().cpu() for k, v in cap.values.items()},
+            "replies": generate(lm, PROMPTS, max_new_tokens=6, batch_size=4), "devices": devices}
+
+
+def _same(a: dict, b: dict, tol: float = 1e-4) -> None:
+    for key in ("logits", "edited", "ablated", "neurons"):
+        torch.testing.assert_close(b[key], a[key], rtol=tol, atol=tol, msg=lambda m, k=key: f"{k}: {m}")
+    for site, v in a["values"].items():
+        torch.testing.assert_close(b["values"][site], v, rtol=tol, atol=tol)
+    assert a["replies"] == b["replies"], (a["replies"], b["replies"])
+
+
+def _size(d: str) -> int:
+    lm = load_model(d, device="cpu", dtype="float32", log=lambda _m: None)
+    return sum(p.numel() * p.element_size() for p in lm.model.parameters())
+
+
+def device_map_offload() -> None:
+    """GPU + CPU + disk: blocks that do not fit on cuda:0 run from CPU memory or disk (moved per forward)."""
+    with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory() as off:
+        _saved_tiny(d)
+        total = _size(d)
+        plain = load_model(d, device="cuda", dtype="float32", log=lambda _m: None)
+        split = load_model(d, device_map="auto", dtype="float32", max_memory={0: int(total * 0.45), "cpu": int(total * 0.3)},
+                           offload_folder=off, log=lambda _m: None)
+        where = set(split.meta["placement"].values())
+        assert {0, "cpu", "disk"} <= where or {0, "disk"} <= where, f"placement {split.meta['placement']}"
+        _same(_outcomes(plain), _outcomes(split))
+
+
+def two_gpus() -> None:
+    """One model across cuda:0 and cuda:1: captures come from both, interventions follow each block."""
+    with tempfile.TemporaryDirectory() as d:
+        _saved_tiny(d)
+        total = _size(d)
+        plain = load_model(d, device="cuda:0", dtype="float32", log=lambda _m: None)
+        split = load_model(d, device_map="auto", dtype="float32", max_memory={0: int(total * 0.5), 1: total * 4},
+                           log=lambda _m: None)
+        assert {0, 1} <= set(split.meta["placement"].values()), f"placement {split.meta['placement']}"
+        a, b = _outcomes(plain), _outcomes(split)
+        assert len(b["devices"]) == 2, f"captured on {b['devices']}"
+        _same(a, b)
+
+
+def torchrun_nccl() -> None:
+    """Data parallel: tests/parallel_worker.py under torchrun (one process per GPU, nccl) equals one process."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "SAFETYSCOPE_QUIET": "1"}
+    with tempfile.TemporaryDirectory() as d:
+        _saved_tiny(f"{d}/model")
+        worker = str(root / "tests" / "parallel_worker.py")
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                  str(torch.cuda.device_count())]
+        for cmd in ([sys.executable, worker, f"{d}/model", f"{d}/one"], [*launch, worker, f"{d}/model", f"{d}/many"]):
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+            assert res.returncode == 0, res.stderr[-3000:]
+        one = json.loads(Path(f"{d}/one/rank0.json").read_text())
+        many = json.loads(Path(f"{d}/many/rank0.json").read_text())
+        for key in ("replies", "direction", "neurons", "probe_best", "eval_replies", "n"):
+            assert one[key] == many[key], (key, one[key], many[key])
+        print(f"      1 process {one['seconds']:.1f}s, {torch.cuda.device_count()} processes {many['seconds']:.1f}s "
+              "(tiny model: start-up and gathering dominate)")
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
@@ -131,6 +229,12 @@ def main() -> None:
     check("gradient capture on cuda", grads_on_cuda)
     check("load with device_map=auto (accelerate) and capture", device_map_auto)
     check("direction ablation/export and neuron ablation on cuda", interventions_on_cuda)
+    check("device_map across cuda:0, CPU and disk offload equals one GPU", device_map_offload)
+    if torch.cuda.device_count() >= 2:
+        check("device_map across two GPUs equals one GPU", two_gpus)
+        check("torchrun data parallel (nccl) equals one process", torchrun_nccl)
+    else:
+        print("skip  two GPUs: model split and torchrun/nccl (one GPU here)")
     print(f"{len(FAILED)} failed" + (": " + ", ".join(FAILED) if FAILED else ""))
     sys.exit(1 if FAILED else 0)
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .parallel import is_writer
+
 
 def fingerprint(*parts: Any) -> str:
     """A short stable key of JSON-able parts (the cache keys of every command and stage)."""
@@ -41,8 +43,15 @@ def json_safe(obj: Any) -> Any:
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path beside ``path``; renamed onto it only if the block succeeds."""
+    """Yields a temporary path beside ``path``; renamed onto it only if the block succeeds.
+
+    Under torchrun only rank 0 writes: other ranks get a private temporary path that is deleted.
+    """
     path = Path(path)
+    if not is_writer():
+        with tempfile.TemporaryDirectory(prefix="safetyscope-rank-") as scratch:
+            yield Path(scratch) / path.name
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -81,8 +90,14 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a directory under a temporary name; it replaces ``path`` only when complete."""
+    """Build a directory under a temporary name; it replaces ``path`` only when complete (rank 0 only, as
+    :func:`atomic_path`)."""
     path = Path(path)
+    if not is_writer():
+        with tempfile.TemporaryDirectory(prefix="safetyscope-rank-") as scratch:
+            (Path(scratch) / path.name).mkdir()
+            yield Path(scratch) / path.name
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

@@ -10,6 +10,7 @@ import torch
 from .errors import SafetyscopeError
 from .hooks import capture, forward
 from .models.adapter import LoadedModel
+from .parallel import active, gather_objects, rank, world_size
 from .positions import Batch, PositionSpec
 from .progress import progress_bar
 from .prompts.chat import tokenize_prompts
@@ -59,6 +60,29 @@ def oom_backoff(
         start += len(rows)
 
 
+def sharded_backoff(
+    order: Sequence[int], batch_size: int, run: Callable[[list[int]], T], *, hint: str, gather: bool = True
+) -> Iterator[tuple[list[int], T]]:
+    """:func:`oom_backoff`, dealt across ``torch.distributed`` ranks (see :mod:`safetyscope.parallel`).
+
+    In one process this is ``oom_backoff``. Under torchrun, ``order`` is cut into the batches one process
+    would run and batch ``j`` runs on rank ``j % world`` (with its own out-of-memory back-off); with
+    ``gather`` every rank then yields every batch's ``(rows, result)`` in the single-process order (each
+    step's results are gathered; tensors from other ranks arrive on the CPU), else only its own.
+    """
+    if not active():
+        yield from oom_backoff(order, batch_size, run, hint=hint)
+        return
+    size = max(1, int(batch_size))
+    chunks = [list(order[i : i + size]) for i in range(0, len(order), size)]
+    world, me = world_size(), rank()
+    for step in range(0, len(chunks), world):
+        j = step + me
+        mine = list(oom_backoff(chunks[j], size, run, hint=hint)) if j < len(chunks) else []
+        for part in gather_objects(mine) if gather else [mine]:
+            yield from part
+
+
 def batched(
     lm: LoadedModel,
     prompts: Sequence[str],
@@ -68,10 +92,13 @@ def batched(
     system: str | None = None,
     description: str = "running",
     sort_by_length: bool = True,
+    gather: bool = True,
 ) -> Iterator[tuple[Batch, T]]:
     """Apply ``fn`` to chat-formatted batches of ``prompts``; halve the batch on out-of-memory.
 
-    Batches carry ``index`` (positions in ``prompts``), so results can be put back in order.
+    Batches carry ``index`` (positions in ``prompts``), so results can be put back in order. Under
+    torchrun the batches are sharded across ranks (:func:`sharded_backoff`): ``fn`` runs on this rank's
+    batches only, and every rank yields every batch's result unless ``gather=False``.
     """
     if not prompts:
         raise ValueError("empty prompt set: give at least one prompt")
@@ -86,7 +113,7 @@ def batched(
 
     hint = "prompt; use a smaller model, --dtype bfloat16, --device-map auto across GPUs, or shorter prompts"
     with progress_bar(len(prompts), description) as advance:
-        for rows, (batch, result) in oom_backoff(order, batch_size, run, hint=hint):
+        for rows, (batch, result) in sharded_backoff(order, batch_size, run, hint=hint, gather=gather):
             yield batch, result
             advance(len(rows))
 
@@ -101,8 +128,12 @@ def run_capture(
     system: str | None = None,
     to_cpu: bool = True,
     description: str = "capturing",
+    gather: bool = True,
 ) -> Iterator[tuple[Batch, dict[Site, torch.Tensor]]]:
-    """One forward pass per batch fills every site; yields (batch, {site: [batch, k, *shape]})."""
+    """One forward pass per batch fills every site; yields (batch, {site: [batch, k, *shape]}).
+
+    ``gather=False`` under torchrun: only this rank's batches (for statistics merged afterwards).
+    """
     parsed = lm.sites(sites)
 
     def step(batch: Batch) -> dict[Site, torch.Tensor]:
@@ -111,4 +142,5 @@ def run_capture(
         cap.check_finite()
         return dict(cap.values)
 
-    yield from batched(lm, prompts, step, batch_size=batch_size, system=system, description=description)
+    yield from batched(lm, prompts, step, batch_size=batch_size, system=system, description=description,
+                       gather=gather)

@@ -2,7 +2,7 @@
 
 ``Moments`` keeps count, mean and the sum of squared deviations (M2). Two partial results merge
 exactly (Chan et al.'s parallel update), so shards from several processes or GPUs can be reduced
-with :func:`all_reduce_moments` under ``torch.distributed``.
+with :func:`all_reduce_moments` / :func:`all_reduce_group_moments` under ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import torch
+
+from .parallel import active, gather_objects
 
 
 @dataclass
@@ -126,18 +128,33 @@ def effect_size(a: Moments, b: Moments, eps: float = 1e-8) -> torch.Tensor:
 
 
 def all_reduce_moments(parts: Iterable[Moments]) -> list[Moments]:
-    """Merge each Moments across torch.distributed ranks (no-op when not initialised)."""
+    """Merge each Moments across torch.distributed ranks, in rank order (no-op in one process).
+
+    One collective for all parts; every rank gets the same merged result (Chan et al.'s exact merge in
+    float64, so the result equals one process's up to float64 rounding).
+    """
     parts = list(parts)
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not active():
         return parts
-    world = torch.distributed.get_world_size()
-    out = []
-    for m in parts:
-        gathered: list[object] = [None] * world
-        torch.distributed.all_gather_object(gathered, (m.n, m.mean, m.m2))
-        total = Moments()
-        for part in gathered:
-            n_i, mean_i, m2_i = cast(tuple[int, torch.Tensor, torch.Tensor], part)
-            total.merge(Moments(int(n_i), mean_i, m2_i))
-        out.append(total)
+    states = [(m.n, m.mean, m.m2) for m in parts]
+    out = [Moments() for _ in parts]
+    for rank_states in gather_objects(states):
+        for total, (n_i, mean_i, m2_i) in zip(out, cast(list[tuple[int, torch.Tensor, torch.Tensor]], rank_states)):
+            if n_i:
+                total.merge(Moments(int(n_i), mean_i, m2_i))
     return out
+
+
+def all_reduce_group_moments(stats: GroupMoments) -> GroupMoments:
+    """``stats`` merged across torch.distributed ranks (ranks may hold different groups/keys); a new object.
+
+    In one process, ``stats`` itself.
+    """
+    if not active():
+        return stats
+    total = GroupMoments()
+    for state in gather_objects({g: {k: (m.n, m.mean, m.m2) for k, m in keys.items()} for g, keys in stats.groups.items()}):
+        for g, keys in cast(dict[str, dict[str, tuple[int, torch.Tensor, torch.Tensor]]], state).items():
+            for k, (n, mean, m2) in keys.items():
+                total.groups.setdefault(g, {}).setdefault(k, Moments()).merge(Moments(int(n), mean, m2))
+    return total

@@ -6,7 +6,9 @@ import importlib
 
 import typer
 
+from ..parallel import session
 from ..progress import verbosity
+from .failures import user_errors
 
 app = typer.Typer(
     name="safetyscope",
@@ -36,6 +38,8 @@ def _main(
 ) -> None:
     if quiet:  # for the whole invocation: the context closes after the subcommand has run
         ctx.with_resource(verbosity(False))
+    with user_errors():  # under torchrun: join the process group for the whole invocation
+        ctx.with_resource(session())
 
 
 def main() -> None:  # pragma: no cover

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import sys
 import warnings
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
@@ -23,6 +24,7 @@ import typer
 from ..errors import SafetyscopeWarning, SettingsError
 from ..models.adapter import LoadedModel
 from ..models.arch import Dims
+from ..parallel import is_writer
 from ..progress import verbosity
 from .checks import check_counts, check_file_pairs, check_layers, check_out_dir, check_specs, out_lock
 from .config import CommandTable, config_values
@@ -42,6 +44,8 @@ class Settings:
     device: str = opt("auto", "Device: auto (CUDA when present), cpu, cuda or cuda:N.")
     dtype: str = opt("auto", "Weights dtype: auto (float32 on CPU, bf16/fp16 on GPU), float32, float16, bfloat16.")
     device_map: str = opt("", "accelerate device_map for several GPUs (e.g. auto); empty = one device.")
+    max_memory: str = opt("", "With --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB (the rest is offloaded).")
+    offload_folder: str = opt("", "With --device-map: a directory for the weights that fit on no device (disk offload).")
     batch_size: int = opt(8, "Prompts per forward pass (halved automatically on out-of-memory).")
     gen_batch_size: int = opt(32, "Prompts per batch when generating replies: decoding reads every weight once per token, so a larger batch costs little more than a small one (halved automatically on out-of-memory).")
     out: Path = opt(Path("runs/latest"), "Output directory (results are written atomically; reruns resume).")
@@ -58,7 +62,7 @@ class Settings:
         """The model, after the layer settings were checked against its config (before the weights load)."""
         from ..models import load_model
 
-        log = (lambda _m: None) if self.quiet or self.json else (lambda m: print(m, file=sys.stderr))
+        log = (lambda _m: None) if self.quiet or self.json or not is_writer() else (lambda m: print(m, file=sys.stderr))
         if self.gen_batch_size < 1:
             raise SettingsError(f"--gen-batch-size must be a positive number, not {self.gen_batch_size}")
         lm = load_model(
@@ -66,6 +70,8 @@ class Settings:
             device=self.device,
             dtype=self.dtype,
             device_map=self.device_map or None,
+            max_memory=self.max_memory or None,
+            offload_folder=self.offload_folder or None,
             trust_remote_code=self.trust_remote_code,
             allow_pickle=self.allow_pickle,
             arch_table=self.arch_table or None,
@@ -83,9 +89,11 @@ class Settings:
         syntax, harmful and harmless files that are one file. Raises a one-line SafetyscopeError.
         """
         from ..models import check_model_spec, load_chat_template, load_tables, pick_device, pick_dtype
+        from ..models.loading import placement_kwargs
 
         check_model_spec(self.model, self.allow_pickle)
         pick_dtype(self.dtype, pick_device(self.device))
+        placement_kwargs(self.device_map or None, self.max_memory or None, self.offload_folder or None)
         if self.chat_template:
             load_chat_template(self.chat_template)
         if self.arch_table:
@@ -142,6 +150,14 @@ def _show_warning(message: Any, category: type[Warning], filename: str, lineno: 
         print(warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr, end="")
 
 
+@contextmanager
+def silenced() -> Iterator[None]:
+    """No stdout and no warnings (a rank other than 0 under torchrun prints only errors)."""
+    with open(os.devnull, "w") as null, redirect_stdout(null), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def build_settings(ctx: typer.Context, name: str, settings_cls: type[S], config: Path | None, kwargs: dict[str, Any]) -> S:
     """Settings from the dataclass defaults, the config file (checked as a whole) and the flags given."""
     values: dict[str, Any] = {f.name: f.default for f in fields(settings_cls)}
@@ -193,7 +209,10 @@ def command(
                 s.validate()
                 if writes:
                     check_out_dir(s.out)
-                with out_lock(s.out) if writes else nullcontext(), verbosity(False) if s.quiet or s.json else nullcontext():
+                writer = is_writer()  # under torchrun only rank 0 locks, writes and prints (see parallel.py)
+                with (out_lock(s.out) if writes and writer else nullcontext(),
+                      verbosity(False) if s.quiet or s.json or not writer else nullcontext(),
+                      nullcontext() if writer else silenced()):
                     return fn(s)
 
         wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ from ..hooks import check_logits, forward, running
 from ..models.adapter import LoadedModel
 from ..positions import Batch
 from ..prompts.chat import pad_token_id
-from ..runner import batched, oom_backoff
+from ..runner import batched, sharded_backoff
 from .compare import Intervention, enter
 from .generation import stop_ids
 from .metrics import kl_divergence, perplexity, token_cross_entropy
@@ -195,20 +195,22 @@ def reply_kl(
     sums: dict[int, tuple[float, int]] = {}
     refs: dict[int, list[int]] = {}
 
-    def step(batch: Batch) -> None:
+    def step(batch: Batch) -> list[tuple[float, tuple[float, int], list[int]]]:
         ids = ([list(replies[i]) for i in batch.index] if replies is not None
                else generate_batch_ids(lm, batch, max_new_tokens))
         ref, mask = teacher_forced_logits(lm, batch, ids)                    # [batch, T, vocab], [batch, T]
         with enter(lm, intervention):
             new, _ = teacher_forced_logits(lm, batch, ids)
-        for row, i in enumerate(batch.index):  # row by row: keeps the float32 temporaries small
+        rows = []
+        for row in range(len(batch.index)):  # row by row: keeps the float32 temporaries small
             kl = kl_divergence(ref[row], new[row], mask[row])                 # [T]
-            firsts[i] = float(kl[0])
-            sums[i] = (float(kl.sum()), int(mask[row].sum()))
-            refs[i] = ids[row]
+            rows.append((float(kl[0]), (float(kl.sum()), int(mask[row].sum())), list(ids[row])))
+        return rows
 
-    for _ in batched(lm, prompts, step, batch_size=batch_size, system=system, description="KL on replies"):
-        pass
+    # results are returned, not stored by ``step``: under torchrun other ranks' batches arrive gathered
+    for batch, out in batched(lm, prompts, step, batch_size=batch_size, system=system, description="KL on replies"):
+        for i, (first, nll_count, ref_ids) in zip(batch.index, out):
+            firsts[i], sums[i], refs[i] = first, nll_count, ref_ids
     order = range(len(prompts))
     total, count = sum(sums[i][0] for i in order), sum(sums[i][1] for i in order)
     return KLResult(
@@ -327,7 +329,7 @@ def compare_cross_entropy(
         with enter(lm, intervention):
             return r, _batch_ce(lm, batch)
 
-    for _idx, (r, n) in oom_backoff(order, batch_size, run, hint="text row; use shorter windows (max_tokens)"):
+    for _idx, (r, n) in sharded_backoff(order, batch_size, run, hint="text row; use shorter windows (max_tokens)"):
         ref, new = ref + r, new + n
     return (ref, ref) if intervention is None else (ref, new)
 

@@ -10,7 +10,7 @@ from ..models.adapter import LoadedModel
 from ..positions import PositionSpec
 from ..runner import run_capture
 from ..sites import Site
-from ..stats import GroupMoments
+from ..stats import GroupMoments, all_reduce_group_moments
 
 
 def fit_group_moments(
@@ -26,18 +26,21 @@ def fit_group_moments(
     """Running mean / variance (float64) per group and site over prompts.
 
     Keys are site names; each statistic has shape [k, *site_shape] (k selected positions), so
-    memory does not grow with the number of prompts.
+    memory does not grow with the number of prompts. Under torchrun each rank accumulates its own
+    batches and the moments are merged once across ranks (all-reduce), so every rank returns the same.
     """
-    stats = into if into is not None else GroupMoments()
+    local = GroupMoments()
     for group, prompts in groups.items():
         if not prompts:
             raise ValueError(f"the {group!r} prompt set is empty; give at least one prompt")
         for _batch, values in run_capture(
-            lm, prompts, sites, positions, batch_size=batch_size, system=system, description=f"capturing {group}"
+            lm, prompts, sites, positions, batch_size=batch_size, system=system, description=f"capturing {group}",
+            gather=False,
         ):
             for site, v in values.items():  # v: [batch, k, *shape]
-                stats.update(group, site.name, v)
-    return stats
+                local.update(group, site.name, v)
+    merged = all_reduce_group_moments(local)
+    return merged if into is None else into.merge(merged)
 
 
 def stacked_means(stats: GroupMoments, group: str, kind: str, layers: Iterable[int]) -> torch.Tensor:

@@ -157,6 +157,8 @@ def load_model(
     device: str = "auto",
     dtype: str | torch.dtype = "auto",
     device_map: str | dict[str, Any] | None = None,
+    max_memory: str | dict[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     arch_table: str | Path | None = None,
@@ -167,7 +169,10 @@ def load_model(
     """Load a causal LM for analysis (eval mode, gradients off on parameters).
 
     ``spec``: an alias (``default``, ``small``, ``large``), a local HF directory, a ``.gguf`` file, or a hub id
-    (needs network; fails fast and clearly without it). ``device_map`` goes to accelerate for several GPUs.
+    (needs network; fails fast and clearly without it). ``device_map`` goes to accelerate for several GPUs
+    (``auto``: blocks spread over the GPUs, then the CPU, then ``offload_folder`` on disk), with
+    ``max_memory`` per device (``{0: "20GiB", "cpu": "60GiB"}`` or the text ``0=20GiB,cpu=60GiB``); hooks and
+    interventions follow each block to its device.
     ``chat_template``: a Jinja template string or a path to one, for tokenizers that lack a template
     (syntax-checked before anything loads). ``check_dims`` is called with the model's dimensions as soon
     as its config is read, before the weights load (e.g. to check layer ranges).
@@ -184,6 +189,7 @@ def load_model(
         os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
         os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     common = {"trust_remote_code": trust_remote_code}
+    placement = placement_kwargs(device_map, max_memory, offload_folder)
     try:
         config = AutoConfig.from_pretrained(source, **common)
         table = table_for(config.model_type, arch_table)  # fail before loading weights
@@ -191,7 +197,7 @@ def load_model(
             check_dims(Dims.from_config(table, config))
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
         model: Any = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, device_map=device_map, **common, **{k: v for k, v in extra.items() if v is not None}
+            source, dtype=torch_dtype, **placement, **common, **{k: v for k, v in extra.items() if v is not None}
         )
     except SafetyscopeError:
         raise
@@ -215,11 +221,47 @@ def load_model(
     lm = LoadedModel.wrap(model, tokenizer, name=spec, arch_table=arch_table)
     assert lm.table.family == table.family
     lm.meta.update({"source": source, "device_map": device_map})
+    if device_map is not None:  # where accelerate put each module: a device index, "cpu" or "disk"
+        lm.meta["placement"] = dict(getattr(model, "hf_device_map", {}))
     lm.meta["param_hash"] = param_hash(model)  # what `audit_runtime` compares against (changed since load)
     return lm
 
 
 def param_hash(model: Any) -> dict[str, float]:
-    """{parameter name: float64 sum of all its entries}: a cheap running hash (one read, no copy)."""
+    """{parameter name: float64 sum of all its entries}: a cheap running hash (one read, no copy).
+
+    Parameters offloaded to disk by accelerate (on the ``meta`` device until their block runs) are left out.
+    """
     with torch.no_grad():
-        return {name: float(p.detach().sum(dtype=torch.float64)) for name, p in model.named_parameters()}
+        return {name: float(p.detach().sum(dtype=torch.float64)) for name, p in model.named_parameters()
+                if p.device.type != "meta"}
+
+
+def parse_max_memory(spec: str | dict[int | str, int | str] | None) -> dict[int | str, int | str] | None:
+    """``0=20GiB,1=20GiB,cpu=60GiB`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}`` (a dict passes through)."""
+    if spec is None or isinstance(spec, dict):
+        return spec
+    out: dict[int | str, int | str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        device, sep, size = part.partition("=")
+        device, size = device.strip(), size.strip()
+        if not sep or not device or not size:
+            raise ModelLoadError(f"--max-memory {spec!r}: {part!r} is not DEVICE=SIZE; write e.g. 0=20GiB,cpu=60GiB")
+        out[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
+    return out or None
+
+
+def placement_kwargs(device_map: str | dict[str, Any] | None, max_memory: str | dict[int | str, int | str] | None,
+                     offload_folder: str | Path | None) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments that place the weights (accelerate's device_map and its limits)."""
+    memory = parse_max_memory(max_memory)
+    if device_map is None:
+        if memory is not None or offload_folder:
+            raise ModelLoadError("--max-memory and --offload-folder need --device-map (e.g. auto)")
+        return {"device_map": None}
+    out: dict[str, Any] = {"device_map": device_map}
+    if memory is not None:
+        out["max_memory"] = memory
+    if offload_folder:
+        out["offload_folder"] = str(offload_folder)
+    return out
