@@ -56,9 +56,11 @@ class Fingerprint:
     @classmethod
     def load(cls, path: str | Path) -> Fingerprint:
         p = Path(path)
+        if not (p / "fingerprint.json").is_file() and (p / "fingerprint" / "fingerprint.json").is_file():
+            p = p / "fingerprint"  # the --out directory of `safetyscope audit fingerprint`
         if not (p / "fingerprint.json").is_file() or not (p / "tensors.safetensors").is_file():
-            raise AuditInputError(f"{p} is not a safety fingerprint; make one with `safetyscope audit MODEL "
-                                  "--save-fingerprint DIR` (make_fingerprint)")
+            raise AuditInputError(f"{p} is not a safety fingerprint; make one with `safetyscope audit fingerprint "
+                                  "MODEL --out DIR` (make_fingerprint)")
         meta, t = read_json(p / "fingerprint.json"), load_tensors(p / "tensors.safetensors")
         return cls(str(meta["label"]), str(meta["model_type"]), tuple(meta["layers"]), t["directions"].float(),
                    tuple(meta["writers"]), t["writer_norms"].float(),

@@ -1,0 +1,79 @@
+"""`safetyscope audit` on the command line: the default `check` subcommand, `fingerprint`, `--runtime`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from safetyscope.cli.main import app
+from safetyscope.methods.direction.artifact import Direction
+from safetyscope.testing import tiny_model
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama", seed=3)
+
+
+@pytest.fixture(scope="module")
+def ref(lm, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("audit_cli") / "ref"
+    lm.model.save_pretrained(path, safe_serialization=True)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def direction(lm, tmp_path_factory) -> tuple[Direction, Path]:
+    r = torch.randn(lm.dims.d_model, generator=torch.Generator().manual_seed(11))
+    d = Direction(r, 1, -1)
+    return d, d.save(tmp_path_factory.mktemp("audit_cli") / "dir")
+
+
+def _json(res) -> dict:
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_fingerprint_subcommand_and_audit_against_it(lm, ref, direction, tmp_path):
+    out = _json(CliRunner().invoke(app, ["audit", "fingerprint", str(ref), "--json", "--out", str(tmp_path / "fp")]))
+    assert Path(out["fingerprint"]) == tmp_path / "fp" / "fingerprint" and out["writers"] == 2 * lm.n_layers + 1
+    clean = _json(CliRunner().invoke(app, ["audit", str(ref), "--fingerprint", str(tmp_path / "fp"), "--json",
+                                           "--out", str(tmp_path / "a")]))
+    assert clean["verdict"] == "clean" and clean["fingerprint"]["verdict"] == "clean"
+    # the explicit subcommand name is the same command
+    again = _json(CliRunner().invoke(app, ["audit", "check", str(ref), "--no-behaviour", "--json", "--out", str(tmp_path / "b")]))
+    assert again["verdict"] == "clean" and again["signature"] is not None
+
+
+def test_deprecated_save_fingerprint_flag_still_works_and_warns(ref, tmp_path):
+    res = CliRunner().invoke(app, ["audit", str(ref), "--save-fingerprint", str(tmp_path / "old"), "--json",
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "old" / "fingerprint.json").is_file() and "deprecated" in res.stderr
+
+
+def test_runtime_flag_finds_every_applied_intervention_and_nothing_on_the_clean_model(lm, ref, direction, tmp_path):
+    _, dir_path = direction
+    ckpt = direction[0].export(lm, tmp_path / "abl")
+    out = _json(CliRunner().invoke(app, ["audit", str(ref), "--runtime", "--intervention", str(dir_path),
+                                         "--intervention", str(ckpt), "--json", "--out", str(tmp_path / "rt")]))
+    rt = out["runtime"]
+    assert rt["loaded"]["clean"] and rt["after"]["clean"]
+    hooked = rt[f"direction:{dir_path}"]
+    assert not hooked["clean"] and {f["kind"] for f in hooked["findings"]} >= {"pre_hook"}
+    swapped = rt[f"checkpoint:{ckpt}"]
+    assert not swapped["clean"] and any(f["kind"] == "param_changed" for f in swapped["findings"])
+    assert json.loads((tmp_path / "rt" / "audit" / "runtime.json").read_text())["runtime"]["loaded"]["clean"]
+    bad = CliRunner().invoke(app, ["audit", str(ref), "--runtime", "--intervention", str(tmp_path / "nope"),
+                                   "--out", str(tmp_path / "rt2")])
+    assert bad.exit_code == 2 and "\n" not in bad.output.strip()
+
+
+def test_audit_group_help_lists_the_subcommands():
+    res = CliRunner().invoke(app, ["audit", "--help"])
+    assert res.exit_code == 0 and "fingerprint" in res.output and "check" in res.output
