@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .parallel import is_writer
+from .parallel import barrier, is_writer
 
 
 def fingerprint(*parts: Any) -> str:
@@ -45,12 +45,15 @@ def json_safe(obj: Any) -> Any:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; renamed onto it only if the block succeeds.
 
-    Under torchrun only rank 0 writes: other ranks get a private temporary path that is deleted.
+    Under torchrun only rank 0 writes: other ranks get a private temporary path that is deleted. Every
+    rank then waits until the file is in place (a barrier), so all ranks see the same files afterwards
+    (resume and cache decisions agree); every rank must therefore reach each write, as SPMD code does.
     """
     path = Path(path)
     if not is_writer():
         with tempfile.TemporaryDirectory(prefix="safetyscope-rank-") as scratch:
             yield Path(scratch) / path.name
+        barrier()
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -61,6 +64,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    barrier()
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -97,6 +101,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="safetyscope-rank-") as scratch:
             (Path(scratch) / path.name).mkdir()
             yield Path(scratch) / path.name
+        barrier()
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -108,3 +113,4 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    barrier()

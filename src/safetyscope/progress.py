@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+from .parallel import is_writer
+
 _VERBOSE: ContextVar[bool | None] = ContextVar("safetyscope_verbose", default=None)
 
 
@@ -35,8 +37,8 @@ def verbosity(verbose: bool) -> Iterator[None]:
 
 @contextmanager
 def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]]:
-    """Yields ``advance(n)``; draws nothing when quiet."""
-    if quiet() or total <= 0:
+    """Yields ``advance(n)``; draws nothing when quiet, nor on ranks other than 0 under torchrun."""
+    if quiet() or total <= 0 or not is_writer():
         yield lambda n: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -169,10 +169,8 @@ def load_model(
     """Load a causal LM for analysis (eval mode, gradients off on parameters).
 
     ``spec``: an alias (``default``, ``small``, ``large``), a local HF directory, a ``.gguf`` file, or a hub id
-    (needs network; fails fast and clearly without it). ``device_map`` goes to accelerate for several GPUs
-    (``auto``: blocks spread over the GPUs, then the CPU, then ``offload_folder`` on disk), with
-    ``max_memory`` per device (``{0: "20GiB", "cpu": "60GiB"}`` or the text ``0=20GiB,cpu=60GiB``); hooks and
-    interventions follow each block to its device.
+    (needs network; fails fast and clearly without it). ``device_map``, ``max_memory``, ``offload_folder``:
+    accelerate's placement over GPUs, CPU and disk (:func:`placement_kwargs`; ``lm.meta["placement"]``).
     ``chat_template``: a Jinja template string or a path to one, for tokenizers that lack a template
     (syntax-checked before anything loads). ``check_dims`` is called with the model's dimensions as soon
     as its config is read, before the weights load (e.g. to check layer ranges).
@@ -220,9 +218,7 @@ def load_model(
         tokenizer.chat_template = template
     lm = LoadedModel.wrap(model, tokenizer, name=spec, arch_table=arch_table)
     assert lm.table.family == table.family
-    lm.meta.update({"source": source, "device_map": device_map})
-    if device_map is not None:  # where accelerate put each module: a device index, "cpu" or "disk"
-        lm.meta["placement"] = dict(getattr(model, "hf_device_map", {}))
+    lm.meta.update({"source": source, "device_map": device_map, "placement": getattr(model, "hf_device_map", None)})
     lm.meta["param_hash"] = param_hash(model)  # what `audit_runtime` compares against (changed since load)
     return lm
 
@@ -253,7 +249,10 @@ def parse_max_memory(spec: str | dict[int | str, int | str] | None) -> dict[int 
 
 def placement_kwargs(device_map: str | dict[str, Any] | None, max_memory: str | dict[int | str, int | str] | None,
                      offload_folder: str | Path | None) -> dict[str, Any]:
-    """``from_pretrained`` keyword arguments that place the weights (accelerate's device_map and its limits)."""
+    """``from_pretrained`` keyword arguments that place the weights: accelerate's ``device_map`` (``auto``: blocks
+    over the GPUs, then the CPU, then ``offload_folder`` on disk) and ``max_memory`` per device
+    (``{0: "20GiB", "cpu": "60GiB"}`` or the text ``0=20GiB,cpu=60GiB``). ``lm.meta["placement"]`` then says where
+    each module went (a device index, ``"cpu"`` or ``"disk"``; None without a device_map)."""
     memory = parse_max_memory(max_memory)
     if device_map is None:
         if memory is not None or offload_folder:

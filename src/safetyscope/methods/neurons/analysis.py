@@ -21,6 +21,7 @@ import torch
 
 from ...io import fingerprint, load_tensors, read_json, save_tensors, write_json
 from ...models.adapter import LoadedModel
+from ...parallel import broadcast_object, is_writer
 from ...positions import Batch, PositionSpec
 from ...stats import GroupMoments
 from .grads import AttributionMoments, NeuronAttribution, loss_batches, refusal_batches
@@ -83,7 +84,8 @@ class Checkpoint:
         return sum(len(v) for v in self.done.values())
 
     def save(self, phase: str, done: set[int], tensors: dict[str, torch.Tensor], *, force: bool = False) -> None:
-        if not force and time.monotonic() - self.saved_at < SAVE_EVERY_S:
+        # under torchrun rank 0's clock decides for every rank: each rank must reach the same writes
+        if not force and not broadcast_object(time.monotonic() - self.saved_at >= SAVE_EVERY_S):
             return
         self.saved_at = time.monotonic()
         self.done[phase] = set(done)
@@ -93,8 +95,8 @@ class Checkpoint:
             save_tensors(self.path, self.tensors, metadata={"progress": json.dumps(meta)})
 
     def clear(self) -> None:
-        if self.path is not None and self.path.is_file():
-            self.path.unlink()
+        if self.path is not None and is_writer():  # under torchrun rank 0 alone removes what it wrote
+            self.path.unlink(missing_ok=True)
 
 
 def _metadata(path: Path) -> dict[str, str]:
