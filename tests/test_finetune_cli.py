@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 import torch
 
 from safetyscope.methods.direction.artifact import Direction
@@ -55,3 +57,16 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.exit_code == 2 and "holds no parameters" in r.output and "Traceback" not in r.output
     r = _invoke("finetune", "harden", "default", "--out", tmp_path / "o")
     assert r.exit_code == 2 and "--components" in r.output
+
+
+@pytest.mark.slow
+def test_cli_harden_end_to_end_on_the_default_model(tmp_path):
+    r = _invoke("finetune", "harden", "default", "--components", "blocks.14.attn.heads[0,1]", "--steps", "2",
+                "--n-prompts", "6", "--max-new-tokens", "8", "--train-batch", "2", "--no-export", "--out", tmp_path, "--json")
+    assert r.exit_code == 0, (r.output[-3000:], r.exception)
+    s = json.loads(r.stdout)
+    # heads 0 and 1 share kv head 0 (7 query heads per kv head): q rows + bias, k and v rows + bias, o columns
+    assert s["n_trainable"] == 128 * 896 + 128 + 2 * (64 * 896 + 64) + 896 * 128
+    assert s["n_total"] == 630_167_424 and s["steps"] == 2
+    assert s["data"]["harmful:own"] >= 1 and s["data"]["harmless:own"] >= 1
+    assert all(math.isfinite(v) for v in (s["first_loss"], s["last_loss"]))
