@@ -7,8 +7,9 @@
 
 The monitor is fitted on the built-in train splits (harmful; harmless + scary_harmless) and calibrated
 on the default calibration set, or loaded with --monitor. Overhead: the same batches are generated
-(greedy, fixed length) with and without ``monitor.watch``, interleaved (median of --repeats), so load
-from other processes hits both alike; target ratio <= 1.03. ``--attack find``: the refusal direction
+(greedy, fixed length) with and without ``monitor.watch``, interleaved with alternating order (min and
+median of --repeats), so load from other processes hits both alike; target ratio <= 1.03; the model's
+forward calls are counted in both (target: no extra call). ``--attack find``: the refusal direction
 from ``find_direction`` on the built-in train split, ablated by hooks (or give an artifact directory).
 Nothing is selected on the --harmful / --harmless files: they are only measured.
 """
@@ -55,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-eval", type=int, default=0, help="measure on a seeded sample of this many prompts per file (0 = all)")
     ap.add_argument("--eval-tokens", type=int, default=48, help="reply length for the eval's phrase judge")
     ap.add_argument("--protect", type=int, default=0)
+    ap.add_argument("--stress", default="none", help="fit: stress blocks (none, auto, quick or e.g. 6,12,18)")
     return ap.parse_args(argv)
 
 
@@ -66,7 +68,7 @@ def setup(args: argparse.Namespace) -> tuple[LoadedModel, Monitor, dict[str, Any
     t0 = time.perf_counter()
     harmless = builtin_prompts("harmless", "train") + builtin_prompts("scary_harmless", "train")
     m = fit_monitor(lm, builtin_prompts("harmful", "train"), harmless, protect=args.protect,
-                    batch_size=args.batch_size)
+                    batch_size=args.batch_size, stress=args.stress)
     info["fit_s"] = time.perf_counter() - t0
     m.save(args.out / "monitor")
     info["monitor"] = str(args.out / "monitor")
@@ -74,12 +76,14 @@ def setup(args: argparse.Namespace) -> tuple[LoadedModel, Monitor, dict[str, Any
 
 
 def overhead(lm: LoadedModel, m: Monitor, args: argparse.Namespace) -> dict[str, Any]:
-    """Median generation time with and without the watch on the same batches (interleaved rounds)."""
+    """Generation time with and without the watch on the same batches (interleaved rounds, min and median),
+    and the model's forward calls counted in both (the monitor adds none)."""
     texts = (builtin_prompts("harmful", "test").texts[: args.gen_prompts // 2]
              + builtin_prompts("harmless", "test").texts[: args.gen_prompts - args.gen_prompts // 2])
     batches = [tokenize_prompts(lm.tokenizer, texts[i:i + args.batch_size]).to(lm.input_device)
                for i in range(0, len(texts), args.batch_size)]
     n = args.max_new_tokens
+    calls = {"plain": 0, "monitored": 0}
 
     def gen() -> None:
         with torch.inference_mode():
@@ -87,22 +91,38 @@ def overhead(lm: LoadedModel, m: Monitor, args: argparse.Namespace) -> dict[str,
                 lm.model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=n,
                                   min_new_tokens=n, do_sample=False, pad_token_id=pad_token_id(lm.tokenizer))
 
-    def watched() -> None:
-        with m.watch(lm):
-            gen()
+    def plain() -> None:
+        def count(*_: Any, **__: Any) -> None:
+            calls["plain"] += 1
 
-    fns = {"plain": gen, "monitored": watched}
+        handle = lm.model.register_forward_pre_hook(count)
+        try:
+            gen()
+        finally:
+            handle.remove()
+
+    def watched() -> None:
+        with m.watch(lm) as w:
+            gen()
+        calls["monitored"] += w.n_calls
+
+    fns = {"plain": plain, "monitored": watched}
     for fn in fns.values():
-        fn()  # warm-up
+        fn()  # warm-up (and the forward-call count of one round each)
+    per_round = dict(calls)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(args.repeats):
-        for k, fn in fns.items():
+    for r in range(args.repeats):
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):  # alternate the order: drift hits both alike
             t0 = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    low = {k: min(v) for k, v in times.items()}
     return {"prompts": len(texts), "new_tokens": n, "plain_s": med["plain"], "monitored_s": med["monitored"],
-            "ratio": med["monitored"] / med["plain"], "repeats": args.repeats}
+            "ratio": med["monitored"] / med["plain"], "ratio_min": low["monitored"] / low["plain"],
+            "plain_min_s": low["plain"], "monitored_min_s": low["monitored"], "repeats": args.repeats,
+            "forward_calls_per_round": per_round, "extra_forward_calls": per_round["monitored"] - per_round["plain"],
+            "times": times}
 
 
 def attack_of(lm: LoadedModel, args: argparse.Namespace) -> Artifact | None:
@@ -135,7 +155,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     lm, m, result = setup(args)
     result["overhead"] = overhead(lm, m, args)
-    print(f"overhead: monitored / plain generation = {result['overhead']['ratio']:.3f}", file=sys.stderr)
+    o = result["overhead"]
+    print(f"overhead: monitored / plain generation = {o['ratio']:.3f} (median), {o['ratio_min']:.3f} (min); "
+          f"extra forward calls: {o['extra_forward_calls']}", file=sys.stderr)
     if args.harmful and args.harmless:
         attack = attack_of(lm, args)
         harmful, harmless = (load_prompts(f) for f in (args.harmful, args.harmless))

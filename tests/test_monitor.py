@@ -73,17 +73,19 @@ def test_threshold_hits_the_requested_fpr_on_the_calibration_set(lm, monitor):
     fp = float((harm > monitor.threshold).mean())
     assert fp <= 0.1 + 1e-12
     assert fp == pytest.approx(monitor.metrics["calibration_fpr"])
-    # the threshold is the tightest such value: lowering it to the next score adds a false positive
+    # the threshold is tight: the next calibration score below it would add a false positive
     below = np.sort(harm)[np.sort(harm) < monitor.threshold]
     if below.size:
-        assert float((harm > below[-1]).mean()) > 0.1
+        assert float((harm >= below[-1]).mean()) > 0.1
 
 
 @pytest.mark.parametrize("fpr,n,expected", [(0.05, 100, 5), (0.01, 100, 1), (0.01, 50, 0), (0.5, 10, 5)])
 def test_calibration_threshold_allows_exactly_floor_fpr_n(fpr, n, expected):
     scores = np.random.default_rng(0).normal(size=n)
-    t = calibration_threshold(scores, fpr)
-    assert int((scores > t).sum()) == expected
+    for margin in (True, False):
+        t = calibration_threshold(scores, fpr, margin=margin)
+        assert int((scores > t).sum()) == expected
+    assert calibration_threshold(scores, fpr) > calibration_threshold(scores, fpr, margin=False)
 
 
 def test_verdict_logic_table():
@@ -286,4 +288,76 @@ def test_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
                     str(tmp_path / "s.txt"), "--eval-tokens", "2", "--attack", "find", "--find-prompts", "6",
                     "--find-fast"])
     assert res["overhead"]["ratio"] > 0 and res["eval"]["attacked"] is not None
+    assert res["overhead"]["extra_forward_calls"] == 0 and res["overhead"]["forward_calls_per_round"]["plain"] > 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["eval"]["n_harmful"] == 3
+
+
+def test_stress_blocks_are_parsed_once_with_one_line_errors():
+    from safetyscope.methods.monitor.stress import stress_blocks
+
+    assert stress_blocks("auto", range(24)) == (7, 12, 17) and stress_blocks("quick", range(24)) == (12,)
+    assert stress_blocks("auto", [0, 1]) == (1,) and stress_blocks("quick", [4, 8, 9]) == (8,)
+    assert stress_blocks("none", range(24)) == () and stress_blocks("3,1", range(24)) == (1, 3)
+    assert stress_blocks([2], range(4)) == (2,)
+    for bad in ("deep", "30"):
+        with pytest.raises(ValueError, match="stress") as e:
+            stress_blocks(bad, range(24))
+        assert "\n" not in str(e.value)
+
+
+def test_stressed_readers_ignore_the_stress_directions_and_their_mean_shifts():
+    """Erasure: a reader fitted with the site basis is orthogonal to each stress direction and to the mean
+    shift each simulated ablation causes at its site, so those moves cannot change its score."""
+    from safetyscope.methods.monitor.fit import Features, fit_reader
+    from safetyscope.methods.monitor.stress import Stress, augmented, site_basis, worst_case_tpr
+
+    rng = np.random.default_rng(0)
+    n, d = 40, 16
+    y = np.array([1] * 20 + [0] * 20)
+    x = rng.normal(size=(n, 2, 3, d)).astype(np.float32)  # [n, layers, 1 + n_post, d]
+    x[y == 1, :, :, 0] += 2.0
+    fit = Features(x, np.zeros(n), (0, 1))
+    rows = np.arange(0, n, 2)
+    shifted = x[rows].copy()
+    shifted[:, :, :, 1] -= 3.0  # the "ablation" moves every prompt along feature 1
+    dirs = np.eye(d)[[2]]
+    stress = Stress((1,), dirs, rows, (Features(shifted, np.zeros(rows.size), (0, 1)),))
+    tr = np.arange(n)
+    for position in ("inst", "post"):
+        basis = site_basis(stress, fit, y, position, 1, np.zeros((0, d)))
+        xa, ya = augmented(stress, fit, y, tr, position, 1)
+        assert xa.shape == (n + rows.size, d) and ya.shape == (n + rows.size,)
+        for method in ("dom", "probe"):
+            w, _ = fit_reader(method, xa, ya, basis, 0.1, 0)
+            assert abs(w[1]) < 1e-9 * np.abs(w).max() and abs(w[2]) < 1e-9 * np.abs(w).max()
+            assert abs(w[0]) > 0.5 * np.abs(w).max()  # and it still reads the harm feature
+    assert worst_case_tpr([np.array([3.0, 2.0, 0.0]), np.array([0.5, 2.0, 0.0])], [np.array([1, 1, 0])] * 2,
+                          np.array([1.0])) == 0.5
+
+
+def test_fit_with_stress_records_blocks_and_worst_case(lm):
+    m = fit_monitor(lm, HARMFUL, HARMLESS, calibration=CALIBRATION, fpr=0.1, n_readers=2, stress="1,2", n_stress=3)
+    assert m.info["stress_blocks"] == [1, 2] and m.info["n_stress"] > 0
+    assert all(0.0 <= r.stress_tpr <= 1.0 for r in m.readers)
+    plain = fit_monitor(lm, HARMFUL, HARMLESS, calibration=CALIBRATION, fpr=0.1, n_readers=2, stress="none")
+    assert plain.info["stress_blocks"] == [] and all(r.stress_tpr != r.stress_tpr for r in plain.readers)
+    with pytest.raises(ValueError, match="outside"):
+        fit_monitor(lm, HARMFUL, HARMLESS, calibration=CALIBRATION, stress="9")
+
+
+def test_eval_attacks_neuron_set_and_orthogonalised_checkpoint(lm, monitor, tmp_path):
+    """`monitor eval --attack` takes a direction, a neuron set (zeroed neurons) or an exported checkpoint."""
+    from safetyscope.methods.direction.artifact import Direction
+    from safetyscope.methods.neurons.artifact import NeuronSet
+
+    d = Direction(torch.from_numpy(monitor.refusal_direction).float(), monitor.refusal_layer)
+    ckpt = load_artifact(d.export(lm, tmp_path / "abl"))
+    with d.apply(lm):
+        hooked, _ = score_prompts(lm, monitor, HARMFUL[:3])
+    with ckpt.apply(lm):
+        edited, _ = score_prompts(lm, monitor, HARMFUL[:3])
+    assert np.allclose(hooked, edited, atol=1e-3)  # the checkpoint reads as the hooked ablation does
+    zero = NeuronSet([(1, 5), (2, 7)]).save(tmp_path / "zero")
+    for attack in (load_artifact(zero), ckpt):
+        ev = evaluate_monitor(lm, monitor, HARMFUL[:3], HARMLESS[:3], attack=attack, max_new_tokens=2).to_json()
+        assert ev["attacked"] is not None and ev["attack"] == attack.kind

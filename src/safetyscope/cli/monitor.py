@@ -28,6 +28,8 @@ class FitSettings(PromptSettings):
     method: str = opt("both", "Harm readers: dom (difference of means), probe (logistic) or both.")
     n_readers: int = opt(3, "Readers (best validation AUROC) averaged into the harm score.")
     protect: int = opt(0, "Refusal-subspace dimensions projected out of the harm readers (0 = none).")
+    stress: str = opt("none", "Blocks whose refusal candidate is ablated on fitting prompts to choose readers that survive refusal removal: none, auto, quick or e.g. 6,12,18 (see docs/monitor.md for what it buys).")
+    n_stress: int = opt(32, "Train prompts per group read under each stress ablation (plus the validation prompts).")
     scary: bool = opt(True, "With the built-in harmless set, also fit on the built-in scary_harmless train split.")
 
 
@@ -46,7 +48,7 @@ class EvalSettings(Settings):
     monitor: str = opt("", "Monitor artifact directory (default: OUT/monitor/artifact).")
     harmful: str = opt("", "Held-out harmful prompts (JSONL/CSV/TXT) the monitor never saw.")
     harmless: str = opt("", "Held-out harmless prompts (JSONL/CSV/TXT) the monitor never saw.")
-    attack: str = opt("", "An intervention artifact (e.g. a direction: ablated by hooks) or an edited checkpoint directory.")
+    attack: str = opt("", "An intervention artifact directory (a direction: ablated by hooks; a neuron set: zeroed) or an edited checkpoint directory (e.g. `direction export`).")
     max_new_tokens: int = opt(48, "Reply length for the phrase judge.")
     any_model: bool = opt(False, "Allow a model whose name differs from the monitor's (an edited copy of it); dims must match.")
 
@@ -101,14 +103,18 @@ def run_fit(s: FitSettings) -> dict[str, Any]:
     from ..io import write_json
     from ..methods.monitor import fit_monitor
     from ..methods.monitor.fit import check_fpr, check_method
+    from ..methods.monitor.stress import stress_blocks
 
     check_fpr(s.fpr)
     method = check_method(s.method)
+    if s.n_stress < 1:
+        raise ValueError(f"--n-stress must be at least 1, not {s.n_stress}")
+    stress_blocks(s.stress, range(10**4))  # the syntax, before loading; fit checks the blocks against the model
     harmful, harmless = _fit_prompts(s)
     lm = s.load_model()
     m = fit_monitor(lm, harmful, harmless, calibration=s.calibration or None, layers=s.layers, fpr=s.fpr,
                     method=method, n_readers=s.n_readers, protect=s.protect, batch_size=s.batch_size,
-                    system=s.system, seed=s.seed)
+                    system=s.system, seed=s.seed, stress=s.stress, n_stress=s.n_stress)
     out = s.out / "monitor"
     m.save(out / "artifact")
     meta, _ = m.to_state()
@@ -122,7 +128,8 @@ def run_fit(s: FitSettings) -> dict[str, Any]:
 
 def _print_fit(r: dict[str, Any]) -> None:
     for rd in r["readers"]:
-        print(f"reader: block {rd['layer']} {rd['position']} {rd['method']} (validation AUROC {rd['val_auroc']})")
+        print(f"reader: block {rd['layer']} {rd['position']} {rd['method']} (validation AUROC {rd['val_auroc']}, "
+              f"worst stressed TPR {rd.get('stress_tpr')})")
     m = r["metrics"]
     print(f"threshold {r['threshold']:.3f} at fpr {r['fpr']}: calibration FPR {m['calibration_fpr']:.3f}, "
           f"validation AUROC {m['val_auroc']}, validation TPR {m['val_tpr']}")

@@ -15,6 +15,7 @@ from typing import Any
 from ..methods.circuit.evidence import evidence, probe_beats_control
 from ..methods.circuit.results import FragilitySummary, Results, StageRun
 from ..methods.circuit.stages import Stage, assign_stages, missing_stages
+from .circuit_defence import defence_section
 from .circuit_figures import draw_figures
 from .circuit_svg import circuit_svg
 from .html import Block, Card, Figure, Replies, Report, Section, Table, Text, TrustedSVG
@@ -258,6 +259,7 @@ def build_report(out: Path, raw: Mapping[str, Any], runs: Sequence[StageRun], mo
         sections.append(Section("Top components", tables))
     if samples := replies(res):
         sections.append(Section("Replies before / after", samples))
+    sections.append(defence_section(raw.get("monitor")))
     sections.append(Section("Method", [Text(METHOD), status_table(runs, res.problems)]))
     facts = res.model.facts() if res.model else ""
     report = Report(title=f"Refusal circuit of {model}", subtitle="safetyscope map" + (f" · {facts}" if facts else ""),

@@ -16,6 +16,7 @@ stage whose inputs are unchanged and a recomputed stage whose results changed re
   fragility   refusal vs number of neurons removed (top vs random), with the direction as one component
   capability  KL and perplexity under the direction and the neuron set
   dla         direct logit attribution of each component to the refusal tokens
+  monitor     would we notice? a runtime monitor's TPR / FPR on test prompts, clean and under the direction
   report      circuit stages by evidence and the HTML report (always written, whatever failed before it)
 
 A stage that raises (other than an interrupt) is recorded as failed, with its error, and the map goes on:
@@ -37,10 +38,11 @@ from ...models.adapter import LoadedModel
 from ...prompts.sets import PromptsLike
 from .inputs import Budget, MapConfig, MapPrompts, StageInputs
 from .results import Results, StageRun
+from .steps_defence import monitor_stage
 from .steps_fit import dla_stage, neurons_stage, probe_stage, trace_stage
 from .steps_measure import capability_stage, direction_stage, fragility_stage
 
-STAGES = ("probe", "neurons", "trace", "direction", "fragility", "capability", "dla", "report")
+STAGES = ("probe", "neurons", "trace", "direction", "fragility", "capability", "dla", "monitor", "report")
 # The HTML report lives in the report layer, above methods: it is loaded by name when a report is rendered
 # (as pandas loads its plotting backend), so the technique packages never import HTML code.
 REPORT_BACKEND = "safetyscope.report.circuit"
@@ -53,7 +55,8 @@ def report_stage(x: StageInputs) -> dict[str, Any]:
 
 COMPUTE: dict[str, Callable[[StageInputs], dict[str, Any]]] = {
     "probe": probe_stage, "neurons": neurons_stage, "trace": trace_stage, "direction": direction_stage,
-    "fragility": fragility_stage, "capability": capability_stage, "dla": dla_stage, "report": report_stage,
+    "fragility": fragility_stage, "capability": capability_stage, "dla": dla_stage, "monitor": monitor_stage,
+    "report": report_stage,
 }
 
 __all__ = ["STAGES", "Budget", "CircuitMap", "MapConfig", "map_circuit", "parse_stages", "stage_key"]

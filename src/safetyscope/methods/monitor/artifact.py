@@ -53,10 +53,12 @@ class Reader:
     mean: float  # standardisation of the raw score
     std: float
     val_auroc: float
+    stress_tpr: float = float("nan")  # worst validation detection rate over the simulated ablations (fit.py)
 
     def describe(self) -> dict[str, Any]:
         return {"layer": self.layer, "position": self.position, "method": self.method,
-                "val_auroc": None if self.val_auroc != self.val_auroc else self.val_auroc}
+                "val_auroc": None if self.val_auroc != self.val_auroc else self.val_auroc,
+                "stress_tpr": None if self.stress_tpr != self.stress_tpr else self.stress_tpr}
 
 
 @register
@@ -165,7 +167,8 @@ class Monitor(Artifact):
         if len(meta["readers"]) != w.shape[0]:
             raise ArtifactError("monitor artifact: reader list and weights disagree; re-fit the monitor")
         readers = [Reader(int(r["layer"]), r["position"], r["method"], w[i], float(b[i]), float(mu[i]), float(sd[i]),
-                          float("nan") if r.get("val_auroc") is None else float(r["val_auroc"]))
+                          float("nan") if r.get("val_auroc") is None else float(r["val_auroc"]),
+                          float("nan") if r.get("stress_tpr") is None else float(r["stress_tpr"]))
                    for i, r in enumerate(meta["readers"])]
         protect = tensors.get("protect", torch.zeros(0, w.shape[1])).double().numpy()
         return cls(readers=readers, threshold=meta["threshold"], fpr=meta["fpr"],

@@ -60,7 +60,7 @@ def detector_figures(scores: Any, y: Any, threshold: float | None = None) -> dic
     s, lab = np.asarray(scores, dtype=np.float64), np.asarray(y, dtype=int)
     out: dict[str, Any] = {"auroc": auroc(s, lab)}
     for name, level in (("tpr_at_1pct_fpr", 0.01), ("tpr_at_5pct_fpr", 0.05)):
-        out[name] = _rates(s, lab, calibration_threshold(s[lab == 0], level))["tpr"]
+        out[name] = _rates(s, lab, calibration_threshold(s[lab == 0], level, margin=False))["tpr"]
     if threshold is not None:
         out.update({f"{k}_at_threshold": v for k, v in _rates(s, lab, threshold).items()})
     return out

@@ -29,20 +29,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 
-from ...hooks import capture, forward
-from ...measure.metrics import auroc, refusal_score
+from ...measure.metrics import auroc
 from ...measure.refusal_tokens import refusal_token_ids
 from ...models.adapter import LoadedModel
-from ...positions import Batch
 from ...prompts.builtin import builtin_prompts
 from ...prompts.chat import post_instruction_length
 from ...prompts.sets import PromptsLike, as_prompt_set
 from ...prompts.types import PromptSet
-from ...runner import batched
 from ...sites import Site
 from .artifact import POSITIONS, Monitor, Reader, ReaderMethod
+from .fit_features import Features, collect
+from .stress import Stress, StressSpec, augmented, simulate, site_basis, stress_blocks, worst_case_tpr
 
 if TYPE_CHECKING:
     from ..direction.artifact import Direction
@@ -50,45 +48,6 @@ if TYPE_CHECKING:
 Method = Literal["dom", "probe", "both"]
 METHODS: tuple[str, ...] = ("dom", "probe", "both")
 VAL_FRACTION = 0.25
-
-
-@dataclass(frozen=True)
-class Features:
-    """Per prompt: ``resid_pre`` of each block at the instruction's last token and the post-instruction tokens."""
-
-    x: np.ndarray  # [n_prompts, n_layers, 1 + n_post, d_model] float32 (offset -(n_post+1) .. -1)
-    refusal: np.ndarray  # [n_prompts] logit refusal score of the first reply token
-    layers: tuple[int, ...]
-
-    def at(self, position: str) -> np.ndarray:
-        """[n, n_layers, d_model] float64 at ``inst`` (instruction's last token) or ``post`` (mean of the template)."""
-        if position == "inst":
-            return self.x[:, :, 0].astype(np.float64)
-        return self.x[:, :, 1:].astype(np.float64).mean(2)
-
-
-def collect(lm: LoadedModel, texts: Sequence[str], layers: Sequence[int], *, batch_size: int, system: str | None,
-            token_ids: Sequence[int]) -> Features:
-    """Features of ``texts`` (one forward pass per batch; every block from the same pass)."""
-    n_post = post_instruction_length(lm.tokenizer, system)
-    sites = [Site("resid_pre", int(layer)) for layer in layers]
-    offsets = tuple(range(-(n_post + 1), 0))
-    x = np.empty((len(texts), len(sites), len(offsets), lm.dims.d_model), dtype=np.float32)
-    ref = np.empty(len(texts), dtype=np.float64)
-
-    def step(batch: Batch) -> tuple[dict[Site, torch.Tensor], torch.Tensor]:
-        with torch.inference_mode(), capture(lm, sites, offsets, to_cpu=True) as cap:
-            logits = forward(lm, batch, last_only=True)[:, -1].float().cpu()  # [batch, vocab]
-        cap.check_finite()
-        return dict(cap.values), refusal_score(logits, token_ids, dtype=torch.float64)
-
-    for batch, (values, scores) in batched(lm, list(texts), step, batch_size=batch_size, system=system,
-                                           description="monitor features"):
-        rows = list(batch.index)
-        for j, s in enumerate(sites):
-            x[rows, j] = values[s].float().numpy()  # [batch, 1 + n_post, d_model]
-        ref[rows] = scores.numpy()
-    return Features(x, ref, tuple(int(v) for v in layers))
 
 
 def check_method(method: str) -> Method:
@@ -103,13 +62,23 @@ def check_fpr(fpr: float) -> float:
     return float(fpr)
 
 
-def calibration_threshold(scores: Any, fpr: float) -> float:
-    """The smallest threshold t (among the scores) with ``mean(scores > t) <= fpr``: flag when score > t."""
+def calibration_threshold(scores: Any, fpr: float, *, margin: bool = True) -> float:
+    """A threshold t with ``mean(scores > t) <= fpr`` (flag when score > t), exactly ``floor(fpr * n)`` above it.
+
+    ``margin=False``: the highest unflagged score itself (an ROC operating point). ``margin=True`` (a deployed
+    threshold): halfway to the next higher score (or just above the highest), so the same prompt read in
+    another batch (other padding, last-bit differences) is not flagged by rounding.
+    """
     s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]  # descending
     if s.size == 0:
         raise ValueError("calibration needs at least one harmless prompt")
-    allowed = int(math.floor(check_fpr(fpr) * s.size + 1e-9))  # false positives allowed
-    return float(s[min(allowed, s.size - 1)])
+    allowed = min(int(math.floor(check_fpr(fpr) * s.size + 1e-9)), s.size - 1)  # false positives allowed
+    t = float(s[allowed])
+    if not margin:
+        return t
+    if allowed > 0 and s[allowed - 1] > t:
+        return 0.5 * (t + float(s[allowed - 1]))
+    return t + 1e-6 * max(1.0, abs(t))
 
 
 def default_calibration(exclude: Sequence[str]) -> PromptSet:
@@ -179,24 +148,42 @@ def _standardise(score_neg: np.ndarray) -> tuple[float, float]:
     return float(score_neg.mean()), float(score_neg.std()) or 1.0
 
 
+def _read(x: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
+    return x @ w + b
+
+
 def fit_readers(feats: Features, y: np.ndarray, tr: np.ndarray, va: np.ndarray, basis: np.ndarray, *,
-                method: Method, c: float, seed: int) -> list[Reader]:
-    """Every (block, position, method) reader fitted on ``tr`` and scored (AUROC) on ``va``; best first."""
+                method: Method, c: float, seed: int, stress: Stress | None = None) -> list[Reader]:
+    """Every (block, position, method) reader fitted on ``tr`` (plus the stressed train prompts) and scored on
+    ``va``; best first: by the worst case over the stress conditions when there are any, then validation AUROC."""
     methods: list[ReaderMethod] = ["dom", "probe"] if method == "both" else [method]  # type: ignore[list-item]
     out: list[Reader] = []
+    two = len(set(y[va].tolist())) == 2
     for position in POSITIONS:
         x = feats.at(position)  # [n, n_layers, d]
         for j, layer in enumerate(feats.layers):
+            site = site_basis(stress, feats, y, position, j, basis)
+            x_tr, y_tr = augmented(stress, feats, y, tr, position, j)
             for m in methods:
-                w, b = fit_reader(m, x[tr, j], y[tr], basis, c, seed)
-                s = x[:, j] @ w + b  # [n]
+                w, b = fit_reader(m, x_tr, y_tr, site, c, seed)
+                s = _read(x[:, j], w, b)  # [n]
                 if not np.ptp(s[tr]) > 1e-9 * (np.abs(s[tr]).max() + 1e-30):
                     continue  # a constant reading (e.g. the template tokens at block 0): nothing to read
                 mu, sd = _standardise(s[tr][y[tr] == 0])
-                val = auroc(s[va], y[va]) if len(set(y[va].tolist())) == 2 else float("nan")
-                out.append(Reader(layer, position, m, w, b, mu, sd, val))
-    return sorted(out, key=lambda r: (-(r.val_auroc if r.val_auroc == r.val_auroc else -1.0), r.method != "dom",
+                val = auroc(s[va], y[va]) if two else float("nan")
+                worst = float("nan")
+                if stress is not None and two:
+                    keep = stress.of_rows(va)
+                    scores = [s[va]] + [_read(f.at(position)[keep, j], w, b) for f in stress.feats]
+                    worst = worst_case_tpr(scores, [y[va]] + [y[stress.rows[keep]]] * len(stress.feats),
+                                           s[va][y[va] == 0])
+                out.append(Reader(layer, position, m, w, b, mu, sd, val, worst))
+    return sorted(out, key=lambda r: (-_or(r.stress_tpr, -1.0), -_or(r.val_auroc, -1.0), r.method != "dom",
                                       r.layer, r.position))
+
+
+def _or(v: float, default: float) -> float:
+    return default if v != v else v
 
 
 def refusal_threshold(scores: np.ndarray, y: np.ndarray) -> float:
@@ -253,6 +240,8 @@ def fit_monitor(
     batch_size: int = 8,
     system: str | None = None,
     seed: int = 0,
+    stress: StressSpec = "none",
+    n_stress: int = 32,
 ) -> Monitor:
     """A :class:`Monitor` fitted on ``harmful`` / ``harmless`` and calibrated to ``fpr`` on ``calibration``.
 
@@ -260,6 +249,9 @@ def fit_monitor(
     calibration TPR); default: the built-in harmless val split + built-in ``scary_harmless``, minus any
     fitting prompt. ``protect``: refusal-subspace dimensions projected out of the harm readers (0 = none).
     ``direction``: the refusal direction to read (default: the best last-token difference of means).
+    ``stress``: blocks whose refusal candidate is ablated on ``n_stress`` train prompts per group and the
+    validation prompts, so the readers are chosen (and made) to keep reading harm without refusal
+    ("auto": 1/4, 1/2, 3/4 of the depth; "quick": the middle block; "none"; see :mod:`.stress`).
     """
     fpr = check_fpr(fpr)
     method = check_method(method)
@@ -275,11 +267,15 @@ def fit_monitor(
         raise ValueError(f"the refusal direction has d_model {direction.direction.numel()} but {lm.name} has "
                          f"{lm.dims.d_model}; pass a direction found on this model")
     picked = resolve_layers(lm, layers)
+    blocks = stress_blocks(stress, picked)
+    if n_stress < 1:
+        raise ValueError(f"n_stress must be at least 1 prompt per group, not {n_stress}")
     ids = refusal_token_ids(lm.tokenizer)
     feats = collect(lm, h + s + cal_s + cal_h, picked, batch_size=batch_size, system=system, token_ids=ids)
-    data = FitData(feats, len(h), len(s), len(cal_s), len(cal_h))
+    data = FitData(feats, len(h), len(s), len(cal_s), len(cal_h), tuple(h + s))
     monitor = fit_from_features(lm, data, fpr=fpr, method=method, n_readers=n_readers, protect=protect, c=c,
-                                direction=direction, system=system, seed=seed, token_ids=ids)
+                                direction=direction, system=system, seed=seed, token_ids=ids, stress=blocks,
+                                n_stress=n_stress, batch_size=batch_size)
     monitor.info["calibration"] = "default (built-in harmless val + scary_harmless)" if calibration is None else "given"
     return monitor
 
@@ -293,11 +289,13 @@ class FitData:
     n_harmless: int
     n_cal_harmless: int
     n_cal_harmful: int
+    texts: tuple[str, ...] = ()  # the fitting prompts (harmful then harmless), read again under stress
 
 
 def fit_from_features(lm: LoadedModel, data: FitData, *, fpr: float, method: Method, n_readers: int, protect: int,
                       c: float, direction: Direction | None, system: str | None, seed: int,
-                      token_ids: Sequence[int]) -> Monitor:
+                      token_ids: Sequence[int], stress: Sequence[int] | Stress = (), n_stress: int = 32,
+                      batch_size: int = 8) -> Monitor:
     """The monitor's fitting steps on captured features (see the module docstring)."""
     n_h, n_s, feats = data.n_harmful, data.n_harmless, data.feats
     n_fit = n_h + n_s
@@ -308,7 +306,13 @@ def fit_from_features(lm: LoadedModel, data: FitData, *, fpr: float, method: Met
     tr, va = np.concatenate([tr_h, n_h + tr_s]), np.concatenate([va_h, n_h + va_s])
     cands = fit.x[tr][:, :, 1:][y[tr] == 1].mean(0) - fit.x[tr][:, :, 1:][y[tr] == 0].mean(0)  # [L, n_post, d]
     basis = refusal_subspace(cands.reshape(-1, cands.shape[-1]).astype(np.float64), protect)
-    readers = fit_readers(fit, y, tr, va, basis, method=method, c=c, seed=seed)[:n_readers]
+    sim: Stress | None = None
+    if isinstance(stress, Stress):  # already simulated (e.g. features cached by a study)
+        sim = stress
+    elif stress and data.texts:
+        sim = simulate(lm, data.texts, fit, y, tr, va, blocks=list(stress), n_stress=n_stress, seed=seed,
+                       batch_size=batch_size, system=system, token_ids=token_ids)
+    readers = fit_readers(fit, y, tr, va, basis, method=method, c=c, seed=seed, stress=sim)[:n_readers]
     if not readers:
         raise ValueError("no block gives a non-constant harm reading on these prompts; check the prompts and --layers")
     r_dir, r_layer = refusal_reader(fit, y, tr, va, direction)
@@ -325,7 +329,9 @@ def fit_from_features(lm: LoadedModel, data: FitData, *, fpr: float, method: Met
     monitor.info = {"n_harmful": n_h, "n_harmless": n_s, "n_calibration_harmless": data.n_cal_harmless,
                     "n_calibration_harmful": data.n_cal_harmful, "layers": list(feats.layers), "method": method,
                     "c": c, "seed": seed, "protect": int(basis.shape[0]),
-                    "refusal_reader": "given direction" if direction is not None else "difference of means"}
+                    "refusal_reader": "given direction" if direction is not None else "difference of means",
+                    "stress_blocks": list(sim.blocks) if sim is not None else [],
+                    "n_stress": int(sim.rows.size) if sim is not None else 0}
     return monitor
 
 

@@ -1,0 +1,47 @@
+"""The map report's "Would we notice?" section: the monitor stage's TPR / FPR before and under the direction ablation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from .html import Block, Section, Table, Text
+
+INTRO = ("A runtime monitor (safetyscope monitor) fitted on this run's fitting prompts and calibrated to its target "
+         "false-positive rate on the harmless validation prompts, measured on the held-out test prompts at that fixed "
+         "threshold: first on the unmodified model, then with the refusal direction found above ablated. \"Answered\": "
+         "harmful prompts whose first reply token is not a refusal; a flagged answered prompt is an alert.")
+
+
+def _num(v: Any, spec: str = "{:.2f}") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return spec.format(v)
+
+
+def _row(name: str, c: Mapping[str, Any]) -> list[Any]:
+    m = c["monitor"]
+    return [name, _num(m.get("auroc"), "{:.3f}"), _num(m.get("tpr_at_threshold")), _num(m.get("fpr_at_threshold")),
+            f"{c['harmful_answered_flagged']} / {c['harmful_answered']}"]
+
+
+def defence_section(result: Any) -> Section:
+    """The section from the monitor stage's stored result (a missing or failed stage is said so)."""
+    if not isinstance(result, Mapping) or "clean" not in result:
+        why = result["error"] if isinstance(result, Mapping) and "error" in result else "the monitor stage did not run"
+        return Section("Would we notice?", [Text(f"No evidence: {why}.")])
+    rows = [_row("unmodified model", result["clean"])]
+    if result.get("ablated"):
+        layer = (result.get("direction") or {}).get("layer")
+        rows.append(_row(f"refusal direction ablated (layer {layer})", result["ablated"]))
+    blocks: list[Block] = [Text(INTRO), Table(["condition", "AUROC", "TPR at threshold", "FPR at threshold",
+                                               "answered harmful flagged"], rows)]
+    n_h, n_s = result.get("n_eval", [None, None])
+    note = f"{n_h} harmful + {n_s} harmless test prompts; target FPR {_num(result.get('fpr_target'))}"
+    if result.get("ablated") is None:
+        note += "; no direction from this run to ablate, so only the unmodified model was measured"
+    elif result.get("tpr_drop") is not None:
+        note += f"; TPR drop under the ablation {_num(result['tpr_drop'])}"
+    blocks.append(Text(note + "."))
+    return Section("Would we notice?", blocks)
