@@ -155,7 +155,10 @@ def test_dtype_and_8bit_round_trips_are_noise(lm, ref, tmp_path):
 def test_signature_without_reference_finds_the_removed_direction(lm, r, abliterated, tmp_path):
     rep = audit_checkpoint(abliterated)
     s = rep.signature
-    assert rep.verdict == "tampering" and s is not None and _cos(s.null_direction, r) >= 0.95
+    # r is a random direction of a random model: removed (strong weight evidence), but writing it back does not
+    # raise refusal more than random directions do, so "modified", not refusal tampering
+    assert rep.verdict == "modified" and s is not None and _cos(s.null_direction, r) >= 0.95
+    assert s.restore is not None and not s.restore["restored"] and len(s.restore["random_rises"]) == 6
     assert s.null_ratio < 1e-4 and s.n_collapsed == 2 * lm.n_layers + 1
     assert all(c < 1e-3 for c in s.collapse.values())
     assert s.harm_cos_null and all(c < 1e-3 for c in s.harm_cos_null.values())  # what is left is orthogonal to r
@@ -164,6 +167,30 @@ def test_signature_without_reference_finds_the_removed_direction(lm, r, ablitera
     subset = Direction(r, 1, -1).with_weights(torch.tensor([0.0, 1.0, 1.0]), 0.0).export(lm, tmp_path / "subset")
     s = audit_checkpoint(subset, behaviour=False).signature  # two blocks only: no null direction of the sum
     assert s.verdict == "tampering" and s.n_collapsed == 4 and _cos(s.null_direction, r) >= 0.95
+
+
+def test_partial_removal_is_read_off_the_untied_embedding_copy(r, tmp_path):
+    lm = tiny_model("llama", seed=3, tie_word_embeddings=True)  # the export unties it, the unembedding keeps E
+    assert lm.model.get_output_embeddings().weight.data_ptr() == lm.model.get_input_embeddings().weight.data_ptr()
+    assert audit_checkpoint(lm, behaviour=False).signature.embedding_edit is None  # tied: one tensor
+    path = Direction(r, 1, -1).with_weights(torch.full((lm.n_layers,), 0.5), 0.5).export(lm, tmp_path / "p05")
+    s = audit_checkpoint(path, behaviour=False).signature
+    assert s.verdict == "tampering" and s.embedding_edit is not None and abs(s.embedding_edit[0] - 0.5) < 1e-3
+    assert s.n_collapsed == 0 and _cos(s.null_direction, r) >= 0.999  # nothing collapsed, the embedding tells
+    assert "untied unembedding" in s.direction_source
+
+
+def test_restore_test_finds_a_direction_that_writes_refusal_and_not_a_random_one(lm):
+    from safetyscope.measure.refusal_tokens import refusal_token_ids
+    from safetyscope.methods.audit.behaviour import restore_test
+
+    head = lm.model.get_output_embeddings().weight.detach()  # [vocab, d_model]
+    ids = refusal_token_ids(lm.tokenizer)
+    towards = head[ids].mean(0) - head.mean(0)  # [d_model] reads out as refusal openings
+    # a random 3-block model moves refusal logits little: the margin over random directions is scaled down
+    hit = restore_test(lm, towards, depth=0.9, scale=4.0, margin=0.1)
+    miss = restore_test(lm, _unit(lm.dims.d_model, 5), depth=0.9, scale=4.0, margin=0.1)
+    assert hit.restored and hit.rise > max(hit.random_rises) and not miss.restored
 
 
 # ---- bad input -----------------------------------------------------------------------------------
@@ -300,10 +327,13 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "rows.json"
-    assert mod.main(["--model", "tiny:llama", "--variants", "unmodified,zero,neurons,fp16", "--json", str(out)]) == 0
+    assert mod.main(["--model", "tiny:llama", "--variants", "unmodified,zero,neurons,fp16", "--no-behaviour",
+                     "--json", str(out)]) == 0
     rows = {r["checkpoint"]: r for r in json.loads(out.read_text())}
     assert rows["unmodified"]["ref_verdict"] == rows["unmodified"]["noref_verdict"] == "clean"
-    assert rows["zero"]["cos_true"] >= 0.95 and rows["zero"]["noref_verdict"] == "tampering"
+    assert rows["zero"]["cos_true"] >= 0.95 and rows["zero"]["noref_verdict"] == "tampering"  # weights only
+    assert rows["zero"]["cos_null_true"] >= 0.95 and rows["zero"]["n_collapsed"] >= 3
     assert rows["neurons"]["ref_verdict"] == "tampering" and rows["neurons"]["neurons"] == 32
     assert rows["fp16"]["ref_verdict"] == "clean"
-    assert "flagged" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "flagged" in printed and "plain forward pass" in printed

@@ -134,6 +134,10 @@ class SignatureAudit:
     canary_refusal_rate: float | None
     seconds: float
     zeroed_neurons: dict[str, tuple[int, ...]] = field(default_factory=dict)  # MLP matrix -> all-zero neuron slices
+    n_weak: int = 0  # writers whose norm along the direction is < SignatureConfig.weak of random directions'
+    direction_source: str = ""  # how the direction was found
+    embedding_edit: tuple[float, float] | None = None  # (weight, share) of a one-direction edit of an untied embedding
+    restore: dict[str, Any] | None = None  # the restore test (behaviour.RestoreTest.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
