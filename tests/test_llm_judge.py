@@ -127,3 +127,31 @@ def test_bad_judge_file_is_one_line_error(tmp_path):
     bad.write_text(json.dumps({"prompt": "p", "reply": "r", "label": "maybe"}) + "\n")
     with pytest.raises(SafetyscopeError, match="not one of refused, complied, broken"):
         load_judge_set(bad)
+
+
+def test_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "judge.py"
+    spec = importlib.util.spec_from_file_location("bench_judge", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "judge.json"
+    assert mod.main(["--model", "tiny:llama", "--pairs", "6", "--repeats", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["pairs"] > 0 and res["replies_per_second"] > 0 and res["judge_over_rubric_forward"] > 0
+    assert "replies judged per second" in capsys.readouterr().out
+
+
+def test_calibration_divides_out_the_content_free_prior(lm):
+    raw = _probs(LLMJudge(lm, rubric=SHORT), PAIRS[:2])
+    cal_judge = LLMJudge(lm, rubric=SHORT, calibrate=True)
+    cal = _probs(cal_judge, PAIRS[:2])
+    prior = cal_judge.prior()
+    assert sum(prior) == pytest.approx(1.0) and all(0 < x < 1 for x in prior)
+    for r, c in zip(raw, cal):
+        q = [x / b for x, b in zip((r.p_refused, r.p_complied, r.p_broken), prior)]
+        assert [c.p_refused, c.p_complied, c.p_broken] == pytest.approx([x / sum(q) for x in q], abs=1e-6)
+    assert cal_judge.forward_passes == 2  # the prior's batch is not a reply's forward pass
