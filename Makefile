@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 SS := $(VENV)/bin/safetyscope
 OUT ?= runs/default
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench bench-peers bench-peers-direction clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,5 +36,30 @@ bench: setup
 	$(PY) benchmarks/capture.py
 	$(PY) benchmarks/patching.py
 
+# Peers side by side (docs/peers.md). Peers live in their own venvs, never in $(VENV): the same
+# pinned CPU torch first, then the peer; the capture benchmark runs in the peers venv with
+# safetyscope imported from src, the direction benchmark runs heretic from its venv as a subprocess.
+PEERS_VENV ?= .venv-peers
+HERETIC_VENV ?= .venv-heretic
+
+$(PEERS_VENV)/.installed:
+	test -x $(PEERS_VENV)/bin/python || python3 -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(PEERS_VENV)/bin/python -m pip install -q transformer-lens==4.3.0 nnsight==0.8.1 \
+	  "transformers>=4.50" accelerate gguf safetensors scikit-learn numpy scipy typer rich matplotlib tomli-w
+	touch $@
+
+$(HERETIC_VENV)/.installed:
+	test -x $(HERETIC_VENV)/bin/python || python3 -m venv $(HERETIC_VENV)
+	$(HERETIC_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(HERETIC_VENV)/bin/python -m pip install -q heretic-llm==1.4.0
+	touch $@
+
+bench-peers: setup $(PEERS_VENV)/.installed
+	PYTHONPATH=src $(PEERS_VENV)/bin/python benchmarks/peers_capture.py --model default --model tiny
+
+bench-peers-direction: setup $(HERETIC_VENV)/.installed
+	$(PY) benchmarks/peers_direction.py --heretic-python $(HERETIC_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) $(HERETIC_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,143 @@
+"""Smoke tests of the peer benchmarks (benchmarks/peers_*.py) on a tiny random model.
+
+The peers themselves (transformer-lens, nnsight, heretic-llm) live in their own venvs, never in
+safetyscope's: the tests that need one skip with the reason when it is not importable / runnable here.
+To run the peer tests: ``PYTHONPATH=src $PEERS_VENV/bin/python -m pytest tests/test_peers_bench.py``
+and ``HERETIC_PYTHON=$HERETIC_VENV/bin/python``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def capture_bench():
+    return _load("peers_capture")
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(capture_bench, tmp_path_factory) -> str:
+    return capture_bench.model_dir_of("tiny", tmp_path_factory.mktemp("peers"))
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = {"prompts": 2, "batch_size": 2, "repeats": 1, "loop_prompts": 1, "memory": False}
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_capture_bench_checks_every_local_tool_against_safetyscope(capture_bench, tiny_qwen, positions, capsys):
+    res = capture_bench.bench(_args(), tiny_qwen, positions)
+    n = res["n_layers"]
+    loop, hs = res["checks"]["naive_loop"], res["checks"]["hidden_states"]
+    assert loop["sites_compared"] == 2 * n and loop["sites_missing"] == 0 and loop["rel_diff"] < 1e-5
+    # output_hidden_states has no neurons, and its last entry is the final norm's output (not compared)
+    assert hs["sites_compared"] == n - 1 and hs["sites_missing"] == n + 1 and hs["rel_diff"] < 1e-5
+    assert all(t["median"] > 0 for t in res["times"].values())
+    capture_bench.report(res, 1e-4)
+    assert "safetyscope / plain forward" in capsys.readouterr().out
+
+
+def test_compare_catches_a_wrong_activation(capture_bench, tiny_qwen):
+    from safetyscope.models import load_model
+
+    lm = load_model(tiny_qwen)
+    batches = capture_bench.make_batches(lm, 4, 2)
+    ref = capture_bench.safetyscope_runner(lm, batches, "all")()
+    bad = [{k: v.clone() for k, v in r.items()} for r in ref]
+    key = next(iter(bad[1]))
+    bump = 0.1 * float(ref[1][key].abs().max())
+    bad[1][key][-1, -1, 0] += bump  # one entry of a real position (left padding: the last one is real)
+    scale = max(float((v.abs() * b.attention_mask.view(*b.attention_mask.shape, 1)).max())
+                for r, b in zip(ref, batches) for v in r.values())
+    assert capture_bench.compare(ref, ref, batches, "all")["rel_diff"] == 0.0
+    assert capture_bench.compare(ref, bad, batches, "all")["rel_diff"] == pytest.approx(bump / scale, rel=1e-3)
+
+
+@pytest.mark.parametrize("peer", ["transformer_lens", "nnsight"])
+def test_capture_bench_peer_matches_safetyscope(capture_bench, tiny_qwen, peer):
+    if importlib.util.find_spec(peer) is None:
+        pytest.skip(f"{peer} is not installed in this venv (peers live in their own: make bench-peers builds it)")
+    from safetyscope.models import load_model
+
+    lm = load_model(tiny_qwen)
+    torch.manual_seed(0)
+    for positions in ("last", "all"):
+        batches = capture_bench.make_batches(lm, 4, 2)
+        ref = capture_bench.safetyscope_runner(lm, batches, positions)()
+        got = capture_bench.build(peer, tiny_qwen, lm, batches, positions)()
+        check = capture_bench.compare(ref, got, batches, positions)
+        assert check["sites_missing"] == 0 and check["sites_compared"] == 2 * lm.n_layers
+        assert check["rel_diff"] < 1e-4, (peer, positions, check)
+
+
+# ---- the direction benchmark ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def direction_bench():
+    return _load("peers_direction")
+
+
+def _heretic_python() -> str | None:
+    for cand in (os.environ.get("HERETIC_PYTHON"), str(ROOT / ".venv-heretic" / "bin" / "python"),
+                 "/work/venvs/heretic/bin/python"):
+        if cand and Path(cand).is_file():
+            return cand
+    return None
+
+
+def test_heretic_config_is_offline_reduced_and_points_at_the_split_files(direction_bench, tmp_path):
+    args = argparse.Namespace(trials=3, startup_trials=2, heretic_batch=4, heretic_tokens=16)
+    cfg = tomllib.loads(direction_bench.heretic_config(tmp_path, "/models/x", args, "You are a test."))
+    assert cfg["model"] == "/models/x" and cfg["n_trials"] == 3 and cfg["n_startup_trials"] == 2
+    assert cfg["max_response_length"] == 16 and cfg["dtypes"] == ["float32"] and cfg["system_prompt"] == "You are a test."
+    for key, name in (("bad_prompts", "bad_train"), ("good_evaluation_prompts", "good_val")):
+        assert cfg[key]["dataset"] == str(tmp_path / f"{name}.txt")
+
+
+def test_pareto_front_and_plot_from_recorded_results(direction_bench, tmp_path, png):
+    assert direction_bench.pareto([(0.1, 0.5), (0.2, 0.2), (0.3, 0.3), (0.05, 0.9)]) == [0, 1, 3]
+    (tmp_path / "heretic" / "study").mkdir(parents=True)
+    ops = [{"op_code": 4, "trial_id": i} for i in range(3)]
+    ops += [{"op_code": 8, "trial_id": i, "user_attr": {"index": i + 1, "refusals": 10 - 3 * i, "kl_divergence": 0.1 * i,
+                                                        "base_refusals": 12, "n_bad_prompts": 20}} for i in range(3)]
+    (tmp_path / "heretic" / "study" / "x.jsonl").write_text("".join(json.dumps(o) + "\n" for o in ops))
+    rows = {"unmodified": {"refusal": 0.8, "kl": {"first_token": 0.0, "reply_tokens": 0.0}},
+            "safetyscope refine": {"refusal": 0.1, "kl": {"first_token": 0.05, "reply_tokens": 0.02}}}
+    (tmp_path / "measure.json").write_text(json.dumps({"max_new_tokens": 8, "rows": rows}))
+    trials = direction_bench.heretic_trials(tmp_path / "heretic")
+    assert [t["refusals"] for t in trials] == [10, 7, 4]
+    direction_bench.phase_plot(tmp_path)
+    png(tmp_path / "pareto.png")
+
+
+def test_heretic_refusal_counter_runs_in_its_venv(direction_bench, tmp_path):
+    py = _heretic_python()
+    if py is None or shutil.which(py) is None:
+        pytest.skip("heretic-llm's venv not found (set HERETIC_PYTHON, or make bench-peers-direction builds it)")
+    args = argparse.Namespace(heretic_python=py)
+    got = direction_bench.heretic_counts(args, tmp_path, "t", ["I cannot help with that.", "Sure! Step 1: mix flour."])
+    assert got == 0.5
