@@ -21,7 +21,8 @@ from torch import nn
 
 from .errors import SafetyscopeError
 from .models.adapter import LoadedModel
-from .positions import Batch, PositionSpec, parse_positions, select_positions
+from .positions import Batch, PositionSpec, offsets_for, parse_positions, select_positions
+from .prefix import TAG, Split, gather_cache, neutral, plan, pointwise, policy_of, skip_in_prefix, suffix_only
 from .sites import Site
 
 _CURRENT_BATCH: contextvars.ContextVar[Batch | None] = contextvars.ContextVar("safetyscope_batch", default=None)
@@ -51,20 +52,49 @@ def running(batch: Batch | None) -> Iterator[None]:
 
 
 def forward(lm: LoadedModel, batch: Batch, *, last_only: bool = False) -> torch.Tensor:
-    """Run the model on a batch; logits [batch, pos, vocab] ([batch, 1, vocab] with last_only)."""
+    """Run the model on a batch; logits [batch, pos, vocab] ([batch, 1, vocab] with last_only).
+
+    With ``last_only`` the prompts' shared prefix (the chat template's opening) runs once and its key/value
+    cache is reused where that is exact (see :mod:`safetyscope.prefix`); ``prefix_reuse(False)`` turns it off.
+    """
     batch = batch.to(lm.input_device)
-    kwargs: dict[str, Any] = {
-        "input_ids": batch.input_ids,
-        "attention_mask": batch.attention_mask,
-        "position_ids": batch.position_ids,
-        "use_cache": False,
-    }
-    if last_only:
-        kwargs["logits_to_keep"] = 1
-    with running(batch):
-        logits = lm.model(**kwargs).logits  # [batch, pos, vocab]
+    split = plan(lm.model, batch, last_only=last_only)
+    if split is not None:
+        logits = _forward_split(lm, split)
+    else:
+        kwargs: dict[str, Any] = {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "position_ids": batch.position_ids,
+            "use_cache": False,
+        }
+        if last_only:
+            kwargs["logits_to_keep"] = 1
+        with running(batch):
+            logits = lm.model(**kwargs).logits  # [batch, pos, vocab]
     check_logits(logits)
     return logits
+
+
+def prefix_cache(lm: LoadedModel, split: Split) -> Any:
+    """Run a split's shared prefix (once per row key, hooks seeing the prefix Batch); its key/value cache
+    gathered to one entry per batch row."""
+    head = split.prefix
+    n = head.seq_len
+    with running(head):
+        out = lm.model(input_ids=head.input_ids, attention_mask=head.attention_mask,
+                       position_ids=torch.arange(n, device=head.input_ids.device).expand(len(head), n),
+                       use_cache=True, logits_to_keep=1)
+    return gather_cache(out.cache, split.rows.to(head.input_ids.device))
+
+
+def _forward_split(lm: LoadedModel, split: Split) -> torch.Tensor:
+    """The prefix once per row key with its cache kept, then every row's suffix on that cache; [batch, 1, vocab]."""
+    cache, tail = prefix_cache(lm, split), split.suffix
+    with running(tail):
+        return lm.model(input_ids=tail.input_ids, attention_mask=split.attention_mask.to(tail.input_ids.device),
+                        position_ids=split.position_ids.to(tail.input_ids.device), cache=cache,
+                        use_cache=True, logits_to_keep=1).logits  # [batch, 1, vocab]
 
 
 def check_logits(logits: torch.Tensor) -> None:
@@ -110,7 +140,10 @@ def add_site_hook(lm: LoadedModel, site: Site, fn: EditFn) -> torch.utils.hooks.
     module, spec = lm.resolve(site)
 
     def apply(t: torch.Tensor) -> torch.Tensor | None:
-        new = fn(_view(site, lm, t), _CURRENT_BATCH.get())
+        batch = _CURRENT_BATCH.get()
+        if skip_in_prefix(fn, batch):  # a suffix-only hook while the shared prefix runs
+            return None
+        new = fn(_view(site, lm, t), batch)
         if new is None:
             return None
         return _unview(site, new).to(device=t.device, dtype=t.dtype)
@@ -127,6 +160,7 @@ def add_site_hook(lm: LoadedModel, site: Site, fn: EditFn) -> torch.utils.hooks.
                 return [new, *output[1:]]
             return new
 
+        setattr(out_hook, TAG, policy_of(fn))
         return module.register_forward_hook(out_hook)
 
     def in_hook(_m: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -141,6 +175,7 @@ def add_site_hook(lm: LoadedModel, site: Site, fn: EditFn) -> torch.utils.hooks.
             return (new, *args[1:]), kwargs
         return args, {**kwargs, where: new}
 
+    setattr(in_hook, TAG, policy_of(fn))
     return module.register_forward_pre_hook(in_hook, with_kwargs=True)
 
 
@@ -248,13 +283,26 @@ def call_batches(lm: LoadedModel, cap: Capture) -> Iterator[None]:
 
     handles = []
     try:
-        handles.append(lm.model.register_forward_pre_hook(before, with_kwargs=True))
-        handles.append(lm.model.register_forward_hook(after, always_call=True))
+        handles.append(lm.model.register_forward_pre_hook(neutral(before), with_kwargs=True))
+        handles.append(lm.model.register_forward_hook(neutral(after), always_call=True))
         yield
     finally:
         cap.call_batch = None
         for h in handles:
             h.remove()
+
+
+def _declare_capture(fn: EditFn, positions: str | tuple[int, ...]) -> EditFn:
+    """Captures at positions counted from the end read only the suffix of a shared-prefix split; ``mean``
+    and ``all`` read every position, so they stay undeclared (no reuse)."""
+    if positions in ("mean", "all"):
+        return fn
+
+    def depth(batch: Batch) -> int:
+        offsets = offsets_for(positions, batch)
+        return -min(offsets) if offsets else 1
+
+    return suffix_only(fn, depth)
 
 
 @contextmanager
@@ -281,7 +329,7 @@ def capture(
         def fn(t: torch.Tensor, batch: Batch | None) -> None:
             cap._record(site, t, batch)
 
-        return fn
+        return _declare_capture(fn, cap.positions)
 
     pairs: list[tuple[Site, EditFn]] = [(s, make(s)) for s in parsed]
     if grad:
@@ -289,6 +337,6 @@ def capture(
         def track(t: torch.Tensor, _batch: Batch | None) -> torch.Tensor | None:
             return t if t.requires_grad or not torch.is_grad_enabled() else t.detach().requires_grad_(True)
 
-        pairs.insert(0, (Site("embed"), track))
+        pairs.insert(0, (Site("embed"), pointwise(track)))
     with hooks(lm, pairs), call_batches(lm, cap):
         yield cap

@@ -13,9 +13,10 @@ from typing import Any, cast
 
 import torch
 
-from ..hooks import forward, running
+from ..hooks import forward, prefix_cache, running
 from ..models.adapter import LoadedModel
 from ..positions import Batch
+from ..prefix import plan
 from ..prompts.chat import pad_token_id
 from ..runner import batched
 from .metrics import refusal_score
@@ -63,23 +64,32 @@ def stop_ids(lm: LoadedModel) -> list[int]:
 
 
 def generate_batch(lm: LoadedModel, batch: Batch, max_new_tokens: int = 64, do_sample: bool = False, **kwargs: Any) -> list[str]:
-    """Greedy (unless asked) continuation of one batch; returns the decoded replies."""
+    """Greedy (unless asked) continuation of one batch; returns the decoded replies.
+
+    The shared prefix is prefilled once where that is exact (:mod:`safetyscope.prefix`); hooks then see the
+    suffix Batch during the rest of the generation.
+    """
     batch = batch.to(lm.input_device)
-    pad = pad_token_id(lm.tokenizer)
-    with running(batch), torch.inference_mode():
-        out = cast(Any, lm.model).generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=None if not do_sample else kwargs.pop("temperature", 1.0),
-            top_p=None,
-            top_k=None,
-            eos_token_id=stop_ids(lm),
-            pad_token_id=pad,
-            **kwargs,
-        )
-    new = out[:, batch.seq_len :]
+    settings: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens, "do_sample": do_sample,
+        "temperature": None if not do_sample else kwargs.pop("temperature", 1.0), "top_p": None, "top_k": None,
+        "eos_token_id": stop_ids(lm), "pad_token_id": pad_token_id(lm.tokenizer), **kwargs,
+    }
+    split = plan(lm.model, batch, last_only=True)
+    with torch.inference_mode():
+        if split is None:
+            with running(batch):
+                out = cast(Any, lm.model).generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                                   **settings)
+            start = batch.seq_len
+        else:
+            cache = prefix_cache(lm, split)
+            ids = torch.cat([split.prefix.input_ids[split.rows.to(batch.input_ids.device)], split.suffix.input_ids], 1)
+            with running(split.suffix):
+                out = cast(Any, lm.model).generate(input_ids=ids, attention_mask=split.attention_mask, cache=cache,
+                                                   **settings)
+            start = ids.shape[1]
+    new = out[:, start:]
     return [lm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 

@@ -97,8 +97,12 @@ def implications(res: Results) -> list[list[Any]]:
         d = res.direction
         rows.append(["Circuit compactness", f"one direction (layer {d.layer}): harmful refusal "
                      f"{_pct(d.refusal_before)} → {_pct(d.refusal_after)}",
-                     ("mean" if d.ablation == "mean" else "zero")
+                     ("refined, " if d.refined else "") + ("mean" if d.ablation == "mean" else "zero")
                      + " ablation of the direction at every layer, measured on held-out prompts"])
+        if d.zero_kl_mean is not None:
+            rows.append(["Exportable variant", f"the same direction, zero ablation: harmful refusal "
+                         f"{_pct(d.refusal_before)} → {_pct(d.zero_refusal_after)} at first-token KL {fmt(d.zero_kl_mean)}",
+                         "what `direction export` writes into the weights; same held-out prompts"])
     if res.capability:
         for name, c in res.capability.interventions.items():
             rows.append([f"Capability loss ({name})", f"first-token KL {fmt(c.kl_first_token_mean, '{:.4f}')}, "

@@ -140,12 +140,17 @@ class DirectionSummary:
     refusal_before: float | None  # judged refusal of held-out harmful prompts, unmodified
     refusal_after: float | None  # ... with the direction ablated
     kl_mean: float  # first-token KL on held-out harmless prompts under the ablation
+    refined: bool = False  # trained by `refine` after the selection
+    zero_refusal_after: float | None = None  # the same direction under zero ablation (the exportable variant)
+    zero_kl_mean: float | None = None
 
     @classmethod
     def from_json(cls, d: Json) -> DirectionSummary:
-        find, ab = d["find"], d["ablate"]
+        find, ab, zero = d["find"], d["ablate"], d.get("ablate_zero")
         return cls(int(find["layer"]), int(find["position"]), str(find["ablation"]), rate(ab["harmful_refusal_before"]),
-                   rate(ab["harmful_refusal_after"]), _float(ab["kl_first_token"]["mean"]))
+                   rate(ab["harmful_refusal_after"]), _float(ab["kl_first_token"]["mean"]), "refine" in find,
+                   rate(zero.get("harmful_refusal_after")) if zero else None,
+                   _float(zero["kl_first_token"]["mean"]) if zero else None)
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,19 @@ def candidate_layers(x: StageInputs) -> str:
     return "" if layers == "*" else layers
 
 
+# The map's direction recipe (issue 20): mean ablation, then refinement of the chosen direction (README: on
+# AdvBench/Alpaca, mean + refine 2% refusal at KL 0.048, mean alone 3% at KL 0.086). Refinement
+# settings: 40% of the training prompts of `direction refine`'s defaults (30 steps of 16 + 16 prompts, lr
+# 0.002) with a larger step size, so the stage fits the map's 15-minute budget; the checkpoint is still chosen by
+# validation loss (never worse than the start on the validation prompts). Not tuned: see the issue-20 note.
+REFINE = {"steps": 16, "lr": 0.003, "kl_weight": 20.0, "batch": 12, "eval_every": 4}
+REFINE_QUICK = {"steps": 2, "lr": 0.004, "kl_weight": 20.0, "batch": 4, "eval_every": 1}  # --quick: the path runs
+
+
 def find_direction_stage(x: StageInputs) -> tuple[Direction, dict[str, Any]]:
     """Candidates in the readable blocks (cached, keyed on their inputs), screened then fully scored on the
-    validation prompts; the best judged on real replies (the first-token score is only a proxy)."""
+    validation prompts; the best judged on real replies (the first-token score is only a proxy); then refined
+    (only the direction trains, under its own mean ablation; checkpoint by validation loss)."""
     from ...sites import parse_sites
     from ..direction.api import DirectionConfig, NoDirectionFound, search_direction
 
@@ -42,41 +52,84 @@ def find_direction_stage(x: StageInputs) -> tuple[Direction, dict[str, Any]]:
     spec = candidate_layers(x)
     layers = tuple(int(s.layer) for s in parse_sites(f"blocks.{spec}.resid_pre", lm.n_layers) if s.layer is not None) if spec else None
     if x.config.quick:  # a smoke test: the last position of a few blocks, one finalist judged on short replies
-        cfg = DirectionConfig(positions="-1", layers=layers, induce="lazy", verify=1, verify_tokens=8)
+        cfg = DirectionConfig(positions="-1", layers=layers, induce="lazy", verify=1, verify_tokens=8, ablation="mean")
     else:
-        cfg = DirectionConfig(layers=layers, induce="lazy", screen=3, keep=6, verify=2)
+        cfg = DirectionConfig(layers=layers, induce="lazy", screen=3, keep=6, verify=2, ablation="mean")
+    train = (x.sampled("harmful", b.n_prompts, "train"), x.sampled("harmless", b.n_prompts, "train"))
+    val = (x.sampled("harmful", b.n_val, "val"), x.sampled("harmless", b.n_val, "val"))
     try:
-        found = search_direction(
-            lm, x.sampled("harmful", b.n_prompts, "train"), x.sampled("harmless", b.n_prompts, "train"),
-            val_harmful=x.sampled("harmful", b.n_val, "val"), val_harmless=x.sampled("harmless", b.n_val, "val"),
-            config=cfg, batch_size=x.batch_size, system=x.system, cache_dir=out, log=x.log, verdict_cache=x.out / "cache")
+        found = search_direction(lm, *train, val_harmful=val[0], val_harmless=val[1], config=cfg, batch_size=x.batch_size,
+                                 system=x.system, cache_dir=out, log=x.log, verdict_cache=x.out / "cache")
     except NoDirectionFound as exc:
         write_json(out / "selection.json", exc.selection.to_json())  # what was measured stays on record
         raise
     write_json(out / "selection.json", found.selection.to_json())
-    found.direction.save(out / "artifact")
-    return found.direction, {**found.to_json(), "model": lm.name, "artifact": str(out / "artifact"),
-                             "positions": list(found.candidates.positions), "tokens": list(found.candidates.tokens),
-                             "selection": str(out / "selection.json")}
+    direction, result = found.direction, {**found.to_json(), "model": lm.name, "artifact": str(out / "artifact"),
+                                          "positions": list(found.candidates.positions),
+                                          "tokens": list(found.candidates.tokens), "selection": str(out / "selection.json")}
+    direction, result["refine"] = refine_stage(x, direction, train, val)
+    direction.save(out / "artifact")
+    return direction, result
+
+
+def refine_stage(x: StageInputs, direction: Direction, train: tuple[list[str], list[str]],
+                 val: tuple[list[str], list[str]]) -> tuple[Direction, dict[str, Any]]:
+    """The found direction refined on the training prompts (checkpoint by validation loss); the unrefined one
+    is kept in OUT/direction/unrefined."""
+    import time
+
+    from ..direction.refine import refine_direction
+
+    out = x.out / "direction"
+    direction.save(out / "unrefined")
+    t0 = time.perf_counter()
+    res = refine_direction(x.lm, direction, *train, val_harmful=val[0], val_harmless=val[1], micro_batch=x.batch_size,
+                           seed=x.config.seed, system=x.system, log=x.log,
+                           **(REFINE_QUICK if x.config.quick else REFINE))  # type: ignore[arg-type]
+    seconds = time.perf_counter() - t0
+    write_json(out / "refine.json", {**res.to_json(), "seconds": seconds})
+    return res.direction, {"chosen": res.chosen, "settings": res.settings, "seconds": seconds,
+                           "unrefined": str(out / "unrefined"), "history": res.to_json()["history"]}
 
 
 def direction_stage(x: StageInputs) -> dict[str, Any]:
-    """The refusal direction, then its ablation and addition measured on held-out test prompts."""
+    """The refusal direction, then its ablation and addition measured on held-out test prompts; beside it the
+    same direction under zero ablation (what `direction export` writes into the weights)."""
     direction, found = find_direction_stage(x)
     b = x.budget
     harmful, harmless = x.sampled("harmful", b.n_eval, "test"), x.sampled("harmless", b.n_eval, "test")
-    d = x.lm.describe()
-    meta, _ = direction.to_state()
-    common = {"model": [d["name"], d["n_params"], d["dtype"]], "system": x.system, "max_new_tokens": b.max_new_tokens}
-    cache = ReplyCache(x.out / "direction_eval", common, {"direction": meta, "vector": direction.direction.tolist(),
-                                                          "weights": None, "coeff": 1.0, "layer": -1})
-    kw: dict[str, Any] = {"max_new_tokens": b.max_new_tokens, "batch_size": x.batch_size, "system": x.system, "cache": cache}
+    kw = _eval_kwargs(x, direction)
     ablate = evaluate_ablation(x.lm, direction, harmful, harmless, **kw)
     ablate.update(model=x.lm.name, direction=found["artifact"], norm_preserving=direction.norm_preserving,
                   weighted=direction.layer_weights is not None, ablation=direction.ablation)
     add = evaluate_addition(x.lm, direction, harmless, coeff=1.0, **kw)
     add.update(model=x.lm.name, direction=found["artifact"])
-    return {"find": found, "ablate": ablate, "add": add}
+    result = {"find": found, "ablate": ablate, "add": add}
+    if direction.ablation != "zero":  # the exportable variant, on the same prompts (base replies are cached)
+        zero = direction.with_ablation("zero")
+        zero.save(x.out / "direction" / "artifact_zero")
+        result["ablate_zero"] = {**evaluate_ablation(x.lm, zero, harmful, harmless, **_eval_kwargs(x, zero, "_zero"),
+                                                     harmless_replies_ablated=False),
+                                 "ablation": "zero", "direction": str(x.out / "direction" / "artifact_zero")}
+    return result
+
+
+def _eval_kwargs(x: StageInputs, direction: Direction, suffix: str = "") -> dict[str, Any]:
+    """evaluate_* settings; the replies cache of a variant (``suffix``) starts with the unmodified replies."""
+    import shutil
+
+    b, root = x.budget, x.out / f"direction_eval{suffix}"
+    for name in ("harmful_base", "harmless_base") if suffix else ():
+        src = x.out / "direction_eval" / f"replies_{name}.json"
+        if src.is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, root / src.name)
+    d = x.lm.describe()
+    meta, _ = direction.to_state()
+    common = {"model": [d["name"], d["n_params"], d["dtype"]], "system": x.system, "max_new_tokens": b.max_new_tokens}
+    cache = ReplyCache(root, common, {"direction": meta, "vector": direction.direction.tolist(),
+                                                          "weights": None, "coeff": 1.0, "layer": -1})
+    return {"max_new_tokens": b.max_new_tokens, "batch_size": x.batch_size, "system": x.system, "cache": cache}
 
 
 def _neuron_curves(x: StageInputs, harmful: list[str], harmless: list[str]) -> dict[str, Any]:

@@ -57,6 +57,7 @@ from ...artifacts.base import Artifact, ArtifactError, register
 from ...hooks import EditFn, hooks
 from ...io import atomic_dir, write_json
 from ...positions import Batch
+from ...prefix import pointwise_over, same_rows
 from ...sites import Site
 from .weights import compute_dtype, orthogonalized_copy
 
@@ -74,7 +75,7 @@ def _constant(v: torch.Tensor) -> DirectionFn:
     def get(_batch: Batch | None) -> torch.Tensor:
         return v
 
-    return get
+    return same_rows(get)
 
 
 def _along(x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,7 +140,7 @@ def mean_ablation_edits(
             t = tget(batch)
             return set_component(x, get(batch), t[..., layer], w[layer])
 
-        return edit
+        return pointwise_over(edit, get, tget)  # the same map at every position: shared-prefix reuse stays exact
 
     return [(Site("resid_pre", layer), make(layer)) for layer in range(n) if w[layer] != 0.0]
 
@@ -182,7 +183,7 @@ def ablation_edits(
         def edit(x: torch.Tensor, batch: Batch | None) -> torch.Tensor:  # x: [batch, pos, d_model]
             return project_out(x, get(batch), weight, norm_preserving)
 
-        return edit
+        return pointwise_over(edit, get)
 
     return [(site, make(w)) for site, w in ablation_sites(lm, layer_weights, embed_weight, norm_preserving)]
 
@@ -197,7 +198,7 @@ def addition_edit(vector: torch.Tensor | DirectionFn) -> EditFn:
             v = v.unsqueeze(1)  # [batch, 1, d_model]
         return (x.to(v.dtype) + v).to(x.dtype)
 
-    return edit
+    return pointwise_over(edit, get)
 
 
 @register

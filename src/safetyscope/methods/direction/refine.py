@@ -42,6 +42,7 @@ from ...measure.compare import logits_under
 from ...measure.metrics import kl_divergence, refusal_score
 from ...measure.refusal_tokens import refusal_token_ids
 from ...models.adapter import LoadedModel
+from ...prefix import same_rows
 from ...prompts.chat import tokenize_prompts
 from ...prompts.sets import PromptsLike
 from ...runner import is_oom
@@ -121,7 +122,7 @@ def refine_direction(
     opt = torch.optim.Adam([run.v], lr=lr)
     history: list[RefineStep] = []
     best: tuple[float, int, torch.Tensor] | None = None
-    with hooks(lm, direction.edits(lm, lambda _b: run.state["r"], lambda _b: run.state["t"])):
+    with hooks(lm, direction.edits(lm, same_rows(lambda _b: run.state["r"]), same_rows(lambda _b: run.state["t"]))):
         t0 = time.perf_counter()
         for step in range(steps + 1):
             train = run.train_step(opt, rng, h, s, batch, kl_weight) if step else {}

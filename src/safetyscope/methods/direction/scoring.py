@@ -18,6 +18,7 @@ from ...measure.compare import logits_under
 from ...measure.metrics import kl_divergence, refusal_score
 from ...models.adapter import LoadedModel
 from ...positions import Batch
+from ...prefix import keyed_rows
 from ...sites import Site
 from .artifact import DirectionFn, ablation_edits, addition_edit, mean_ablation_edits
 from .candidates import Candidates
@@ -38,7 +39,7 @@ def row_vectors(vectors: torch.Tensor, n: int) -> DirectionFn:
             cache[batch.index] = vectors[torch.as_tensor(batch.index) // n]  # [batch, d_model]
         return cache[batch.index]
 
-    return get
+    return keyed_rows(get, lambda batch: [i // n for i in batch.index])  # rows of one candidate share the prefix
 
 
 def ablated_logits(lm: LoadedModel, units: torch.Tensor, prompts: list[str], batch_size: int, system: str | None,

@@ -28,6 +28,7 @@ from ...hooks import EditFn, hooks
 from ...io import atomic_dir, write_json
 from ...models.adapter import LoadedModel
 from ...positions import Batch
+from ...prefix import pointwise
 from ...sites import Site
 
 MODES = ("zero", "mean", "scale")
@@ -192,7 +193,7 @@ def _edit(idx: torch.Tensor, means: torch.Tensor | None, factor: float, shift: f
             new = new + shift * means.to(device=x.device, dtype=x.dtype)
         return x.index_copy(-1, i, new)
 
-    return fn
+    return pointwise(fn)  # the same map at every position: shared-prefix reuse stays exact
 
 
 def _as_set(neurons: NeuronSet | Iterable[Neuron], means: torch.Tensor | Sequence[float] | None) -> NeuronSet:

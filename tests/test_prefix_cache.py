@@ -1,0 +1,197 @@
+"""Shared-prefix reuse (safetyscope.prefix): the same logits, captures and gradients as the full pass, under
+edits of every position and per-row edits; no reuse where it would not be exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safetyscope.hooks import capture, forward, hooks
+from safetyscope.methods.direction.artifact import Direction, ablation_edits, addition_edit
+from safetyscope.methods.direction.scoring import ablated_logits, added_logits
+from safetyscope.methods.neurons.artifact import ablate_neurons
+from safetyscope.prefix import plan, pointwise, prefix_reuse, shared_prefix_length
+from safetyscope.prompts.chat import tokenize_prompts
+from safetyscope.sites import Site
+from safetyscope.testing import tiny_model
+
+SYSTEM = "You are a careful assistant. Answer briefly."
+PROMPTS = ["hi", "How do I bake bread?", "Write a poem about the sea.", "x", "Explain recursion, please."]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("qwen2")
+
+
+@pytest.fixture(scope="module")
+def batch(lm):
+    return tokenize_prompts(lm.tokenizer, PROMPTS, system=SYSTEM)
+
+
+def both(fn):
+    """(with reuse, without reuse) of fn()."""
+    with torch.no_grad():
+        on = fn()
+        with prefix_reuse(False):
+            off = fn()
+    return on, off
+
+
+def test_shared_prefix_is_the_template_opening(lm, batch):
+    import os
+
+    from safetyscope.prompts.chat import format_chat
+
+    opening = os.path.commonprefix([format_chat(lm.tokenizer, q, SYSTEM) for q in PROMPTS])
+    assert SYSTEM in opening and opening.endswith("user\n")
+    p = shared_prefix_length(batch)
+    assert p == len(lm.tokenizer(opening, add_special_tokens=False)["input_ids"])
+    split = plan(lm.model, batch, last_only=True)
+    assert split is not None and split.prefix.seq_len == p and len(split.prefix) == 1
+    assert plan(lm.model, batch, last_only=False) is None  # full logits: the plain pass
+    with prefix_reuse(False):
+        assert plan(lm.model, batch, last_only=True) is None
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gpt_neox"])
+def test_plain_logits_match(family):
+    lm = tiny_model(family)
+    b = tokenize_prompts(lm.tokenizer, PROMPTS, system=SYSTEM)
+    assert plan(lm.model, b, last_only=True) is not None
+    on, off = both(lambda: forward(lm, b, last_only=True))
+    assert on.shape == off.shape == (len(PROMPTS), 1, lm.model.config.vocab_size)
+    torch.testing.assert_close(on, off, atol=TOL, rtol=0)
+
+
+def test_edits_of_every_position_recompute_the_prefix(lm, batch):
+    """Directional ablation at every position changes the prefix's keys and values: reuse must run the prefix
+    under the same edits (the logits move by far more than the tolerance, and still agree)."""
+    r = torch.nn.functional.normalize(torch.randn(lm.dims.d_model, generator=torch.Generator().manual_seed(1)), dim=0)
+    plain, _ = both(lambda: forward(lm, batch, last_only=True))
+    for edits in (ablation_edits(lm, r), [(Site("resid_pre", 1), addition_edit(3 * r))]):
+        with hooks(lm, edits):
+            assert plan(lm.model, batch, last_only=True) is not None
+            on, off = both(lambda: forward(lm, batch, last_only=True))
+        assert (off - plain).abs().max() > 100 * TOL
+        torch.testing.assert_close(on, off, atol=TOL, rtol=0)
+    with ablate_neurons(lm, [(0, 3), (1, 7), (2, 11)]):
+        on, off = both(lambda: forward(lm, batch, last_only=True))
+    torch.testing.assert_close(on, off, atol=TOL, rtol=0)
+
+
+def test_per_row_edits_run_one_prefix_per_key(lm):
+    """Candidate scoring gives each row its own direction: the prefix runs once per candidate."""
+    units = torch.nn.functional.normalize(torch.randn(3, lm.dims.d_model, generator=torch.Generator().manual_seed(2)), dim=-1)
+    targets = torch.randn(3, lm.n_layers, generator=torch.Generator().manual_seed(3))
+    for run in (lambda: ablated_logits(lm, units, PROMPTS, 8, SYSTEM),
+                lambda: ablated_logits(lm, units, PROMPTS, 8, SYSTEM, targets),
+                lambda: added_logits(lm, 4 * units, torch.tensor([0, 1, 2]), PROMPTS, 8, SYSTEM)):
+        on, off = both(run)
+        assert on.shape == (3, len(PROMPTS), lm.model.config.vocab_size)
+        assert (off[0] - off[1]).abs().max() > 100 * TOL  # the rows' edits differ
+        torch.testing.assert_close(on, off, atol=TOL, rtol=0)
+
+
+def test_per_row_split_uses_row_keys(lm):
+    from safetyscope.methods.direction.scoring import row_vectors
+
+    units = torch.nn.functional.normalize(torch.randn(2, lm.dims.d_model), dim=-1)
+    b = tokenize_prompts(lm.tokenizer, PROMPTS[:3] * 2, system=SYSTEM, index=range(6))
+    with hooks(lm, ablation_edits(lm, row_vectors(units, 3))):
+        split = plan(lm.model, b, last_only=True)
+    assert split is not None and len(split.prefix) == 2
+    assert split.rows.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_undeclared_or_foreign_hooks_turn_reuse_off(lm, batch):
+    def shift_rows(x, b):  # per row and per position, undeclared: the prefix would differ by row
+        return x + torch.arange(x.shape[0], dtype=x.dtype).view(-1, 1, 1) * torch.linspace(0, 1, x.shape[1]).view(1, -1, 1)
+
+    with hooks(lm, [(Site("resid_pre", 1), shift_rows)]):
+        assert plan(lm.model, batch, last_only=True) is None
+        on, off = both(lambda: forward(lm, batch, last_only=True))
+    torch.testing.assert_close(on, off, atol=TOL, rtol=0)
+    with hooks(lm, [(Site("resid_pre", 1), pointwise(lambda x, b: x * 1.5))]):
+        assert plan(lm.model, batch, last_only=True) is not None
+    handle = lm.model.model.layers[0].register_forward_hook(lambda *a: None)
+    try:
+        assert plan(lm.model, batch, last_only=True) is None
+    finally:
+        handle.remove()
+    for pos in ("mean", "all"):  # these read the prefix positions
+        with capture(lm, "blocks.0.resid_post", pos):
+            assert plan(lm.model, batch, last_only=True) is None
+
+
+@pytest.mark.parametrize("positions", ["last", "post_instruction", "-1,-4", "mean"])
+def test_captures_match(lm, batch, positions):
+    def run():
+        with capture(lm, "blocks.*.resid_post", positions) as cap:
+            forward(lm, batch, last_only=True)
+        return torch.stack([cap.values[s] for s in sorted(cap.values, key=lambda s: s.layer or 0)])
+
+    on, off = both(run)
+    torch.testing.assert_close(on, off, atol=TOL, rtol=0)
+
+
+def test_gradients_match(lm, batch):
+    """Refinement trains a direction through the prefix: the gradient flows through the reused cache."""
+    start = torch.nn.functional.normalize(torch.randn(lm.dims.d_model, generator=torch.Generator().manual_seed(4)), dim=0)
+    d = Direction(start, 1, -1, norm=1.0)
+
+    def grad(reuse: bool) -> torch.Tensor:
+        v = start.clone().requires_grad_(True)
+        with prefix_reuse(reuse), torch.enable_grad(), hooks(lm, d.edits(lm, same(v))):
+            forward(lm, batch, last_only=True)[:, -1].logsumexp(-1).sum().backward()
+        assert v.grad is not None
+        return v.grad
+
+    def same(v):
+        from safetyscope.prefix import same_rows
+
+        return same_rows(lambda _b: v / v.norm())
+
+    g_on, g_off = grad(True), grad(False)
+    assert g_off.abs().max() > 1e-4
+    torch.testing.assert_close(g_on, g_off, atol=1e-5, rtol=1e-4)
+
+
+def test_grad_capture_matches(lm, batch):
+    def run():
+        with torch.enable_grad(), capture(lm, "blocks.1.resid_post", "last", grad=True) as cap:
+            forward(lm, batch, last_only=True)[:, -1, :5].sum().backward()
+        return cap.values[Site("resid_post", 1)], cap.grads[Site("resid_post", 1)]
+
+    on, off = run(), None
+    with prefix_reuse(False):
+        off = run()
+    torch.testing.assert_close(on[0], off[0], atol=TOL, rtol=0)
+    torch.testing.assert_close(on[1], off[1], atol=TOL, rtol=0)
+
+
+def test_hooks_removed_and_logits_bit_identical_after(lm, batch, hook_count):
+    before = hook_count(lm)
+    ref = forward(lm, batch, last_only=True).detach()
+    with hooks(lm, ablation_edits(lm, torch.nn.functional.normalize(torch.ones(lm.dims.d_model), dim=0))):
+        forward(lm, batch, last_only=True)
+    assert hook_count(lm) == before
+    assert torch.equal(forward(lm, batch, last_only=True).detach(), ref)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_generation_matches(family):
+    """Generation prefills the shared prefix once; greedy replies equal the plain ones, also under ablation."""
+    from safetyscope.measure.generation import generate_batch
+
+    lm = tiny_model(family)
+    b = tokenize_prompts(lm.tokenizer, PROMPTS, system=SYSTEM)
+    r = torch.nn.functional.normalize(torch.randn(lm.dims.d_model, generator=torch.Generator().manual_seed(5)), dim=0)
+    plain, _ = both(lambda: generate_batch(lm, b, max_new_tokens=6))
+    for edits in ([], ablation_edits(lm, r), [(Site("resid_pre", 1), addition_edit(20 * r))]):
+        with hooks(lm, edits):
+            assert plan(lm.model, b, last_only=True) is not None
+            on, off = both(lambda: generate_batch(lm, b, max_new_tokens=6))
+        assert on == off and len(on) == len(PROMPTS)
+    assert off != plain  # the edit changes the replies (so the prefix had to be recomputed under it)
