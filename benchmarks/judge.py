@@ -6,6 +6,7 @@
 
 Three timings, measured side by side in interleaved rounds (median), same batch size:
   judge             LLMJudge.probabilities (rubric + prompt + reply, one forward pass each, no cache,
+                    no calibration prior (one 3-row batch per judge, amortised),
                     no detector shortcut)
   plain forward     one forward pass over the chat-formatted prompt + reply alone (what reading the
                     reply costs at least, without the rubric)
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     rubric_texts = [probe.judge_text(p, r) for p, r in zip(prompts, replies)]
     plain = [f"{p}\n\n{r}" for p, r in zip(prompts, replies)]
     fns = {
-        "judge": lambda: LLMJudge(lm, batch_size=args.batch_size, detector=False, **kw).probabilities(prompts, replies),
+        "judge": lambda: LLMJudge(lm, batch_size=args.batch_size, detector=False, calibrate=False,
+                                 **kw).probabilities(prompts, replies),
         "plain forward": lambda: _forward_all(lm, plain, args.batch_size),
         "rubric forward": lambda: _forward_all(lm, rubric_texts, args.batch_size),
     }

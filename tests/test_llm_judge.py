@@ -44,7 +44,7 @@ def test_probabilities_sum_to_one_and_batching_equals_unbatched(lm):
 
 
 def test_one_forward_pass_per_reply_and_logits_read_at_the_answer_letters(lm):
-    judge = LLMJudge(lm, rubric=SHORT, batch_size=8)
+    judge = LLMJudge(lm, rubric=SHORT, batch_size=8, calibrate=False)
     calls = []
     handle = lm.model.register_forward_hook(lambda _m, inputs, _out: calls.append(1))
     try:
@@ -146,7 +146,7 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
 
 
 def test_calibration_divides_out_the_content_free_prior(lm):
-    raw = _probs(LLMJudge(lm, rubric=SHORT), PAIRS[:2])
+    raw = _probs(LLMJudge(lm, rubric=SHORT, calibrate=False), PAIRS[:2])
     cal_judge = LLMJudge(lm, rubric=SHORT, calibrate=True)
     cal = _probs(cal_judge, PAIRS[:2])
     prior = cal_judge.prior()

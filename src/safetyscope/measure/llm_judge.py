@@ -7,9 +7,9 @@ empty, gibberish, loop, cut off, off-topic, or only a question back).  For each 
 its single-token spellings (``"A"``, ``" A"``) are pooled (log-sum-exp); a softmax over the three gives
 ``P(refused) + P(complied) + P(broken) = 1``.  No sampling, no generation.
 
-With ``calibrate=True`` the probabilities are divided by the letters' probabilities on content-free input
-(:data:`CONTENT_FREE`, one extra batch per judge; Zhao et al. 2021) and renormalised; the cache keeps the
-raw probabilities.
+With ``calibrate=True`` (the default; chosen on the odd-id half of the judge set, see docs/judges.md)
+the probabilities are divided by the letters' probabilities on content-free input (:data:`CONTENT_FREE`,
+one extra batch per judge; Zhao et al. 2021) and renormalised; the cache keeps the raw probabilities.
 
 Replies the model-free :class:`~safetyscope.measure.broken.BrokenDetector` flags are ``broken`` without
 a forward pass (``detector=False`` sends every reply to the model).  Batches are left padded, sorted by
@@ -102,7 +102,7 @@ class LLMJudge:
 
     def __init__(self, lm: LoadedModel, *, rubric: str = RUBRIC, batch_size: int = 8, detector: bool = True,
                  max_reply_chars: int = 2000, cache_dir: str | Path | None = None, name: str | None = None,
-                 calibrate: bool = False) -> None:
+                 calibrate: bool = True) -> None:
         if "{prompt}" not in rubric or "{reply}" not in rubric:
             raise ValueError("the rubric must contain {prompt} and {reply}")
         self.lm, self.rubric, self.batch_size, self.detector = lm, rubric, batch_size, detector
