@@ -57,7 +57,13 @@ def compute(model_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
                   batch_size=2, capability=True, ppl_max_tokens=32)
     times["evaluate"] = time.perf_counter() - t0
     d = search.direction
+    from safetyscope import parallel
+
+    mine = parallel.shard(list(range(7)))  # rank r: items r, r + world, ...
     out = {
+        "collectives": {"shard": mine, "unshard": parallel.unshard(parallel.gather_objects(mine)),
+                        "sum": parallel.all_reduce_sum(torch.tensor([parallel.rank() + 1.0])).tolist(),
+                        "broadcast": parallel.broadcast_object(f"from {parallel.rank()}")},
         "replies": replies, "direction": [d.layer, d.position], "neurons": [list(n) for n in neurons.ranked],
         "probe_best": probes.result.best_layer,
         "eval_harmful": ev.rate("harmful"), "eval_replies": [r.reply for r in ev.replies],

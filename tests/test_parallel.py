@@ -79,6 +79,10 @@ def test_library_results_under_torchrun_equal_one_process(two_ranks, tiny_dir):
     for key in ("eval_kl", "eval_ppl"):
         assert ranks[0][key] == ranks[1][key] and ranks[0][key] == pytest.approx(one[key], rel=1e-4), key
     assert len(one["replies"]) == 22 and any(one["replies"])
+    assert [r["collectives"]["shard"] for r in ranks] == [[0, 2, 4, 6], [1, 3, 5]]
+    for r in ranks:
+        assert r["collectives"]["unshard"] == list(range(7)) and r["collectives"]["sum"] == [3.0]
+        assert r["collectives"]["broadcast"] == "from 0"
     assert sorted(tensors[0]) == sorted(one_t) and any("|m2" in k for k in one_t)
     for name, t in one_t.items():
         assert torch.equal(tensors[0][name], tensors[1][name]), name  # every rank holds the merged result
