@@ -34,13 +34,13 @@ os.environ.setdefault("SAFETYSCOPE_QUIET", "1")
 from safetyscope.io import write_json  # noqa: E402
 from safetyscope.measure.capability import capability_rows, cross_entropy  # noqa: E402
 from safetyscope.measure.compare import logits_under  # noqa: E402
-from safetyscope.measure.generation import generate  # noqa: E402
+from safetyscope.measure.generation import generate, refusal_scores  # noqa: E402
 from safetyscope.measure.judges import PhraseJudge  # noqa: E402
 from safetyscope.measure.metrics import kl_divergence  # noqa: E402
 from safetyscope.methods.direction.api import DirectionConfig, find_direction  # noqa: E402
 from safetyscope.methods.direction.artifact import Direction  # noqa: E402
 from safetyscope.methods.finetune.api import finetune  # noqa: E402
-from safetyscope.methods.finetune.data import make_data  # noqa: E402
+from safetyscope.methods.finetune.data import TrainingData, make_data  # noqa: E402
 from safetyscope.methods.finetune.train import TrainConfig, make_batch  # noqa: E402
 from safetyscope.methods.neurons.artifact import NeuronSet  # noqa: E402
 from safetyscope.models import load_model  # noqa: E402
@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-train", type=int, default=16, help="train-split prompts per group for the targets")
     ap.add_argument("--n-eval", type=int, default=20, help="test-split prompts per group measured")
     ap.add_argument("--max-new-tokens", type=int, default=24, help="target reply length")
-    ap.add_argument("--eval-tokens", type=int, default=24, help="reply length judged in the measurement")
+    ap.add_argument("--eval-tokens", type=int, default=24,
+                    help="reply length judged in the measurement (0: the logit refusal score > 0 instead, no generation)")
     ap.add_argument("--robust", action="store_true", help="harden with random directional ablation")
     ap.add_argument("--fresh-direction", action="store_true", help="also find a direction on each tuned model")
     ap.add_argument("--fresh-layers", default="", help="candidate blocks a-b for the fresh search (empty = all)")
@@ -103,8 +104,11 @@ def _forward_seconds(lm: LoadedModel, prompts: list[str], batch: int, reply: int
 
 
 def _refusal(lm: LoadedModel, prompts: list[str], tokens: int, batch: int, ctx: Any = None) -> float:
+    """Judged refusal rate of greedy replies (``tokens`` = 0: logit refusal score > 0, no generation)."""
     judge = PhraseJudge()
     with ctx if ctx is not None else nullcontext():
+        if tokens == 0:
+            return float((refusal_scores(lm, prompts, batch_size=batch) > 0).float().mean())
         replies = generate(lm, prompts, max_new_tokens=tokens, batch_size=batch)
     return sum(bool(judge(p, r)) for p, r in zip(prompts, replies)) / len(prompts)
 
@@ -149,9 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     if ns is not None and a.top_neurons:
         ns = ns.top(a.top_neurons)
     t = time.perf_counter()
-    data = make_data(lm, a.mode, sets["train_harmful"], sets["train_harmless"],
-                     sets["train_scary"] if a.mode == "harden" else [], ablate=lambda: d.apply(lm),
-                     add=lambda: d.add(lm), judge=PhraseJudge(), max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+    cached = a.out / f"data-{a.mode}.jsonl"  # a rerun (same settings) skips making the targets again
+    if cached.is_file():
+        data = TrainingData.load(cached)
+    else:
+        data = make_data(lm, a.mode, sets["train_harmful"], sets["train_harmless"],
+                         sets["train_scary"] if a.mode == "harden" else [], ablate=lambda: d.apply(lm),
+                         add=lambda: d.add(lm), judge=PhraseJudge(), max_new_tokens=a.max_new_tokens,
+                         batch_size=a.batch_size)
+        data.save(cached)
     print(f"targets {data.counts} in {time.perf_counter() - t:.0f} s; plain forward over a training batch {fwd:.2f} s",
           file=sys.stderr)
     ref = {"rows": capability_rows(lm, max_tokens=a.ppl_tokens), "logits": logits_under(lm, sets["harmless"], None, batch_size=a.batch_size)}
