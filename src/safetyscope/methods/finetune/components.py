@@ -104,8 +104,8 @@ class _Builder:
             return  # already whole
         mask = self.masks.get(name)
         if mask is None:
-            mask = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
-        idx = torch.as_tensor(list(index), dtype=torch.long, device=p.device)
+            mask = torch.zeros(p.shape, dtype=torch.bool)  # on the CPU; moved to the weight when training
+        idx = torch.as_tensor(list(index), dtype=torch.long)
         if dim == 0:
             mask[idx] = True
         else:
