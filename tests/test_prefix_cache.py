@@ -195,3 +195,44 @@ def test_generation_matches(family):
             on, off = both(lambda: generate_batch(lm, b, max_new_tokens=6))
         assert on == off and len(on) == len(PROMPTS)
     assert off != plain  # the edit changes the replies (so the prefix had to be recomputed under it)
+
+
+def test_benchmark_runs_and_reports_exact_outputs(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prefix_cache.py"
+    spec = importlib.util.spec_from_file_location("bench_prefix_cache", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "bench.json"
+    assert mod.main(["--model", "tiny:qwen2", "--prompts", "4", "--repeats", "1", "--system", SYSTEM, "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["prefix_tokens"] > 10 and 0 < res["prefix_share"] < 1
+    assert set(res["workloads"]) == {"forward", "refusal score", "capture", "ablation (mean)", "candidate scoring", "refine step"}
+    for row in res["workloads"].values():
+        assert row["speedup"] > 0 and row["max_abs_diff"] < 1e-4
+
+
+def test_map_direction_stage_refines_and_measures_the_zero_variant(tmp_path):
+    """The map's recipe: mean ablation, refined, with the exportable zero-ablation variant measured beside it."""
+    from safetyscope.artifacts.base import load_artifact
+    from safetyscope.methods.circuit.inputs import Budget, MapConfig, MapPrompts, StageInputs
+    from safetyscope.methods.circuit.results import DirectionSummary
+    from safetyscope.methods.circuit.steps_measure import direction_stage
+
+    lm = tiny_model("llama")
+    cfg = MapConfig(quick=True)
+    x = StageInputs(lm, cfg, Budget.of(cfg), tmp_path, MapPrompts.of(None, None))
+    res = direction_stage(x)
+    assert res["find"]["ablation"] == "mean" and len(res["find"]["refine"]["history"]) >= 2
+    d = load_artifact(tmp_path / "direction" / "artifact")
+    assert d.ablation == "mean" and d.meta.get("refined") is True
+    assert load_artifact(tmp_path / "direction" / "artifact_zero").ablation == "zero"
+    assert (tmp_path / "direction" / "unrefined" / "artifact.json").is_file()
+    zero = res["ablate_zero"]
+    assert zero["ablation"] == "zero" and zero["kl_first_token"]["mean"] >= 0
+    s = DirectionSummary.from_json(res)
+    assert s.refined and s.zero_kl_mean == zero["kl_first_token"]["mean"]
