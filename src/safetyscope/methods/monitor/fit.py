@@ -40,7 +40,7 @@ from ...prompts.types import PromptSet
 from ...sites import Site
 from .artifact import POSITIONS, Monitor, Reader, ReaderMethod
 from .fit_features import Features, collect
-from .stress import Stress, StressSpec, augmented, simulate, site_basis, stress_blocks, worst_case_tpr
+from .stress import Stress, StressSpec, simulate, site_basis, stress_blocks, worst_case_tpr
 
 if TYPE_CHECKING:
     from ..direction.artifact import Direction
@@ -154,7 +154,7 @@ def _read(x: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
 
 def fit_readers(feats: Features, y: np.ndarray, tr: np.ndarray, va: np.ndarray, basis: np.ndarray, *,
                 method: Method, c: float, seed: int, stress: Stress | None = None) -> list[Reader]:
-    """Every (block, position, method) reader fitted on ``tr`` (plus the stressed train prompts) and scored on
+    """Every (block, position, method) reader fitted on ``tr`` (orthogonal to its site's stress basis) and scored on
     ``va``; best first: by the worst case over the stress conditions when there are any, then validation AUROC."""
     methods: list[ReaderMethod] = ["dom", "probe"] if method == "both" else [method]  # type: ignore[list-item]
     out: list[Reader] = []
@@ -163,9 +163,8 @@ def fit_readers(feats: Features, y: np.ndarray, tr: np.ndarray, va: np.ndarray, 
         x = feats.at(position)  # [n, n_layers, d]
         for j, layer in enumerate(feats.layers):
             site = site_basis(stress, feats, y, position, j, basis)
-            x_tr, y_tr = augmented(stress, feats, y, tr, position, j)
             for m in methods:
-                w, b = fit_reader(m, x_tr, y_tr, site, c, seed)
+                w, b = fit_reader(m, x[tr, j], y[tr], site, c, seed)
                 s = _read(x[:, j], w, b)  # [n]
                 if not np.ptp(s[tr]) > 1e-9 * (np.abs(s[tr]).max() + 1e-30):
                     continue  # a constant reading (e.g. the template tokens at block 0): nothing to read

@@ -13,9 +13,10 @@ monitor simulates such attacks on its own fitting prompts, never on calibration 
    with each direction ablated (:class:`~..direction.artifact.Direction` hooks, full ablation);
 3. **erasure**: each reader is made orthogonal, at its own site, to the stress directions and to the
    mean shift each ablation causes there (harmful and harmless prompts separately), so neither the
-   direct removal nor the average downstream change moves its score;
-4. **augmentation**: the ablated train prompts join the reader's training data (same labels);
-5. **selection** by the worst case over conditions (clean and each stress ablation) of the
+   direct removal nor the average downstream change moves its score (training on the ablated prompts
+   as well was tried and dropped: on the built-in development prompts it kept fewer detections under
+   the block-19 ablation, 0.23 against 0.77 without it);
+4. **selection** by the worst case over conditions (clean and each stress ablation) of the
    validation harmful prompts' detection rate at the highest harmless validation score, then
    validation AUROC.
 
@@ -129,18 +130,6 @@ def site_basis(stress: Stress | None, fit: Features, y: np.ndarray, position: st
             delta = f.at(position)[:, j] - clean  # [m, d]
             vecs += [delta[labels == lab].mean(0) for lab in (1, 0) if (labels == lab).any()]
     return orthonormal(vecs, fit.x.shape[-1])
-
-
-def augmented(stress: Stress | None, fit: Features, y: np.ndarray, tr: np.ndarray, position: str,
-              j: int) -> tuple[np.ndarray, np.ndarray]:
-    """(x [n, d], labels) of the train prompts, plus the stressed train prompts under every ablation."""
-    x, lab = [fit.at(position)[tr, j]], [y[tr]]
-    if stress is not None:
-        keep = stress.of_rows(np.intersect1d(stress.rows, tr))
-        for f in stress.feats:
-            x.append(f.at(position)[keep, j])
-            lab.append(y[stress.rows[keep]])
-    return np.concatenate(x), np.concatenate(lab)
 
 
 def worst_case_tpr(scores: Sequence[np.ndarray], y_val: Sequence[np.ndarray], clean_harmless: np.ndarray) -> float:
