@@ -2,7 +2,8 @@
 
 The **restore test** asks whether a direction that the weights lost carries refusal. Writing it back
 into the residual stream (``x + a u`` at ``blocks.{L}.resid_pre``, every position, both signs; ``L`` at
-``restore_depth`` of the blocks, ``a`` = ``restore_scale`` x the median residual norm there) on harmless
+``restore_depth`` of the blocks, ``a`` = ``restore_scale`` x the distance between the harmful and the
+harmless means there, the scale at which a refusal direction naturally varies) on harmless
 built-in prompts, the logit refusal score rises far more for an abliterated refusal direction (the
 readers downstream still understand it) than for random unit directions added the same way. The
 effect is reported as the mean rise (log-odds) of the candidate and of each random direction;
@@ -81,10 +82,12 @@ def restore_test(lm: LoadedModel, u: torch.Tensor, *, depth: float = 0.4, scale:
     layer = min(lm.n_layers - 1, max(1, round(depth * (lm.n_layers - 1))))
     site = lm.sites(Site("resid_pre", layer))[0]
     prompts = _prompts("harmless", "test", n_prompts, seed)
-    with capture(lm, [site], "last") as cap:
-        base = _mean_score(lm, prompts, batch_size)
-    norms = cap.values[site].float().norm(dim=-1).flatten()  # [batch] (the last batch's prompts)
-    a = scale * float(norms.median())
+    means = []
+    for kind in ("harmful", "harmless"):
+        with capture(lm, [site], "last") as cap:
+            base = _mean_score(lm, _prompts(kind, "test", n_prompts, seed) if kind == "harmful" else prompts, batch_size)  # harmless last
+        means.append(cap.values[site].double().mean(dim=(0, 1)))  # [d_model] (the last batch's prompts)
+    a = scale * float((means[0] - means[1]).norm())  # the harmful - harmless distance at this block
 
     def rise(v: torch.Tensor) -> float:
         v = (v / v.norm()).float()
