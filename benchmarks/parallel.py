@@ -5,7 +5,7 @@
     python benchmarks/parallel.py --model tiny --n-prompts 8 --repeats 1   # smoke test
 
 Both runs get the same CPU threads in total (one process: ``--threads``; N processes: ``threads / N``
-each), run in interleaved rounds so load from other processes hits both alike, and print the wall time
+each, at least one: ``--threads 1`` gives one thread to each process), run in interleaved rounds so load from other processes hits both alike, and print the wall time
 of the whole command (start-up and model loading included, which data parallel does not shorten), the
 time inside the library where the command reports it (``eval``: ``seconds`` in eval.json), the ratio
 one / N, and whether the written results are equal (``eval``: replies and rates; ``capture``: the
@@ -99,8 +99,9 @@ def main() -> None:
                 if results[name]["seconds"] is not None:
                     inner[name].append(results[name]["seconds"])
         w1, wn = statistics.median(walls["one"]), statistics.median(walls["many"])
-        print(f"{a.command} on {a.model}, {a.n_prompts}+{a.n_prompts} prompts, {a.threads} threads in total, "
-              f"median of {a.repeats}")
+        per = max(1, a.threads // a.procs)
+        print(f"{a.command} on {a.model}, {a.n_prompts}+{a.n_prompts} prompts, threads: 1 process {a.threads}, "
+              f"{a.procs} processes {per} each; median of {a.repeats}")
         print(f"  wall (whole command)   1 process {w1:7.1f}s   {a.procs} processes {wn:7.1f}s   ratio {w1 / wn:.2f}x")
         if inner["one"]:
             i1, i_n = statistics.median(inner["one"]), statistics.median(inner["many"])
