@@ -24,7 +24,7 @@ ActivationCache, nnsight's saved proxies); "last" keeps [:, -1] only.
 TransformerLens and nnsight load their own copy of the weights from the same local directory
 (TransformerLens forces eager attention: that is its default, kept). Times: interleaved rounds after
 one warm-up each, min and median per prompt; peak memory: each tool once more in a fresh
-subprocess (peak RSS growth during the capture, over the RSS after loading). Equality: every
+subprocess (peak RSS growth during a second, warm run, over the RSS after the first). Equality: every
 tool's activations against safetyscope's, over the real (non-pad) positions, max |diff| / max |ref|.
 """
 
@@ -262,7 +262,7 @@ def compare(ref: list[Acts], got: list[Acts], batches: list[Batch], positions: s
 
 
 def peak_memory(tool: str, args: argparse.Namespace, model_dir: str, positions: str) -> float | None:
-    """Peak RSS growth (MiB) of one run of ``tool`` in a fresh process, over its RSS after loading."""
+    """Peak RSS growth (MiB) of one warm run of ``tool`` in a fresh process (loaded, run once, then measured)."""
     cmd = [sys.executable, __file__, "--memory-probe", tool, "--model", model_dir, "--positions", positions,
            "--prompts", str(args.prompts), "--batch-size", str(args.batch_size),
            "--loop-prompts", str(args.loop_prompts)]
@@ -276,6 +276,7 @@ def memory_probe(args: argparse.Namespace) -> None:
     batches = (make_batches(lm, args.prompts, args.batch_size) if args.memory_probe != "naive_loop"
                else [tokenize_prompts(lm.tokenizer, texts_of(args.loop_prompts))])
     run = build(args.memory_probe, args.model, lm, batches, args.positions)
+    run()  # warm-up: lazily loaded (mmapped) weights and allocator pools are resident before the measured run
     before = rss_mib()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     run()
