@@ -102,7 +102,7 @@ def audit_checkpoint(
         w = audit_weights(ck, ref, refusal, weight_config)
         notes = (f"removed direction compared with {origin}",) if origin else ()
         return AuditReport(ck.label, w.verdict, w.evidence, weights=w, seconds=time.perf_counter() - t0, notes=notes)
-    lm = ck_lm
+    lm = ck_lm if behaviour else None  # behaviour=False: weights only, even for a model passed loaded
     if behaviour and lm is None:
         lm = _load(ck.label, device, log)
     s = audit_signature(ck, lm, sig_cfg)
