@@ -156,9 +156,14 @@ def test_signature_without_reference_finds_the_removed_direction(lm, r, ablitera
     rep = audit_checkpoint(abliterated)
     s = rep.signature
     # r is a random direction of a random model: removed (strong weight evidence), but writing it back does not
-    # raise refusal more than random directions do, so "modified", not refusal tampering
-    assert rep.verdict == "modified" and s is not None and _cos(s.null_direction, r) >= 0.95
+    # raise refusal more than random directions do; the model refuses few canaries, so it cannot be cleared
+    assert s is not None and _cos(s.null_direction, r) >= 0.95
     assert s.restore is not None and not s.restore["restored"] and len(s.restore["random_rises"]) == 6
+    assert s.canary_refusal_rate < 0.5 and rep.verdict == "tampering" and "inconclusive" in " ".join(rep.evidence)
+    from safetyscope.methods.audit.signature import SignatureConfig
+
+    cleared = audit_checkpoint(abliterated, signature_config=SignatureConfig(refusal_rate=0.0))  # "canaries refused"
+    assert cleared.verdict == "modified" and "not the refusal one" in " ".join(cleared.evidence)
     assert s.null_ratio < 1e-4 and s.n_collapsed == 2 * lm.n_layers + 1
     assert all(c < 1e-3 for c in s.collapse.values())
     assert s.harm_cos_null and all(c < 1e-3 for c in s.harm_cos_null.values())  # what is left is orthogonal to r
@@ -188,8 +193,8 @@ def test_restore_test_finds_a_direction_that_writes_refusal_and_not_a_random_one
     ids = refusal_token_ids(lm.tokenizer)
     towards = head[ids].mean(0) - head.mean(0)  # [d_model] reads out as refusal openings
     # a random 3-block model moves refusal logits little: the margin over random directions is scaled down
-    hit = restore_test(lm, towards, depth=0.9, scale=4.0, margin=0.1)
-    miss = restore_test(lm, _unit(lm.dims.d_model, 5), depth=0.9, scale=4.0, margin=0.1)
+    hit = restore_test(lm, towards, depth=0.9, scale=100.0, margin=0.1)  # a tiny random model: a far push
+    miss = restore_test(lm, _unit(lm.dims.d_model, 5), depth=0.9, scale=100.0, margin=0.1)
     assert hit.restored and hit.rise > max(hit.random_rises) and not miss.restored
 
 
