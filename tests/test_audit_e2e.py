@@ -39,4 +39,3 @@ def test_cli_audit_of_the_default_model_and_of_its_export(tmp_path):
     assert ref["verdict"] == "tampering" and ref["weights"]["cos_reference"] >= 0.95
     alone = audit(str(export), "--no-behaviour")  # no reference: the ablation signature from the weights
     assert alone["verdict"] == "tampering" and alone["signature"]["n_collapsed"] >= 3
-    assert alone["signature"]["embedding_edit"][0] > 0.99  # Qwen2.5's tied embedding, saved untied by the export
