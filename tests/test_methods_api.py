@@ -195,8 +195,8 @@ def test_an_interrupted_analysis_resumes_from_its_saved_batches(tiny, tmp_path, 
 def test_neurons_find_sigint_says_what_is_saved_and_the_rerun_resumes(tiny, tmp_path):
     root, lm = tiny
     many_h, many_s = tmp_path / "h.txt", tmp_path / "s.txt"
-    many_h.write_text("".join(f"{HARMFUL[i % 10]} {i}\n" for i in range(200)))
-    many_s.write_text("".join(f"{HARMLESS[i % 10]} {i}\n" for i in range(200)))
+    many_h.write_text("".join(f"{HARMFUL[i % 10]} {i}\n" for i in range(1000)))
+    many_s.write_text("".join(f"{HARMLESS[i % 10]} {i}\n" for i in range(1000)))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "safetyscope", "neurons", "find", str(root / "model"), "--harmful", str(many_h),
            "--harmless", str(many_s), "--filter", "none", "--no-gradient", "--batch-size", "4", "--quiet",
@@ -211,12 +211,12 @@ def test_neurons_find_sigint_says_what_is_saved_and_the_rerun_resumes(tiny, tmp_
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "are saved in" in err and "rerun the same command to resume" in err
     n_saved = saved_progress(out / "neurons")
-    assert 0 < n_saved < 400 and f"of {n_saved} finished prompt(s)" in err
+    assert 0 < n_saved < 2000 and f"of {n_saved} finished prompt(s)" in err
 
     rerun = subprocess.run([*cmd[:-3], "--json", "--out", str(out)], capture_output=True, text=True, env=env,
                            timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert json.loads(rerun.stdout)["n_harmful"] == 200
+    assert json.loads(rerun.stdout)["n_harmful"] == 1000
     assert not partial.exists() and (out / "neurons" / "analysis.json").is_file()
 
 
