@@ -148,7 +148,8 @@ def test_the_map_loads_the_model_once(tiny_dir, tmp_path, monkeypatch):
 def _start(tiny_dir: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "SAFETYSCOPE_QUIET": "1"}
     return subprocess.Popen([sys.executable, "-m", "safetyscope", "map", str(tiny_dir), "--quick", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # an ignored SIGINT is inherited
 
 
 def _wait_for_stages(proc: subprocess.Popen, stages: Path, n: int, timeout: float = 600) -> set[str]:

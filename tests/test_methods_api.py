@@ -202,7 +202,8 @@ def test_neurons_find_sigint_says_what_is_saved_and_the_rerun_resumes(tiny, tmp_
            "--harmless", str(many_s), "--filter", "none", "--no-gradient", "--batch-size", "4", "--quiet",
            "--out", str(out)]
     env = {**os.environ, "SAFETYSCOPE_QUIET": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # an ignored SIGINT is inherited
     partial, deadline = out / "neurons" / PARTIAL, time.time() + 240
     while not partial.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
