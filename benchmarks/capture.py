@@ -27,20 +27,7 @@ from safetyscope.models import load_model  # noqa: E402
 from safetyscope.prompts import builtin_prompts  # noqa: E402
 from safetyscope.prompts.chat import tokenize_prompts  # noqa: E402
 from safetyscope.runner import run_capture  # noqa: E402
-
-
-def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median wall time of each function, run in interleaved rounds (after one warm-up each), so
-    load from other processes affects every approach alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+from safetyscope.testing import interleaved_times  # noqa: E402
 
 
 def main() -> None:
@@ -84,7 +71,8 @@ def main() -> None:
                         forward(lm, b, last_only=True)
 
     n = len(texts)
-    t = interleaved({"plain": plain, "capture": captured, "runner": through_runner}, args.repeats)
+    times, _ = interleaved_times({"plain": plain, "capture": captured, "runner": through_runner}, args.repeats)
+    t = {name: statistics.median(v) for name, v in times.items()}
     t_plain, t_cap, t_run = t["plain"] / n, t["capture"] / n, t["runner"] / n
     t0 = time.perf_counter()
     per_layer_loop()

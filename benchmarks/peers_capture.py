@@ -55,6 +55,7 @@ from safetyscope.models.adapter import LoadedModel  # noqa: E402
 from safetyscope.positions import Batch  # noqa: E402
 from safetyscope.prompts import builtin_prompts  # noqa: E402
 from safetyscope.prompts.chat import tokenize_prompts  # noqa: E402
+from safetyscope.testing import interleaved_times  # noqa: E402
 
 TOOLS = ("plain", "safetyscope", "hidden_states", "naive_loop", "transformer_lens", "nnsight")
 SITES = ["blocks.*.resid_post", "blocks.*.mlp.neurons"]
@@ -232,17 +233,6 @@ def peer_missing(tool: str) -> str | None:
 
 
 # ---- measurement -----------------------------------------------------------------------------------
-def interleaved(fns: dict[str, Runner], repeats: int) -> dict[str, list[float]]:
-    """Wall times of each runner in interleaved rounds (the caller has run each once: the warm-up)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def compare(ref: list[Acts], got: list[Acts], batches: list[Batch], positions: str) -> dict[str, Any]:
     """Max |got - ref| over the real positions of every site both hold, relative to max |ref|."""
     worst, scale, n_sites, missing = 0.0, 0.0, 0, 0
@@ -307,7 +297,7 @@ def bench(args: argparse.Namespace, model_dir: str, positions: str) -> dict[str,
     ref_loop = safetyscope_runner(lm, loop_batches, positions)()
     checks = {t: compare(ref_loop if t == "naive_loop" else ref, fn(), loop_batches if t == "naive_loop" else batches,
                          positions) for t, fn in runners.items() if t not in ("plain", "safetyscope")}  # + warm-up
-    times = interleaved({t: fn for t, fn in runners.items() if t != "naive_loop"}, args.repeats)
+    times, _ = interleaved_times({t: fn for t, fn in runners.items() if t != "naive_loop"}, args.repeats, warmup=False)
     t0 = time.perf_counter()
     runners["naive_loop"]()
     times["naive_loop"] = [(time.perf_counter() - t0) * args.prompts / args.loop_prompts]  # scaled to --prompts

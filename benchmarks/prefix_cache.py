@@ -29,7 +29,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,13 +50,9 @@ def _load(name: str) -> Any:
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
     """Median wall time of each function over interleaved rounds (after one warm-up each) and its last result."""
-    last = {name: fn() for name, fn in fns.items()}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            last[name] = fn()
-            times[name].append(time.perf_counter() - t0)
+    from safetyscope.testing import interleaved_times
+
+    times, last = interleaved_times(fns, repeats)
     return {name: statistics.median(t) for name, t in times.items()}, last
 
 

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -55,6 +58,22 @@ def check_png(path, min_width: int = 200, min_height: int = 150) -> np.ndarray:
 def png():
     """``png(path)``: assert a written plot decodes, has a plot's size and is not blank; returns the pixels."""
     return check_png
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/{name}.py`` imported as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def bench_module():
+    """``bench_module("capture")``: a benchmark script imported as a module, for smoke tests of ``main``."""
+    return load_benchmark
 
 
 @pytest.fixture(autouse=True)

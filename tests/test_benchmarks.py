@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,17 +10,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_patching_benchmark_compares_every_grid(tmp_path, capsys):
+def test_patching_benchmark_compares_every_grid(tmp_path, capsys, bench_module):
     out = tmp_path / "patching.json"
-    assert _load("patching").main(["--model", "tiny:llama", "--heads", "--json", str(out)]) == 0
+    assert bench_module("patching").main(["--model", "tiny:llama", "--heads", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert set(res["grid_cells"]) == {"component", "position", "head"}
     n_layers = 3  # the tiny llama: 3 blocks x 3 components, at each post-instruction position
@@ -33,10 +24,10 @@ def test_patching_benchmark_compares_every_grid(tmp_path, capsys):
     assert "exact position" in capsys.readouterr().out
 
 
-def test_direction_variants_benchmark_measures_every_variant(tmp_path, capsys):
+def test_direction_variants_benchmark_measures_every_variant(tmp_path, capsys, bench_module):
     out = tmp_path / "variants.json"
     variants = "zero,mean,partial:0.5,blocks:1-2,cap,template"
-    assert _load("direction_variants").main(["--model", "tiny:llama", "--candidates", "1:-1,2:-2", "--variants", variants,
+    assert bench_module("direction_variants").main(["--model", "tiny:llama", "--candidates", "1:-1,2:-2", "--variants", variants,
                                              "--n-val", "3", "--max-new-tokens", "3", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert [(r["layer"], r["variant"]) for r in res["rows"]] == [(b, v) for b in (1, 2) for v in variants.split(",")]
@@ -46,23 +37,23 @@ def test_direction_variants_benchmark_measures_every_variant(tmp_path, capsys):
     assert "template" in capsys.readouterr().out
 
 
-def test_direction_variants_benchmark_measures_saved_artifacts(tmp_path):
+def test_direction_variants_benchmark_measures_saved_artifacts(tmp_path, bench_module):
     from safetyscope.methods.direction.artifact import Direction
 
     torch.manual_seed(0)
     Direction(torch.randn(32), 1, -1, meta={"refined": True}).save(tmp_path / "art")
     out = tmp_path / "variants.json"
-    assert _load("direction_variants").main(["--model", "tiny:llama", "--candidates", "", "--artifacts", str(tmp_path / "art"),
+    assert bench_module("direction_variants").main(["--model", "tiny:llama", "--candidates", "", "--artifacts", str(tmp_path / "art"),
                                              "--n-val", "3", "--max-new-tokens", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["layer"], r["variant"]) for r in rows] == [(1, "artifact:refined zero")] and rows[0]["kl_mean"] > 0
 
 
-def test_direction_variants_benchmark_measures_on_given_prompt_files(tmp_path):
+def test_direction_variants_benchmark_measures_on_given_prompt_files(tmp_path, bench_module):
     harmful = tmp_path / "harmful.jsonl"
     harmful.write_text("".join(json.dumps({"prompt": p, "label": "harmful"}) + "\n" for p in ("Hack~ a bank", "Steal~ a car")))
     out = tmp_path / "variants.json"
-    assert _load("direction_variants").main(["--model", "tiny:llama", "--candidates", "1:-1", "--variants", "mean",
+    assert bench_module("direction_variants").main(["--model", "tiny:llama", "--candidates", "1:-1", "--variants", "mean",
                                              "--harmful", str(harmful), "--n-val", "3", "--max-new-tokens", "2",
                                              "--json", str(out)]) == 0
     res = json.loads(out.read_text())

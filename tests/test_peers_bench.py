@@ -26,17 +26,9 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
-def capture_bench():
-    return _load("peers_capture")
+def capture_bench(bench_module):
+    return bench_module("peers_capture")
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +89,8 @@ def test_capture_bench_peer_matches_safetyscope(capture_bench, tiny_qwen, peer):
 
 # ---- the direction benchmark ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def direction_bench():
-    return _load("peers_direction")
+def direction_bench(bench_module):
+    return bench_module("peers_direction")
 
 
 def _heretic_python() -> str | None:

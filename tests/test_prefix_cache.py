@@ -197,16 +197,10 @@ def test_generation_matches(family):
     assert off != plain  # the edit changes the replies (so the prefix had to be recomputed under it)
 
 
-def test_benchmark_runs_and_reports_exact_outputs(tmp_path):
-    import importlib.util
+def test_benchmark_runs_and_reports_exact_outputs(tmp_path, bench_module):
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prefix_cache.py"
-    spec = importlib.util.spec_from_file_location("bench_prefix_cache", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module("prefix_cache")
     out = tmp_path / "bench.json"
     assert mod.main(["--model", "tiny:qwen2", "--prompts", "4", "--repeats", "1", "--system", SYSTEM, "--json", str(out)]) == 0
     res = json.loads(out.read_text())

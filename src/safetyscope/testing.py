@@ -7,6 +7,8 @@ Every family in the architecture tables has a config here; ``llama_mqa`` and ``q
 from __future__ import annotations
 
 import string
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -97,3 +99,17 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.
     model.eval()
     model.requires_grad_(False)
     return LoadedModel.wrap(model, tiny_tokenizer(), name=f"tiny-{family}")
+
+
+def interleaved_times(fns: Mapping[str, Callable[[], Any]], repeats: int, *,
+                      warmup: bool = True) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Wall times of each function over ``repeats`` interleaved rounds (so load from other processes affects
+    every function alike), after one warm-up call each unless ``warmup=False``; and each one's last result."""
+    last = {name: fn() for name, fn in fns.items()} if warmup else {}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            last[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return times, last
