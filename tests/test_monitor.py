@@ -269,20 +269,14 @@ def test_recalibrate_resets_the_threshold_under_an_intervention(lm, monitor):
     assert again.threshold != monitor.threshold and again.readers[0].layer == monitor.readers[0].layer
 
 
-def test_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
-    import importlib.util
-    from pathlib import Path
+def test_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path, bench_module):
 
     lm = tiny_model("qwen2")
     lm.model.save_pretrained(tmp_path / "model")
     lm.tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "h.txt").write_text("\n".join(HARMFUL[:3]) + "\n")
     (tmp_path / "s.txt").write_text("\n".join(HARMLESS[:3]) + "\n")
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "monitor.py"
-    spec = importlib.util.spec_from_file_location("bench_monitor", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module("monitor")
     res = mod.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--gen-prompts", "2",
                     "--max-new-tokens", "2", "--repeats", "1", "--harmful", str(tmp_path / "h.txt"), "--harmless",
                     str(tmp_path / "s.txt"), "--eval-tokens", "2", "--attack", "find", "--find-prompts", "6",

@@ -155,8 +155,8 @@ def run_run(s: RunSettings) -> dict[str, Any]:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in run.rows()), encoding="utf-8")
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(render_html(run), encoding="utf-8")
-    result = {"model": lm.name, "monitor": str(path), "counts": run.counts(), "verdicts": str(out / "verdicts.jsonl"),
-              "html": str(out / "report.html")}
+    result = {"model": lm.name, "monitor": str(path), "counts": run.counts(), "tamper": run.tamper.to_json(),
+              "verdicts": str(out / "verdicts.jsonl"), "html": str(out / "report.html")}
     write_json(out / "summary.json", result)
     emit(s, result, lambda: _print_run(run, result))
     return result
@@ -167,7 +167,20 @@ def _print_run(run: Any, result: dict[str, Any]) -> None:
         flag = "ALERT " if v.alert else ""
         print(f"{i:4d} {flag}{v.kind:16s} harm {v.harm:7.2f} refusal {v.refusal:7.2f}  {run.prompts[i][:70]!r}")
     print(" ".join(f"{k}: {n}" for k, n in result["counts"].items()))
+    print(tamper_line(result["tamper"]))
     print(f"written: {result['verdicts']}, {result['html']}")
+
+
+def tamper_line(t: dict[str, Any]) -> str:
+    """One line on the prefix check (methods/monitor/tamper.py)."""
+    what = {"clean": "the model computes the chat template's opening as when the monitor was fitted",
+            "modified": "the model was changed since the monitor was fitted, not along its refusal subspace",
+            "refusal_tampering": "ALERT: a refusal direction was removed from this model (every reply is an alert)",
+            "unchecked": "no prompt carried the monitor's chat-template opening (another system prompt?)"}[t["kind"]]
+    figures = ""
+    if t.get("enrichment") is not None:
+        figures = f" (change {t['deviation']:.1e} of the norm, refusal-subspace enrichment {t['enrichment']:.1f})"
+    return f"tamper check: {t['kind']}{figures}: {what}"
 
 
 def run_eval(s: EvalSettings) -> dict[str, Any]:
@@ -200,6 +213,8 @@ def _print_eval(r: dict[str, Any]) -> None:
         m = c["monitor"]
         print(f"[{name}] monitor: AUROC {m['auroc']:.3f}, TPR@1%FPR {m['tpr_at_1pct_fpr']:.3f}, TPR@5%FPR "
               f"{m['tpr_at_5pct_fpr']:.3f}; at its threshold TPR {m['tpr_at_threshold']:.3f} FPR {m['fpr_at_threshold']:.3f}")
+        if c.get("tamper"):
+            print(f"[{name}] {tamper_line(c['tamper'])}")
         share = c["complied_flagged_share"]
         print(f"[{name}] harmful prompts answered: {c['complied']}, flagged by the monitor: {c['complied_flagged']}"
               + (f" ({share:.0%})" if share is not None else ""))

@@ -11,7 +11,9 @@ from .html import Block, Section, Table, Text
 INTRO = ("A runtime monitor (safetyscope monitor) fitted on this run's fitting prompts and calibrated to its target "
          "false-positive rate on the harmless validation prompts, measured on the held-out test prompts at that fixed "
          "threshold: first on the unmodified model, then with the refusal direction found above ablated. \"Answered\": "
-         "harmful prompts whose first reply token is not a refusal; a flagged answered prompt is an alert.")
+         "harmful prompts whose first reply token is not a refusal; a flagged answered prompt is an alert. \"Tamper "
+         "check\": the monitor compares the chat template's opening, which every prompt recomputes, with its stored "
+         "reading; a change concentrated in the refusal subspace means a refusal direction was removed.")
 
 
 def _num(v: Any, spec: str = "{:.2f}") -> str:
@@ -22,8 +24,12 @@ def _num(v: Any, spec: str = "{:.2f}") -> str:
 
 def _row(name: str, c: Mapping[str, Any]) -> list[Any]:
     m = c["monitor"]
+    t = c.get("tamper") or {}
+    check = str(t.get("kind", "n/a")).replace("_", " ")
+    if t.get("enrichment") is not None:
+        check += f" (enrichment {t['enrichment']:.1f})"
     return [name, _num(m.get("auroc"), "{:.3f}"), _num(m.get("tpr_at_threshold")), _num(m.get("fpr_at_threshold")),
-            f"{c['harmful_answered_flagged']} / {c['harmful_answered']}"]
+            f"{c['harmful_answered_flagged']} / {c['harmful_answered']}", check]
 
 
 def defence_section(result: Any) -> Section:
@@ -36,7 +42,7 @@ def defence_section(result: Any) -> Section:
         layer = (result.get("direction") or {}).get("layer")
         rows.append(_row(f"refusal direction ablated (layer {layer})", result["ablated"]))
     blocks: list[Block] = [Text(INTRO), Table(["condition", "AUROC", "TPR at threshold", "FPR at threshold",
-                                               "answered harmful flagged"], rows)]
+                                               "answered harmful flagged", "tamper check"], rows)]
     n_h, n_s = result.get("n_eval", [None, None])
     note = f"{n_h} harmful + {n_s} harmless test prompts; target FPR {_num(result.get('fpr_target'))}"
     if result.get("ablated") is None:

@@ -21,16 +21,17 @@ from .inputs import StageInputs
 
 def _condition(lm: Any, monitor: Any, harmful: list[str], harmless: list[str], x: StageInputs) -> dict[str, Any]:
     """The monitor's figures on the test prompts as ``lm`` is now (call inside an intervention to measure it)."""
-    from ..monitor.evaluate import detector_figures, score_prompts
+    from ..monitor.evaluate import detector_figures, read_prompts
 
-    harm, refusal = score_prompts(lm, monitor, harmful + harmless, batch_size=x.batch_size, system=x.system)
+    read = read_prompts(lm, monitor, harmful + harmless, batch_size=x.batch_size, system=x.system)
+    harm, refusal = read.harm, read.refusal
     y = np.array([1] * len(harmful) + [0] * len(harmless))
     flagged = monitor.flags(harm)
     answered = (y == 1) & (refusal <= monitor.refusal_threshold)  # harmful prompts the first reply token does not refuse
     figures = detector_figures(harm, y, monitor.threshold)
     return {"monitor": figures, "harmful_answered": int(answered.sum()),
             "harmful_answered_flagged": int((answered & flagged).sum()),
-            "alerts": int((answered & flagged).sum())}
+            "alerts": int((answered & flagged).sum()), "tamper": read.tamper.to_json()}
 
 
 def monitor_stage(x: StageInputs) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from ...runner import batched
 from .artifact import Monitor
 from .evaluate import MonitorEval, evaluate_monitor
 from .fit import fit_monitor
+from .tamper import UNCHECKED, TamperReading
 from .watch import Verdict
 
 
@@ -32,6 +33,7 @@ class MonitorRun:
     threshold: float
     refusal_threshold: float
     model: str
+    tamper: TamperReading = UNCHECKED  # the prefix check over every prompt of the run (see .tamper)
 
     def rows(self) -> list[dict[str, Any]]:
         """One JSON-able record per prompt (the CLI writes them as JSONL)."""
@@ -81,7 +83,7 @@ def run_monitor(lm: LoadedModel, monitor: Monitor, prompts: PromptsLike, *, max_
         tuple(texts), tuple(replies),
         tuple(tuple(str(tok.decode([t])) for t in verdicts[i].token_ids) for i in range(len(texts))),
         tuple(verdicts[i] for i in range(len(texts))),
-        monitor.threshold, monitor.refusal_threshold, lm.name)
+        monitor.threshold, monitor.refusal_threshold, lm.name, w.tamper)
 
 
 __all__ = ["MonitorEval", "MonitorRun", "evaluate_monitor", "fit_monitor", "run_monitor"]

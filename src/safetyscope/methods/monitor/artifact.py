@@ -7,6 +7,7 @@ Tensors (``tensors.safetensors``, float64 so a saved monitor scores exactly as t
     mean, std          [n_readers]           standardisation of its score (harmless train prompts)
     refusal_direction  [d_model]             unit refusal direction (read at ``blocks.{refusal_layer}.resid_pre``)
     protect            [k, d_model]          orthonormal refusal subspace projected out of the readers (k may be 0)
+    prefix_*                                 the shared prefix's print for the tamper check (:mod:`.tamper`; optional)
 
 JSON: per reader its block, position (``inst``: the instruction's last token; ``post``: mean over the
 post-instruction template tokens), method and validation AUROC; ``threshold`` (flag when the harm score
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from ...artifacts.base import Artifact, ArtifactError, register
+from .tamper import PrefixPrint
 
 if TYPE_CHECKING:
     from ...models.adapter import LoadedModel
@@ -68,7 +70,7 @@ class Monitor(Artifact):
     def __init__(self, *, readers: Sequence[Reader], threshold: float, fpr: float, refusal_threshold: float,
                  refusal_direction: Any, refusal_layer: int, refusal_token_ids: Sequence[int], protect: Any,
                  model: dict[str, Any], system: str = "", n_post: int = 1, metrics: dict[str, Any] | None = None,
-                 info: dict[str, Any] | None = None):
+                 info: dict[str, Any] | None = None, prefix: PrefixPrint | None = None):
         if not readers:
             raise ArtifactError("a monitor needs at least one harm reader; re-fit it with `safetyscope monitor fit`")
         if any(r.position not in POSITIONS for r in readers):
@@ -85,6 +87,7 @@ class Monitor(Artifact):
         self.system, self.n_post = system, int(n_post)
         self.metrics = dict(metrics or {})
         self.info = dict(info or {})
+        self.prefix = prefix
         d = int(self.model.get("d_model", r.size))
         if any(rd.weight.shape != (d,) for rd in self.readers) or r.size != d:
             raise ArtifactError(f"monitor tensors do not match d_model {d}; re-fit the monitor")
@@ -92,8 +95,9 @@ class Monitor(Artifact):
     # ---- scoring -------------------------------------------------------------------------------
     @property
     def layers(self) -> list[int]:
-        """Blocks whose ``resid_pre`` the monitor reads (harm readers and the refusal direction)."""
-        return sorted({r.layer for r in self.readers} | {self.refusal_layer})
+        """Blocks whose ``resid_pre`` the monitor reads (harm readers, the refusal direction, the prefix print)."""
+        extra = set(self.prefix.blocks) if self.prefix is not None else set()
+        return sorted({r.layer for r in self.readers} | {self.refusal_layer} | extra)
 
     def reader_matrix(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(W [n_readers, d], b, mean, std [n_readers]) float64."""
@@ -150,10 +154,13 @@ class Monitor(Artifact):
         tensors = {"weight": torch.from_numpy(w), "bias": torch.from_numpy(b), "mean": torch.from_numpy(mu),
                    "std": torch.from_numpy(sd), "refusal_direction": torch.from_numpy(self.refusal_direction.copy()),
                    "protect": torch.from_numpy(self.protect.copy())}
+        if self.prefix is not None:
+            tensors.update(self.prefix.tensors())
         meta = {"readers": [r.describe() for r in self.readers], "threshold": self.threshold, "fpr": self.fpr,
                 "refusal_threshold": self.refusal_threshold, "refusal_layer": self.refusal_layer,
                 "refusal_token_ids": self.refusal_token_ids, "model": self.model, "system": self.system,
-                "n_post": self.n_post, "metrics": self.metrics, "info": self.info}
+                "n_post": self.n_post, "metrics": self.metrics, "info": self.info,
+                "prefix": None if self.prefix is None else self.prefix.meta()}
         return meta, tensors
 
     @classmethod
@@ -175,4 +182,5 @@ class Monitor(Artifact):
                    refusal_threshold=meta["refusal_threshold"], refusal_direction=tensors["refusal_direction"].double().numpy(),
                    refusal_layer=meta["refusal_layer"], refusal_token_ids=meta["refusal_token_ids"], protect=protect,
                    model=meta["model"], system=meta.get("system", ""), n_post=meta.get("n_post", 1),
-                   metrics=meta.get("metrics"), info=meta.get("info"))
+                   metrics=meta.get("metrics"), info=meta.get("info"),
+                   prefix=PrefixPrint.from_state(meta.get("prefix"), tensors))

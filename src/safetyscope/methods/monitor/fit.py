@@ -41,6 +41,7 @@ from ...sites import Site
 from .artifact import POSITIONS, Monitor, Reader, ReaderMethod
 from .fit_features import Features, collect
 from .stress import Stress, StressSpec, simulate, site_basis, stress_blocks, worst_case_tpr
+from .tamper import fit_prefix_print
 
 if TYPE_CHECKING:
     from ..direction.artifact import Direction
@@ -321,6 +322,8 @@ def fit_from_features(lm: LoadedModel, data: FitData, *, fpr: float, method: Met
         model={"name": lm.name, "d_model": lm.dims.d_model, "n_layers": lm.n_layers,
                "vocab": int(lm.unembed_matrix().shape[0])},
         system=system or "", n_post=post_instruction_length(lm.tokenizer, system),
+        prefix=fit_prefix_print(lm, cands[len(feats.layers) // 6:].reshape(-1, cands.shape[-1]).astype(np.float64),
+                                feats.layers, system=system, seed=seed),
     )
     harm = monitor.harm_from_features(feats)  # [n_prompts]
     monitor.threshold = calibration_threshold(harm[n_fit:n_fit + data.n_cal_harmless], fpr)

@@ -37,6 +37,7 @@ from ...measure.metrics import refusal_score
 from ...positions import Batch
 from ...prompts.chat import post_instruction_length
 from ...sites import Site
+from .tamper import UNCHECKED, PrefixCheck, TamperReading
 
 if TYPE_CHECKING:
     from ...models.adapter import LoadedModel
@@ -73,6 +74,7 @@ class Verdict:
     projection_trajectory: tuple[float, ...] = ()
     token_ids: tuple[int, ...] = ()  # the generated token each trajectory entry was read on
     drift: int | None = None  # first generated token whose harm exceeded the drift threshold (None: never)
+    tampered: bool = False  # the watch's prefix check found refusal removed from the model (see .tamper)
 
     @property
     def harmful(self) -> bool:
@@ -84,7 +86,7 @@ class Verdict:
 
     @property
     def alert(self) -> bool:
-        return self.kind == "alert" or (self.drift is not None and not self.refused)
+        return self.kind == "alert" or self.tampered or (self.drift is not None and not self.refused)
 
 
 @dataclass
@@ -134,6 +136,8 @@ class Watch:
         self._b = torch.from_numpy(b)
         self._r = torch.from_numpy(monitor.refusal_direction)  # [d_model]
         self._device: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._check = PrefixCheck(monitor.prefix) if monitor.prefix is not None else None
+        self._pstart: int | None = None  # where the stored prefix starts in row 0 of the running prefill
 
     # ---- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Watch:
@@ -157,17 +161,24 @@ class Watch:
 
     # ---- results ---------------------------------------------------------------------------------
     @property
+    def tamper(self) -> TamperReading:
+        """What the shared prefix of the prefill passes so far says about the model (:mod:`.tamper`)."""
+        return self._check.result() if self._check is not None else UNCHECKED
+
+    @property
     def verdicts(self) -> list[Verdict]:
         """One verdict per prompt row, in the order of the prefill passes."""
         out: list[Verdict] = []
         harmful_at = self.monitor.threshold
+        tampered = self.tamper.kind == "refusal_tampering"
         for g_i, g in enumerate(self.groups):
             for row in range(g.harm.shape[0]):
                 kind = verdict_kind(bool(g.harm[row] > harmful_at), bool(g.refusal[row] > self.monitor.refusal_threshold))
                 out.append(Verdict(
                     kind, float(g.harm[row]), float(g.refusal[row]), float(g.projection[row]), g_i, row,
                     tuple(float(s[0][row]) for s in g.steps), tuple(float(s[1][row]) for s in g.steps),
-                    tuple(float(s[2][row]) for s in g.steps), tuple(int(t[row]) for t in g.tokens), g.drift.get(row)))
+                    tuple(float(s[2][row]) for s in g.steps), tuple(int(t[row]) for t in g.tokens), g.drift.get(row),
+                    tampered))
         return out
 
     def stopping_criteria(self) -> Any:
@@ -208,6 +219,8 @@ class Watch:
             if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask[:, -1].all()):
                 raise WatchError("the monitor needs left-padded prompts (every row's last token real): set "
                                  "lm.tokenizer.padding_side = 'left'")
+            if self._check is not None and ids is not None:
+                self._pstart = self._check.row_start(ids, mask)
             if ref.shape[1] < self._n_post + 1:
                 raise WatchError(f"the prompt is {ref.shape[1]} tokens, shorter than the chat template's "
                                  f"{self._n_post} post-instruction tokens; chat-format the prompts first")
@@ -220,11 +233,16 @@ class Watch:
         idx = [i for i, r in enumerate(self.monitor.readers) if r.layer == layer]
         inst = torch.tensor([self.monitor.readers[i].position == "inst" for i in idx])
         is_refusal = layer == self.monitor.refusal_layer
+        pp = self.monitor.prefix
+        j_prefix = pp.blocks.index(layer) if pp is not None and layer in pp.blocks else None
 
         def read(x: torch.Tensor, _batch: Batch | None) -> None:  # x: [batch, pos, d_model]
             if self._raw is None or self._proj is None:
                 return None
             w, b, r = self._on(x.device)
+            if j_prefix is not None and self._phase == "prefill" and self._pstart is not None and pp is not None:
+                assert self._check is not None
+                self._check.read(j_prefix, x[0, self._pstart:self._pstart + pp.ids.size])  # [p, d_model]
             n = self._n_post if self._phase == "prefill" else 0
             xf = x.detach()[:, -(n + 1):].double()  # [batch, n + 1, d_model]: only the positions read
             last = xf[:, -1]  # [batch, d_model]
@@ -253,6 +271,9 @@ class Watch:
         proj, refusal = self._proj.double().cpu().numpy(), ref.cpu().numpy()
         self._raw = self._proj = None
         if self._phase == "prefill":
+            if self._check is not None and self._pstart is not None:
+                self._check.n_reads += 1
+            self._pstart = None
             self.groups.append(_Group(harm, refusal, proj, stop=np.zeros(harm.shape[0], dtype=bool)))
             self._alerts(self.groups[-1], len(self.groups) - 1)
         elif self.groups:
@@ -265,9 +286,10 @@ class Watch:
                         self._alert_row(g, len(self.groups) - 1, int(row))
 
     def _alerts(self, g: _Group, g_i: int) -> None:
+        tampered = self.tamper.kind == "refusal_tampering"
         for row in range(g.harm.shape[0]):
-            if verdict_kind(bool(g.harm[row] > self.monitor.threshold),
-                            bool(g.refusal[row] > self.monitor.refusal_threshold)) == "alert":
+            if tampered or verdict_kind(bool(g.harm[row] > self.monitor.threshold),
+                                        bool(g.refusal[row] > self.monitor.refusal_threshold)) == "alert":
                 self._alert_row(g, g_i, row)
 
     def _alert_row(self, g: _Group, g_i: int, row: int) -> None:
