@@ -38,13 +38,9 @@ import torch
 
 
 def _load(args: argparse.Namespace) -> Any:
-    if args.model.startswith("tiny:"):
-        from safetyscope.testing import tiny_model
+    from safetyscope.testing import benchmark_model
 
-        return tiny_model(args.model.split(":", 1)[1])
-    from safetyscope.models import load_model
-
-    return load_model(args.model, device=args.device, dtype=args.dtype, log=lambda _m: None)
+    return benchmark_model(args.model, device=args.device, dtype=args.dtype)
 
 
 def _along(x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

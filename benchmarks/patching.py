@@ -33,16 +33,9 @@ import torch
 
 
 def _load(args: argparse.Namespace) -> Any:
-    if args.model.startswith("tiny:"):
-        from safetyscope.testing import tiny_model
+    from safetyscope.testing import benchmark_model
 
-        lm = tiny_model(args.model.split(":", 1)[1])
-        if args.device not in ("auto", "cpu"):
-            lm.model.to(args.device)
-        return lm
-    from safetyscope.models import load_model
-
-    return load_model(args.model, device=args.device, dtype=args.dtype, log=lambda _m: None)
+    return benchmark_model(args.model, device=args.device, dtype=args.dtype)
 
 
 def _pairs(lm: Any, args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]]]:

@@ -39,13 +39,9 @@ os.environ.setdefault("SAFETYSCOPE_QUIET", "1")
 
 
 def _load(name: str) -> Any:
-    if name.startswith("tiny:"):
-        from safetyscope.testing import tiny_model
+    from safetyscope.testing import benchmark_model
 
-        return tiny_model(name.split(":", 1)[1])
-    from safetyscope.models import load_model
-
-    return load_model(name, log=lambda m: print(m, file=sys.stderr))
+    return benchmark_model(name, log=lambda m: print(m, file=sys.stderr))
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:

@@ -119,3 +119,14 @@ def test_a_row_without_the_prefix_is_not_read(lm, monitor):
     check = PrefixCheck(monitor.prefix)
     ids = torch.zeros(1, monitor.prefix.ids.size + 3, dtype=torch.long)
     assert check.row_start(ids, None) is None and check.result().kind == "unchecked"
+
+
+def test_the_tamper_benchmark_runs_on_a_tiny_model(tmp_path, bench_module):
+    import json
+
+    out = tmp_path / "rows.json"
+    assert bench_module("monitor_tamper").main(["--model", "tiny:llama", "--prompts", "2", "--random", "1",
+                                                "--json", str(out)]) == 0
+    rows = {r["condition"]: r for r in json.loads(out.read_text())}
+    assert rows["unmodified"]["kind"] == "clean"
+    assert all(r["kind"] in ("modified", "refusal_tampering") for name, r in rows.items() if name != "unmodified")

@@ -113,3 +113,17 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], repeats: int, *,
             last[name] = fn()
             times[name].append(time.perf_counter() - t0)
     return times, last
+
+
+def benchmark_model(spec: str, *, device: str = "auto", dtype: str = "auto",
+                    log: Callable[[str], None] | None = None) -> LoadedModel:
+    """A benchmark's model: ``tiny:FAMILY`` (a tiny random model, moved to ``device``) or anything
+    :func:`safetyscope.models.load_model` takes."""
+    if spec.startswith("tiny:"):
+        lm = tiny_model(spec.split(":", 1)[1])
+        if device not in ("auto", "cpu"):
+            lm.model.to(device)
+        return lm
+    from .models import load_model
+
+    return load_model(spec, device=device, dtype=dtype, log=log or (lambda _m: None))
