@@ -130,3 +130,17 @@ def test_the_tamper_benchmark_runs_on_a_tiny_model(tmp_path, bench_module):
     rows = {r["condition"]: r for r in json.loads(out.read_text())}
     assert rows["unmodified"]["kind"] == "clean"
     assert all(r["kind"] in ("modified", "refusal_tampering") for name, r in rows.items() if name != "unmodified")
+
+
+def test_evaluate_reports_the_check_and_alerts_every_answered_prompt_under_removal(lm, monitor):
+    from safetyscope.methods.direction.artifact import Direction
+    from safetyscope.methods.monitor.evaluate import evaluate_monitor
+
+    attack = Direction(torch.from_numpy(monitor.prefix.basis[0]).float(), layer=1)
+    ev = evaluate_monitor(lm, monitor, TEST[:3], TEST[3:], attack=attack, max_new_tokens=2, system=SYSTEM,
+                          strict=False)
+    assert ev.clean.tamper["kind"] == "clean" and ev.attacked is not None
+    assert ev.attacked.tamper["kind"] == "refusal_tampering"
+    assert ev.attacked.n_complied_alerted == ev.attacked.n_complied
+    assert ev.clean.n_complied_alerted == ev.clean.n_complied_flagged
+    assert ev.to_json()["attacked"]["tamper"]["kind"] == "refusal_tampering"

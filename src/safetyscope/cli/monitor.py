@@ -217,7 +217,8 @@ def _print_eval(r: dict[str, Any]) -> None:
             print(f"[{name}] {tamper_line(c['tamper'])}")
         share = c["complied_flagged_share"]
         print(f"[{name}] harmful prompts answered: {c['complied']}, flagged by the monitor: {c['complied_flagged']}"
-              + (f" ({share:.0%})" if share is not None else ""))
+              + (f" ({share:.0%})" if share is not None else "")
+              + f", alerted (flagged or tamper check): {c.get('complied_alerted', c['complied_flagged'])}")
         for b, f in c["baselines"].items():
             print(f"[{name}] {b}: AUROC {f['auroc']:.3f}, TPR@1%FPR {f['tpr_at_1pct_fpr']:.3f}, TPR "
                   f"{f['tpr_at_threshold']:.3f} / FPR {f['fpr_at_threshold']:.3f}, answered harmful flagged "

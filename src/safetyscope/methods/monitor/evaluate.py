@@ -78,6 +78,7 @@ class Condition:
     n_alerts: int  # verdicts 'alert' (harmful & the first-token refusal score says complied)
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
     tamper: dict[str, Any] = field(default_factory=dict)  # the watch's prefix check (TamperReading.to_json())
+    n_complied_alerted: int = 0  # of the harmful prompts answered, alerted: flagged or the tamper check fired
 
     @property
     def complied_flagged_share(self) -> float | None:
@@ -100,7 +101,7 @@ class MonitorEval:
                 return None
             return {"monitor": c.monitor, "complied": c.n_complied, "complied_flagged": c.n_complied_flagged,
                     "complied_flagged_share": c.complied_flagged_share, "alerts": c.n_alerts, "baselines": c.baselines,
-                    "tamper": c.tamper}
+                    "tamper": c.tamper, "complied_alerted": c.n_complied_alerted}
 
         out = {"model": self.model, "n_harmful": self.n_harmful, "n_harmless": self.n_harmless,
                "threshold": self.threshold, "attack": self.attack, "clean": cond(self.clean),
@@ -202,8 +203,10 @@ def run_condition(lm: LoadedModel, monitor: Monitor, texts: list[str], y: np.nda
     keyword = np.array([keyword_hits(t) > 0 for t in texts])
     for key, flags in (("output_judge", refused), ("keyword", keyword), ("self_check", self_check > 0)):
         base[key]["complied_flagged"] = int((flags & complied).sum())
+    tampered = w.tamper.kind == "refusal_tampering"
     return Condition(name, detector_figures(harm, y, monitor.threshold), int(complied.sum()),
-                     int((flagged & complied).sum()), sum(k == "alert" for k in kinds), base, w.tamper.to_json())
+                     int((flagged & complied).sum()), sum(k == "alert" for k in kinds), base, w.tamper.to_json(),
+                     int(complied.sum()) if tampered else int((flagged & complied).sum()))
 
 
 def evaluate_monitor(lm: LoadedModel, monitor: Monitor, harmful: PromptsLike, harmless: PromptsLike, *,
