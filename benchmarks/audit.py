@@ -68,13 +68,15 @@ def _save(model: Any, lm: Any, path: Path) -> Path:
     return path
 
 
-def _attack_stats(lm: Any, n: int) -> Any:
-    """Group moments at every block's resid_pre and mlp.neurons (last position) on built-in *val* prompts."""
+def _attack_stats(lm: Any, n: int, neurons: bool) -> Any:
+    """Group moments at every block's resid_pre (and, for the neurons variant, mlp.neurons; last position) on
+    built-in *val* prompts."""
     from safetyscope.methods.fit import fit_group_moments
     from safetyscope.prompts.builtin import builtin_prompts
 
     groups = {k: [p.text for p in builtin_prompts(k, "val").sample(n, seed=1)] for k in ("harmful", "harmless")}
-    return fit_group_moments(lm, groups, ["blocks.*.resid_pre", "blocks.*.mlp.neurons"], "last", batch_size=8)
+    sites = ["blocks.*.resid_pre", "blocks.*.mlp.neurons"] if neurons else ["blocks.*.resid_pre"]
+    return fit_group_moments(lm, groups, sites, "last", batch_size=8)
 
 
 def _neurons(lm: Any, stats: Any, k: int = 32) -> Any:
@@ -214,7 +216,7 @@ def _row(name: str, expected: str, ref_dir: Path, path: Path, refusal: torch.Ten
         assert s is not None
         row.update({"noref_verdict": alone.verdict, "noref_s": alone.seconds, "null_ratio": s.null_ratio,
                     "n_collapsed": s.n_collapsed, "n_weak": s.n_weak, "cos_null_true": cos(s.null_direction),
-                    "embedding_edit": s.embedding_edit, "restore": s.restore,
+                    "embedding_edit": s.embedding_edit, "restore": s.restore, "align": s.harm_alignment,
                     "canary_rate": s.canary_refusal_rate, "noref_evidence": list(alone.evidence)})
     return row
 
@@ -232,10 +234,10 @@ def _print_table(rows: list[dict[str, Any]], unit: float) -> None:
 
     def restore(r: dict[str, Any]) -> str:
         t = r.get("restore")
-        return "-" if not t else f"{t['rise']:+.1f}/{max(t['random_rises'], default=0.0):+.1f}"
+        return "-" if not t else f"{t['harm_rise']:.2f}/{max(t['harm_random_rises'], default=0.0):.2f}"
 
     head = f"{'checkpoint':<13} {'expected':<14} {'with reference':<22} {'cos true':>8} {'s':>6} {'xfwd':>5}   " \
-           f"{'no reference':<22} {'cos true':>8} {'coll/weak':>9} {'emb w':>5} {'restore':>11} {'s':>6} {'xfwd':>5}"
+           f"{'no reference':<22} {'cos true':>8} {'coll/weak':>9} {'emb w':>5} {'align':>5} {'restore':>11} {'s':>6} {'xfwd':>5}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -244,6 +246,7 @@ def _print_table(rows: list[dict[str, Any]], unit: float) -> None:
               f"{f(r.get('ref_s'), '.1f'):>6} {f(r.get('ref_s', 0) / unit, '.0f') if 'ref_s' in r else '-':>5}   "
               f"{_ok(r, 'noref_verdict'):<22} {f(r.get('cos_null_true')):>8} "
               f"{str(r.get('n_collapsed', '-')) + '/' + str(r.get('n_weak', '-')):>9} {f(emb[0] if emb else None, '.2f'):>5} "
+              f"{f(r.get('align'), '.1f'):>5} "
               f"{restore(r):>11} {f(r.get('noref_s'), '.1f'):>6} "
               f"{f(r.get('noref_s', 0) / unit, '.0f') if 'noref_s' in r else '-':>5}")
     for key in ("ref_verdict", "noref_verdict"):
@@ -255,7 +258,8 @@ def _print_table(rows: list[dict[str, Any]], unit: float) -> None:
             print(f"{key.split('_')[0]:>5}: flagged {tp}/{pos} tampering checkpoints, {fp} false positive(s) "
                   f"of {len(scored) - pos} benign")
     print(f"xfwd: seconds per audit / one plain forward pass of 8 harmless prompts ({unit:.2f} s, same run); "
-          "restore: refusal-score rise of the removed direction / the largest of random directions (log-odds)")
+          "align: |cos| x sqrt(d_model) of the removed direction with the checkpoint's own harm difference (max over "
+          "blocks); restore: harm rise of the removed direction / the largest of random directions")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -295,10 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     ref_dir = _save(lm.model, lm, work / "reference")
     t0 = time.perf_counter()
-    refusal = torch.stack(list(harm_directions(lm, SignatureConfig(harm_layers=0)).values()))  # [n_layers - 1, d_model]
-    print(f"reference refusal directions (difference of means, {refusal.shape[0]} blocks): "
-          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    builders, removed = _builders(lm, _attack_stats(lm, args.n_prompts), layer, args.refine_steps)
+    refusal = torch.zeros(0, lm.dims.d_model)
+    if not args.no_reference:  # [n_layers - 1, d_model]
+        refusal = torch.stack(list(harm_directions(lm, SignatureConfig(harm_layers=0)).values()))
+        print(f"reference refusal directions (difference of means, {refusal.shape[0]} blocks): "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    stats = _attack_stats(lm, args.n_prompts, "neurons" in args.variant_list)
+    builders, removed = _builders(lm, stats, layer, args.refine_steps)
     jobs = [(n, "tampering" if n in TAMPERING else "not tampering", None) for n in args.variant_list]
     jobs += [(*spec.split("=", 1)[:1], "tampering", Path(spec.split("=", 1)[1])) for spec in args.extra]
     jobs += [(*spec.split("=", 1)[:1], "not tampering", Path(spec.split("=", 1)[1])) for spec in args.extra_benign]

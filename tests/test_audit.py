@@ -155,15 +155,12 @@ def test_dtype_and_8bit_round_trips_are_noise(lm, ref, tmp_path):
 def test_signature_without_reference_finds_the_removed_direction(lm, r, abliterated, tmp_path):
     rep = audit_checkpoint(abliterated)
     s = rep.signature
-    # r is a random direction of a random model: removed (strong weight evidence), but writing it back does not
-    # raise refusal more than random directions do; the model refuses few canaries, so it cannot be cleared
+    # r is a random direction of a random model: removed (strong weight evidence), but the checkpoint's own harmful -
+    # harmless differences do not lie along it and writing it back restores nothing beyond random directions
     assert s is not None and _cos(s.null_direction, r) >= 0.95
     assert s.restore is not None and not s.restore["restored"] and len(s.restore["random_rises"]) == 6
-    assert s.canary_refusal_rate < 0.5 and rep.verdict == "tampering" and "inconclusive" in " ".join(rep.evidence)
-    from safetyscope.methods.audit.signature import SignatureConfig
-
-    cleared = audit_checkpoint(abliterated, signature_config=SignatureConfig(refusal_rate=0.0))  # "canaries refused"
-    assert cleared.verdict == "modified" and "not the refusal one" in " ".join(cleared.evidence)
+    assert len(s.restore["harm_random_rises"]) == 6 and s.harm_alignment is not None and s.harm_alignment < 1e-3
+    assert rep.verdict == "modified" and "not a harm/refusal one" in " ".join(rep.evidence)
     assert s.null_ratio < 1e-4 and s.n_collapsed == 2 * lm.n_layers + 1
     assert all(c < 1e-3 for c in s.collapse.values())
     assert s.harm_cos_null and all(c < 1e-3 for c in s.harm_cos_null.values())  # what is left is orthogonal to r
@@ -172,6 +169,27 @@ def test_signature_without_reference_finds_the_removed_direction(lm, r, ablitera
     subset = Direction(r, 1, -1).with_weights(torch.tensor([0.0, 1.0, 1.0]), 0.0).export(lm, tmp_path / "subset")
     s = audit_checkpoint(subset, behaviour=False).signature  # two blocks only: no null direction of the sum
     assert s.verdict == "tampering" and s.n_collapsed == 4 and _cos(s.null_direction, r) >= 0.95
+
+
+def test_a_partly_removed_harm_direction_is_tampering_and_a_random_one_is_not(tmp_path):
+    from safetyscope.methods.audit.behaviour import harm_alignment, harm_differences
+
+    lm = tiny_model("llama", seed=3, tie_word_embeddings=True, hidden_size=64)  # the export unties it
+    diffs = harm_differences(lm, 16)  # [n_layers, d_model] the model's own harmful - harmless means
+    harm = diffs[1] / diffs[1].norm()
+    assert harm_alignment(diffs, harm)[1] == pytest.approx(8.0)  # |cos| 1 x sqrt(64)
+    q = torch.linalg.qr(diffs[1:].T).Q  # [64, n_layers - 1] orthonormal basis of the differences (row 0 is zero)
+    other = _unit(64, 4).double()
+    other = (other - q @ (q.T @ other)).float()  # orthogonal to every row
+    assert max(harm_alignment(diffs, other).values()) < 1e-3
+    verdicts = {}
+    for name, u in (("harm", harm), ("other", other)):
+        path = Direction(u, 1, -1).with_weights(torch.full((lm.n_layers,), 0.5), 0.5).export(lm, tmp_path / name)
+        s = audit_checkpoint(path).signature
+        assert s.embedding_edit is not None and _cos(s.null_direction, u) >= 0.999  # strong evidence either way
+        verdicts[name] = (s.verdict, s.harm_alignment)
+    assert verdicts["harm"][0] == "tampering" and verdicts["harm"][1] >= 5.0  # SignatureConfig.align_z
+    assert verdicts["other"][0] == "modified" and verdicts["other"][1] < 5.0
 
 
 def test_partial_removal_is_read_off_the_untied_embedding_copy(r, tmp_path):
@@ -187,15 +205,26 @@ def test_partial_removal_is_read_off_the_untied_embedding_copy(r, tmp_path):
 
 def test_restore_test_finds_a_direction_that_writes_refusal_and_not_a_random_one(lm):
     from safetyscope.measure.refusal_tokens import refusal_token_ids
-    from safetyscope.methods.audit.behaviour import restore_test
+    from safetyscope.methods.audit.behaviour import harm_differences, restore_test
 
     head = lm.model.get_output_embeddings().weight.detach()  # [vocab, d_model]
     ids = refusal_token_ids(lm.tokenizer)
     towards = head[ids].mean(0) - head.mean(0)  # [d_model] reads out as refusal openings
     # a random 3-block model moves refusal logits little: the margin over random directions is scaled down
-    hit = restore_test(lm, towards, depth=0.9, scale=100.0, margin=0.1)  # a tiny random model: a far push
-    miss = restore_test(lm, _unit(lm.dims.d_model, 5), depth=0.9, scale=100.0, margin=0.1)
-    assert hit.restored and hit.rise > max(hit.random_rises) and not miss.restored
+    diffs = harm_differences(lm, 8)
+    hit = restore_test(lm, towards, diffs, depth=0.9, scale=100.0, margin=0.1)  # a tiny random model: a far push
+    miss = restore_test(lm, _unit(lm.dims.d_model, 5), diffs, depth=0.9, scale=100.0, margin=0.1)
+    assert hit.restored and hit.refusal_restored and hit.rise > max(hit.random_rises) and not miss.restored
+    assert not hit.harm_restored and not miss.harm_restored  # the last block: no later block to read harm at
+
+
+def test_restore_test_reads_the_own_harm_difference_at_later_blocks(lm):
+    from safetyscope.methods.audit.behaviour import harm_differences, restore_test
+
+    diffs = harm_differences(lm, 8)  # [n_layers, d_model]
+    t = restore_test(lm, diffs[1], diffs, depth=0.0, scale=1.0)  # block 1; blocks 2.. read the harm difference
+    assert t.layer == 1 and len(t.harm_random_rises) == 6 and t.harm_rise == t.harm_rise  # not NaN
+    assert t.restored == (t.harm_restored or t.refusal_restored)
 
 
 # ---- bad input -----------------------------------------------------------------------------------

@@ -33,11 +33,11 @@ class AuditGroup(TyperGroup):
 
 @dataclass
 class AuditSettings(Settings):
-    reference: str = opt("", "The model the checkpoint was derived from (alias, directory or hub id): compare every tensor with it. Empty = audit the checkpoint alone (ablation signature, restore test, canary prompts).")
+    reference: str = opt("", "The model the checkpoint was derived from (alias, directory or hub id): compare every tensor with it. Empty = audit the checkpoint alone (ablation signature; with --behaviour the removed direction's alignment with the checkpoint's own harm difference, the restore test, canary prompts).")
     direction: str = opt("", "A refusal direction artifact (from `safetyscope direction find` on the reference): the removed direction is compared with it.")
     find_refusal: bool = opt(True, "With --reference and no --direction: find the reference's harm directions on built-in prompts to compare the removed direction with (runs the reference).",
                              flag="--find-refusal/--no-find-refusal")
-    behaviour: bool = opt(True, "Without --reference: also load the checkpoint and run it on built-in prompts (restore test of the removed direction, harm directions, canary refusal).",
+    behaviour: bool = opt(True, "Without --reference: also load the checkpoint and run it on built-in prompts (its own harm differences and their alignment with the removed direction, the restore test, canary refusal).",
                           flag="--behaviour/--no-behaviour")
     fingerprint: str = opt("", "Without --reference: a trusted model's safety fingerprint (from `audit fingerprint`) to compare against.")
     runtime: bool = opt(False, "Audit the live model instead of its weights: load MODEL, report hooks, adapters, swapped modules and changed parameters, clean and under each --intervention (a process the CLI did not start cannot be inspected from outside; use safetyscope.audit_runtime(lm) in it).")
