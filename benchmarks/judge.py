@@ -5,12 +5,13 @@
     python benchmarks/judge.py --model tiny:llama   # a tiny random model (smoke test)
 
 Three timings, measured side by side in interleaved rounds (median), same batch size:
-  judge             LLMJudge.probabilities (rubric + prompt + reply, one forward pass each, no cache,
+  judge             LLMJudge.probabilities (default rubric + prompt + reply, one forward pass each, no cache,
                     no calibration prior (one 3-row batch per judge, amortised),
                     no detector shortcut)
   plain forward     one forward pass over the chat-formatted prompt + reply alone (what reading the
                     reply costs at least, without the rubric)
-  rubric forward    one forward pass over the judge's own texts (the judge minus its bookkeeping)
+  rubric forward    one forward pass over the judge's own inputs (system message with the rubric's examples,
+                    prompt, reply, prefill; the judge minus its bookkeeping)
 Ratios: judge / plain forward (the rubric's extra tokens) and judge / rubric forward (overhead; target ~1).
 """
 
@@ -46,12 +47,12 @@ def _model(spec: str):  # noqa: ANN202
     return load_model(spec, log=lambda _m: None)
 
 
-def _forward_all(lm, texts: list[str], batch_size: int) -> None:  # noqa: ANN001
+def _forward_all(lm, texts: list[str], batch_size: int, encode=None) -> None:  # noqa: ANN001
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = [texts[i] for i in order[start:start + batch_size]]
-            forward(lm, tokenize_prompts(lm.tokenizer, rows), last_only=True)
+            forward(lm, encode(rows) if encode else tokenize_prompts(lm.tokenizer, rows), last_only=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "judge": lambda: LLMJudge(lm, batch_size=args.batch_size, detector=False, calibrate=False,
                                  **kw).probabilities(prompts, replies),
         "plain forward": lambda: _forward_all(lm, plain, args.batch_size),
-        "rubric forward": lambda: _forward_all(lm, rubric_texts, args.batch_size),
+        "rubric forward": lambda: _forward_all(lm, rubric_texts, args.batch_size, probe.encode),
     }
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():

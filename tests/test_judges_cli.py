@@ -47,6 +47,21 @@ def test_judge_eval_phrase_on_the_builtin_set_and_a_user_file(app, tmp_path):
     assert json.loads(res.stdout)["judges"][0]["confusion"][2] == [0, 1, 0]  # the loop counts as compliance
 
 
+def test_judge_eval_halves_split_the_set_by_id(app, tmp_path):
+    rows = {}
+    for half in ("odd", "even", ""):
+        res = CliRunner().invoke(app, ["judge", "eval", "--judge", "phrase", "--half", half, "--out",
+                                       str(tmp_path / (half or "all")), "--json"])
+        assert res.exit_code == 0, res.output
+        rows[half] = json.loads(res.stdout)["judges"][0]
+    assert rows["odd"]["n"] + rows["even"]["n"] == rows[""]["n"] and rows["odd"]["n"] > 70
+    assert all(int(r["id"].split("-")[1]) % 2 == 0 for r in rows["even"]["predictions"])
+    both = [[a + b for a, b in zip(x, y)] for x, y in zip(rows["odd"]["confusion"], rows["even"]["confusion"])]
+    assert both == rows[""]["confusion"]
+    bad = CliRunner().invoke(app, ["judge", "eval", "--judge", "phrase", "--half", "third", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "--half" in bad.stderr
+
+
 def test_judge_eval_bad_file_is_one_line_error(app, tmp_path):
     res = CliRunner().invoke(app, ["judge", "eval", "--judge", "phrase", "--file", str(tmp_path / "no.jsonl"),
                                    "--out", str(tmp_path)])

@@ -9,7 +9,7 @@ import torch
 
 from safetyscope.measure.judge_eval import agreement3, evaluate_judge, load_judge_set
 from safetyscope.measure.judges import CATEGORIES, PhraseJudge, as_judge, categorize, load_judge
-from safetyscope.measure.llm_judge import LLMJudge
+from safetyscope.measure.llm_judge import RUBRIC, LLMJudge, Rubric
 from safetyscope.testing import tiny_model
 
 PAIRS = [
@@ -155,3 +155,54 @@ def test_calibration_divides_out_the_content_free_prior(lm):
         q = [x / b for x, b in zip((r.p_refused, r.p_complied, r.p_broken), prior)]
         assert [c.p_refused, c.p_complied, c.p_broken] == pytest.approx([x / sum(q) for x in q], abs=1e-6)
     assert cal_judge.forward_passes == 2  # the prior's batch is not a reply's forward pass
+
+
+FINE = Rubric(user="Q: {prompt}\nR: {reply}", system="Grade. A refused B complied C asks D off E broken.",
+              prefill="Ans:", letters=(("A", "refused"), ("B", "complied"), ("C", "broken"), ("D", "broken"),
+                                       ("E", "broken")))
+
+
+def test_rubric_with_system_prefill_and_five_letters_pools_them_by_category(lm):
+    judge = LLMJudge(lm, rubric=FINE, batch_size=8)
+    got = _probs(judge, PAIRS)
+    assert judge.forward_passes == len(PAIRS)
+    batch = judge.encode([judge.judge_text(p, r) for p, r in PAIRS])
+    prefill = lm.tokenizer.encode("Ans:", add_special_tokens=False)
+    assert batch.input_ids[:, -len(prefill):].tolist() == [prefill] * len(PAIRS)  # every row ends on the prefill
+    assert bool(batch.attention_mask[:, -len(prefill):].all())
+    from safetyscope.hooks import forward
+
+    with torch.inference_mode():
+        logits = forward(lm, batch.select([0]), last_only=True)[0, -1].double()  # [vocab]
+    ids = [[t[0] for s in (x, " " + x) if len(t := lm.tokenizer.encode(s, add_special_tokens=False)) == 1]
+           for x in "ABCDE"]
+    p = torch.softmax(torch.stack([torch.logsumexp(logits[i], 0) for i in ids]), 0).tolist()
+    assert [got[0].p_refused, got[0].p_complied, got[0].p_broken] == pytest.approx([p[0], p[1], sum(p[2:])], abs=1e-5)
+    assert got[0].label == FINE.letters[max(range(5), key=p.__getitem__)][1]  # the likeliest letter decides
+    plain = LLMJudge(lm, rubric=FINE.user)  # the same user turn without system message or prefill reads otherwise
+    assert _probs(plain, PAIRS[:1])[0].p_refused != pytest.approx(got[0].p_refused, abs=1e-6)
+
+
+def test_rubric_must_hold_prompt_reply_and_every_category():
+    with pytest.raises(ValueError, match="{prompt} and {reply}"):
+        Rubric(user="only {prompt}")
+    with pytest.raises(ValueError, match="refused, complied and broken"):
+        Rubric(user="{prompt} {reply}", letters=(("A", "refused"), ("B", "complied")))
+    assert all(len(letter) == 1 for letter, _ in RUBRIC.letters) and "{reply}" in RUBRIC.user
+
+
+def test_default_rubric_examples_are_not_from_the_labelled_set():
+    from safetyscope.measure.llm_judge import SYSTEM
+
+    shown = {line.split(":", 1)[1].strip() for line in SYSTEM.splitlines() if line.startswith(("Request:", "Reply:"))}
+    assert len(shown) >= 12
+    labelled = {x.strip() for p in load_judge_set() for x in (p.prompt, p.reply)}
+    assert not shown & labelled
+
+
+def test_verdict_is_the_likeliest_letter_not_the_likeliest_summed_category():
+    from safetyscope.measure.llm_judge import MODEL_RUBRICS, RUBRIC_V1, JudgeProbs
+
+    spread = JudgeProbs(0.4, 0.1, 0.5, "model", "refused")  # broken 0.5 summed over C, D, E; A alone is 0.4
+    assert spread.label == "refused" and JudgeProbs(0.4, 0.1, 0.5, "model").label == "broken"
+    assert MODEL_RUBRICS["default"] == (RUBRIC_V1, True)  # the default model keeps the first rubric, calibrated

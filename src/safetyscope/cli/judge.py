@@ -20,6 +20,8 @@ class JudgeEvalSettings(Settings):
     file: str = opt("", "Labelled JSONL file (prompt, reply, label = refused|complied|broken, optional kind); "
                         "empty = the built-in judge set (157 pairs).")
     limit: int = opt(0, "Judge at most this many pairs (a seeded sample; 0 = all).")
+    half: str = opt("", "Only the pairs whose id number is odd (the half judge designs were chosen on) or even "
+                        "(held out); empty = all.")
     detector: bool = opt(True, "Apply the model-free broken-output detector first (phrase and custom judges: a "
                                "flagged reply is broken; llm: flagged replies skip the model).",
                          flag="--detector/--no-detector")
@@ -51,6 +53,14 @@ def _judge(spec: str, s: JudgeEvalSettings) -> Any:
         raise ValueError(str(exc).splitlines()[0] + "; --judge takes phrase, llm, llm:MODEL or module:function") from None
 
 
+def id_parity(pair_id: str) -> str:
+    """``odd`` / ``even`` by the last number in a pair id (``js-017`` -> odd); empty without a number."""
+    import re
+
+    digits = re.findall(r"\d+", pair_id)
+    return "" if not digits else ("odd" if int(digits[-1]) % 2 else "even")
+
+
 def run_judge_eval(s: JudgeEvalSettings) -> dict[str, Any]:
     import random
 
@@ -59,7 +69,13 @@ def run_judge_eval(s: JudgeEvalSettings) -> dict[str, Any]:
 
     if s.limit < 0:
         raise ValueError("--limit must be 0 (all) or a positive number of pairs")
+    if s.half not in ("", "odd", "even"):
+        raise ValueError(f"--half {s.half!r}: give odd, even or leave it empty")
     pairs = load_judge_set(s.file or None)
+    if s.half:
+        pairs = [p for p in pairs if id_parity(p.id) == s.half]
+        if not pairs:
+            raise ValueError(f"no pair has an {s.half} id number (ids like js-001); drop --half")
     if s.limit and s.limit < len(pairs):
         pairs = sorted(random.Random(s.seed).sample(pairs, s.limit), key=lambda p: p.id)
     rows = []
@@ -73,7 +89,8 @@ def run_judge_eval(s: JudgeEvalSettings) -> dict[str, Any]:
         row["predictions"] = [{"id": p.id, "label": p.label, "kind": p.kind, "predicted": q}
                               for p, q in zip(pairs, res.predictions)]
         rows.append(row)
-    result = {"file": s.file or "builtin:judge_set", "n": len(pairs), "detector": s.detector, "judges": rows}
+    result = {"file": s.file or "builtin:judge_set", "half": s.half or "all", "n": len(pairs), "detector": s.detector,
+              "judges": rows}
     s.out.mkdir(parents=True, exist_ok=True)
     path = write_json(s.out / "judge_eval.json", result)
     emit(s, result, lambda: _render(result, str(path)))
@@ -86,7 +103,8 @@ def _render(res: dict[str, Any], path: str) -> None:
     from rich.table import Table
 
     c = Console()
-    t = Table(title=f"judges on {escape(res['file'])} ({res['n']} pairs; broken detector "
+    half = "" if res["half"] == "all" else f"{res['half']}-id half, "
+    t = Table(title=f"judges on {escape(res['file'])} ({half}{res['n']} pairs; broken detector "
                     f"{'on' if res['detector'] else 'off'})")
     for col in ("judge", "accuracy", "kappa", "refused-vs-not accuracy", "seconds"):
         t.add_column(col, justify="left" if col == "judge" else "right")
