@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from .common import PromptSettings, emit, user_errors
+from .judge import JUDGES_HELP, compare_specs, parse_judges, render_comparison
 from .settings import Settings, command, opt
 
 
@@ -49,6 +50,7 @@ class AblateSettings(EvalSettings):
     strength: float | None = opt(None, "Override the set's strength.")
     max_new_tokens: int = opt(32, "Generate replies this long and judge them (0 = logit scores only).")
     export: str = opt("", "Also save the ablated weights as a Hugging Face checkpoint in this directory.")
+    judges: str = opt("", "The held-out harmful replies before / under ablation: " + JUDGES_HELP)
 
 
 @dataclass
@@ -201,6 +203,8 @@ def run_ablate(s: AblateSettings) -> dict[str, Any]:
     from ..methods.neurons.api import check_held_out, neuron_ablation
     from ..methods.neurons.artifact import NeuronSet
 
+    if parse_judges(s.judges) and s.max_new_tokens <= 0:
+        raise ValueError("--judges compares judges on generated replies; give --max-new-tokens > 0")
     with _quiet(s):
         path = Path(s.neuron_set) if s.neuron_set else s.out / "neurons" / "set"
         ns = NeuronSet.load(path)
@@ -218,6 +222,12 @@ def run_ablate(s: AblateSettings) -> dict[str, Any]:
     result = {"model": lm.name, "set": path, "n_neurons": len(ns), "mode": ns.mode, "strength": ns.strength,
               "n_harmful": res.n_harmful, "n_harmless": res.n_harmless, **m,
               "judge": "phrase" if s.max_new_tokens else None}  # refusal_rate's judge (the built-in phrase judge)
+    judges: dict[str, Any] | None = None
+    if parse_judges(s.judges):  # the same harmful replies through every judge, side by side
+        n = len(res.harmful)
+        judges = compare_specs(parse_judges(s.judges), list(res.harmful) * 2, [*res.replies_before, *res.replies_after],
+                               ["harmful, before"] * n + ["harmful, ablated"] * n, s.batch_size)
+        result["judges"] = judges
     if s.export:
         result["exported"] = ns.export(lm, s.export)
     write_json(s.out / "neurons" / "ablate.json", result)
@@ -233,7 +243,10 @@ def run_ablate(s: AblateSettings) -> dict[str, Any]:
         for key in ("refusal_score", "score_refusal_rate", "refusal_rate", "kl", "kl_median"):
             if key in m["after"]:
                 t.add_row(key, f"{m['before'][key]:.4f}", f"{m['after'][key]:.4f}")
-        Console().print(t)
+        c = Console()
+        c.print(t)
+        if judges:
+            render_comparison(c, judges)
 
     emit(s, result, render)
     return result

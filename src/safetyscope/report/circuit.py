@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..methods.circuit.evidence import evidence, probe_beats_control
-from ..methods.circuit.results import FragilitySummary, Results, StageRun
+from ..methods.circuit.results import DirectionSummary, FragilitySummary, Results, StageRun
 from ..methods.circuit.stages import Stage, assign_stages, missing_stages
 from .circuit_defence import defence_section
 from .circuit_figures import draw_figures
@@ -69,6 +69,11 @@ def _pct(x: float | None) -> str:
     return fmt(x, "{:.0%}")
 
 
+def judged(d: DirectionSummary) -> str:
+    """Which judge a direction stage's refusal rates come from, as the page states it."""
+    return f"judge: {d.judge}"
+
+
 def implications(res: Results) -> list[list[Any]]:
     rows: list[list[Any]] = []
     conc = concentration(res)
@@ -82,12 +87,13 @@ def implications(res: Results) -> list[list[Any]]:
         rows.append(["Fragility (neurons)",
                      f"top neurons ({curve}) halve the refusal rate at k = {k_top if k_top is not None else '> max k'}; "
                      f"random neurons at k = {k_rand if k_rand is not None else '> max k'}",
-                     "refusal (logit score > 0) on held-out harmful prompts as neurons are zeroed"])
+                     "refusal (logit score > 0, no judge) on held-out harmful prompts as neurons are zeroed"])
     dvr = direction_vs_random(res.fragility)
     if dvr:
         rows.append(["Fragility (direction)", f"ablating the refusal direction: {dvr[0]:.0%} → {dvr[1]:.0%}; "
                      f"a random direction: {dvr[0]:.0%} → {dvr[2]:.0%}",
-                     "one rank-1 component against random rank-1 components, same prompts and metric"])
+                     "one rank-1 component against random rank-1 components, same prompts and metric "
+                     "(logit refusal score > 0, no judge)"])
     if res.probe:
         b = res.probe.best
         note = "" if probe_beats_control(res.probe) else " — no layer beats the control: no evidence of readability"
@@ -96,12 +102,13 @@ def implications(res: Results) -> list[list[Any]]:
     if res.direction:
         d = res.direction
         rows.append(["Circuit compactness", f"one direction (layer {d.layer}): harmful refusal "
-                     f"{_pct(d.refusal_before)} → {_pct(d.refusal_after)}",
+                     f"{_pct(d.refusal_before)} → {_pct(d.refusal_after)} ({judged(d)})",
                      ("refined, " if d.refined else "") + ("mean" if d.ablation == "mean" else "zero")
                      + " ablation of the direction at every layer, measured on held-out prompts"])
         if d.zero_kl_mean is not None:
             rows.append(["Exportable variant", f"the same direction, zero ablation: harmful refusal "
-                         f"{_pct(d.refusal_before)} → {_pct(d.zero_refusal_after)} at first-token KL {fmt(d.zero_kl_mean)}",
+                         f"{_pct(d.refusal_before)} → {_pct(d.zero_refusal_after)} ({judged(d)}) at first-token KL "
+                         f"{fmt(d.zero_kl_mean)}",
                          "what `direction export` writes into the weights; same held-out prompts"])
     if res.capability:
         for name, c in res.capability.interventions.items():
@@ -114,7 +121,7 @@ def headline(res: Results, model: str) -> str:
     parts = []
     if res.direction:
         d = res.direction
-        parts.append(f"ablating one direction moves harmful refusal from {_pct(d.refusal_before)} "
+        parts.append(f"ablating one direction moves harmful refusal ({judged(d)}) from {_pct(d.refusal_before)} "
                      f"to {_pct(d.refusal_after)} at first-token KL {fmt(d.kl_mean)}")
     if res.fragility:
         k, curve = neuron_breaking_point(res.fragility)
@@ -134,7 +141,7 @@ def cards(res: Results) -> list[Card]:
         out.append(Card("probe accuracy", _pct(b.accuracy), f"layer {b.layer}, control {_pct(b.control_accuracy)}"))
     if res.direction:
         out.append(Card("refusal after direction ablation", _pct(res.direction.refusal_after),
-                        f"before: {_pct(res.direction.refusal_before)}"))
+                        f"before: {_pct(res.direction.refusal_before)}; {judged(res.direction)}"))
     conc = concentration(res)
     if conc:
         out.append(Card("safety neurons (|d| > 0.8)", str(conc[0]),

@@ -143,6 +143,7 @@ class DirectionSummary:
     refined: bool = False  # trained by `refine` after the selection
     zero_refusal_after: float | None = None  # the same direction under zero ablation (the exportable variant)
     zero_kl_mean: float | None = None
+    judge: str = "phrase"  # the judge of the refusal rates (evaluate_ablation's default, the phrase judge)
 
     @classmethod
     def from_json(cls, d: Json) -> DirectionSummary:
@@ -150,7 +151,7 @@ class DirectionSummary:
         return cls(int(find["layer"]), int(find["position"]), str(find["ablation"]), rate(ab["harmful_refusal_before"]),
                    rate(ab["harmful_refusal_after"]), _float(ab["kl_first_token"]["mean"]), "refine" in find,
                    rate(zero.get("harmful_refusal_after")) if zero else None,
-                   _float(zero["kl_first_token"]["mean"]) if zero else None)
+                   _float(zero["kl_first_token"]["mean"]) if zero else None, str(ab.get("judge") or "phrase"))
 
 
 @dataclass(frozen=True)

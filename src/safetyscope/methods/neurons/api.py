@@ -227,6 +227,9 @@ class AblationResult:
     after: dict[str, Any]
     n_harmful: int
     n_harmless: int
+    harmful: tuple[str, ...] = ()  # the held-out harmful prompts measured
+    replies_before: tuple[str, ...] = ()  # their judged replies, unmodified (empty without max_new_tokens)
+    replies_after: tuple[str, ...] = ()  # ... with the neurons ablated
 
 
 def neuron_ablation(
@@ -253,9 +256,10 @@ def neuron_ablation(
     base_logits = logits_under(lm, [*h, *s], None, batch_size=batch_size, system=system)
     ref = base_logits[len(h):]  # [n_harmless, vocab]
     kw: dict[str, Any] = {"token_ids": ids, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "system": system}
-    before = measure_point(lm, None, h, s, ref, logits=base_logits, **kw)
-    after = measure_point(lm, neuron_set, h, s, ref, **kw)
-    return AblationResult(neuron_set, before, after, len(h), len(s))
+    before = measure_point(lm, None, h, s, ref, logits=base_logits, keep_replies=True, **kw)
+    after = measure_point(lm, neuron_set, h, s, ref, keep_replies=True, **kw)
+    replies = (tuple(before.pop("replies", ())), tuple(after.pop("replies", ())))
+    return AblationResult(neuron_set, before, after, len(h), len(s), tuple(h), *replies)
 
 
 def _curve_maker(lm: LoadedModel, a: NeuronAnalysis, mode: str, strength: float | None) -> Callable[[Sequence[Neuron]], Any]:

@@ -138,10 +138,12 @@ def measure_point(
     batch_size: int = 16,
     system: str | None = None,
     logits: torch.Tensor | None = None,
+    keep_replies: bool = False,
 ) -> dict[str, Any]:
     """Refusal on ``harmful`` and first-token KL on ``harmless`` (vs ``reference`` logits) under an intervention.
 
     ``logits``: precomputed [n_harmful + n_harmless, vocab] first-token logits under the intervention.
+    ``keep_replies``: also return the judged harmful replies (``replies``; for other judges to read).
     """
     if logits is None:
         logits = logits_under(lm, [*harmful, *harmless], intervention, batch_size=batch_size, system=system)
@@ -163,6 +165,8 @@ def measure_point(
         rate = rate_with_ci([bool(j(p, r)) for p, r in zip(harmful, replies)])
         row.update(refusal_rate=rate["rate"], refusal_rate_lo=rate["lo"], refusal_rate_hi=rate["hi"],
                    example_reply=replies[0][:200] if replies else "")
+        if keep_replies:
+            row["replies"] = list(replies)
     return row
 
 
