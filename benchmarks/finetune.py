@@ -7,12 +7,15 @@
 
 One set of targets is made from the model (``finetune.data.make_data``, on the built-in *train* splits),
 then every method trains on exactly those targets for the same number of steps with the same draws:
-``components`` (the selection), ``random`` (random neurons in the selection's blocks, as many parameters),
-``lora`` (rank 8 on every projection) and ``full``. Each tuned model is measured on the built-in *test*
-splits (never trained or selected on): judged harmful refusal, over-refusal on harmless and on
+``components`` (the selection), ``random`` (components of the same kinds and sizes at random places,
+disjoint from the selection: as many parameters), ``lora`` (rank 8 on every projection) and ``full``.
+Each tuned model is measured on the built-in *test* splits (``--eval-split val`` to choose learning
+rates and steps without touching them): judged harmful refusal, over-refusal on harmless and on
 benign-but-scary prompts, first-token KL on harmless prompts against the unmodified model, perplexity on
 the built-in capability passages, harmful refusal under ablation of the original refusal direction and,
-with ``--fresh-direction``, under a direction found afresh on the tuned model (train split, a fast search).
+with ``--fresh-direction``, under a direction found afresh on the tuned model (train split, a fast search),
+and with ``--fragility-ks`` the refusal score with the neuron set's top k neurons zeroed.
+A comma-separated ``--lr`` / ``--lora-lr`` / ``--full-lr`` trains one row per rate (a sweep).
 Wall time is also given as a ratio to one plain forward pass over a training batch, measured in this run.
 """
 
@@ -31,7 +34,7 @@ import torch
 
 os.environ.setdefault("SAFETYSCOPE_QUIET", "1")
 
-from safetyscope.io import write_json  # noqa: E402
+from safetyscope.io import fingerprint, write_json  # noqa: E402
 from safetyscope.measure.capability import capability_rows, cross_entropy  # noqa: E402
 from safetyscope.measure.compare import logits_under  # noqa: E402
 from safetyscope.measure.generation import generate, refusal_scores  # noqa: E402
@@ -57,11 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--neuron-set", default="", help="neuron set artifact for [set] components")
     ap.add_argument("--top-neurons", type=int, default=0, help="keep only the set's first N neurons (0 = all)")
     ap.add_argument("--direction", default="", help="refusal direction artifact (default: found on the train split)")
-    ap.add_argument("--methods", default="components,random,lora,full", help="comma-separated: components, random, lora, full")
+    ap.add_argument("--methods", default="components,random,lora,full",
+                    help="comma-separated: components, random, lora, full; a +robust suffix hardens that row robustly")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of components / random")
-    ap.add_argument("--lora-lr", type=float, default=1e-3)
-    ap.add_argument("--full-lr", type=float, default=2e-5)
+    ap.add_argument("--lr", default="1e-3", help="learning rate(s) of components / random, comma-separated (a sweep)")
+    ap.add_argument("--lora-lr", default="1e-3", help="learning rate(s) of lora, comma-separated")
+    ap.add_argument("--full-lr", default="2e-5", help="learning rate(s) of full, comma-separated")
+    ap.add_argument("--eval-split", choices=("val", "test"), default="test",
+                    help="split measured: val to choose learning rates / steps, test for the reported table")
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--n-train", type=int, default=16, help="train-split prompts per group for the targets")
     ap.add_argument("--n-eval", type=int, default=20, help="test-split prompts per group measured")
@@ -71,7 +77,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--robust", action="store_true", help="harden with random directional ablation")
     ap.add_argument("--fresh-direction", action="store_true", help="also find a direction on each tuned model")
     ap.add_argument("--fresh-layers", default="", help="candidate blocks a-b for the fresh search (empty = all)")
+    ap.add_argument("--fresh-unmodified", action="store_true",
+                    help="also search a fresh direction on the unmodified model (its original direction stands in otherwise)")
     ap.add_argument("--ppl-tokens", type=int, default=128, help="capability passages cut to this many tokens")
+    ap.add_argument("--fragility-ks", default="",
+                    help="neuron fragility: refusal (logit score > 0) with the neuron set's top k neurons zeroed, "
+                         "for these k (comma-separated; needs --neuron-set; the unmodified model's ranking)")
+    ap.add_argument("--skip-unmodified", action="store_true",
+                    help="do not measure the unmodified model (already measured with the same settings in another run)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/bench_finetune"))
@@ -82,8 +95,9 @@ def _sets(a: argparse.Namespace) -> dict[str, list[str]]:
     out = {}
     for name, kind, split, n in (("train_harmful", "harmful", "train", a.n_train), ("train_harmless", "harmless", "train", a.n_train),
                                  ("train_scary", "scary_harmless", "train", a.n_train // 2),
-                                 ("harmful", "harmful", "test", a.n_eval), ("harmless", "harmless", "test", a.n_eval),
-                                 ("scary", "scary_harmless", "test", a.n_eval)):
+                                 ("harmful", "harmful", a.eval_split, a.n_eval),
+                                 ("harmless", "harmless", a.eval_split, a.n_eval),
+                                 ("scary", "scary_harmless", a.eval_split, a.n_eval)):
         out[name] = builtin_prompts(kind, split, seed=a.seed).sample(n, seed=a.seed).texts
     return out
 
@@ -121,24 +135,88 @@ def _fast(layers: str) -> DirectionConfig:
     return DirectionConfig(screen=8, keep=4, induce="lazy", layers=lay)
 
 
+def _fragility(lm: LoadedModel, a: argparse.Namespace, prompts: list[str], ns: NeuronSet | None) -> dict[str, float]:
+    """Refusal (logit score > 0) on held-out harmful prompts with the set's top k neurons zeroed."""
+    out: dict[str, float] = {}
+    if ns is None or not a.fragility_ks:
+        return out
+    for k in (int(v) for v in a.fragility_ks.split(",") if v.strip()):
+        ctx = ns.top(k).apply(lm) if k else nullcontext()
+        with ctx:
+            out[f"fragility_k{k}"] = float((refusal_scores(lm, prompts, batch_size=a.batch_size) > 0).float().mean())
+    return out
+
+
+def _fresh(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]], d: Direction) -> dict[str, Any]:
+    """Refusal on held-out harmful prompts under ablation of a direction found afresh on this model (train
+    split), and the cosine of that direction with the original one."""
+    t = time.perf_counter()
+    try:
+        fresh = find_direction(lm, sets["train_harmful"], sets["train_harmless"], config=_fast(a.fresh_layers),
+                               batch_size=a.batch_size)
+    except Exception as e:  # noqa: BLE001  (a search that finds nothing is a result, not a crash)
+        return {"fresh_error": f"{type(e).__name__}: {e}"}
+    return {"fresh_direction_layer": fresh.layer, "fresh_direction_position": fresh.position,
+            "fresh_cos_original": float(torch.nn.functional.cosine_similarity(
+                fresh.direction.double(), d.direction.double(), dim=0)),
+            "fresh_seconds": time.perf_counter() - t,
+            "refusal_harmful_fresh_ablated": _refusal(lm, sets["harmful"], a.eval_tokens, a.batch_size, fresh.apply(lm))}
+
+
 def measure(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]], d: Direction, ref: dict[str, Any],
-            apply: Any = None) -> dict[str, Any]:
+            apply: Any = None, ns: NeuronSet | None = None) -> dict[str, Any]:
     tok, bs = a.eval_tokens, a.batch_size
     row: dict[str, Any] = {}
+    t = time.perf_counter()
     with apply if apply is not None else nullcontext():
         for name in ("harmful", "harmless", "scary"):
             row[f"refusal_{name}"] = _refusal(lm, sets[name], tok, bs)
         row["refusal_harmful_ablated"] = _refusal(lm, sets["harmful"], tok, bs, d.apply(lm))
         row["ppl"] = cross_entropy(lm, ref["rows"], batch_size=bs).ppl
         new = logits_under(lm, sets["harmless"], None, batch_size=bs)
-        if a.fresh_direction:
-            t = time.perf_counter()
-            fresh = find_direction(lm, sets["train_harmful"], sets["train_harmless"], config=_fast(a.fresh_layers),
-                                   batch_size=bs)
-            row["fresh_direction_layer"], row["fresh_seconds"] = fresh.layer, time.perf_counter() - t
-            row["refusal_harmful_fresh_ablated"] = _refusal(lm, sets["harmful"], tok, bs, fresh.apply(lm))
+        row.update(_fragility(lm, a, sets["harmful"], ns))
+        if a.fresh_direction and (apply is not None or a.fresh_unmodified):
+            row.update(_fresh(lm, a, sets, d))
     row["kl_first_token"] = float(kl_divergence(ref["logits"], new).mean())
+    row["measure_seconds"] = time.perf_counter() - t
     return row
+
+
+def _lrs(a: argparse.Namespace, method: str) -> list[float]:
+    spec = {"lora": a.lora_lr, "full": a.full_lr}.get(method.removesuffix("+robust"), a.lr)
+    return [float(v) for v in str(spec).split(",") if v.strip()]
+
+
+def _targets(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]], d: Direction) -> TrainingData:
+    """The targets, cached under --out by the settings that make them (a rerun skips making them again)."""
+    key = fingerprint(lm.name, a.mode, sets["train_harmful"], sets["train_harmless"], sets["train_scary"],
+                      d.direction.tolist(), a.max_new_tokens)
+    cached = a.out / f"data-{a.mode}-{key}.jsonl"
+    if cached.is_file():
+        return TrainingData.load(cached)
+    data = make_data(lm, a.mode, sets["train_harmful"], sets["train_harmless"],
+                     sets["train_scary"] if a.mode == "harden" else [], ablate=lambda: d.apply(lm),
+                     add=lambda: d.add(lm), judge=PhraseJudge(), max_new_tokens=a.max_new_tokens,
+                     batch_size=a.batch_size)
+    data.save(cached)
+    return data
+
+
+def _train_row(lm: LoadedModel, a: argparse.Namespace, spec: str, lr: float, data: TrainingData, d: Direction,
+               ns: NeuronSet | None, fwd: float) -> tuple[dict[str, Any], Any]:
+    """One method trained and timed; ``spec`` is a method, with ``+robust`` for robust hardening of that row."""
+    method, robust = spec.removesuffix("+robust"), a.robust or spec.endswith("+robust")
+    cfg = TrainConfig(steps=a.steps, lr=lr, batch_size=a.train_batch, max_reply_tokens=a.max_new_tokens,
+                      robust=robust, reestimate_every=max(1, a.steps // 2), checkpoint_every=0, seed=a.seed)
+    r = finetune(lm, a.mode, a.components or None, method=method, data=data, direction=d, neuron_set=ns,  # type: ignore[arg-type]
+                 config=cfg, batch_size=a.batch_size)
+    row = {"lr": lr, "robust": robust, "n_trainable": r.n_trainable, "fraction": r.fraction, "train_seconds": r.log.seconds,
+           "step_over_forward": r.log.seconds / a.steps / fwd, "peak_mib": r.peak_mib,
+           "loss_first": r.log.losses[0], "loss_last": r.log.losses[-1],
+           "target_loss_last": r.log.target_losses[-1], "retain_loss_last": r.log.retain_losses[-1]}
+    if method == "random":
+        row["components"] = list(r.components)
+    return row, r
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,47 +228,37 @@ def main(argv: list[str] | None = None) -> int:
     d = Direction.load(a.direction) if a.direction else find_direction(
         lm, sets["train_harmful"], sets["train_harmless"], config=_fast(""), batch_size=a.batch_size)
     ns = NeuronSet.load(a.neuron_set) if a.neuron_set else None
-    if ns is not None and a.top_neurons:
-        ns = ns.top(a.top_neurons)
+    ns_train = ns.top(a.top_neurons) if ns is not None and a.top_neurons else ns
     t = time.perf_counter()
-    cached = a.out / f"data-{a.mode}.jsonl"  # a rerun (same settings) skips making the targets again
-    if cached.is_file():
-        data = TrainingData.load(cached)
-    else:
-        data = make_data(lm, a.mode, sets["train_harmful"], sets["train_harmless"],
-                         sets["train_scary"] if a.mode == "harden" else [], ablate=lambda: d.apply(lm),
-                         add=lambda: d.add(lm), judge=PhraseJudge(), max_new_tokens=a.max_new_tokens,
-                         batch_size=a.batch_size)
-        data.save(cached)
+    data = _targets(lm, a, sets, d)
     print(f"targets {data.counts} in {time.perf_counter() - t:.0f} s; plain forward over a training batch {fwd:.2f} s",
           file=sys.stderr)
     ref = {"rows": capability_rows(lm, max_tokens=a.ppl_tokens), "logits": logits_under(lm, sets["harmless"], None, batch_size=a.batch_size)}
-    rows = {"unmodified": {"n_trainable": 0, **measure(lm, a, sets, d, ref)}}
-    print(json.dumps(rows["unmodified"]), file=sys.stderr)
+    rows: dict[str, dict[str, Any]] = {}
+    if not a.skip_unmodified:
+        rows["unmodified"] = {"n_trainable": 0, **measure(lm, a, sets, d, ref, ns=ns)}
+        print(json.dumps(rows["unmodified"]), file=sys.stderr)
     for method in [m.strip() for m in a.methods.split(",") if m.strip()]:
-        lr = {"lora": a.lora_lr, "full": a.full_lr}.get(method, a.lr)
-        cfg = TrainConfig(steps=a.steps, lr=lr, batch_size=a.train_batch, max_reply_tokens=a.max_new_tokens,
-                          robust=a.robust, reestimate_every=max(1, a.steps // 2), checkpoint_every=0, seed=a.seed)
-        r = finetune(lm, a.mode, a.components or None, method=method, data=data, direction=d, neuron_set=ns,  # type: ignore[arg-type]
-                     config=cfg, batch_size=a.batch_size)
-        row = {"lr": lr, "n_trainable": r.n_trainable, "fraction": r.fraction, "train_seconds": r.log.seconds,
-               "step_over_forward": r.log.seconds / a.steps / fwd, "peak_mib": r.peak_mib,
-               "loss_first": r.log.losses[0], "loss_last": r.log.losses[-1],
-               **measure(lm, a, sets, d, ref, r.apply(lm))}
-        rows[method] = row
-        print(method, json.dumps(row), file=sys.stderr)
-        write_json(a.out / f"{a.mode}.partial.json", rows)  # what exists so far
-        del r
+        lrs = _lrs(a, method)
+        for lr in lrs:
+            row, r = _train_row(lm, a, method, lr, data, d, ns_train, fwd)
+            row.update(measure(lm, a, sets, d, ref, r.apply(lm), ns=ns))
+            name = method if len(lrs) == 1 else f"{method}@{lr:g}"
+            rows[name] = row
+            print(name, json.dumps(row), file=sys.stderr)
+            write_json(a.out / f"{a.mode}-{a.eval_split}.partial.json", rows)  # what exists so far
+            del r
     result = {"args": {k: str(v) for k, v in vars(a).items()}, "model": lm.name, "forward_seconds": fwd,
               "targets": data.counts, "direction_layer": d.layer, "rows": rows}
-    write_json(a.out / f"{a.mode}.json", result)
-    _table(rows)
+    write_json(a.out / f"{a.mode}-{a.eval_split}.json", result)
+    _table(rows, a)
     return 0
 
 
-def _table(rows: dict[str, dict[str, Any]]) -> None:
+def _table(rows: dict[str, dict[str, Any]], a: argparse.Namespace) -> None:
     cols = ["n_trainable", "train_seconds", "step_over_forward", "peak_mib", "refusal_harmful", "refusal_harmless",
-            "refusal_scary", "kl_first_token", "ppl", "refusal_harmful_ablated", "refusal_harmful_fresh_ablated"]
+            "refusal_scary", "kl_first_token", "ppl", "refusal_harmful_ablated", "refusal_harmful_fresh_ablated", "fresh_cos_original"]
+    cols += [f"fragility_k{k.strip()}" for k in a.fragility_ks.split(",") if k.strip()]
     print("| method | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for name, row in rows.items():

@@ -119,9 +119,10 @@ def test_baselines(lm, method):
     elif method == "lora":
         assert r.n_trainable == 3 * 8 * sum(32 + o for o in (32, 16, 16, 32, 64, 64)) + 3 * 8 * (64 + 32)
         assert changed and all("proj" in n for n in changed)
-    else:  # random neurons in the selection's blocks, as many parameters
-        assert abs(r.n_trainable - 1240) <= 48 and all(".mlp." in n for n in changed)
-        assert {n.split(".")[2] for n in changed} <= {"1", "2"}
+    else:  # components of the same kinds and sizes elsewhere: exactly as many parameters, none of the selection's
+        assert r.n_trainable == 1240 and r.components != ("blocks.1.attn.heads[1]", "blocks.2.mlp.neurons[3,40]")
+        assert any(".self_attn." in n for n in changed) and any(".mlp." in n for n in changed)
+        assert not any(n.startswith("model.layers.1.self_attn.") for n in changed)  # the head moved to another block
 
 
 def test_random_ablation_edits_only_target_rows():
@@ -165,3 +166,62 @@ def test_map_components_skip_residual_sites(tmp_path):
     assert map_components(tmp_path) == ["L2.N5", "L1.N7", "blocks.1.attn.out", "blocks.2.mlp.out"]
     with pytest.raises(ValueError):
         map_components(tmp_path / "nothing")
+
+
+def test_training_moves_only_masked_entries_frozen_parameters_bit_identical():
+    """train() itself, with no restore afterwards: every parameter outside the selection and every masked-off
+    entry of a selected one is bit-identical after the steps; the selected entries moved."""
+    from safetyscope.methods.finetune.components import select, trainable
+    from safetyscope.methods.finetune.data import Example, TrainingData
+    from safetyscope.methods.finetune.train import train
+
+    lm = tiny_model("qwen2", seed=3)  # a private copy: this test leaves it trained
+    sel = select(lm, "blocks.0.mlp, blocks.1.attn.heads[2], blocks.2.mlp.neurons[1,7]")
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    data = TrainingData((Example(HARMFUL[0], (5, 6, 7, 3), "target", "t"), Example(HARMFUL[1], (9, 3), "target", "t"),
+                         Example(HARMLESS[0], (11, 12, 3), "retain", "r")), {})
+    with trainable(lm.model, sel) as params:
+        log = train(lm, params, data, TrainConfig(steps=3, lr=1e-2, batch_size=2, max_reply_tokens=4, checkpoint_every=0))
+    assert len(log.losses) == 3
+    after = dict(lm.model.named_parameters())
+    moved = 0
+    for name, old in before.items():
+        new = after[name].detach()
+        if name not in sel.masks:
+            mask = torch.zeros_like(old, dtype=torch.bool)
+        else:
+            m = sel.masks[name]
+            mask = torch.ones_like(old, dtype=torch.bool) if m is None else m
+        assert torch.equal(new[~mask], old[~mask]), f"{name}: a frozen entry moved"
+        moved += int((new[mask] != old[mask]).sum())
+    assert moved > 0.5 * sel.n_trainable
+    assert not any(p.requires_grad for p in lm.model.parameters()) and all(p.grad is None for p in lm.model.parameters())
+
+
+def test_lora_merged_weights_equal_the_hooked_adapters():
+    from safetyscope.methods.finetune.lora import lora
+
+    lm = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        plain = lm.model(input_ids=ids).logits
+    with lora(lm, rank=2, seed=1) as lo:
+        with torch.no_grad():
+            for t in lo.b.values():
+                t.normal_(0, 0.1)  # B starts at zero; give the adapters something to add
+            hooked = lm.model(input_ids=ids).logits
+        merged = lo.merged()
+    assert not torch.allclose(hooked, plain, atol=1e-4)
+    params = dict(lm.model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in merged}
+    try:
+        with torch.no_grad():
+            for n, t in merged.items():
+                params[n].copy_(t)
+            assert torch.allclose(lm.model(input_ids=ids).logits, hooked, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            for n, t in saved.items():
+                params[n].copy_(t)
+    with torch.no_grad():
+        assert torch.equal(lm.model(input_ids=ids).logits, plain)  # adapters' hooks gone after the block

@@ -7,6 +7,7 @@ import torch
 
 from safetyscope.methods.finetune.components import (
     ComponentError,
+    random_like,
     random_neurons,
     select,
     select_all,
@@ -114,3 +115,33 @@ def test_trainable_masks_gradients_and_restores_flags(hook_count):
         assert not bool(g[:, :2].any()) and not bool(g[:, 3:].any())
     assert not any(p.requires_grad for p in lm.model.parameters())
     assert hook_count(lm) == n_hooks
+
+
+def _entries(sel):
+    """(parameter name, flat index) of every trainable entry."""
+    out = set()
+    for name, mask in sel.masks.items():
+        flat = torch.ones(sel.sizes[name], dtype=torch.bool) if mask is None else mask.flatten()
+        out.update((name, int(i)) for i in torch.nonzero(flat).flatten())
+    return out
+
+
+def test_random_like_matches_kinds_and_count_exactly_and_is_disjoint():
+    from safetyscope.methods.neurons.artifact import NeuronSet
+
+    lm = tiny_model("qwen2")  # 3 blocks, 4 heads in 2 kv groups, d_mlp 64
+    spec = "blocks.1.attn.heads[0,1], blocks.2.mlp, blocks.0.mlp.neurons[3,5,9], blocks.0.mlp.neurons[set]"
+    ns = NeuronSet([(0, 4), (0, 60), (2, 7)])
+    sel = select(lm, spec, neuron_set=ns)
+    rnd = random_like(lm, spec, neuron_set=ns, seed=5)
+    assert rnd == random_like(lm, spec, neuron_set=ns, seed=5) and rnd != random_like(lm, spec, neuron_set=ns, seed=6)
+    kinds = [c.site.kind for c in rnd]
+    assert sorted(kinds) == sorted(["attn.heads", "mlp.out", "mlp.neurons", "mlp.neurons"])
+    heads = next(c for c in rnd if c.site.kind == "attn.heads")
+    assert heads.site.layer != 1 and len(heads.index) == 2
+    assert len({h // 2 for h in heads.index}) == 1  # two heads of one kv group, as heads 0 and 1 are
+    assert next(c for c in rnd if c.site.kind == "mlp.out").site.layer == 1  # not 2 (selected), not 0 (its neurons)
+    r_sel = select(lm, rnd)
+    assert r_sel.n_trainable == sel.n_trainable
+    assert not _entries(r_sel) & _entries(sel)
+    assert sorted((c.site.layer, len(c.index)) for c in rnd if c.site.kind == "mlp.neurons") == [(0, 2), (0, 3)]

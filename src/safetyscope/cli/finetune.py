@@ -24,7 +24,7 @@ class FinetuneSettings(PromptSettings):
     neuron_set: str = opt("", "Neuron set artifact directory (from `safetyscope neurons find`): the neurons [set] components name.")
     direction: str = opt("", "Refusal direction artifact (from `safetyscope direction find`); empty = found on the training prompts when weakening or --robust needs one.")
     scary: str = opt("", "harden: benign-but-scary prompts kept answered (JSONL/CSV/TXT); empty = the built-in scary_harmless train split.")
-    method: str = opt("components", "What to train: components (the selection), full (every parameter), lora (rank --lora-rank on every projection) or random (random neurons of the selection's blocks, as many parameters).")
+    method: str = opt("components", "What to train: components (the selection), full (every parameter), lora (rank --lora-rank on every projection) or random (components of the same kinds and sizes at random places, disjoint from the selection: as many parameters).")
     steps: int = opt(40, "Optimizer steps.")
     lr: float = opt(1e-4, "Adam learning rate (no weight decay: masked entries never move).")
     train_batch: int = opt(4, "Target examples per step (and as many retain examples).")

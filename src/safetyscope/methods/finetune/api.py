@@ -31,7 +31,7 @@ from ...prompts.builtin import builtin_prompts
 from ...prompts.sets import PromptsLike, as_prompt_set
 from ...sites import Component, SiteError, parse_sites
 from ..direction.artifact import Direction
-from .components import Selection, as_components, frozen, random_neurons, select, select_all, trainable
+from .components import Selection, frozen, random_like, select, select_all, trainable
 from .data import MODES, Mode, TrainingData, make_data
 from .lora import lora
 from .train import TrainConfig, TrainLog, peak_memory, train
@@ -149,9 +149,11 @@ def _selection(lm: LoadedModel, method: Method, components: Any, neuron_set: Any
                          "method='full' / 'lora'")
     sel = select(lm, components, neuron_set=neuron_set, kv=kv)
     if method == "random":
-        layers = sorted({c.site.layer for c in as_components(lm, components) if c.site.layer is not None})
-        rnd = random_neurons(lm, sel.n_trainable, seed=seed + 1, layers=layers or None)
-        return select(lm, rnd, kv=kv)
+        rnd = select(lm, random_like(lm, components, neuron_set=neuron_set, seed=seed + 1), kv=kv)
+        if rnd.n_trainable != sel.n_trainable:
+            note = f"the random components own {rnd.n_trainable:,} parameters, the selection {sel.n_trainable:,}"
+            rnd = dataclasses.replace(rnd, notes=(*rnd.notes, note))
+        return rnd
     return sel
 
 
@@ -197,9 +199,9 @@ def finetune(lm: LoadedModel, mode: Mode, components: str | Sequence[str | Compo
     made from the model (see :mod:`.data`) unless ``data`` is given. ``direction``: the refusal
     direction (found on the prompts when weakening or robust hardening needs one and none is given).
     ``method``: components (the selection), full (every parameter), lora (rank ``lora_rank`` on every
-    projection) or random (random neurons of the selection's blocks, as many parameters as the
-    selection). ``out``: keep the targets and the resumable training state there. ``lm`` is left exactly
-    as it was; the result holds the tuned tensors.
+    projection) or random (components of the same kinds and sizes at random places, disjoint from the
+    selection: :func:`.components.random_like`). ``out``: keep the targets and the resumable training
+    state there. ``lm`` is left exactly as it was; the result holds the tuned tensors.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use weaken or harden")
@@ -228,6 +230,8 @@ def finetune(lm: LoadedModel, mode: Mode, components: str | Sequence[str | Compo
         n_total = sum(p.numel() for p in lm.model.parameters())
     else:
         say(f"trainable parameters: {sel.n_trainable:,} of {sel.n_total:,} ({sel.fraction:.3%})")
+        for note in sel.notes:
+            say(note)
         tuned, lg, peak = run.selection(sel)
         n_train, n_total, names = sel.n_trainable, sel.n_total, sel.components
     return FinetuneResult(lm.name, mode, method, tuple(names), n_train, n_total, lg, peak, dict(td.counts), tuned, d)
@@ -246,7 +250,8 @@ class _Trainer:
     def _train(self, params: Sequence[torch.Tensor]) -> TrainLog:
         d = self.direction
         return train(self.lm, params, self.data, self.cfg, direction=None if d is None else d.direction,
-                     direction_layer=0 if d is None else d.layer, system=self.system, state_dir=self.state, key=self.key)
+                     direction_layer=0 if d is None else d.layer, direction_position=-1 if d is None else d.position,
+                     system=self.system, state_dir=self.state, key=self.key)
 
     def selection(self, sel: Selection) -> tuple[dict[str, torch.Tensor], TrainLog, float]:
         params = dict(self.lm.model.named_parameters())

@@ -243,6 +243,75 @@ def random_neurons(lm: LoadedModel, n_params: int, *, seed: int = 0, layers: Seq
     return [Component(Site("mlp.neurons", layer), tuple(ix)) for layer, ix in sorted(by_layer.items())]
 
 
+def _circuit_neurons(lm: LoadedModel, comps: Sequence[Component], neuron_set: Any) -> set[tuple[int, int]]:
+    out: set[tuple[int, int]] = set()
+    for c in comps:
+        if c.site.kind == "mlp.neurons" and c.site.layer is not None:
+            idx = _set_neurons(neuron_set, c.site.layer) if c.from_set else (
+                c.index if c.index is not None else range(lm.dims.d_mlp))
+            out.update((c.site.layer, i) for i in idx)
+    return out
+
+
+def _free_layer(rng: random.Random, n_layers: int, used: set[int], avoid: set[int], what: str) -> int:
+    free = [layer for layer in range(n_layers) if layer not in used and layer not in avoid]
+    free = free or [layer for layer in range(n_layers) if layer not in used]
+    if not free:
+        raise ComponentError(f"no block is left for a random {what}; select fewer whole modules")
+    pick = rng.choice(free)
+    used.add(pick)
+    return pick
+
+
+def _random_heads(rng: random.Random, lm: LoadedModel, heads: Sequence[int]) -> tuple[int, ...]:
+    """The heads under a random permutation of the key/value groups and of the heads within a group (so as
+    many key/value heads are touched: the same parameter count under grouped-query attention)."""
+    group = max(1, lm.dims.n_heads // max(1, lm.dims.n_kv_heads))
+    n_groups = lm.dims.n_heads // group
+    pg, po = rng.sample(range(n_groups), n_groups), rng.sample(range(group), group)
+    return tuple(sorted(pg[h // group] * group + po[h % group] for h in heads))
+
+
+def random_like(lm: LoadedModel, components: str | Iterable[str | Component], *, neuron_set: Any = None,
+                seed: int = 0) -> list[Component]:
+    """Random components of the same kinds and sizes as ``components`` (the random baseline), disjoint from them.
+
+    A whole attention / MLP module moves to a random block holding no selected module of that kind; heads
+    move to a random block without selected attention, as many heads touching as many key/value heads;
+    neurons stay in their block and are drawn among the block's unselected neurons. For a table whose
+    blocks are all alike the parameter count is therefore exactly the selection's.
+    """
+    comps = as_components(lm, components)
+    rng = random.Random(seed)
+    n = lm.n_layers
+    used_attn = {c.site.layer for c in comps if c.site.kind in ("attn.out", "attn.heads") and c.site.layer is not None}
+    used_mlp = {c.site.layer for c in comps if c.site.kind == "mlp.out" and c.site.layer is not None}
+    taken = _circuit_neurons(lm, comps, neuron_set)
+    neuron_layers = {layer for layer, _ in taken}
+    out: list[Component] = []
+    for c in comps:
+        layer = c.site.layer
+        assert layer is not None
+        if c.site.kind == "attn.out":
+            out.append(Component(Site("attn.out", _free_layer(rng, n, used_attn, set(), "attention module"))))
+        elif c.site.kind == "mlp.out":
+            out.append(Component(Site("mlp.out", _free_layer(rng, n, used_mlp, neuron_layers, "MLP module"))))
+        elif c.site.kind == "attn.heads":
+            heads = c.index if c.index is not None else tuple(range(lm.dims.n_heads))
+            new = _free_layer(rng, n, used_attn, set(), "set of heads")
+            out.append(Component(Site("attn.heads", new), _random_heads(rng, lm, heads)))
+        else:
+            k = len([1 for layer_, _ in _circuit_neurons(lm, [c], neuron_set) if layer_ == layer])
+            pool = [i for i in range(lm.dims.d_mlp) if (layer, i) not in taken]
+            if k > len(pool):
+                raise ComponentError(f"block {layer} has only {len(pool)} unselected neurons for {k} random ones")
+            pick = sorted(rng.sample(pool, k))
+            taken.update((layer, i) for i in pick)
+            if pick:
+                out.append(Component(Site("mlp.neurons", layer), tuple(pick)))
+    return out
+
+
 @contextmanager
 def frozen(model: nn.Module) -> Iterator[None]:
     """Every parameter of ``model`` off for autograd (e.g. while LoRA adapters train); flags restored on exit."""

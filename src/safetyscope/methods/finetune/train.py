@@ -8,8 +8,8 @@ number, so a resumed run draws what an uninterrupted one draws) and minimises
 stream (``blocks.{l}.resid_pre``) at a random subset of blocks and a random subset of token positions,
 drawn anew at every step (each block and each position with probability ``robust_p``), so the model
 learns to refuse without that direction. The direction is re-estimated every ``reestimate_every`` steps
-as the difference of means of the target and retain prompts at the last prompt token of its block, on
-the model as it is then, so training chases the direction the current model uses.
+as the difference of means of the target and retain prompts at its block and prompt position (the
+direction artifact's), on the model as it is then, so training chases the direction the current model uses.
 
 Adam runs without weight decay: an entry whose gradient is always zero (masked) never moves.
 Every ``checkpoint_every`` steps the trainable tensors, Adam's moments, the current direction, the
@@ -125,13 +125,14 @@ def random_ablation(lm: LoadedModel, r: torch.Tensor, rows: int, width: int, p: 
 
 
 def estimate_direction(lm: LoadedModel, target: Sequence[str], retain: Sequence[str], layer: int,
-                       system: str | None, batch_size: int = 8) -> torch.Tensor:
-    """Unit difference of means (target - retain) at ``blocks.{layer}.resid_pre``, last prompt token."""
+                       system: str | None, batch_size: int = 8, position: int = -1) -> torch.Tensor:
+    """Unit difference of means (target - retain) at ``blocks.{layer}.resid_pre``, at the prompt token
+    ``position`` (negative offset from the end of the chat-formatted prompt: the direction's own)."""
     site = Site("resid_pre", layer)
     means = []
     for texts in (target, retain):
         total, n = None, 0
-        for _b, vals in run_capture(lm, list(texts), site, "last", batch_size=batch_size, system=system,
+        for _b, vals in run_capture(lm, list(texts), site, [position], batch_size=batch_size, system=system,
                                     description="direction"):
             v = vals[site][:, 0].double().sum(0)  # [d_model]
             total, n = (v if total is None else total + v), n + int(vals[site].shape[0])
@@ -246,7 +247,8 @@ class _Run:
 
 
 def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, cfg: TrainConfig, *,
-          direction: torch.Tensor | None = None, direction_layer: int = 0, system: str | None = None,
+          direction: torch.Tensor | None = None, direction_layer: int = 0, direction_position: int = -1,
+          system: str | None = None,
           state_dir: Path | None = None, key: str = "", on_step: Callable[[int, float], None] | None = None) -> TrainLog:
     """Train ``params`` (already switched on for autograd, gradients masked) on ``data``; see the module docstring."""
     start = time.perf_counter()
@@ -269,7 +271,7 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
     with _bar(cfg.steps, step0) as show:
         for step in range(step0, cfg.steps):
             if cfg.robust and r is not None and cfg.reestimate_every and step and step % cfg.reestimate_every == 0:
-                r = estimate_direction(lm, texts[0], texts[1], direction_layer, system)
+                r = estimate_direction(lm, texts[0], texts[1], direction_layer, system, position=direction_position)
             opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 loss, lt, lr_ = run.loss(step, r)
