@@ -53,13 +53,9 @@ TAMPERING = {"zero", "refined", "partial:0.5", "partial:0.25", "kernel", "subset
 
 
 def _load(args: argparse.Namespace) -> Any:
-    if args.model.startswith("tiny:"):
-        from safetyscope.testing import tiny_model
+    from safetyscope.testing import benchmark_model
 
-        return tiny_model(args.model.split(":", 1)[1])
-    from safetyscope.models import load_model
-
-    return load_model(args.model, device=args.device, log=lambda _m: None)
+    return benchmark_model(args.model, device=args.device)
 
 
 def _save(model: Any, lm: Any, path: Path) -> Path:

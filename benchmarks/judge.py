@@ -38,13 +38,9 @@ TINY_RUBRIC = "Q: {prompt}\nR: {reply}\nA, B or C?"  # the tiny tokenizer is per
 
 
 def _model(spec: str):  # noqa: ANN202
-    if spec.startswith("tiny:"):
-        from safetyscope.testing import tiny_model
+    from safetyscope.testing import benchmark_model
 
-        return tiny_model(spec.split(":", 1)[1])
-    from safetyscope.models import load_model
-
-    return load_model(spec, log=lambda _m: None)
+    return benchmark_model(spec)
 
 
 def _forward_all(lm, texts: list[str], batch_size: int, encode=None) -> None:  # noqa: ANN001

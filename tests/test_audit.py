@@ -354,12 +354,8 @@ def test_fingerprint_flags_full_and_partial_removal_of_a_harm_direction_only(lm,
         audit_checkpoint(ref, fingerprint=tmp_path)
 
 
-def test_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_audit", Path(__file__).resolve().parents[1] / "benchmarks" / "audit.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_benchmark_runs_on_a_tiny_model(tmp_path, capsys, bench_module):
+    mod = bench_module("audit")
     out = tmp_path / "rows.json"
     assert mod.main(["--model", "tiny:llama", "--variants", "unmodified,zero,neurons,fp16", "--no-behaviour",
                      "--json", str(out)]) == 0

@@ -129,15 +129,8 @@ def test_bad_judge_file_is_one_line_error(tmp_path):
         load_judge_set(bad)
 
 
-def test_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "judge.py"
-    spec = importlib.util.spec_from_file_location("bench_judge", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_benchmark_runs_on_a_tiny_model(tmp_path, capsys, bench_module):
+    mod = bench_module("judge")
     out = tmp_path / "judge.json"
     assert mod.main(["--model", "tiny:llama", "--pairs", "6", "--repeats", "1", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
