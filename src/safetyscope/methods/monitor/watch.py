@@ -239,10 +239,12 @@ class Watch:
         def read(x: torch.Tensor, _batch: Batch | None) -> None:  # x: [batch, pos, d_model]
             if self._raw is None or self._proj is None:
                 return None
-            w, b, r = self._on(x.device)
             if j_prefix is not None and self._phase == "prefill" and self._pstart is not None and pp is not None:
                 assert self._check is not None
                 self._check.read(j_prefix, x[0, self._pstart:self._pstart + pp.ids.size])  # [p, d_model]
+            if not idx and not is_refusal:
+                return None  # a block read only for the prefix check
+            w, b, r = self._on(x.device)
             n = self._n_post if self._phase == "prefill" else 0
             xf = x.detach()[:, -(n + 1):].double()  # [batch, n + 1, d_model]: only the positions read
             last = xf[:, -1]  # [batch, d_model]
