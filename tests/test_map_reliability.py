@@ -123,6 +123,13 @@ def test_a_broken_report_builder_still_writes_a_page(tiny_dir, tmp_path, monkeyp
     page = (out / "report.html").read_text()
     assert "renamed_key" in page and "dla" in page  # the error and every stage's status
 
+    monkeypatch.undo()  # the bug fixed: the rerun builds the page again instead of keeping the failed one
+    res = CliRunner().invoke(app, ["map", str(tiny_dir), "--quick", "--quiet", "--json", "--out", str(out),
+                                   "--stages", "dla,report"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["status"] == {**json.loads(res.stdout)["status"], "dla": "cached", "report": "done"}
+    assert "renamed_key" not in (out / "report.html").read_text()
+
 
 def test_too_few_prompts_fail_before_anything_is_written(tiny_dir, tmp_path):
     harmful, harmless = _files(tmp_path, n=3)

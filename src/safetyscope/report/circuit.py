@@ -245,10 +245,11 @@ class MapReport:
     stages: list[Stage]
     missing: dict[str, str]
     implications: list[list[Any]]
+    error: str | None = None  # the page could not be built (a fallback page was written; a rerun builds it again)
 
     def to_json(self) -> dict[str, Any]:
         return {"report": str(self.path), "headline": self.headline, "stages": [st.to_json() for st in self.stages],
-                "missing_stages": self.missing,
+                "missing_stages": self.missing, "page_error": self.error,
                 "implications": [{"row": r[0], "measured": r[1], "meaning": r[2]} for r in self.implications]}
 
 
@@ -291,4 +292,4 @@ def render_map(out: Path, raw: Mapping[str, Any], runs: Sequence[StageRun], mode
         page = Report(title=f"Refusal circuit of {model}", subtitle="safetyscope map", headline=line,
                       sections=[Section("Stages", [status_table(runs, {}), Text(f"Report error: {msg}")])],
                       footer="Please report this error; the stage results in map/stages/ are intact.")
-        return MapReport(page.write(path or out / "report.html"), line, [], {}, [])
+        return MapReport(page.write(path or out / "report.html"), line, [], {}, [], msg)

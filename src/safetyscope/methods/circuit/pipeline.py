@@ -188,8 +188,9 @@ def map_circuit(
         upstream = {k: v for k, v in done.items() if k != "report"}
         key = stage_key(stage, settings, b, upstream)
         rec = _cached(path, key)
-        if stage == "report" and rec is not None and not Path(rec["result"].get("report", "")).is_file():
-            rec = None  # the page was deleted: render it again
+        if stage == "report" and rec is not None and (rec["result"].get("page_error")
+                                                      or not Path(rec["result"].get("report", "")).is_file()):
+            rec = None  # the page was deleted, or building it failed: render it again
         if rec is not None and not (force and stage in wanted):
             done[stage] = rec["result"]
             runs.append(StageRun(stage, "cached", rec.get("seconds")))
