@@ -36,11 +36,10 @@ def conditions(lm: Any, args: argparse.Namespace) -> dict[str, Callable[[], tupl
     from safetyscope.artifacts import load_artifact
     from safetyscope.hooks import hooks
     from safetyscope.methods.direction.artifact import ablation_edits
+    from safetyscope.methods.direction.refine import harmless_means as group_means
     from safetyscope.methods.direction.weights import orthogonalized_copy
     from safetyscope.models.adapter import LoadedModel
     from safetyscope.prompts.builtin import builtin_prompts
-    from safetyscope.runner import run_capture
-    from safetyscope.sites import Site
 
     def zero(vec: torch.Tensor) -> AbstractContextManager[Any]:
         return hooks(lm, ablation_edits(lm, vec, None, 1.0, False))
@@ -53,19 +52,12 @@ def conditions(lm: Any, args: argparse.Namespace) -> dict[str, Callable[[], tupl
         out["direction (orthogonalised copy)"] = lambda: (
             LoadedModel.wrap(orthogonalized_copy(lm, d.direction, None, 1.0, False), lm.tokenizer, "orthogonalised"),
             nullcontext())
+    # [n_layers, d_model] last-token means of each group (group_means works for any group, not only harmless)
+    diff = (group_means(lm, builtin_prompts("harmful", "val").texts[:32], -1, batch_size=args.batch_size)
+            - group_means(lm, builtin_prompts("harmless", "val").texts[:32], -1, batch_size=args.batch_size)).float()
     step = max(1, lm.n_layers // 6)
-    sites = [Site("resid_pre", b) for b in range(step, lm.n_layers, step)]
-    means = {}
-    for kind in ("harmful", "harmless"):
-        sums = {site: torch.zeros(lm.dims.d_model, dtype=torch.float64) for site in sites}
-        texts = builtin_prompts(kind, "val").texts[:32]
-        for _batch, acts in run_capture(lm, texts, sites, "last", batch_size=args.batch_size):
-            for site in sites:
-                sums[site] += acts[site].double().reshape(-1, lm.dims.d_model).sum(0)
-        means[kind] = {site: v / len(texts) for site, v in sums.items()}
-    for site in sites:
-        v = (means["harmful"][site] - means["harmless"][site]).float()
-        out[f"attacker difference of means, block {site.layer} (hooks)"] = (lambda v=v: (lm, zero(v / v.norm())))
+    for b in range(step, lm.n_layers, step):
+        out[f"attacker difference of means, block {b} (hooks)"] = (lambda v=diff[b]: (lm, zero(v / v.norm())))
     g = torch.Generator().manual_seed(0)
     for i in range(args.random):
         r = torch.randn(lm.dims.d_model, generator=g)

@@ -89,14 +89,13 @@ def tamper_basis(cands: np.ndarray, d_model: int, seed: int) -> tuple[np.ndarray
 
 def shared_prefix_ids(lm: LoadedModel, system: str | None) -> np.ndarray:
     """The token ids every chat-formatted prompt starts with (the template's opening)."""
-    from ...prompts.chat import format_chat
+    from ...prefix import shared_prefix_length
+    from ...prompts.chat import tokenize_prompts
 
-    a, b = (lm.tokenizer(format_chat(lm.tokenizer, t, system), add_special_tokens=False)["input_ids"]
-            for t in ("Hello there.", "Write one poem?"))
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return np.asarray(a[:n], dtype=np.int64)
+    batch = tokenize_prompts(lm.tokenizer, ["Hello there.", "Write one poem?"], system=system)
+    p = shared_prefix_length(batch)
+    start = int((batch.attention_mask[0] == 0).sum())  # left padding
+    return batch.input_ids[0, start:start + p].cpu().numpy().astype(np.int64)
 
 
 def fit_prefix_print(lm: LoadedModel, cands: np.ndarray, blocks: Sequence[int], *, system: str | None,
