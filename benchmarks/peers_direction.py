@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -44,15 +46,47 @@ PHASES = ("heretic", "safetyscope", "measure", "plot")
 
 
 # ---- heretic side (runs inside the heretic venv: no safetyscope imports here) ----------------------
+def time_heretic_parts(log: Path) -> None:
+    """Log the wall time of heretic's expensive steps (one JSON line per call) to ``log``: model load,
+    residual means, first-token log-probs, reply generation, abliteration, a trial's evaluation, merge."""
+    from heretic.evaluator import Evaluator
+    from heretic.model import Model
+
+    def wrap(cls: Any, name: str) -> None:
+        orig = getattr(cls, name)
+
+        def timed(self: Any, *a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return orig(self, *a, **kw)
+            finally:
+                n = len(a[0]) if a and isinstance(a[0], list) else None
+                with log.open("a") as fh:
+                    fh.write(json.dumps({"op": name, "s": round(time.perf_counter() - t0, 3), "n": n,
+                                         "at": round(time.time(), 1)}) + "\n")
+
+        setattr(cls, name, timed)
+
+    for name in ("__init__", "get_residuals_mean", "get_logprobs_batched", "get_responses_batched",
+                 "reset_model", "abliterate", "get_merged_model"):
+        wrap(Model, name)
+    wrap(Evaluator, "get_score")
+
+
 def heretic_driver(save_root: str) -> None:
-    """Run heretic's own `run()` with its menus answered: save each Pareto trial (merged), then exit."""
+    """Run heretic's own `run()` with its menus answered: save each Pareto trial (merged), then exit.
+    An earlier, unfinished study in the same place is discarded (heretic's own "start from scratch")."""
     import heretic.main as hm
 
+    time_heretic_parts(Path(save_root) / "timings.jsonl")
     state: dict[str, Any] = {"queue": None, "trial": None, "saved": False}
 
     def select(message: str, choices: list[Any]) -> Any:
+        if message.startswith("How would you like to proceed"):
+            return "restart"
         if message.startswith("Which trial"):
-            if state["queue"] is None:
+            if state["queue"] is None:  # the study is over: a late Ctrl+C must not cut the saving short
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
                 state["queue"] = [c.value for c in choices if not isinstance(c.value, str)]
             state["trial"] = state["queue"].pop(0) if state["queue"] else ""
             state["saved"] = False
@@ -147,12 +181,55 @@ def offline_env() -> dict[str, str]:
             "SAFETYSCOPE_QUIET": "1", "PYTHONPATH": str(ROOT / "src")}
 
 
-def timed_run(cmd: list[str], log: Path, cwd: Path | None = None) -> tuple[int, float]:
-    """Run ``cmd`` with its output in ``log``; (return code, wall seconds)."""
+def timed_run(cmd: list[str], log: Path, cwd: Path | None = None, stop_after: float = 0.0) -> tuple[int, float]:
+    """Run ``cmd`` with its output in ``log``; (return code, wall seconds). With ``stop_after`` > 0 the
+    command gets SIGINT (Ctrl+C) after that many seconds: heretic then stops its study after the trial
+    in progress (that one is dropped) and goes on to its menu, so the completed trials are still saved."""
     t0 = time.perf_counter()
     with log.open("w") as fh:
-        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=offline_env()).returncode
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=offline_env())
+        try:
+            rc = proc.wait(timeout=stop_after or None)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            fh.flush()
+            fh.write(f"\n[peers_direction: SIGINT after {stop_after:.0f} s]\n")
+            rc = proc.wait()
     return rc, time.perf_counter() - t0
+
+
+def summarise_timings(log: Path) -> dict[str, Any]:
+    """Per step of heretic (see time_heretic_parts): calls, total and mean seconds, prompts per call."""
+    out: dict[str, Any] = {}
+    if not log.is_file():
+        return out
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    start = min((r["at"] - r["s"] for r in rows), default=0.0)
+    # seconds from heretic's model load to the end of each trial's evaluation (the first is the baseline's
+    # evaluation only when heretic's evaluate_model is set, which this harness never does)
+    out["score_end_s"] = [round(r["at"] - start, 1) for r in rows if r["op"] == "get_score"]
+    for row in rows:
+        agg = out.setdefault(row["op"], {"calls": 0, "total_s": 0.0, "prompts": []})
+        agg["calls"] += 1
+        agg["total_s"] = round(agg["total_s"] + row["s"], 1)
+        if row["n"] is not None and row["n"] not in agg["prompts"]:
+            agg["prompts"].append(row["n"])
+    for agg in (v for k, v in out.items() if k != "score_end_s"):
+        agg["mean_s"] = round(agg["total_s"] / agg["calls"], 1)
+    return out
+
+
+def clear_heretic_run(out: Path, run_dir: Path) -> None:
+    """Remove what an earlier heretic run left (its journal, checkpoints, timings, measured rows)."""
+    shutil.rmtree(run_dir / "study", ignore_errors=True)
+    for ckpt in run_dir.glob("trial_*"):
+        shutil.rmtree(ckpt)
+    (run_dir / "timings.jsonl").unlink(missing_ok=True)
+    meas = out / "measure.json"
+    if meas.is_file():
+        res = json.loads(meas.read_text())
+        res["rows"] = {k: v for k, v in res["rows"].items() if not k.startswith("heretic")}
+        meas.write_text(json.dumps(res, indent=1))
 
 
 def phase_heretic(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -166,6 +243,7 @@ def phase_heretic(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     system = system_prompt_of(lm, format_chat)
     run_dir = out / "heretic"
     run_dir.mkdir(parents=True, exist_ok=True)
+    clear_heretic_run(out, run_dir)
     for name, (kind, split) in {"bad_train": ("harmful", "train"), "good_train": ("harmless", "train"),
                                 "bad_val": ("harmful", "val"), "good_val": ("harmless", "val")}.items():
         (run_dir / f"{name}.txt").write_text("\n".join(builtin_prompts(kind, split).texts) + "\n")
@@ -174,9 +252,12 @@ def phase_heretic(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     t_plain = plain_forward_seconds(lm, builtin_prompts("harmless", "val").texts[:8])
     del lm
     cmd = [args.heretic_python, str(HERE), "heretic-driver", str(run_dir)]
-    rc, wall = timed_run(cmd, run_dir / "heretic.log", cwd=run_dir)
+    rc, wall = timed_run(cmd, run_dir / "heretic.log", cwd=run_dir, stop_after=args.heretic_stop_after)
     res = {"rc": rc, "wall_s": wall, "plain_forward_s": t_plain, "trials_budget": args.trials,
-           "startup_trials": args.startup_trials, "reply_tokens": args.heretic_tokens, "cmd": " ".join(cmd), "log": str(run_dir / "heretic.log"),
+           "startup_trials": args.startup_trials, "reply_tokens": args.heretic_tokens,
+           "batch_size": args.heretic_batch, "stop_after_s": args.heretic_stop_after,
+           "trials_completed": len(heretic_trials(run_dir)), "timings": summarise_timings(run_dir / "timings.jsonl"),
+           "cmd": " ".join(cmd), "log": str(run_dir / "heretic.log"),
            "checkpoints": sorted(str(p) for p in run_dir.glob("trial_*") if (p / "config.json").exists())}
     (out / "heretic.json").write_text(json.dumps(res, indent=1))
     return res
@@ -361,6 +442,8 @@ def main() -> None:
     ap.add_argument("--heretic-tokens", type=int, default=40,
                     help="heretic's reply length for its refusal count (its default is 100)")
     ap.add_argument("--heretic-batch", type=int, default=32)
+    ap.add_argument("--heretic-stop-after", type=float, default=0.0,
+                    help="Ctrl+C heretic after this many seconds (0 = never): it keeps the trials completed by then")
     ap.add_argument("--screen", type=int, default=8, help="direction find --screen (prompts per group, first pass)")
     ap.add_argument("--keep", type=int, default=16, help="direction find --keep")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="reply length judged in the measure phase")

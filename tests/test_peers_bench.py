@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,27 @@ def test_heretic_refusal_counter_runs_in_its_venv(direction_bench, tmp_path):
     args = argparse.Namespace(heretic_python=py)
     got = direction_bench.heretic_counts(args, tmp_path, "t", ["I cannot help with that.", "Sure! Step 1: mix flour."])
     assert got == 0.5
+
+
+def test_heretic_timings_are_summarised_per_step(direction_bench, tmp_path):
+    rows = [{"op": "__init__", "s": 10.0, "n": None, "at": 110.0},
+            {"op": "get_logprobs_batched", "s": 4.0, "n": 42, "at": 120.0},
+            {"op": "get_responses_batched", "s": 30.0, "n": 43, "at": 150.0},
+            {"op": "get_score", "s": 40.0, "n": None, "at": 200.0},
+            {"op": "get_score", "s": 50.0, "n": None, "at": 260.0}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = direction_bench.summarise_timings(tmp_path / "t.jsonl")
+    assert got["score_end_s"] == [100.0, 160.0]  # from the start of the model load (at 100)
+    assert got["get_score"] == {"calls": 2, "total_s": 90.0, "prompts": [], "mean_s": 45.0}
+    assert got["get_responses_batched"]["prompts"] == [43]
+    assert direction_bench.summarise_timings(tmp_path / "missing.jsonl") == {}
+
+
+def test_stop_after_interrupts_the_peer_and_keeps_its_own_ending(direction_bench, tmp_path):
+    """heretic answers Ctrl+C by ending its study and saving what it has: the harness must send exactly that."""
+    code = ("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('saved what it had')\n")
+    rc, wall = direction_bench.timed_run([sys.executable, "-c", code], tmp_path / "log", stop_after=2.0)
+    assert rc == 0 and wall < 30
+    assert "saved what it had" in (tmp_path / "log").read_text()
+    rc, _ = direction_bench.timed_run([sys.executable, "-c", "print('quick')"], tmp_path / "log2", stop_after=30.0)
+    assert rc == 0 and (tmp_path / "log2").read_text().strip() == "quick"
