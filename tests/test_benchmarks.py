@@ -58,3 +58,19 @@ def test_direction_variants_benchmark_measures_on_given_prompt_files(tmp_path, b
                                              "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["n_val"] == [2, 3]  # the file's 2 harmful prompts, 3 built-in harmless ones
+
+
+def test_refine_pool_benchmark_measures_each_variant_on_unseen_val_prompts(tmp_path, capsys, bench_module):
+    from safetyscope.methods.direction.artifact import Direction
+
+    torch.manual_seed(0)
+    Direction(torch.randn(32), 1, -1, ablation="mean", targets=torch.zeros(3)).save(tmp_path / "unrefined")
+    out = tmp_path / "rows.jsonl"
+    assert bench_module("refine_pool").main(["--model", "tiny:llama", "--direction", str(tmp_path / "unrefined"),
+                                             "--variants", "none,4:20,all:40", "--steps", "1", "--n-val", "3",
+                                             "--max-new-tokens", "2", "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["none", "4:20", "all:40"]
+    assert all(r["refusal_after"]["n"] == 43 - 3 for r in rows)  # the built-in val split less the chooser's 3
+    assert rows[1]["kl_first_token"] != rows[0]["kl_first_token"]  # refinement moved the direction
+    assert "decision prompts 40 harmful" in capsys.readouterr().out

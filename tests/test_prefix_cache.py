@@ -230,3 +230,85 @@ def test_map_direction_stage_refines_and_measures_the_zero_variant(tmp_path):
     assert zero["ablation"] == "zero" and zero["kl_first_token"]["mean"] >= 0
     s = DirectionSummary.from_json(res)
     assert s.refined and s.zero_kl_mean == zero["kl_first_token"]["mean"]
+
+
+def _prefix_calls(lm):
+    """A neutral pre-hook counting the model calls that run a shared prefix (prefix Batch published)."""
+    from safetyscope.hooks import current_batch
+    from safetyscope.prefix import PART, neutral
+
+    calls: list[int] = []
+
+    def count(_m, _args, _kwargs):
+        b = current_batch()
+        if b is not None and b.extra.get(PART) == "prefix":
+            calls.append(b.seq_len)
+
+    return calls, lm.model.register_forward_pre_hook(neutral(count), with_kwargs=True)
+
+
+def test_an_unedited_prefix_runs_once_across_batches(lm, batch):
+    from safetyscope.prefix import forget_prefixes
+
+    forget_prefixes(lm.model)
+    other = tokenize_prompts(lm.tokenizer, ["Name three rivers.", "What is 2+2?", "Translate 'cat'."], system=SYSTEM)
+    calls, handle = _prefix_calls(lm)
+    try:
+        with torch.no_grad():
+            first = [forward(lm, b, last_only=True) for b in (batch, other)]
+            again = [forward(lm, b, last_only=True) for b in (batch, other)]
+            with prefix_reuse(False):
+                plain = [forward(lm, b, last_only=True) for b in (batch, other)]
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # the first batch ran the prefix; every later batch reused it
+    for a, b, c in zip(first, again, plain):
+        assert torch.equal(a, b)  # the kept prefix is the same computation
+        torch.testing.assert_close(a, c, atol=TOL, rtol=0)
+
+
+def test_a_kept_prefix_is_dropped_when_weights_change(lm, batch):
+    """An in-place weight edit (as a checkpoint intervention or a fine-tuning step makes) changes the key."""
+    from safetyscope.prefix import forget_prefixes
+
+    forget_prefixes(lm.model)
+    w = lm.model.model.layers[0].mlp.down_proj.weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            before = forward(lm, batch, last_only=True)
+            w.mul_(1.5)
+            edited = forward(lm, batch, last_only=True)
+            with prefix_reuse(False):
+                plain = forward(lm, batch, last_only=True)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    assert (edited - before).abs().max() > 100 * TOL  # the edit shows (not a stale prefix)
+    torch.testing.assert_close(edited, plain, atol=TOL, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(forward(lm, batch, last_only=True), before, atol=TOL, rtol=0)
+
+
+def test_edited_or_trained_prefixes_are_not_kept(lm, batch):
+    """Under an edit of every position, or with gradients into parameters, the prefix runs every batch."""
+    from safetyscope.prefix import forget_prefixes
+
+    forget_prefixes(lm.model)
+    r = torch.nn.functional.normalize(torch.ones(lm.dims.d_model), dim=0)
+    calls, handle = _prefix_calls(lm)
+    try:
+        with torch.no_grad(), hooks(lm, ablation_edits(lm, r)):
+            forward(lm, batch, last_only=True)
+            forward(lm, batch, last_only=True)
+        assert len(calls) == 2
+        p = lm.model.model.layers[0].mlp.down_proj.weight
+        p.requires_grad_(True)  # fine-tuning: the prefix's keys and values depend on trained weights
+        with torch.enable_grad():
+            for _ in range(2):
+                forward(lm, batch, last_only=True)[:, -1].logsumexp(-1).sum().backward()
+        assert len(calls) == 4 and p.grad is not None and p.grad.abs().max() > 0
+    finally:
+        handle.remove()
+        lm.model.requires_grad_(False)
+        lm.model.zero_grad(set_to_none=True)

@@ -22,7 +22,20 @@ from torch import nn
 from .errors import SafetyscopeError
 from .models.adapter import LoadedModel
 from .positions import Batch, PositionSpec, offsets_for, parse_positions, select_positions
-from .prefix import TAG, Split, gather_cache, neutral, plan, pointwise, policy_of, skip_in_prefix, suffix_only
+from .prefix import (
+    TAG,
+    Split,
+    gather_cache,
+    keep_prefix,
+    memo_key,
+    neutral,
+    plan,
+    pointwise,
+    policy_of,
+    recall_prefix,
+    skip_in_prefix,
+    suffix_only,
+)
 from .sites import Site
 
 _CURRENT_BATCH: contextvars.ContextVar[Batch | None] = contextvars.ContextVar("safetyscope_batch", default=None)
@@ -78,14 +91,18 @@ def forward(lm: LoadedModel, batch: Batch, *, last_only: bool = False) -> torch.
 
 def prefix_cache(lm: LoadedModel, split: Split) -> Any:
     """Run a split's shared prefix (once per row key, hooks seeing the prefix Batch); its key/value cache
-    gathered to one entry per batch row."""
+    gathered to one entry per batch row. An unedited prefix seen before is not run again (prefix.memo_key)."""
     head = split.prefix
-    n = head.seq_len
-    with running(head):
-        out = lm.model(input_ids=head.input_ids, attention_mask=head.attention_mask,
-                       position_ids=torch.arange(n, device=head.input_ids.device).expand(len(head), n),
-                       use_cache=True, logits_to_keep=1)
-    return gather_cache(out.cache, split.rows.to(head.input_ids.device))
+    key = memo_key(lm.model, split)
+    cache = recall_prefix(lm.model, key) if key is not None else None
+    if cache is None:
+        n = head.seq_len
+        with running(head):
+            out = lm.model(input_ids=head.input_ids, attention_mask=head.attention_mask,
+                           position_ids=torch.arange(n, device=head.input_ids.device).expand(len(head), n),
+                           use_cache=True, logits_to_keep=1)
+        cache = out.cache if key is None else keep_prefix(lm.model, key, out.cache)
+    return gather_cache(cache, split.rows.to(head.input_ids.device))
 
 
 def _forward_split(lm: LoadedModel, split: Split) -> torch.Tensor:

@@ -26,11 +26,22 @@ Reuse is exact only when every hook on the model says how it treats positions, s
 Any other hook on any module (an edit without a declaration, ``capture(..., "mean" | "all")``, a monitor's
 own hooks, a hook registered with plain torch, backward hooks) turns reuse off for that call, as do full
 logits (``last_only=False``), a batch of one row key per row, and :func:`prefix_reuse` ``(False)``.
+
+When no edit runs in the prefix call (no ``pointwise`` hook), the prefix is the unmodified model's, the same
+for every batch of a run: its cache is kept (:func:`memo_key`, a few per model) and the prefix call is skipped
+for later batches. The key holds the prefix tokens, the device, the autograd mode and every parameter's and
+buffer's storage and in-place version, and every module's identity, so a weight edit, a swapped module or an
+adapter starts a new entry; nothing is kept while gradients flow into parameters. A change the key cannot
+see (a monkeypatched ``forward``) needs :func:`forget_prefixes` or ``prefix_reuse(False)``.
 """
 
 from __future__ import annotations
 
 import contextvars
+import copy
+import itertools
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -45,6 +56,7 @@ PART = "prefix_part"  # Batch.extra key: "prefix" or "suffix" while a split forw
 TAG = "safetyscope_reuse"  # attribute on edit functions and on the torch hooks that wrap them
 ROW_KEY = "safetyscope_row_key"  # attribute on per-row sources (DirectionFn): batch -> one key per row
 MIN_PREFIX = 4  # shorter shared prefixes are not worth a second model call
+MEMO_SIZE = 4  # unmodified prefixes kept per model (e.g. a few system prompts)
 
 RowKey = Callable[[Batch], Sequence[Hashable]]
 Kind = Literal["pointwise", "suffix", "neutral", "undeclared"]
@@ -159,6 +171,7 @@ class Split:
     rows: torch.Tensor  # [batch]: the prefix row each batch row reuses
     position_ids: torch.Tensor  # [batch, s]
     attention_mask: torch.Tensor  # [batch, p + s]
+    unedited: bool = False  # no edit runs in the prefix call (its cache may be kept across batches)
 
 
 def shared_prefix_length(batch: Batch) -> int:
@@ -205,7 +218,7 @@ def plan(model: nn.Module, batch: Batch, *, last_only: bool) -> Split | None:
     mapped = _row_map(policies, batch)
     if mapped is None or len(mapped[0]) >= len(batch):
         return None
-    return _cut(batch, p, *mapped)
+    return replace(_cut(batch, p, *mapped), unedited=all(q.kind != "pointwise" for q in policies))
 
 
 def _cut(batch: Batch, p: int, reps: list[int], rows: torch.Tensor) -> Split:
@@ -237,3 +250,51 @@ def gather_cache(cache: Any, rows: torch.Tensor) -> Any:
     """The prefix cache with one entry per batch row (``rows`` [batch] indexes the prefix rows)."""
     cache.batch_select_indices(rows)
     return cache
+
+
+# ---- the unmodified prefix across batches -------------------------------------------------------
+_MEMO: weakref.WeakKeyDictionary[nn.Module, OrderedDict[Hashable, Any]] = weakref.WeakKeyDictionary()
+
+
+def memo_key(model: nn.Module, split: Split) -> Hashable | None:
+    """The key of ``split``'s prefix cache, or None where it must be computed afresh (an edit runs in the
+    prefix call, or gradients flow into parameters)."""
+    if not split.unedited or len(split.prefix) != 1:
+        return None
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    ids = split.prefix.input_ids  # [1, p]
+    return (tuple(ids[0].tolist()), str(ids.device), torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            tuple((t.data_ptr(), _version(t), t.dtype) for t in tensors), tuple(id(m) for m in model.modules()))
+
+
+def _version(t: torch.Tensor) -> int:
+    """The in-place version counter (inference tensors, e.g. weights made under inference mode, keep none)."""
+    return -1 if t.is_inference() else int(t._version)
+
+
+def recall_prefix(model: nn.Module, key: Hashable) -> Any | None:
+    """A private copy of the kept cache under ``key`` (None when there is none)."""
+    kept = _MEMO.get(model)
+    if kept is None or key not in kept:
+        return None
+    kept.move_to_end(key)
+    return copy.deepcopy(kept[key])
+
+
+def keep_prefix(model: nn.Module, key: Hashable, cache: Any) -> Any:
+    """Keep a copy of ``cache`` (one prefix row) under ``key``; returns ``cache``."""
+    kept = _MEMO.setdefault(model, OrderedDict())
+    kept[key] = copy.deepcopy(cache)
+    while len(kept) > MEMO_SIZE:
+        kept.popitem(last=False)
+    return cache
+
+
+def forget_prefixes(model: nn.Module | None = None) -> None:
+    """Drop the kept prefix caches of ``model`` (of every model when None)."""
+    if model is None:
+        _MEMO.clear()
+    else:
+        _MEMO.pop(model, None)

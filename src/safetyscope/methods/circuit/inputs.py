@@ -41,6 +41,12 @@ class MapConfig:
                 raise ValueError(f"{flag} must be at least {least}, not {getattr(self, name)}")
 
 
+# The refinement's minibatches come from up to this many times n_prompts training prompts per group (the
+# whole built-in train split): its cost is per step, not per prompt, except one reference forward pass and
+# the harmless mean (issue-20 note: decided on validation prompts only).
+REFINE_POOL = 4
+
+
 @dataclass(frozen=True)
 class Budget:
     n_prompts: int
@@ -52,14 +58,16 @@ class Budget:
     seeds: int
     folds: int
     utility_texts: int
+    n_refine: int = 0  # training prompts per group the refinement samples its minibatches from (0 = all)
 
     @classmethod
     def of(cls, c: MapConfig) -> Budget:
         if c.quick:
             return cls(n_prompts=10, n_eval=6, n_val=6, pairs=2, max_new_tokens=12, ks="0,5,20", seeds=1, folds=2,
-                       utility_texts=2)
+                       utility_texts=2, n_refine=10)
         return cls(n_prompts=c.n_prompts, n_eval=c.n_eval, n_val=max(8, c.n_eval * 3 // 4), pairs=c.pairs,
-                   max_new_tokens=c.max_new_tokens, ks=c.fragility_ks, seeds=2, folds=5, utility_texts=8)
+                   max_new_tokens=c.max_new_tokens, ks=c.fragility_ks, seeds=2, folds=5, utility_texts=8,
+                   n_refine=REFINE_POOL * c.n_prompts)
 
 
 MIN_PER_PART = 1  # every user group needs at least one train, one val and one test prompt

@@ -34,9 +34,11 @@ def candidate_layers(x: StageInputs) -> str:
 
 # The map's direction recipe (issue 20): mean ablation, then refinement of the chosen direction (README: on
 # AdvBench/Alpaca, mean + refine 2% refusal at KL 0.048, mean alone 3% at KL 0.086). Refinement
-# settings: 40% of the training prompts of `direction refine`'s defaults (30 steps of 16 + 16 prompts, lr
+# settings: 40% of the training steps of `direction refine`'s defaults (30 steps of 16 + 16 prompts, lr
 # 0.002) with a larger step size, so the stage fits the map's 15-minute budget; the checkpoint is still chosen by
-# validation loss (never worse than the start on the validation prompts). Not tuned: see the issue-20 note.
+# validation loss (never worse than the start on the validation prompts). The minibatches come from the whole
+# training split (Budget.n_refine), not the n_prompts sample: chosen on built-in *validation* prompts the
+# refinement did not see (31 + 30; benchmarks/refine_pool.py), never on test prompts.
 REFINE = {"steps": 16, "lr": 0.003, "kl_weight": 20.0, "batch": 12, "eval_every": 4}
 REFINE_QUICK = {"steps": 2, "lr": 0.004, "kl_weight": 20.0, "batch": 4, "eval_every": 1}  # --quick: the path runs
 
@@ -67,15 +69,17 @@ def find_direction_stage(x: StageInputs) -> tuple[Direction, dict[str, Any]]:
     direction, result = found.direction, {**found.to_json(), "model": lm.name, "artifact": str(out / "artifact"),
                                           "positions": list(found.candidates.positions),
                                           "tokens": list(found.candidates.tokens), "selection": str(out / "selection.json")}
-    direction, result["refine"] = refine_stage(x, direction, train, val)
+    pool = (x.sampled("harmful", b.n_refine, "train"), x.sampled("harmless", b.n_refine, "train"))
+    direction, result["refine"] = refine_stage(x, direction, pool, val)
     direction.save(out / "artifact")
     return direction, result
 
 
 def refine_stage(x: StageInputs, direction: Direction, train: tuple[list[str], list[str]],
                  val: tuple[list[str], list[str]]) -> tuple[Direction, dict[str, Any]]:
-    """The found direction refined on the training prompts (checkpoint by validation loss); the unrefined one
-    is kept in OUT/direction/unrefined."""
+    """The found direction refined on the training prompts (``budget.n_refine`` per group: minibatches, the
+    KL reference and the harmless mean; checkpoint by validation loss); the unrefined one is kept in
+    OUT/direction/unrefined."""
     import time
 
     from ..direction.refine import refine_direction
