@@ -367,3 +367,27 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path, capsys, bench_module):
     assert rows["fp16"]["ref_verdict"] == "clean"
     printed = capsys.readouterr().out
     assert "flagged" in printed and "plain forward pass" in printed
+
+
+def test_benchmark_resumes_and_runs_a_side_scanner(tmp_path, capsys, bench_module):
+    """--resume keeps the rows already written; --ams runs the given interpreter on every checkpoint and prints
+    its levels beside the audit's (a stand-in interpreter here, so the test needs no ams venv)."""
+    mod = bench_module("audit")
+    out = tmp_path / "rows.json"
+    fake = tmp_path / "ams-python"
+    fake.write_text('#!/bin/sh\necho "loading $3" >&2\n'
+                    'echo \'{"level": "WARNING", "scan_s": 0.5, "sep": {"harmful_content": 3.3}}\'\n')
+    fake.chmod(0o755)
+    base = ["--model", "tiny:llama", "--no-behaviour", "--no-reference", "--json", str(out)]
+    assert mod.main([*base, "--variants", "unmodified"]) == 0
+    first = json.loads(out.read_text())
+    assert [r["checkpoint"] for r in first] == ["unmodified"] and "ams" not in first[0] and first[0]["load"] >= 0
+    assert mod.main([*base, "--variants", "unmodified,zero", "--resume", "--ams", str(fake), "--ams-variants", "zero"]) == 0
+    rows = {r["checkpoint"]: r for r in json.loads(out.read_text())}
+    assert rows["unmodified"] == first[0]  # kept as measured, not audited again
+    assert rows["zero"]["noref_verdict"] == "tampering" and rows["zero"]["ams"]["level"] == "WARNING"
+    assert rows["zero"]["ams"]["sep"] == {"harmful_content": 3.3} and rows["zero"]["ams"]["s"] > 0
+    printed = capsys.readouterr().out
+    assert "ams: flagged (WARNING or CRITICAL) 1/1 tampering checkpoints, 0 of 0 benign" in printed
+    with pytest.raises(SystemExit):
+        mod.main([*base, "--ams", str(tmp_path / "missing-python")])
