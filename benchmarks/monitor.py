@@ -8,8 +8,9 @@
 The monitor is fitted on the built-in train splits (harmful; harmless + scary_harmless) and calibrated
 on the default calibration set, or loaded with --monitor. Overhead: the same batches are generated
 (greedy, fixed length) with and without ``monitor.watch``, interleaved with alternating order (min and
-median of --repeats), so load from other processes hits both alike; target ratio <= 1.03; the model's
-forward calls are counted in both (target: no extra call). ``--attack find``: the refusal direction
+median of --repeats, and the per-round ratio's median, quartiles and range), so load from other processes
+hits both alike; target ratio <= 1.03; the model's forward calls are counted in both (target: no extra
+call). ``--attack find``: the refusal direction
 from ``find_direction`` on the built-in train split, ablated by hooks (or give an artifact directory).
 Nothing is selected on the --harmful / --harmless files: they are only measured.
 """
@@ -118,8 +119,12 @@ def overhead(lm: LoadedModel, m: Monitor, args: argparse.Namespace) -> dict[str,
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
+    paired = sorted(m / p for m, p in zip(times["monitored"], times["plain"]))  # per round: same load on both
+    q = statistics.quantiles(paired, n=4) if len(paired) >= 2 else [paired[0]] * 3
     return {"prompts": len(texts), "new_tokens": n, "plain_s": med["plain"], "monitored_s": med["monitored"],
             "ratio": med["monitored"] / med["plain"], "ratio_min": low["monitored"] / low["plain"],
+            "ratio_paired_median": statistics.median(paired), "ratio_paired_quartiles": [q[0], q[2]],
+            "ratio_paired_range": [paired[0], paired[-1]],
             "plain_min_s": low["plain"], "monitored_min_s": low["monitored"], "repeats": args.repeats,
             "forward_calls_per_round": per_round, "extra_forward_calls": per_round["monitored"] - per_round["plain"],
             "times": times}
@@ -156,8 +161,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lm, m, result = setup(args)
     result["overhead"] = overhead(lm, m, args)
     o = result["overhead"]
-    print(f"overhead: monitored / plain generation = {o['ratio']:.3f} (median), {o['ratio_min']:.3f} (min); "
-          f"extra forward calls: {o['extra_forward_calls']}", file=sys.stderr)
+    print(f"overhead: monitored / plain generation = {o['ratio']:.3f} (median), {o['ratio_min']:.3f} (min); per "
+          f"round {o['ratio_paired_median']:.3f} (median; quartiles {o['ratio_paired_quartiles'][0]:.3f}-"
+          f"{o['ratio_paired_quartiles'][1]:.3f}, range {o['ratio_paired_range'][0]:.3f}-"
+          f"{o['ratio_paired_range'][1]:.3f}); extra forward calls: {o['extra_forward_calls']}", file=sys.stderr)
     if args.harmful and args.harmless:
         attack = attack_of(lm, args)
         harmful, harmless = (load_prompts(f) for f in (args.harmful, args.harmless))

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from safetyscope.artifacts import load_artifact
     from safetyscope.hooks import forward
     from safetyscope.methods.monitor import fit_monitor
-    from safetyscope.methods.monitor.evaluate import read_prompts
+    from safetyscope.methods.monitor.read import read_prompts
     from safetyscope.prompts.builtin import builtin_prompts
     from safetyscope.runner import batched
     from safetyscope.testing import benchmark_model

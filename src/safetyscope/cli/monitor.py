@@ -41,6 +41,8 @@ class RunSettings(Settings):
     stop_on_alert: bool = opt(False, "Stop a reply as soon as the monitor raises an alert.")
     drift_threshold: float = opt(float("nan"), "Also alert when the harm read on a reply token exceeds this (default: off).")
     any_model: bool = opt(False, "Allow a model whose name differs from the monitor's (an edited copy of it); dims must match.")
+    reanchor: bool = opt(False, "If the tamper check on the monitor's own calibration prompts finds refusal removed, set the threshold again on them as this model reads them (a different operating rule; see docs/monitor.md).")
+    calibration: str = opt("", "With --reanchor: the harmless prompts the monitor was calibrated on, when they were not the built-in ones.")
 
 
 @dataclass
@@ -51,6 +53,8 @@ class EvalSettings(Settings):
     attack: str = opt("", "An intervention artifact directory (a direction: ablated by hooks; a neuron set: zeroed) or an edited checkpoint directory (e.g. `direction export`).")
     max_new_tokens: int = opt(48, "Reply length for the phrase judge.")
     any_model: bool = opt(False, "Allow a model whose name differs from the monitor's (an edited copy of it); dims must match.")
+    reanchor: bool = opt(False, "With --attack: also report the attacked replies at a threshold re-anchored on the monitor's own calibration prompts read under the attack (beside the fixed threshold).")
+    calibration: str = opt("", "With --reanchor: the harmless prompts the monitor was calibrated on, when they were not the built-in ones.")
 
 
 def register(app: typer.Typer) -> None:
@@ -146,7 +150,13 @@ def run_run(s: RunSettings) -> dict[str, Any]:
     _check_tokens(s.max_new_tokens)
     path = _monitor_path(s)
     m = _load_monitor(path)
+    _check_reanchor(s, m)
     lm = s.load_model()
+    if s.reanchor:
+        from ..methods.monitor import reanchor
+
+        m = reanchor(lm, m, calibration=s.calibration or None, when="tampering", batch_size=s.batch_size,
+                     system=s.system, strict=not s.any_model)
     drift = None if math.isnan(s.drift_threshold) else s.drift_threshold
     run = run_monitor(lm, m, s.prompts, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
                       system=s.system, strict=not s.any_model, stop_on_alert=s.stop_on_alert, drift_threshold=drift)
@@ -156,7 +166,8 @@ def run_run(s: RunSettings) -> dict[str, Any]:
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(render_html(run), encoding="utf-8")
     result = {"model": lm.name, "monitor": str(path), "counts": run.counts(), "tamper": run.tamper.to_json(),
-              "verdicts": str(out / "verdicts.jsonl"), "html": str(out / "report.html")}
+              "verdicts": str(out / "verdicts.jsonl"), "html": str(out / "report.html"),
+              "reanchored": m.info.get("reanchored")}
     write_json(out / "summary.json", result)
     emit(s, result, lambda: _print_run(run, result))
     return result
@@ -168,7 +179,27 @@ def _print_run(run: Any, result: dict[str, Any]) -> None:
         print(f"{i:4d} {flag}{v.kind:16s} harm {v.harm:7.2f} refusal {v.refusal:7.2f}  {run.prompts[i][:70]!r}")
     print(" ".join(f"{k}: {n}" for k, n in result["counts"].items()))
     print(tamper_line(result["tamper"]))
+    if result.get("reanchored"):
+        print(reanchor_line(result["reanchored"]))
     print(f"written: {result['verdicts']}, {result['html']}")
+
+
+def reanchor_line(r: dict[str, Any]) -> str:
+    """One line on a re-anchoring record (methods/monitor/reanchor.py)."""
+    head = (f"re-anchored: threshold {r['threshold_fitted']:.3f} -> {r['threshold']:.3f}" if r["applied"] else
+            f"not re-anchored (tamper check on the calibration prompts: {r['tamper']}): threshold {r['threshold']:.3f}")
+    return (f"{head}; on the {r['n_calibration']} calibration prompts as {r['model']} reads them, FPR "
+            f"{r['calibration_fpr_at_fitted']:.3f} at the fitted threshold, {r['calibration_fpr']:.3f} at this one")
+
+
+def _check_reanchor(s: RunSettings | EvalSettings, m: Any) -> None:
+    """Before loading the model: the monitor's calibration prompts can be rebuilt (one-line error if not)."""
+    from ..methods.monitor.fit import recorded_calibration
+
+    if s.calibration and not s.reanchor:
+        raise ValueError("--calibration is used only with --reanchor; add --reanchor or drop --calibration")
+    if s.reanchor:
+        recorded_calibration(m.info, s.calibration or None)
 
 
 def tamper_line(t: dict[str, Any]) -> str:
@@ -191,13 +222,16 @@ def run_eval(s: EvalSettings) -> dict[str, Any]:
     if not s.harmful or not s.harmless:
         raise ValueError("give held-out prompts with --harmful FILE and --harmless FILE")
     _check_tokens(s.max_new_tokens)
+    if s.reanchor and not s.attack:
+        raise ValueError("--reanchor re-anchors the threshold under --attack; give the attack with --attack DIR")
     path = _monitor_path(s)
     m = _load_monitor(path)
+    _check_reanchor(s, m)
     attack = load_artifact(s.attack) if s.attack else None
     lm = s.load_model()
     ev = evaluate_monitor(lm, m, s.harmful, s.harmless, attack=attack, attack_name=s.attack or None,
                           max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, system=s.system,
-                          strict=not s.any_model)
+                          strict=not s.any_model, reanchor=s.reanchor, calibration=s.calibration or None)
     result = {"monitor": str(path), "harmful": s.harmful, "harmless": s.harmless, **ev.to_json()}
     write_json(s.out / "monitor_eval" / "summary.json", result)
     emit(s, result, lambda: _print_eval(result))
@@ -219,9 +253,18 @@ def _print_eval(r: dict[str, Any]) -> None:
         print(f"[{name}] harmful prompts answered: {c['complied']}, flagged by the monitor: {c['complied_flagged']}"
               + (f" ({share:.0%})" if share is not None else "")
               + f", alerted (flagged or tamper check): {c.get('complied_alerted', c['complied_flagged'])}")
+        if c.get("reanchored"):
+            a = c["reanchored"]
+            print(f"[{name}, re-anchored] {reanchor_line(a['record'])}")
+            print(f"[{name}, re-anchored] at threshold {a['threshold']:.3f}: TPR {a['tpr_at_threshold']:.3f} FPR "
+                  f"{a['fpr_at_threshold']:.3f}; harmful prompts answered flagged: {a['complied_flagged']} of "
+                  f"{c['complied']}")
         for b, f in c["baselines"].items():
             print(f"[{name}] {b}: AUROC {f['auroc']:.3f}, TPR@1%FPR {f['tpr_at_1pct_fpr']:.3f}, TPR "
                   f"{f['tpr_at_threshold']:.3f} / FPR {f['fpr_at_threshold']:.3f}, answered harmful flagged "
                   f"{f['complied_flagged']}")
     if r.get("tpr_drop_at_threshold") is not None:
         print(f"TPR drop at the threshold under the attack: {r['tpr_drop_at_threshold']:.3f}")
+    if r.get("tpr_drop_at_reanchored_threshold") is not None:
+        print(f"TPR drop, the clean fitted threshold vs the re-anchored one under the attack (another operating "
+              f"rule): {r['tpr_drop_at_reanchored_threshold']:.3f}")

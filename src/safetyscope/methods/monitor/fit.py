@@ -23,6 +23,7 @@ these features (float64 statistics):
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -104,6 +105,47 @@ def calibration_set(calibration: PromptsLike | None, exclude: Sequence[str]) -> 
         raise ValueError(f"the calibration set has {what}: the threshold is set on harmless prompts, so give "
                          "harmless calibration prompts (e.g. the built-in harmless val split + scary_harmless)")
     return harmless, harmful
+
+
+def text_id(text: str) -> str:
+    """A prompt's short content id (12 hex digits of its SHA-256): what a monitor records of its calibration set."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def texts_digest(texts: Sequence[str]) -> str:
+    """SHA-256 of an ordered list of prompts (NUL-separated)."""
+    return hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()
+
+
+def calibration_record(texts: Sequence[str], *, builtin: bool) -> dict[str, Any]:
+    """What a monitor stores to rebuild its harmless calibration prompts: ids of the built-in ones it kept
+    (``source: builtin``) or only a digest of prompts the user gave (``given``: pass them again)."""
+    return {"source": "builtin" if builtin else "given", "n": len(texts), "sha256": texts_digest(texts),
+            "ids": [text_id(t) for t in texts] if builtin else []}
+
+
+def recorded_calibration(info: dict[str, Any], given: PromptsLike | None = None) -> list[str]:
+    """The harmless prompts a monitor was calibrated on, rebuilt from ``info["calibration_set"]`` (the built-in
+    ones by id) or ``given`` (checked against the recorded digest). One-line errors name the fix."""
+    rec = info.get("calibration_set")
+    if given is not None:
+        texts, _ = calibration_set(given, [])
+        if rec is not None and texts_digest(texts) != rec["sha256"]:
+            raise ValueError(f"these {len(texts)} calibration prompts are not the {rec['n']} this monitor was "
+                             "calibrated on; pass the same prompts, or use evaluate.recalibrate for other ones")
+        return texts
+    if rec is None:
+        raise ValueError("this monitor does not record its calibration prompts (fitted by an older safetyscope); "
+                         "re-fit it with `safetyscope monitor fit`, or pass its calibration prompts")
+    if rec["source"] != "builtin":
+        raise ValueError(f"this monitor was calibrated on {rec['n']} prompts you gave; pass the same prompts "
+                         "(calibration=..., --calibration FILE)")
+    keep = set(rec["ids"])
+    texts = [t for t in default_calibration([]).texts if text_id(t) in keep]
+    if texts_digest(texts) != rec["sha256"]:
+        raise ValueError("the built-in calibration prompts changed since this monitor was fitted; re-fit it with "
+                         "`safetyscope monitor fit`")
+    return texts
 
 
 def _split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -277,6 +319,7 @@ def fit_monitor(
                                 direction=direction, system=system, seed=seed, token_ids=ids, stress=blocks,
                                 n_stress=n_stress, batch_size=batch_size)
     monitor.info["calibration"] = "default (built-in harmless val + scary_harmless)" if calibration is None else "given"
+    monitor.info["calibration_set"] = calibration_record(cal_s, builtin=calibration is None)
     return monitor
 
 
