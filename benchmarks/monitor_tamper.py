@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random", type=int, default=3, help="random directions")
     ap.add_argument("--prompts", type=int, default=8, help="built-in test prompts per group read in each condition")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--only", default="", help="run only the conditions whose name contains one of these comma-separated words")
     ap.add_argument("--json", default="", help="write the rows here")
     args = ap.parse_args(argv)
 
@@ -114,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     plain = time.perf_counter() - t0
     rows = []
     print(f"{'condition':52s} {'verdict':18s} {'change':>9s} {'enrichment':>10s} {'refusing':>8s} {'x plain':>8s}")
+    only = [w for w in args.only.split(",") if w]
     for name, make in conditions(lm, args).items():
+        if only and not any(w in name for w in only):
+            continue
         model, ctx = make()
         t0 = time.perf_counter()
         with ctx, torch.inference_mode():
