@@ -15,6 +15,19 @@ Each variant is then measured on the *rest* of the built-in validation split (31
 the built-in sets: prompts the refinement never saw, and never the test split that the map reports on):
 refusal after ablation (greedy replies, phrase judge) and first-token KL on the harmless ones. Variant
 ``none`` is the unrefined direction. Decision rule: the lowest mean KL among variants at <= 5% refusal.
+
+Measured 2026-12-03 on the default model (the unrefined direction of a map run, ``runs/r20/direction/unrefined``;
+31 harmful + 30 harmless decision prompts; run by this script's throwaway predecessor with the same settings):
+
+    variant   refusal after   KL mean  median   max
+    none         0/31          0.103   0.035   0.461
+    48:20        1/31          0.068   0.024   0.355   (the map's recipe before)
+    all:20       1/31          0.043   0.011   0.275   (chosen: Budget.n_refine)
+    48:40        1/31          0.051   0.017   0.268
+    all:40       4/31          0.026   0.009   0.159   (over 5% refusal)
+
+The larger pool lowers KL mostly through the harmless mean (126 prompts instead of 48: the unrefined start's
+validation KL falls from 0.107 to 0.074 before any step).
 """
 
 from __future__ import annotations
