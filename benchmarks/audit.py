@@ -288,10 +288,13 @@ def _print_ams(rows: list[dict[str, Any]]) -> None:
 def _print_table(rows: list[dict[str, Any]], unit: float) -> None:
     def restore(r: dict[str, Any]) -> str:
         t = r.get("restore")
-        return "-" if not t else f"{t['harm_rise']:.2f}/{max(t['harm_random_rises'], default=0.0):.2f}"
+        if not t:
+            return "-"
+        return (f"{t['harm_rise']:.3f}/{max(t['harm_random_rises'], default=0.0):.3f} "
+                f"{t['rise']:+.2f}/{max(t['random_rises'], default=0.0):+.2f}")
 
     head = f"{'checkpoint':<13} {'expected':<14} {'with reference':<22} {'cos true':>8} {'s':>6} {'xfwd':>5}   " \
-           f"{'no reference':<22} {'cos true':>8} {'coll/weak':>9} {'emb w':>5} {'align':>5} {'restore':>11} {'s':>6} {'xfwd':>5}"
+           f"{'no reference':<22} {'cos true':>8} {'coll/weak':>9} {'emb w':>5} {'align':>5} {'restore harm / refusal':>25} {'s':>6} {'xfwd':>5}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -300,7 +303,7 @@ def _print_table(rows: list[dict[str, Any]], unit: float) -> None:
               f"{_f(r.get('ref_s'), '.1f'):>6} {_xfwd(r, 'ref_s', unit):>5}   "
               f"{_ok(r, 'noref_verdict'):<22} {_f(r.get('cos_null_true')):>8} "
               f"{str(r.get('n_collapsed', '-')) + '/' + str(r.get('n_weak', '-')):>9} {_f(emb[0] if emb else None, '.2f'):>5} "
-              f"{_f(r.get('align'), '.1f'):>5} {restore(r):>11} {_f(r.get('noref_s'), '.1f'):>6} {_xfwd(r, 'noref_s', unit):>5}")
+              f"{_f(r.get('align'), '.1f'):>5} {restore(r):>25} {_f(r.get('noref_s'), '.1f'):>6} {_xfwd(r, 'noref_s', unit):>5}")
     for key in ("ref_verdict", "noref_verdict"):
         scored = [r for r in rows if key in r]
         tp = sum(r[key] == "tampering" and r["expected"] == "tampering" for r in scored)
@@ -312,7 +315,8 @@ def _print_table(rows: list[dict[str, Any]], unit: float) -> None:
     loads = [r["load"] for r in rows if "load" in r]
     print(f"xfwd: seconds per audit / one plain forward pass of 8 harmless prompts ({unit:.2f} s in this run; each row "
           "uses its own run's); align: |cos| x sqrt(d_model) of the removed direction with the checkpoint's own harm "
-          "difference (max over blocks); restore: harm rise of the removed direction / the largest of random directions"
+          "difference (max over blocks); restore: the removed direction's harm rise / the largest of the random directions', "
+        "then the same for the refusal-score rise (log-odds)"
           + (f"; 1-minute load average after each row {min(loads):.1f}-{max(loads):.1f}" if loads else ""))
     _print_ams(rows)
 
@@ -333,6 +337,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--work", default="", help="where checkpoints are written (default: a temporary directory)")
     ap.add_argument("--json", default="", help="write the rows as JSON here")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --json; audit only the others")
+    ap.add_argument("--table", action="store_true", help="print the table of the rows in --json and exit (no model)")
     ap.add_argument("--ams", default="", help="PYTHON of a venv with ams-scanner: run its Tier-1 scan side by side")
     ap.add_argument("--ams-variants", default="", help="comma-separated checkpoints to scan with --ams (default: all)")
     args = ap.parse_args(argv)
@@ -340,8 +345,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.variant_list) - set(VARIANTS))
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; use {','.join(VARIANTS)}")
-    if args.resume and not args.json:
-        ap.error("--resume needs --json FILE (the rows to keep)")
+    if (args.resume or args.table) and not args.json:
+        ap.error("--resume and --table need --json FILE (the rows written by an earlier run)")
     if args.ams and not Path(args.ams).is_file():
         ap.error(f"--ams takes the python of a venv where ams-scanner is installed; {args.ams!r} is not a file")
     for spec in args.extra + args.extra_benign:
@@ -366,6 +371,10 @@ def _save_rows(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
+    if args.table:
+        rows = json.loads(Path(args.json).read_text())
+        _print_table(rows, min((r["fwd_s"] for r in rows if "fwd_s" in r), default=float("nan")))
+        return 0
     from safetyscope.methods.audit.signature import SignatureConfig, harm_directions
 
     lm = _load(args)

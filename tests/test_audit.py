@@ -389,5 +389,7 @@ def test_benchmark_resumes_and_runs_a_side_scanner(tmp_path, capsys, bench_modul
     assert rows["zero"]["ams"]["sep"] == {"harmful_content": 3.3} and rows["zero"]["ams"]["s"] > 0
     printed = capsys.readouterr().out
     assert "ams: flagged (WARNING or CRITICAL) 1/1 tampering checkpoints, 0 of 0 benign" in printed
+    assert mod.main(["--json", str(out), "--table"]) == 0  # the table again, from the rows alone
+    assert "noref: flagged 1/1 tampering checkpoints, 0 false positive(s) of 1 benign" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         mod.main([*base, "--ams", str(tmp_path / "missing-python")])
