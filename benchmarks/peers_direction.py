@@ -187,7 +187,10 @@ def timed_run(cmd: list[str], log: Path, cwd: Path | None = None, stop_after: fl
     in progress (that one is dropped) and goes on to its menu, so the completed trials are still saved."""
     t0 = time.perf_counter()
     with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=offline_env())
+        # a shell's background job (`cmd &`, nohup) starts with SIGINT ignored, and Python then keeps it
+        # ignored: give the child the default disposition so that it turns SIGINT into KeyboardInterrupt
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=offline_env(),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             rc = proc.wait(timeout=stop_after or None)
         except subprocess.TimeoutExpired:

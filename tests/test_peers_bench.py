@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -153,7 +154,11 @@ def test_heretic_timings_are_summarised_per_step(direction_bench, tmp_path):
 def test_stop_after_interrupts_the_peer_and_keeps_its_own_ending(direction_bench, tmp_path):
     """heretic answers Ctrl+C by ending its study and saving what it has: the harness must send exactly that."""
     code = ("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('saved what it had')\n")
-    rc, wall = direction_bench.timed_run([sys.executable, "-c", code], tmp_path / "log", stop_after=2.0)
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job (`make ... &`, nohup)
+    try:
+        rc, wall = direction_bench.timed_run([sys.executable, "-c", code], tmp_path / "log", stop_after=2.0)
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert rc == 0 and wall < 30
     assert "saved what it had" in (tmp_path / "log").read_text()
     rc, _ = direction_bench.timed_run([sys.executable, "-c", "print('quick')"], tmp_path / "log2", stop_after=30.0)
