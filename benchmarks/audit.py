@@ -263,7 +263,23 @@ def _f(x: Any, spec: str = ".3f") -> str:
 
 
 def _xfwd(r: dict[str, Any], key: str, unit: float) -> str:
-    return _f(r[key] / r.get("fwd_s", unit), ".0f") if key in r else "-"
+    fwd = r.get(key.replace("_s", "_fwd_s"), r.get("fwd_s", unit))  # ref_fwd_s / noref_fwd_s after a merge
+    return _f(r[key] / fwd, ".0f") if key in r else "-"
+
+
+def _merged(paths: list[str]) -> list[dict[str, Any]]:
+    """The rows of several --json files, merged by checkpoint name; each audit keeps its own run's plain forward
+    (``ref_fwd_s``, ``noref_fwd_s``) and load average."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text()):
+            row = out.setdefault(r["checkpoint"], {"checkpoint": r["checkpoint"], "expected": r["expected"]})
+            for side in ("ref", "noref"):
+                if f"{side}_verdict" in r:
+                    row.update({k: v for k, v in r.items() if k not in ("fwd_s", "load", "build_s")})
+                    row[f"{side}_fwd_s"], row[f"{side}_load"] = r.get("fwd_s"), r.get("load")
+            row["load"] = max(x for x in (row.get("ref_load"), row.get("noref_load"), 0.0) if x is not None)
+    return list(out.values())
 
 
 def _print_ams(rows: list[dict[str, Any]]) -> None:
@@ -338,6 +354,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", default="", help="write the rows as JSON here")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --json; audit only the others")
     ap.add_argument("--table", action="store_true", help="print the table of the rows in --json and exit (no model)")
+    ap.add_argument("--merge", action="append", default=[], help="with --table: also these rows, merged by checkpoint")
     ap.add_argument("--ams", default="", help="PYTHON of a venv with ams-scanner: run its Tier-1 scan side by side")
     ap.add_argument("--ams-variants", default="", help="comma-separated checkpoints to scan with --ams (default: all)")
     args = ap.parse_args(argv)
@@ -372,8 +389,9 @@ def _save_rows(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     if args.table:
-        rows = json.loads(Path(args.json).read_text())
-        _print_table(rows, min((r["fwd_s"] for r in rows if "fwd_s" in r), default=float("nan")))
+        rows = _merged([args.json, *args.merge])
+        units = [r[k] for r in rows for k in ("ref_fwd_s", "noref_fwd_s") if r.get(k)]
+        _print_table(rows, min(units, default=float("nan")))
         return 0
     from safetyscope.methods.audit.signature import SignatureConfig, harm_directions
 

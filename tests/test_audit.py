@@ -391,5 +391,15 @@ def test_benchmark_resumes_and_runs_a_side_scanner(tmp_path, capsys, bench_modul
     assert "ams: flagged (WARNING or CRITICAL) 1/1 tampering checkpoints, 0 of 0 benign" in printed
     assert mod.main(["--json", str(out), "--table"]) == 0  # the table again, from the rows alone
     assert "noref: flagged 1/1 tampering checkpoints, 0 false positive(s) of 1 benign" in capsys.readouterr().out
+    ref_rows = tmp_path / "ref.json"  # the with-reference side from another run, merged by checkpoint name
+    assert mod.main(["--model", "tiny:llama", "--variants", "zero", "--no-signature", "--json", str(ref_rows)]) == 0
+    capsys.readouterr()
+    assert mod.main(["--json", str(out), "--merge", str(ref_rows), "--table"]) == 0
+    printed = capsys.readouterr().out
+    ref_verdict = json.loads(ref_rows.read_text())[0]["ref_verdict"]
+    assert f"  ref: flagged {int(ref_verdict == 'tampering')}/1 tampering checkpoints" in printed
+    zero_line = next(line for line in printed.splitlines() if line.startswith("zero"))
+    assert sum(zero_line.count(v) for v in ("tampering", "modified", "clean")) == 3  # expected, ref, noref: one row
+    assert "noref: flagged 1/1 tampering checkpoints, 0 false positive(s) of 1 benign" in printed
     with pytest.raises(SystemExit):
         mod.main([*base, "--ams", str(tmp_path / "missing-python")])
