@@ -294,9 +294,15 @@ def phase_safetyscope(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return res
 
 
-def interventions(out: Path) -> dict[str, Path]:
-    """name -> artifact or checkpoint directory, for everything earlier phases left."""
+def interventions(out: Path, extra: list[str] | None = None) -> dict[str, Path]:
+    """name -> artifact or checkpoint directory, for everything earlier phases left, and each
+    ``NAME=DIR`` of ``extra`` (--artifact: an artifact made elsewhere, measured the same way)."""
     found: dict[str, Path] = {}
+    for item in extra or []:
+        name, sep, where = item.partition("=")
+        if not sep or not name or not Path(where).is_dir():
+            raise SystemExit(f"--artifact {item!r}: give NAME=DIR with an artifact or checkpoint directory")
+        found[name] = Path(where)
     for ckpt in sorted((out / "heretic").glob("trial_*")):
         if (ckpt / "config.json").is_file():
             found[f"heretic {ckpt.name.replace('_', ' ')}"] = ckpt
@@ -348,7 +354,7 @@ def phase_measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if args.reply_kl:
         ref["replies"] = generate_with_logits(lm, harmless, max_new_tokens=args.max_new_tokens,
                                               batch_size=args.gen_batch)[0]
-    todo: dict[str, Path | None] = {"unmodified": None, **interventions(out)}
+    todo: dict[str, Path | None] = {"unmodified": None, **interventions(out, args.artifact)}
     for name, where in todo.items():
         if name in res["rows"]:
             continue
@@ -451,6 +457,8 @@ def main() -> None:
     ap.add_argument("--keep", type=int, default=16, help="direction find --keep")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="reply length judged in the measure phase")
     ap.add_argument("--gen-batch", type=int, default=64)
+    ap.add_argument("--artifact", action="append", default=[], metavar="NAME=DIR",
+                    help="also measure this artifact or checkpoint (repeatable)")
     ap.add_argument("--reply-kl", action="store_true", help="also the KL over whole replies (slow on CPU)")
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()

@@ -163,3 +163,14 @@ def test_stop_after_interrupts_the_peer_and_keeps_its_own_ending(direction_bench
     assert "saved what it had" in (tmp_path / "log").read_text()
     rc, _ = direction_bench.timed_run([sys.executable, "-c", "print('quick')"], tmp_path / "log2", stop_after=30.0)
     assert rc == 0 and (tmp_path / "log2").read_text().strip() == "quick"
+
+
+def test_extra_artifacts_join_what_the_phases_left(direction_bench, tmp_path):
+    (tmp_path / "heretic" / "trial_002").mkdir(parents=True)
+    (tmp_path / "heretic" / "trial_002" / "config.json").write_text("{}")
+    (tmp_path / "heretic" / "trial_005").mkdir()  # no config.json: an unfinished save, not measured
+    (tmp_path / "elsewhere").mkdir()
+    got = direction_bench.interventions(tmp_path, [f"map direction={tmp_path / 'elsewhere'}"])
+    assert got == {"map direction": tmp_path / "elsewhere", "heretic trial 002": tmp_path / "heretic" / "trial_002"}
+    with pytest.raises(SystemExit, match="NAME=DIR"):
+        direction_bench.interventions(tmp_path, [str(tmp_path / "elsewhere")])
