@@ -54,9 +54,11 @@ def refusal_score(
     x = (logits if grad else logits.detach()).to(torch.float64)          # [B, V]
     is_refusal = torch.zeros(vocab, dtype=torch.bool, device=x.device)   # [V]
     is_refusal[ids] = True
-    log_z = torch.logsumexp(x, dim=-1)                                   # [B]
-    log_p = torch.logsumexp(x.masked_fill(~is_refusal, -math.inf), dim=-1) - log_z   # log p      [B]
-    log_q = torch.logsumexp(x.masked_fill(is_refusal, -math.inf), dim=-1) - log_z    # log (1-p)  [B]
+    # one pass over the vocabulary (the non-refusal tokens); the refusal tokens are a gathered few
+    lse_r = torch.logsumexp(x[..., torch.tensor(ids, device=x.device)], dim=-1)       # [B]
+    lse_n = torch.logsumexp(x.masked_fill(is_refusal, -math.inf), dim=-1)             # [B]
+    log_z = torch.logaddexp(lse_r, lse_n)                                # [B]
+    log_p, log_q = lse_r - log_z, lse_n - log_z                          # log p, log (1-p)  [B]
     log_eps = torch.tensor(math.log(_EPS), dtype=x.dtype, device=x.device)
     return (torch.logaddexp(log_p, log_eps) - torch.logaddexp(log_q, log_eps)).to(dtype)
 
