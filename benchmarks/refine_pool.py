@@ -59,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     from safetyscope.methods.circuit.steps_measure import REFINE
     from safetyscope.methods.direction.artifact import Direction
     from safetyscope.methods.direction.evaluate import ReplyCache, evaluate_ablation
-    from safetyscope.methods.direction.refine import refine_direction
     from safetyscope.prompts.builtin import builtin_prompts
     from safetyscope.testing import benchmark_model
 
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants.split(","):
         t0 = time.perf_counter()
         direction = start if variant == "none" else _refined(
-            lm, start, variant, train, chooser, settings, args, refine_direction)
+            lm, start, variant, train, chooser, settings, args)
         seconds = time.perf_counter() - t0
         r = evaluate_ablation(lm, direction, decide["harmful"], decide["harmless"], max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size, cache=cache, harmless_replies_ablated=False)
@@ -93,13 +92,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _refined(lm: Any, start: Any, variant: str, train: dict[str, Any], chooser: dict[str, list[str]],
-             settings: dict[str, Any], args: argparse.Namespace, refine: Any) -> Any:
+             settings: dict[str, Any], args: argparse.Namespace) -> Any:
+    from safetyscope.methods.direction.refine import refine_direction
+
     pool, _, weight = variant.partition(":")
     if not weight:
         raise SystemExit(f"variant {variant!r}: give POOL:KL_WEIGHT (e.g. all:20) or none")
     n = 0 if pool == "all" else int(pool)
     prompts = [(train[k].sample(n, seed=0) if n else train[k]).texts for k in ("harmful", "harmless")]
-    res = refine(lm, start, *prompts, val_harmful=chooser["harmful"], val_harmless=chooser["harmless"],
+    res = refine_direction(lm, start, *prompts, val_harmful=chooser["harmful"], val_harmless=chooser["harmless"],
                  micro_batch=args.batch_size, seed=0, **{**settings, "kl_weight": float(weight)})
     return res.direction
 

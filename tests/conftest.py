@@ -86,13 +86,36 @@ def _grad_mode_is_left_as_found():
     assert not leaked, "autograd mode changed by this test and not restored"
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama (3 blocks) saved as a local Hugging Face directory (one per test module)."""
+def _saved_tiny(tmp_path_factory, family: str):
     from safetyscope.testing import tiny_model
 
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = tiny_model("llama")
+    path = tmp_path_factory.mktemp(f"tiny-{family}")
+    lm = tiny_model(family)
     lm.model.save_pretrained(path)
     lm.tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama (3 blocks) saved as a local Hugging Face directory (one per test module)."""
+    return _saved_tiny(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_dir(tmp_path_factory):
+    """A tiny random Qwen2 (it has a chat template with a system prompt) saved as a local directory."""
+    return _saved_tiny(tmp_path_factory, "qwen2")
+
+
+@pytest.fixture
+def monitor_cli():
+    """``monitor_cli("fit", MODEL, ...)``: ``safetyscope monitor ... --quiet`` in a subprocess."""
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "safetyscope", "monitor", *args, "--quiet"], capture_output=True,
+                              text=True, timeout=600)
+
+    return run
