@@ -432,6 +432,23 @@ def test_replies_together_split_back_per_group_and_fill_the_cache(tmp_path, monk
         assert part["harmful_ablated"] == real(lm, HARMFUL[:2], **kw)
 
 
+def test_reply_cache_serves_any_subset_of_stored_prompts_and_keeps_earlier_ones(tmp_path):
+    from safetyscope.methods.direction.evaluate import ReplyCache
+
+    cache = ReplyCache(tmp_path, {"m": 1}, {"d": 1})
+    cache.put("harmless_base", ["a", "b", "c"], ["ra", "rb", "rc"])
+    assert cache.get("harmless_base", ["c", "a"]) == ["rc", "ra"]  # a subset, in the caller's order
+    assert cache.get("harmless_base", ["a", "z"]) is None  # one prompt missing: generate
+    cache.put("harmless_base", ["z"], ["rz"])
+    assert cache.get("harmless_base", ["a", "z"]) == ["ra", "rz"]  # merged, nothing lost
+    assert ReplyCache(tmp_path, {"m": 2}).get("harmless_base", ["a"]) is None  # another model's replies are not served
+    assert cache.get("harmful_ablated", ["a"]) is None
+    other = ReplyCache(tmp_path, {"m": 1}, {"d": 2})  # base replies are shared across interventions
+    assert other.get("harmless_base", ["b"]) == ["rb"]
+    cache.put("harmful_ablated", ["a"], ["x"])
+    assert other.get("harmful_ablated", ["a"]) is None
+
+
 @pytest.mark.slow
 def test_cli_find_ablate_e2e_default_model(tmp_path):
     from typer.testing import CliRunner

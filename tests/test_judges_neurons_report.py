@@ -41,8 +41,8 @@ def test_neurons_ablate_compares_judges_on_its_replies(tiny_dir, tmp_path, monke
     sys.modules.pop("h18n_never", None)
 
 
-def _results(judge: str | None) -> Results:
-    extra = {} if judge is None else {"judge": judge}
+def _results(judge: str | None, **more: int) -> Results:
+    extra = ({} if judge is None else {"judge": judge}) | more
     d = DirectionSummary.from_json({"find": {"layer": 5, "position": -1, "ablation": "mean"},
                                     "ablate": {"harmful_refusal_before": {"rate": 0.75},
                                                "harmful_refusal_after": {"rate": 0.125},
@@ -67,3 +67,6 @@ def test_map_report_names_the_judge_of_each_refusal_figure():
     assert "judge: phrase" in card.note
     named = _results("llm:large")
     assert "(judge: llm:large)" in {r[0]: r for r in implications(named)}["Circuit compactness"][1]
+    counted = _results("phrase", n_harmful=43)
+    assert counted.direction is not None and counted.direction.n_harmful == 43
+    assert "(judge: phrase, 43 held-out prompts) from 75%" in headline(counted, "m")

@@ -312,3 +312,32 @@ def test_edited_or_trained_prefixes_are_not_kept(lm, batch):
         handle.remove()
         lm.model.requires_grad_(False)
         lm.model.zero_grad(set_to_none=True)
+
+
+def test_map_headline_is_measured_on_the_whole_test_split_and_the_addition_on_n_eval(tmp_path, monkeypatch):
+    """The headline ablation uses every test prompt (n_headline 0); the addition reuses the n_eval subset's
+    cached unmodified replies instead of generating them again."""
+    from safetyscope.measure import generation
+    from safetyscope.methods.circuit import steps_measure
+    from safetyscope.methods.circuit.inputs import Budget, MapConfig, MapPrompts, StageInputs
+    from safetyscope.methods.direction import evaluate as direction_eval
+
+    lm = tiny_model("llama")
+    d = Direction(torch.nn.functional.normalize(torch.randn(lm.dims.d_model), dim=0), 1, -1, norm=3.0, ablation="mean",
+                  targets=torch.zeros(lm.n_layers))
+    monkeypatch.setattr(steps_measure, "find_direction_stage", lambda x: (d, {"artifact": "a"}))
+    generated: list[str] = []
+    real = generation.generate
+    monkeypatch.setattr(direction_eval, "generate", lambda lm_, ps, **k: generated.extend(ps) or real(lm_, ps, **k))
+    cfg = MapConfig(n_eval=4, max_new_tokens=2)
+    prompts = MapPrompts.of(None, None)
+    x = StageInputs(lm, cfg, Budget.of(cfg), tmp_path, prompts)
+    res = steps_measure.direction_stage(x)
+    n_h, n_s = len(prompts.test("harmful")), len(prompts.test("harmless"))
+    assert (res["ablate"]["n_harmful"], res["ablate"]["n_harmless"]) == (n_h, n_s) and n_h > 16
+    assert res["add"]["n"] == 4
+    subset = x.sampled("harmless", 4, "test")
+    assert sum(generated.count(p) for p in subset) == 3 * 4  # base, ablated, added: the base replies once
+    small = StageInputs(lm, MapConfig(n_eval=4, n_headline=5, max_new_tokens=2), Budget.of(MapConfig(n_headline=5)),
+                        tmp_path / "small", prompts)
+    assert steps_measure.direction_stage(small)["ablate"]["n_harmful"] == 5

@@ -26,13 +26,15 @@ class MapSettings(PromptSettings):
     quick: bool = opt(False, "Tiny budgets everywhere (a smoke test in a few minutes, not findings).")
     force: bool = opt(False, "Recompute stages even when cached results with the same settings exist.")
     n_prompts: int = opt(48, "Training prompts per group (probes, neurons, direction candidates).")
-    n_eval: int = opt(16, "Held-out prompts per group for ablation, fragility and capability measurements.")
+    n_eval: int = opt(16, "Held-out prompts per group for fragility, capability, monitor and addition measurements.")
+    n_headline: int = opt(0, "Held-out prompts per group for the headline direction ablation (0 = the whole test split).")
     pairs: int = opt(6, "Minimal pairs traced by attribution patching.")
     max_new_tokens: int = opt(32, "Reply length for judged generations (refusal rates, sample replies).")
     fragility_ks: str = opt("0,10,100,1%", "Numbers of neurons ablated along the fragility curves.")
 
     def config(self) -> MapConfig:
-        return MapConfig(quick=self.quick, n_prompts=self.n_prompts, n_eval=self.n_eval, pairs=self.pairs,
+        return MapConfig(quick=self.quick, n_prompts=self.n_prompts, n_eval=self.n_eval, n_headline=self.n_headline,
+                         pairs=self.pairs,
                          max_new_tokens=self.max_new_tokens, fragility_ks=self.fragility_ks, split=self.split,
                          batch_size=self.batch_size, system=self.system, seed=self.seed)
 

@@ -70,8 +70,8 @@ def _pct(x: float | None) -> str:
 
 
 def judged(d: DirectionSummary) -> str:
-    """Which judge a direction stage's refusal rates come from, as the page states it."""
-    return f"judge: {d.judge}"
+    """Which judge a direction stage's refusal rates come from, and on how many prompts, as the page states it."""
+    return f"judge: {d.judge}" + (f", {d.n_harmful} held-out prompts" if d.n_harmful else "")
 
 
 def implications(res: Results) -> list[list[Any]]:

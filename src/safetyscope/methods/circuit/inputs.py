@@ -25,7 +25,8 @@ class MapConfig:
 
     quick: bool = False  # tiny budgets everywhere: a smoke test, not findings
     n_prompts: int = 48  # training prompts per group (probes, neurons, direction candidates); 0 = all
-    n_eval: int = 16  # held-out prompts per group (ablation, fragility, capability); 0 = all
+    n_eval: int = 16  # held-out prompts per group (fragility, capability, monitor, the direction's addition); 0 = all
+    n_headline: int = 0  # held-out prompts per group for the headline (the direction's ablation); 0 = the whole test split
     pairs: int = 6  # minimal pairs traced by attribution patching
     max_new_tokens: int = 32  # reply length of judged generations
     fragility_ks: str = "0,10,100,1%"  # numbers of neurons ablated along the fragility curves
@@ -35,7 +36,7 @@ class MapConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, least in (("n_prompts", 0), ("n_eval", 0), ("pairs", 1), ("max_new_tokens", 1), ("batch_size", 1)):
+        for name, least in (("n_prompts", 0), ("n_eval", 0), ("n_headline", 0), ("pairs", 1), ("max_new_tokens", 1), ("batch_size", 1)):
             if int(getattr(self, name)) < least:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be at least {least}, not {getattr(self, name)}")
@@ -59,15 +60,16 @@ class Budget:
     folds: int
     utility_texts: int
     n_refine: int = 0  # training prompts per group the refinement samples its minibatches from (0 = all)
+    n_headline: int = 0  # held-out prompts per group the direction's ablation is measured on (0 = all)
 
     @classmethod
     def of(cls, c: MapConfig) -> Budget:
         if c.quick:
             return cls(n_prompts=10, n_eval=6, n_val=6, pairs=2, max_new_tokens=12, ks="0,5,20", seeds=1, folds=2,
-                       utility_texts=2, n_refine=10)
+                       utility_texts=2, n_refine=10, n_headline=6)
         return cls(n_prompts=c.n_prompts, n_eval=c.n_eval, n_val=max(8, c.n_eval * 3 // 4), pairs=c.pairs,
                    max_new_tokens=c.max_new_tokens, ks=c.fragility_ks, seeds=2, folds=5, utility_texts=8,
-                   n_refine=REFINE_POOL * c.n_prompts)
+                   n_refine=REFINE_POOL * c.n_prompts, n_headline=c.n_headline)
 
 
 MIN_PER_PART = 1  # every user group needs at least one train, one val and one test prompt

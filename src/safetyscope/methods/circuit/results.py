@@ -144,6 +144,7 @@ class DirectionSummary:
     zero_refusal_after: float | None = None  # the same direction under zero ablation (the exportable variant)
     zero_kl_mean: float | None = None
     judge: str = "phrase"  # the judge of the refusal rates (evaluate_ablation's default, the phrase judge)
+    n_harmful: int | None = None  # held-out harmful prompts the rates are measured on
 
     @classmethod
     def from_json(cls, d: Json) -> DirectionSummary:
@@ -151,7 +152,8 @@ class DirectionSummary:
         return cls(int(find["layer"]), int(find["position"]), str(find["ablation"]), rate(ab["harmful_refusal_before"]),
                    rate(ab["harmful_refusal_after"]), _float(ab["kl_first_token"]["mean"]), "refine" in find,
                    rate(zero.get("harmful_refusal_after")) if zero else None,
-                   _float(zero["kl_first_token"]["mean"]) if zero else None, str(ab.get("judge") or "phrase"))
+                   _float(zero["kl_first_token"]["mean"]) if zero else None, str(ab.get("judge") or "phrase"),
+                   int(ab["n_harmful"]) if ab.get("n_harmful") is not None else None)
 
 
 @dataclass(frozen=True)

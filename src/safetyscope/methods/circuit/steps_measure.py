@@ -101,12 +101,14 @@ def direction_stage(x: StageInputs) -> dict[str, Any]:
     same direction under zero ablation (what `direction export` writes into the weights)."""
     direction, found = find_direction_stage(x)
     b = x.budget
-    harmful, harmless = x.sampled("harmful", b.n_eval, "test"), x.sampled("harmless", b.n_eval, "test")
+    # The headline: the whole test split by default (16 prompts move the rate in steps of 6%); the addition
+    # is measured on the n_eval harmless prompts the other stages use.
+    harmful, harmless = x.sampled("harmful", b.n_headline, "test"), x.sampled("harmless", b.n_headline, "test")
     kw = _eval_kwargs(x, direction)
     ablate = evaluate_ablation(x.lm, direction, harmful, harmless, **kw)
     ablate.update(model=x.lm.name, direction=found["artifact"], norm_preserving=direction.norm_preserving,
                   weighted=direction.layer_weights is not None, ablation=direction.ablation)
-    add = evaluate_addition(x.lm, direction, harmless, coeff=1.0, **kw)
+    add = evaluate_addition(x.lm, direction, x.sampled("harmless", b.n_eval, "test"), coeff=1.0, **kw)
     add.update(model=x.lm.name, direction=found["artifact"])
     result = {"find": found, "ablate": ablate, "add": add}
     if direction.ablation != "zero":  # the exportable variant, on the same prompts (base replies are cached)

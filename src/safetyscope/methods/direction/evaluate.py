@@ -42,17 +42,26 @@ class ReplyCache:
     def _key(self, name: str) -> str:
         return self.common if name.endswith("_base") else self.full
 
-    def get(self, name: str, prompts: Sequence[str]) -> list[str] | None:
+    def _stored(self, name: str) -> dict[str, str]:
+        """prompt -> reply of one condition, empty when nothing matching this cache's key is stored."""
         if self.root is None or not (self.root / f"replies_{name}.json").is_file():
-            return None
+            return {}
         data = read_json(self.root / f"replies_{name}.json")
-        ok = data.get("key") == self._key(name) and data.get("prompts") == list(prompts)
-        return data["replies"] if ok else None
+        if data.get("key") != self._key(name):
+            return {}
+        return dict(zip(data.get("prompts", []), data.get("replies", [])))
+
+    def get(self, name: str, prompts: Sequence[str]) -> list[str] | None:
+        """The stored replies of ``prompts`` (whichever call generated each), None unless all are stored."""
+        stored = self._stored(name)
+        return [stored[p] for p in prompts] if all(p in stored for p in prompts) else None
 
     def put(self, name: str, prompts: Sequence[str], replies: list[str]) -> None:
+        """Add replies to the condition's file (replies of other prompts under the same key are kept)."""
         if self.root is not None:
+            merged = {**self._stored(name), **dict(zip(prompts, replies))}
             write_json(self.root / f"replies_{name}.json",
-                       {"key": self._key(name), "replies": replies, "prompts": list(prompts)})
+                       {"key": self._key(name), "replies": list(merged.values()), "prompts": list(merged)})
 
 
 def replies_under(
