@@ -119,6 +119,19 @@ def test_generated_ids_decode_to_the_generated_text_and_first_logits_are_the_pro
     torch.testing.assert_close(first, last_logits(lm, HARMLESS), rtol=1e-4, atol=1e-4)  # the score's logits
 
 
+def test_generate_scored_reads_the_first_token_logits_of_its_own_pass_under_an_intervention(lm):
+    from safetyscope.measure.compare import logits_under
+    from safetyscope.measure.generation import generate_scored
+
+    art = ScaleSite("blocks.1.resid_post", 1.5)
+    with art.apply(lm):
+        got = generate_scored(lm, HARMLESS, max_new_tokens=5, batch_size=3)
+        plain = generate(lm, HARMLESS, max_new_tokens=5, batch_size=3)
+    assert got.replies == plain and got.first_logits.shape == (len(HARMLESS), lm.model.config.vocab_size)
+    torch.testing.assert_close(got.first_logits, logits_under(lm, HARMLESS, art), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got.first_logits, last_logits(lm, HARMLESS), atol=1e-3)  # the intervention was read
+
+
 def test_teacher_forcing_matches_one_full_forward_and_chunks_replies_longer_than_the_prompt(lm):
     batch = tokenize_prompts(lm.tokenizer, ["hi", "Name a fruit."])
     g = torch.Generator().manual_seed(0)

@@ -327,8 +327,12 @@ def test_map_headline_is_measured_on_the_whole_test_split_and_the_addition_on_n_
                   targets=torch.zeros(lm.n_layers))
     monkeypatch.setattr(steps_measure, "find_direction_stage", lambda x: (d, {"artifact": "a"}))
     generated: list[str] = []
-    real = generation.generate
-    monkeypatch.setattr(direction_eval, "generate", lambda lm_, ps, **k: generated.extend(ps) or real(lm_, ps, **k))
+    for name in ("generate", "generate_scored"):
+        real = getattr(generation, name)
+        monkeypatch.setattr(direction_eval, name, lambda lm_, ps, real=real, **k: generated.extend(ps) or real(lm_, ps, **k))
+    forwards: list[int] = []
+    real_logits = direction_eval.logits_under
+    monkeypatch.setattr(direction_eval, "logits_under", lambda lm_, ps, *a, **k: forwards.append(len(ps)) or real_logits(lm_, ps, *a, **k))
     cfg = MapConfig(n_eval=4, max_new_tokens=2)
     prompts = MapPrompts.of(None, None)
     x = StageInputs(lm, cfg, Budget.of(cfg), tmp_path, prompts)
@@ -338,6 +342,9 @@ def test_map_headline_is_measured_on_the_whole_test_split_and_the_addition_on_n_
     assert res["add"]["n"] == 4
     subset = x.sampled("harmless", 4, "test")
     assert sum(generated.count(p) for p in subset) == 3 * 4  # base, ablated, added: the base replies once
+    # first-token logits of generated conditions come from the generation and the unmodified ones are
+    # shared (memo): the one extra pass is the zero variant's harmless KL (its harmless replies are not generated)
+    assert forwards == [n_s]
     small = StageInputs(lm, MapConfig(n_eval=4, n_headline=5, max_new_tokens=2), Budget.of(MapConfig(n_headline=5)),
                         tmp_path / "small", prompts)
     assert steps_measure.direction_stage(small)["ablate"]["n_harmful"] == 5

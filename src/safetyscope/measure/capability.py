@@ -33,7 +33,7 @@ from ..positions import Batch
 from ..prompts.chat import pad_token_id
 from ..runner import batched, sharded_backoff
 from .compare import Intervention, enter
-from .generation import stop_ids
+from .generation import continue_batch, stop_ids
 from .metrics import kl_divergence, perplexity, token_cross_entropy
 
 __all__ = [
@@ -70,18 +70,10 @@ def generate_batch_with_logits(lm: LoadedModel, batch: Batch, max_new_tokens: in
     next-token logits at the first response position (what the logit refusal score reads), so the
     score comes with the generation at no extra forward pass.
     """
-    stops = stop_ids(lm)
-    batch = batch.to(lm.input_device)
-    pad = pad_token_id(lm.tokenizer)
-    with running(batch), torch.inference_mode():
-        out = cast(Any, lm.model).generate(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-            do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=stops, pad_token_id=pad,
-            output_logits=True, return_dict_in_generate=True,
-        )
-    check_logits(out.logits[0][:, None])  # first step [batch, 1, vocab]: NaN/inf means an overflow
-    new = out.sequences[:, batch.seq_len:].tolist()  # [batch, <= max_new_tokens]
-    return [_trim(row, set(stops)) for row in new], out.logits[0].float().cpu()
+    first: list[torch.Tensor] = []
+    new = continue_batch(lm, batch, max_new_tokens, first=first).tolist()  # [batch, <= max_new_tokens]
+    check_logits(first[0][:, None])  # first step [batch, 1, vocab]: NaN/inf means an overflow
+    return [_trim(row, set(stop_ids(lm))) for row in new], first[0]
 
 
 def generate_batch_ids(lm: LoadedModel, batch: Batch, max_new_tokens: int = 64) -> list[list[int]]:

@@ -8,7 +8,9 @@ registered with :func:`add_stop_tokens` (a non-special stop token stays in the d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -63,8 +65,20 @@ def stop_ids(lm: LoadedModel) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def generate_batch(lm: LoadedModel, batch: Batch, max_new_tokens: int = 64, do_sample: bool = False, **kwargs: Any) -> list[str]:
-    """Greedy (unless asked) continuation of one batch; returns the decoded replies.
+@dataclass(frozen=True)
+class Generated:
+    """Replies and, per prompt, the next-token logits the first reply token was chosen from (the prefill's
+    last position: what :func:`last_logits` computes, read from the generation's own forward pass)."""
+
+    replies: list[str]
+    first_logits: torch.Tensor  # [n_prompts, vocab] float32 on the CPU
+
+
+def continue_batch(lm: LoadedModel, batch: Batch, max_new_tokens: int = 64, do_sample: bool = False, *,
+                   first: list[torch.Tensor] | None = None, **kwargs: Any) -> torch.Tensor:
+    """Greedy (unless asked) continuation of one batch: the new token ids ``[batch, <= max_new_tokens]``
+    (rows that stopped early are padded). ``first``: a list the prefill's last-position logits
+    ([batch, vocab] float32, CPU) are appended to.
 
     The shared prefix is prefilled once where that is exact (:mod:`safetyscope.prefix`); hooks then see the
     suffix Batch during the rest of the generation.
@@ -78,19 +92,46 @@ def generate_batch(lm: LoadedModel, batch: Batch, max_new_tokens: int = 64, do_s
     split = plan(lm.model, batch, last_only=True)
     with torch.inference_mode():
         if split is None:
-            with running(batch):
+            with running(batch), _first_logits(lm, first):
                 out = cast(Any, lm.model).generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                                    **settings)
             start = batch.seq_len
         else:
             cache = prefix_cache(lm, split)
             ids = torch.cat([split.prefix.input_ids[split.rows.to(batch.input_ids.device)], split.suffix.input_ids], 1)
-            with running(split.suffix):
+            with running(split.suffix), _first_logits(lm, first):
                 out = cast(Any, lm.model).generate(input_ids=ids, attention_mask=split.attention_mask, cache=cache,
                                                    **settings)
             start = ids.shape[1]
-    new = out[:, start:]
+    return out[:, start:]
+
+
+def generate_batch(lm: LoadedModel, batch: Batch, max_new_tokens: int = 64, do_sample: bool = False, *,
+                   first: list[torch.Tensor] | None = None, **kwargs: Any) -> list[str]:
+    """:func:`continue_batch`, decoded: one reply per row."""
+    new = continue_batch(lm, batch, max_new_tokens, do_sample, first=first, **kwargs)
     return [lm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+
+@contextmanager
+def _first_logits(lm: LoadedModel, into: list[torch.Tensor] | None) -> Iterator[None]:
+    """Append the last-position logits of the first model call inside the block to ``into`` (None: no hook)."""
+    if into is None:
+        yield
+        return
+    seen: list[bool] = []
+
+    def keep(_m: Any, _args: Any, output: Any) -> None:
+        if not seen:
+            seen.append(True)
+            logits = output.logits if hasattr(output, "logits") else output[0]  # [batch, pos, vocab]
+            into.append(logits[:, -1].detach().float().cpu())
+
+    handle = lm.model.register_forward_hook(keep)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def generate(
@@ -108,18 +149,48 @@ def generate(
     weight once whatever the batch, so on memory-bound hardware (CPUs, small models) larger batches are
     nearly free; out-of-memory halves them.
     """
+    return _generate(lm, prompts, max_new_tokens, batch_size, system, do_sample, keep_first=False).replies
+
+
+def generate_scored(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    system: str | None = None,
+    do_sample: bool = False,
+) -> Generated:
+    """:func:`generate` plus each prompt's first-token logits from the same forward pass (equal to
+    :func:`last_logits` within float tolerance: the batches differ), so a refusal score or a first-token KL
+    of the generated condition costs no second pass."""
+    return _generate(lm, prompts, max_new_tokens, batch_size, system, do_sample, keep_first=True)
+
+
+def _generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, batch_size: int, system: str | None,
+              do_sample: bool, *, keep_first: bool) -> Generated:
     replies: list[str] = [""] * len(prompts)
-    for batch, outs in batched(
+    rows: dict[int, torch.Tensor] = {}
+
+    def step(b: Batch) -> tuple[list[str], torch.Tensor | None]:
+        first: list[torch.Tensor] | None = [] if keep_first else None
+        outs = generate_batch(lm, b, max_new_tokens, do_sample, first=first)
+        return outs, (first[0] if first else None)
+
+    for batch, (outs, logits) in batched(
         lm,
         prompts,
-        lambda b: generate_batch(lm, b, max_new_tokens, do_sample),
+        step,
         batch_size=max(int(batch_size), int(lm.meta.get("gen_batch_size") or 0)),
         system=system,
         description="generating",
     ):
-        for i, reply in zip(batch.index, outs):
+        for j, (i, reply) in enumerate(zip(batch.index, outs)):
             replies[i] = reply
-    return replies
+            if logits is not None:
+                rows[i] = logits[j]
+    first = torch.stack([rows[i] for i in range(len(prompts))]) if keep_first and prompts else torch.empty(0)
+    return Generated(replies, first)
 
 
 def last_logits(lm: LoadedModel, prompts: Sequence[str], *, batch_size: int = 16, system: str | None = None) -> torch.Tensor:

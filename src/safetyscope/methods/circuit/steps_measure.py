@@ -104,18 +104,18 @@ def direction_stage(x: StageInputs) -> dict[str, Any]:
     # The headline: the whole test split by default (16 prompts move the rate in steps of 6%); the addition
     # is measured on the n_eval harmless prompts the other stages use.
     harmful, harmless = x.sampled("harmful", b.n_headline, "test"), x.sampled("harmless", b.n_headline, "test")
-    kw = _eval_kwargs(x, direction)
-    ablate = evaluate_ablation(x.lm, direction, harmful, harmless, **kw)
+    kw, memo = _eval_kwargs(x, direction), {}  # memo: the unmodified model's logits, shared with the zero variant
+    ablate = evaluate_ablation(x.lm, direction, harmful, harmless, memo=memo, **kw)
     ablate.update(model=x.lm.name, direction=found["artifact"], norm_preserving=direction.norm_preserving,
                   weighted=direction.layer_weights is not None, ablation=direction.ablation)
-    add = evaluate_addition(x.lm, direction, x.sampled("harmless", b.n_eval, "test"), coeff=1.0, **kw)
+    add = evaluate_addition(x.lm, direction, x.sampled("harmless", b.n_eval, "test"), coeff=1.0, memo=memo, **kw)
     add.update(model=x.lm.name, direction=found["artifact"])
     result = {"find": found, "ablate": ablate, "add": add}
     if direction.ablation != "zero":  # the exportable variant, on the same prompts (base replies are cached)
         zero = direction.with_ablation("zero")
         zero.save(x.out / "direction" / "artifact_zero")
         result["ablate_zero"] = {**evaluate_ablation(x.lm, zero, harmful, harmless, **_eval_kwargs(x, zero, "_zero"),
-                                                     harmless_replies_ablated=False),
+                                                     harmless_replies_ablated=False, memo=memo),
                                  "ablation": "zero", "direction": str(x.out / "direction" / "artifact_zero")}
     return result
 

@@ -12,10 +12,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ...io import fingerprint, read_json, write_json
 from ...measure.capability import CrossEntropy, reply_cross_entropy
 from ...measure.compare import enter, logits_under
-from ...measure.generation import generate
+from ...measure.generation import Generated, generate, generate_scored
 from ...measure.judges import PhraseJudge
 from ...measure.metrics import kl_divergence, perplexity, rate_with_ci, refusal_score
 from ...measure.refusal_tokens import refusal_token_ids
@@ -64,27 +66,16 @@ class ReplyCache:
                        {"key": self._key(name), "replies": list(merged.values()), "prompts": list(merged)})
 
 
-def replies_under(
-    lm: LoadedModel, prompts: Sequence[str], intervention: Any, name: str, cache: ReplyCache, *,
-    max_new_tokens: int, batch_size: int, system: str | None,
-) -> list[str]:
-    cached = cache.get(name, prompts)
-    if cached is not None:
-        return cached
-    with enter(lm, intervention):
-        replies = generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
-    cache.put(name, prompts, replies)
-    return replies
-
-
 def replies_together(
     lm: LoadedModel, groups: dict[str, Sequence[str]], intervention: Any, cache: ReplyCache, *,
-    max_new_tokens: int, batch_size: int, system: str | None,
+    max_new_tokens: int, batch_size: int, system: str | None, first: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, list[str]]:
     """Replies of several prompt groups under one intervention, the uncached groups generated in one call.
 
     Decoding is memory-bound on CPUs and small models (every step reads every weight whatever the batch),
-    so one call over the joined groups costs about as much as one call per group would each.
+    so one call over the joined groups costs about as much as one call per group would each. ``first``:
+    a dict that receives, for each group generated here (not read from the cache), its prompts'
+    first-token logits [n, vocab] from the generation's own forward pass.
     """
     out: dict[str, list[str]] = {}
     for name, prompts in groups.items():
@@ -94,11 +85,15 @@ def replies_together(
     todo = [(name, list(prompts)) for name, prompts in groups.items() if name not in out and prompts]
     if todo:
         joined = [p for _, prompts in todo for p in prompts]
+        kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "system": system}
         with enter(lm, intervention):
-            replies = generate(lm, joined, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
+            done = generate_scored(lm, joined, **kw) if first is not None else Generated(generate(lm, joined, **kw),
+                                                                                          torch.empty(0))
         start = 0
         for name, prompts in todo:
-            out[name] = replies[start : start + len(prompts)]
+            out[name] = done.replies[start : start + len(prompts)]
+            if first is not None:
+                first[name] = done.first_logits[start : start + len(prompts)]
             start += len(prompts)
             cache.put(name, prompts, out[name])
     return {name: out.get(name, []) for name in groups}
@@ -132,37 +127,67 @@ def reply_nll(
     return total.sum_nll, total.n_tokens
 
 
+def condition_logits(
+    lm: LoadedModel, name: str, prompts: Sequence[str], intervention: Any, first: dict[str, torch.Tensor],
+    memo: dict[Any, Any], *, batch_size: int, system: str | None,
+) -> torch.Tensor:
+    """First-token logits [n, vocab] of one condition: read during its generation (``first``), else the
+    unmodified model's rows from ``memo`` (kept per prompt), else one forward pass."""
+    if name in first:
+        got = first[name]
+    elif intervention is None and all(("unmodified", p) in memo for p in prompts):
+        return torch.stack([memo[("unmodified", p)] for p in prompts])
+    else:
+        got = logits_under(lm, prompts, intervention, batch_size=batch_size, system=system)
+    if intervention is None:
+        memo.update({("unmodified", p): row for p, row in zip(prompts, got)})
+    return got
+
+
 def evaluate_ablation(
     lm: LoadedModel, direction: Direction, harmful: Sequence[str], harmless: Sequence[str], *,
     judge: Judge | None = None, max_new_tokens: int = 64, batch_size: int = 8, system: str | None = None,
-    cache: ReplyCache | None = None, harmless_replies_ablated: bool = True,
+    cache: ReplyCache | None = None, harmless_replies_ablated: bool = True, memo: dict[Any, Any] | None = None,
 ) -> dict[str, Any]:
-    """Refusal before -> after ablation on both groups, first-token KL and reply perplexity on harmless."""
+    """Refusal before -> after ablation on both groups, first-token KL and reply perplexity on harmless.
+
+    The first-token logits of a generated condition come from its generation's forward pass (no second
+    pass). ``memo``: a dict shared by evaluations of the same model, settings and prompts (a direction and
+    its zero-ablation variant): the unmodified model's logits and reply likelihood are computed once.
+    """
     judge = judge or PhraseJudge()
     cache = cache or ReplyCache(None, {})
+    memo = {} if memo is None else memo
     ids = refusal_token_ids(lm.tokenizer)
     kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "system": system}
     out: dict[str, Any] = {"n_harmful": len(harmful), "n_harmless": len(harmless)}
+    first: dict[str, torch.Tensor] = {}  # condition -> [n, vocab] logits read during its generation
     # harmful and harmless replies of each condition in one generation call
-    base = replies_together(lm, {"harmful_base": harmful, "harmless_base": harmless}, None, cache, **kw)
+    base = replies_together(lm, {"harmful_base": harmful, "harmless_base": harmless}, None, cache, first=first, **kw)
     ablated = replies_together(lm, {"harmful_ablated": harmful,
                                     **({"harmless_ablated": harmless} if harmless_replies_ablated else {})},
-                               direction, cache, **kw)
+                               direction, cache, first=first, **kw)
+
+    def last(name: str, prompts: Sequence[str], intervention: Any) -> torch.Tensor:  # [n, vocab]
+        return condition_logits(lm, name, prompts, intervention, first, memo, batch_size=batch_size, system=system)
+
     if harmful:
         before, after = base["harmful_base"], ablated["harmful_ablated"]
         out["harmful_refusal_before"] = refusal_rate(harmful, before, judge)
         out["harmful_refusal_after"] = refusal_rate(harmful, after, judge)
-        out["harmful_score_before"] = float(refusal_score(logits_under(lm, harmful, None, batch_size=batch_size, system=system), ids).mean())
-        out["harmful_score_after"] = float(refusal_score(logits_under(lm, harmful, direction, batch_size=batch_size, system=system), ids).mean())
+        out["harmful_score_before"] = float(refusal_score(last("harmful_base", harmful, None), ids).mean())
+        out["harmful_score_after"] = float(refusal_score(last("harmful_ablated", harmful, direction), ids).mean())
     if harmless:
         base_replies = base["harmless_base"]
         out["harmless_refusal_before"] = refusal_rate(harmless, base_replies, judge)
         if harmless_replies_ablated:
             out["harmless_refusal_after"] = refusal_rate(harmless, ablated["harmless_ablated"], judge)
-        ref = logits_under(lm, harmless, None, batch_size=batch_size, system=system)
-        kl = kl_divergence(ref, logits_under(lm, harmless, direction, batch_size=batch_size, system=system))
+        kl = kl_divergence(last("harmless_base", harmless, None), last("harmless_ablated", harmless, direction))
         out["kl_first_token"] = {"mean": float(kl.mean()), "median": float(kl.median()), "max": float(kl.max())}
-        nll0, n0 = reply_nll(lm, harmless, base_replies, None, batch_size=max(1, batch_size // 2), system=system)
+        nll_key = ("nll", tuple(harmless), tuple(base_replies))
+        if nll_key not in memo:
+            memo[nll_key] = reply_nll(lm, harmless, base_replies, None, batch_size=max(1, batch_size // 2), system=system)
+        nll0, n0 = memo[nll_key]
         nll1, n1 = reply_nll(lm, harmless, base_replies, direction, batch_size=max(1, batch_size // 2), system=system)
         if n0:
             out["reply_perplexity"] = {"before": perplexity(nll0, n0), "after": perplexity(nll1, n1), "n_tokens": n0,
@@ -173,22 +198,27 @@ def evaluate_ablation(
 def evaluate_addition(
     lm: LoadedModel, direction: Direction, prompts: Sequence[str], *, coeff: float = 1.0, layer: int | None = None,
     judge: Judge | None = None, max_new_tokens: int = 64, batch_size: int = 8, system: str | None = None,
-    cache: ReplyCache | None = None, name: str = "harmless",
+    cache: ReplyCache | None = None, name: str = "harmless", memo: dict[Any, Any] | None = None,
 ) -> dict[str, Any]:
-    """Refusal (judge and logit score) on ``prompts`` before -> after activation addition."""
+    """Refusal (judge and logit score) on ``prompts`` before -> after activation addition (``memo``: as
+    in :func:`evaluate_ablation`)."""
     judge = judge or PhraseJudge()
     cache = cache or ReplyCache(None, {})
+    memo = {} if memo is None else memo
     ids = refusal_token_ids(lm.tokenizer)
     kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "system": system}
+    first: dict[str, torch.Tensor] = {}
 
     def added() -> Any:
         return direction.add(lm, coeff, layer)
 
-    before = replies_under(lm, prompts, None, f"{name}_base", cache, **kw)
-    tag = f"{name}_added_{coeff:g}_{direction.layer if layer is None else layer}"
-    after = replies_under(lm, prompts, added, tag, cache, **kw)
-    score_before = refusal_score(logits_under(lm, prompts, None, batch_size=batch_size, system=system), ids)
-    score_after = refusal_score(logits_under(lm, prompts, added, batch_size=batch_size, system=system), ids)
+    base, tag = f"{name}_base", f"{name}_added_{coeff:g}_{direction.layer if layer is None else layer}"
+    before = replies_together(lm, {base: prompts}, None, cache, first=first, **kw)[base]
+    after = replies_together(lm, {tag: prompts}, added, cache, first=first, **kw)[tag]
+    score_before = refusal_score(condition_logits(lm, base, prompts, None, first, memo, batch_size=batch_size,
+                                                  system=system), ids)
+    score_after = refusal_score(condition_logits(lm, tag, prompts, added, first, memo, batch_size=batch_size,
+                                                 system=system), ids)
     return {
         "n": len(prompts), "coeff": coeff, "layer": direction.layer if layer is None else layer,
         "refusal_before": refusal_rate(prompts, before, judge), "refusal_after": refusal_rate(prompts, after, judge),
