@@ -254,3 +254,18 @@ def test_wilson_interval_sanity() -> None:
     assert math.isnan(empty["rate"]) and (empty["lo"], empty["hi"], empty["n"]) == (0.0, 1.0, 0)
     with pytest.raises(ValueError):
         wilson_interval(5, 3)
+
+
+def test_fast_refusal_score_agrees_with_the_float64_path():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5000, generator=g) * 4
+    logits[1, :5] += 30  # p close to 1: the eps keeps both finite
+    logits[2, :5] -= 30  # p close to 0
+    ids = [0, 1, 2, 3, 4]
+    exact = refusal_score(logits, ids, dtype=torch.float64)
+    fast = refusal_score(logits, ids, dtype=torch.float64, fast=True)
+    assert torch.isfinite(fast).all() and torch.allclose(fast, exact, atol=1e-4, rtol=0)
+    assert refusal_score(logits.half(), ids, fast=True).dtype == torch.float32
+    assert refusal_score(logits[0], ids, fast=True).shape == ()
+    with pytest.raises(ValueError):
+        refusal_score(logits, [5000], fast=True)

@@ -25,7 +25,8 @@ _EPS = 1e-8  # smoothing of p and 1 - p in the log-odds (as in Arditi et al.'s r
 
 
 def refusal_score(
-    logits: Tensor, token_ids: Iterable[int], *, grad: bool = False, dtype: torch.dtype = torch.float32
+    logits: Tensor, token_ids: Iterable[int], *, grad: bool = False, dtype: torch.dtype = torch.float32,
+    fast: bool = False,
 ) -> Tensor:
     """Log-odds of the refusal tokens at the first response position.
 
@@ -41,6 +42,9 @@ def refusal_score(
         grad: keep the autograd graph (a training loss); by default the logits are detached.
         dtype: of the returned scores; ``torch.float64`` keeps small differences between scores (patching
             effects) above the float32 rounding of the score.
+        fast: the pass over the non-refusal tokens in float32 (no float64 copy of the vocabulary), the rest
+            in float64: absolute error about 1e-5 for any ``p``. For per-token trajectories read at every
+            decoding step.
 
     Returns:
         ``[B]`` scores in ``dtype`` (a 0-d tensor for ``[V]`` input).
@@ -51,6 +55,8 @@ def refusal_score(
     vocab = logits.shape[-1]
     if not ids or ids[0] < 0 or ids[-1] >= vocab:
         raise ValueError(f"token_ids must be a non-empty set of ids in [0, {vocab}); got {ids[:10]}")
+    if fast:
+        return _fast_refusal_score(logits if grad else logits.detach(), ids).to(dtype)
     x = (logits if grad else logits.detach()).to(torch.float64)          # [B, V]
     is_refusal = torch.zeros(vocab, dtype=torch.bool, device=x.device)   # [V]
     is_refusal[ids] = True
@@ -61,6 +67,18 @@ def refusal_score(
     log_p, log_q = lse_r - log_z, lse_n - log_z                          # log p, log (1-p)  [B]
     log_eps = torch.tensor(math.log(_EPS), dtype=x.dtype, device=x.device)
     return (torch.logaddexp(log_p, log_eps) - torch.logaddexp(log_q, log_eps)).to(dtype)
+
+
+def _fast_refusal_score(logits: Tensor, ids: list[int]) -> Tensor:
+    """refusal_score's float32 path: log Z over the vocabulary once, the refusal tokens gathered."""
+    x = logits if logits.dtype == torch.float32 else logits.float()             # [B, V]
+    is_refusal = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)    # [V]
+    is_refusal[ids] = True
+    lse_r = torch.logsumexp(x[..., torch.tensor(ids, device=x.device)].double(), dim=-1)  # [B]
+    lse_n = torch.logsumexp(x.masked_fill(is_refusal, -math.inf), dim=-1).double()  # [B], float32 pass
+    log_z = torch.logaddexp(lse_r, lse_n)                                       # [B]
+    log_eps = torch.tensor(math.log(_EPS), dtype=torch.float64, device=x.device)
+    return torch.logaddexp(lse_r - log_z, log_eps) - torch.logaddexp(lse_n - log_z, log_eps)
 
 
 def kl_divergence(logits_ref: Tensor, logits_new: Tensor, mask: Tensor | None = None, *, grad: bool = False) -> Tensor:

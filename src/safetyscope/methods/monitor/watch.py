@@ -268,7 +268,10 @@ class Watch:
             logits = output[0] if isinstance(output, (tuple, list)) else output
         if self._raw is None or self._proj is None:
             return
-        ref = refusal_score(logits[:, -1].detach(), self.monitor.refusal_token_ids, dtype=torch.float64)  # [batch]
+        # the prefill's score meets the calibrated refusal threshold: float64 as at fitting time; the decoding
+        # steps' (trajectories only) take the float32 path, ~4x cheaper per step over the vocabulary
+        ref = refusal_score(logits[:, -1].detach(), self.monitor.refusal_token_ids, dtype=torch.float64,
+                            fast=self._phase != "prefill")  # [batch]
         harm = self.monitor.harm_from_raw(self._raw.double().cpu().numpy())  # [batch]
         proj, refusal = self._proj.double().cpu().numpy(), ref.cpu().numpy()
         self._raw = self._proj = None
