@@ -104,7 +104,7 @@ def direction_stage(x: StageInputs) -> dict[str, Any]:
     # The headline: the whole test split by default (16 prompts move the rate in steps of 6%); the addition
     # is measured on the n_eval harmless prompts the other stages use.
     harmful, harmless = x.sampled("harmful", b.n_headline, "test"), x.sampled("harmless", b.n_headline, "test")
-    kw, memo = _eval_kwargs(x, direction), {}  # memo: the unmodified model's logits, shared with the zero variant
+    kw, memo = _eval_kwargs(x, direction), dict[Any, Any]()  # memo: the unmodified logits, shared with the zero variant
     ablate = evaluate_ablation(x.lm, direction, harmful, harmless, memo=memo, **kw)
     ablate.update(model=x.lm.name, direction=found["artifact"], norm_preserving=direction.norm_preserving,
                   weighted=direction.layer_weights is not None, ablation=direction.ablation)
