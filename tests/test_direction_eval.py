@@ -48,3 +48,7 @@ def test_evaluate_ablation_from_generation_logits_equals_separate_forward_passes
     monkeypatch.setattr(direction_eval, "logits_under", lambda *a, **k: calls.append(1))
     again = evaluate_ablation(lm, d, HARMFUL[:3], HARMLESS[:3], max_new_tokens=3, batch_size=2, memo=memo)
     assert calls == [] and again["kl_first_token"] == res["kl_first_token"]  # nothing recomputed
+    assert res["reply_perplexity"]["n_tokens"] > 0
+    monkeypatch.setattr(direction_eval, "reply_nll", lambda *a, **k: calls.append(2))
+    bare = evaluate_ablation(lm, d, HARMFUL[:3], HARMLESS[:3], max_new_tokens=3, batch_size=2, reply_perplexity=False)
+    assert "reply_perplexity" not in bare and calls == [] and bare["kl_first_token"] == res["kl_first_token"]

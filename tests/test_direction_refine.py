@@ -121,3 +121,15 @@ def test_cli_direction_refine_writes_artifact_history_and_plot(tmp_path, png):
     bad = CliRunner().invoke(app, ["direction", "refine", str(tmp_path / "model"), "--direction", str(tmp_path / "missing"),
                                    "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "no direction artifact" in bad.output
+
+
+def test_logits_and_means_in_one_pass_equal_the_two_separate_passes():
+    from safetyscope.measure.compare import logits_under
+    from safetyscope.methods.direction.refine import logits_and_means
+
+    lm = tiny_model("llama")
+    logits, means = logits_and_means(lm, HARMLESS, -2, batch_size=2)
+    torch.testing.assert_close(logits, logits_under(lm, HARMLESS, None, batch_size=3), rtol=1e-4, atol=1e-5)
+    assert means.dtype == torch.float64 and means.shape == (lm.n_layers, lm.dims.d_model)
+    torch.testing.assert_close(means, harmless_means(lm, HARMLESS, -2, batch_size=3), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(means, harmless_means(lm, HARMLESS, -1), atol=1e-4)  # the position is the one asked

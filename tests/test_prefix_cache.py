@@ -345,6 +345,11 @@ def test_map_headline_is_measured_on_the_whole_test_split_and_the_addition_on_n_
     # first-token logits of generated conditions come from the generation and the unmodified ones are
     # shared (memo): the one extra pass is the zero variant's harmless KL (its harmless replies are not generated)
     assert forwards == [n_s]
+    # the capability stage's sample replies (unmodified, under the direction) come from the same cache
+    d.save(tmp_path / "direction" / "artifact")
+    generated.clear()
+    cap = steps_measure.capability_stage(StageInputs(lm, cfg, Budget.of(cfg), tmp_path, prompts, done={"direction": {}}))
+    assert generated == [] and len(cap["samples"]) == 4 and all("after_direction" in r for r in cap["samples"])
     small = StageInputs(lm, MapConfig(n_eval=4, n_headline=5, max_new_tokens=2), Budget.of(MapConfig(n_headline=5)),
                         tmp_path / "small", prompts)
     assert steps_measure.direction_stage(small)["ablate"]["n_harmful"] == 5

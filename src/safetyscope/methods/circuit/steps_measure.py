@@ -105,7 +105,8 @@ def direction_stage(x: StageInputs) -> dict[str, Any]:
     # is measured on the n_eval harmless prompts the other stages use.
     harmful, harmless = x.sampled("harmful", b.n_headline, "test"), x.sampled("harmless", b.n_headline, "test")
     kw, memo = _eval_kwargs(x, direction), dict[Any, Any]()  # memo: the unmodified logits, shared with the zero variant
-    ablate = evaluate_ablation(x.lm, direction, harmful, harmless, memo=memo, **kw)
+    # no reply perplexity: the report's capability cost is the capability stage's (built-in passages)
+    ablate = evaluate_ablation(x.lm, direction, harmful, harmless, memo=memo, reply_perplexity=False, **kw)
     ablate.update(model=x.lm.name, direction=found["artifact"], norm_preserving=direction.norm_preserving,
                   weighted=direction.layer_weights is not None, ablation=direction.ablation)
     add = evaluate_addition(x.lm, direction, x.sampled("harmless", b.n_eval, "test"), coeff=1.0, memo=memo, **kw)
@@ -115,13 +116,15 @@ def direction_stage(x: StageInputs) -> dict[str, Any]:
         zero = direction.with_ablation("zero")
         zero.save(x.out / "direction" / "artifact_zero")
         result["ablate_zero"] = {**evaluate_ablation(x.lm, zero, harmful, harmless, **_eval_kwargs(x, zero, "_zero"),
-                                                     harmless_replies_ablated=False, memo=memo),
+                                                     harmless_replies_ablated=False, memo=memo,
+                                                     reply_perplexity=False),
                                  "ablation": "zero", "direction": str(x.out / "direction" / "artifact_zero")}
     return result
 
 
-def _eval_kwargs(x: StageInputs, direction: Direction, suffix: str = "") -> dict[str, Any]:
-    """evaluate_* settings; the replies cache of a variant (``suffix``) starts with the unmodified replies."""
+def _eval_kwargs(x: StageInputs, direction: Direction | None, suffix: str = "") -> dict[str, Any]:
+    """evaluate_* settings; the replies cache of a variant (``suffix``) starts with the unmodified replies
+    (``direction`` None: a cache for the unmodified replies only)."""
     import shutil
 
     b, root = x.budget, x.out / f"direction_eval{suffix}"
@@ -131,10 +134,10 @@ def _eval_kwargs(x: StageInputs, direction: Direction, suffix: str = "") -> dict
             root.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, root / src.name)
     d = x.lm.describe()
-    meta, _ = direction.to_state()
     common = {"model": [d["name"], d["n_params"], d["dtype"]], "system": x.system, "max_new_tokens": b.max_new_tokens}
-    cache = ReplyCache(root, common, {"direction": meta, "vector": direction.direction.tolist(),
-                                                          "weights": None, "coeff": 1.0, "layer": -1})
+    cache = ReplyCache(root, common, None if direction is None else {
+        "direction": direction.to_state()[0], "vector": direction.direction.tolist(), "weights": None, "coeff": 1.0,
+        "layer": -1})
     return {"max_new_tokens": b.max_new_tokens, "batch_size": x.batch_size, "system": x.system, "cache": cache}
 
 
@@ -181,7 +184,6 @@ def capability_stage(x: StageInputs) -> dict[str, Any]:
     from ...artifacts.base import load_artifact
     from ...measure.capability import capability_rows, cross_entropy
     from ...measure.compare import first_token_kl, logits_under
-    from ...measure.generation import generate
     from ...measure.judges import PhraseJudge
 
     lm, b, bs, system = x.lm, x.budget, x.batch_size, x.system
@@ -191,7 +193,7 @@ def capability_stage(x: StageInputs) -> dict[str, Any]:
     reference = logits_under(lm, harmless, None, batch_size=bs, system=system)
     ref_ce = cross_entropy(lm, rows, batch_size=bs)  # once, shared by every intervention
     judge = PhraseJudge()
-    before = generate(lm, harmful, max_new_tokens=b.max_new_tokens, batch_size=bs, system=system)
+    before = _replies(x, harmful, None, "harmful_base")  # the direction stage's, when it generated them
     samples = [{"prompt": p, "before": r, "refused_before": judge(p, r)} for p, r in zip(harmful, before)]
     out: dict[str, Any] = {"n_harmless": len(harmless), "n_capability_tokens": sum(len(r) - 1 for r in rows),
                            "interventions": {}, "samples": samples}
@@ -203,7 +205,7 @@ def capability_stage(x: StageInputs) -> dict[str, Any]:
         kl = first_token_kl(lm, harmless, art, reference=reference, batch_size=bs, system=system)
         with art.apply(lm):
             new_ce = cross_entropy(lm, rows, batch_size=bs)
-            after = generate(lm, harmful, max_new_tokens=b.max_new_tokens, batch_size=bs, system=system)
+        after = _replies(x, harmful, art, "harmful_ablated")
         for sample, p, r in zip(samples, harmful, after):
             sample[f"after_{name}"] = r
             sample[f"refused_after_{name}"] = judge(p, r)
@@ -212,3 +214,18 @@ def capability_stage(x: StageInputs) -> dict[str, Any]:
             "ppl_before": ref_ce.ppl, "ppl_after": new_ce.ppl, "ppl_ratio": new_ce.ppl / ref_ce.ppl,
         }
     return out
+
+
+def _replies(x: StageInputs, prompts: list[str], art: Any, name: str) -> list[str]:
+    """Replies under ``art`` (None: unmodified); a direction's and the unmodified ones go through the
+    direction stage's reply cache (reused when that stage generated them, kept there otherwise)."""
+    from ...measure.generation import generate
+    from ..direction.evaluate import replies_together
+
+    b = x.budget
+    if art is None or isinstance(art, Direction):
+        kw = _eval_kwargs(x, art)
+        return replies_together(x.lm, {name: prompts}, art, kw["cache"], max_new_tokens=b.max_new_tokens,
+                                batch_size=x.batch_size, system=x.system)[name]
+    with art.apply(x.lm):
+        return generate(x.lm, prompts, max_new_tokens=b.max_new_tokens, batch_size=x.batch_size, system=x.system)

@@ -148,8 +148,10 @@ def evaluate_ablation(
     lm: LoadedModel, direction: Direction, harmful: Sequence[str], harmless: Sequence[str], *,
     judge: Judge | None = None, max_new_tokens: int = 64, batch_size: int = 8, system: str | None = None,
     cache: ReplyCache | None = None, harmless_replies_ablated: bool = True, memo: dict[Any, Any] | None = None,
+    reply_perplexity: bool = True,
 ) -> dict[str, Any]:
-    """Refusal before -> after ablation on both groups, first-token KL and reply perplexity on harmless.
+    """Refusal before -> after ablation on both groups, first-token KL and (``reply_perplexity``) the
+    perplexity of the unmodified harmless replies under the ablation.
 
     The first-token logits of a generated condition come from its generation's forward pass (no second
     pass). ``memo``: a dict shared by evaluations of the same model, settings and prompts (a direction and
@@ -185,10 +187,11 @@ def evaluate_ablation(
         kl = kl_divergence(last("harmless_base", harmless, None), last("harmless_ablated", harmless, direction))
         out["kl_first_token"] = {"mean": float(kl.mean()), "median": float(kl.median()), "max": float(kl.max())}
         nll_key = ("nll", tuple(harmless), tuple(base_replies))
-        if nll_key not in memo:
+        if reply_perplexity and nll_key not in memo:
             memo[nll_key] = reply_nll(lm, harmless, base_replies, None, batch_size=max(1, batch_size // 2), system=system)
-        nll0, n0 = memo[nll_key]
-        nll1, n1 = reply_nll(lm, harmless, base_replies, direction, batch_size=max(1, batch_size // 2), system=system)
+        nll0, n0 = memo[nll_key] if reply_perplexity else (0.0, 0)
+        nll1, n1 = reply_nll(lm, harmless, base_replies, direction, batch_size=max(1, batch_size // 2),
+                             system=system) if n0 else (0.0, 0)
         if n0:
             out["reply_perplexity"] = {"before": perplexity(nll0, n0), "after": perplexity(nll1, n1), "n_tokens": n0,
                                        "ratio": perplexity(nll1, n1) / perplexity(nll0, n0)}

@@ -37,15 +37,16 @@ from typing import Any
 
 import torch
 
-from ...hooks import forward, hooks
+from ...hooks import capture, forward, hooks
 from ...measure.compare import logits_under
 from ...measure.metrics import kl_divergence, refusal_score
 from ...measure.refusal_tokens import refusal_token_ids
 from ...models.adapter import LoadedModel
+from ...positions import Batch
 from ...prefix import same_rows
 from ...prompts.chat import tokenize_prompts
 from ...prompts.sets import PromptsLike
-from ...runner import is_oom
+from ...runner import batched, is_oom
 from ..fit import fit_group_moments, stacked_means
 from .artifact import Direction
 from .inputs import file_records, train_val_texts, with_fit_files
@@ -83,6 +84,28 @@ def harmless_means(lm: LoadedModel, harmless: Sequence[str], position: int, *, b
     stats = fit_group_moments(lm, {"harmless": list(harmless)}, "blocks.*.resid_pre", [int(position)],
                               batch_size=batch_size, system=system)
     return stacked_means(stats, "harmless", "resid_pre", range(lm.n_layers))[:, 0]
+
+
+def logits_and_means(lm: LoadedModel, prompts: Sequence[str], position: int, *, batch_size: int = 8,
+                     system: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unmodified model's first-token logits [n, vocab] (float32, CPU) and :func:`harmless_means`
+    [n_layers, d_model] (float64) from one forward pass per batch instead of two."""
+    sites = lm.sites("blocks.*.resid_pre")
+    rows: dict[int, torch.Tensor] = {}
+    total = torch.zeros(lm.n_layers, lm.dims.d_model, dtype=torch.float64)   # [n_layers, d_model]
+
+    def step(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode(), capture(lm, sites, [int(position)], to_cpu=True) as cap:
+            logits = forward(lm, batch, last_only=True)[:, -1].float().cpu()  # [batch, vocab]
+        cap.check_finite()
+        acts = torch.stack([cap.values[site][:, 0] for site in sites], 1)    # [batch, n_layers, d_model]
+        return logits, acts.double().sum(0)
+
+    for batch, (logits, summed) in batched(lm, prompts, step, batch_size=batch_size, system=system,
+                                           description="reference"):
+        rows.update(zip(batch.index, logits))
+        total += summed
+    return torch.stack([rows[i] for i in range(len(prompts))]), total / len(prompts)
 
 
 def refine_direction(
@@ -155,15 +178,17 @@ class _Refinement:
                  micro_batch: int, system: str | None, log: Callable[[str], None]):
         self.lm, self.micro_batch, self.system, self.say = lm, micro_batch, system, log
         self.ids = refusal_token_ids(lm.tokenizer)
-        self.ref_train = logits_under(lm, harmless, None, batch_size=micro_batch, system=system)  # [n, V]
+        device = lm.input_device
+        self.means: torch.Tensor | None = None
+        if direction.ablation == "mean":  # the reference logits and the harmless means in one pass
+            self.ref_train, means = logits_and_means(lm, harmless, direction.position, batch_size=micro_batch,
+                                                     system=system)  # [n, V], [n_layers, d_model]
+            self.means = means.to(device=device, dtype=torch.float32)
+        else:
+            self.ref_train = logits_under(lm, harmless, None, batch_size=micro_batch, system=system)  # [n, V]
         self.val_harmless = list(val_harmless)
         self.ref_val = logits_under(lm, val_harmless, None, batch_size=micro_batch, system=system)
         self.tau = float(refusal_score(self.ref_train, self.ids).mean())
-        device = lm.input_device
-        self.means: torch.Tensor | None = None
-        if direction.ablation == "mean":
-            means = harmless_means(lm, harmless, direction.position, batch_size=micro_batch, system=system)
-            self.means = means.to(device=device, dtype=torch.float32)  # [n_layers, d_model]
         self.start = direction.direction.to(device=device, dtype=torch.float32)  # [d_model] unit
         self.v = self.start.clone().requires_grad_(True)
         self.state: dict[str, torch.Tensor] = {}
