@@ -117,6 +117,7 @@ def overhead(lm: LoadedModel, m: Monitor, args: argparse.Namespace) -> dict[str,
             t0 = time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - t0)
+    inside = hook_time(lm, m, gen)
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
     paired = sorted(m / p for m, p in zip(times["monitored"], times["plain"]))  # per round: same load on both
@@ -127,7 +128,42 @@ def overhead(lm: LoadedModel, m: Monitor, args: argparse.Namespace) -> dict[str,
             "ratio_paired_range": [paired[0], paired[-1]],
             "plain_min_s": low["plain"], "monitored_min_s": low["monitored"], "repeats": args.repeats,
             "forward_calls_per_round": per_round, "extra_forward_calls": per_round["monitored"] - per_round["plain"],
-            "times": times}
+            "times": times, **inside}
+
+
+def hook_time(lm: LoadedModel, m: Monitor, gen: Any) -> dict[str, float]:
+    """Seconds spent inside the monitor's own hook functions (the pre/post hooks on the model and every
+    block reader) during one more monitored round, and their share of that round. On a CPU the hooks run
+    synchronously, so this is the monitor's compute without the round-to-round noise of the wall-clock
+    ratio (it leaves out torch's own hook dispatch, which the ratio includes)."""
+    from safetyscope.methods.monitor import watch
+
+    spent = [0.0]
+
+    def timed(fn: Any) -> Any:
+        def run(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - t
+        return run
+
+    names = ("_before", "_after", "_reader")
+    original = {name: getattr(watch.Watch, name) for name in names}
+    wrapped = {"_before": timed(original["_before"]), "_after": timed(original["_after"]),
+               "_reader": lambda self, layer: timed(original["_reader"](self, layer))}
+    for name, fn in wrapped.items():
+        setattr(watch.Watch, name, fn)
+    try:
+        t0 = time.perf_counter()
+        with m.watch(lm):
+            gen()
+        total = time.perf_counter() - t0
+    finally:
+        for name, fn in original.items():
+            setattr(watch.Watch, name, fn)
+    return {"hook_s": spent[0], "hook_round_s": total, "hook_share": spent[0] / total}
 
 
 def attack_of(lm: LoadedModel, args: argparse.Namespace) -> Artifact | None:
@@ -164,7 +200,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"overhead: monitored / plain generation = {o['ratio']:.3f} (median), {o['ratio_min']:.3f} (min); per "
           f"round {o['ratio_paired_median']:.3f} (median; quartiles {o['ratio_paired_quartiles'][0]:.3f}-"
           f"{o['ratio_paired_quartiles'][1]:.3f}, range {o['ratio_paired_range'][0]:.3f}-"
-          f"{o['ratio_paired_range'][1]:.3f}); extra forward calls: {o['extra_forward_calls']}", file=sys.stderr)
+          f"{o['ratio_paired_range'][1]:.3f}); extra forward calls: {o['extra_forward_calls']}; time inside the "
+          f"monitor's hooks: {o['hook_s']:.3f} s of a {o['hook_round_s']:.2f} s round ({o['hook_share']:.1%})",
+          file=sys.stderr)
     if args.harmful and args.harmless:
         attack = attack_of(lm, args)
         harmful, harmless = (load_prompts(f) for f in (args.harmful, args.harmless))

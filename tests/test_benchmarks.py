@@ -74,3 +74,21 @@ def test_refine_pool_benchmark_measures_each_variant_on_unseen_val_prompts(tmp_p
     assert all(r["refusal_after"]["n"] == 43 - 3 for r in rows)  # the built-in val split less the chooser's 3
     assert rows[1]["kl_first_token"] != rows[0]["kl_first_token"]  # refinement moved the direction
     assert "decision prompts 40 harmful" in capsys.readouterr().out
+
+
+def test_monitor_benchmark_times_both_ways_and_the_time_inside_the_hooks(tmp_path, tiny_qwen2_dir, bench_module):
+    from safetyscope.methods.monitor import fit_monitor
+    from safetyscope.models import load_model
+    from test_monitor import CALIBRATION, HARMFUL, HARMLESS
+
+    lm = load_model(str(tiny_qwen2_dir))
+    fit_monitor(lm, HARMFUL, HARMLESS, calibration=CALIBRATION, fpr=0.1, n_readers=2, protect=4).save(tmp_path / "m")
+    res = bench_module("monitor").main(["--model", str(tiny_qwen2_dir), "--monitor", str(tmp_path / "m"), "--out",
+                                        str(tmp_path), "--gen-prompts", "2", "--max-new-tokens", "3", "--batch-size", "2",
+                                        "--repeats", "1"])
+    o = res["overhead"]
+    assert o["extra_forward_calls"] == 0 and o["forward_calls_per_round"]["plain"] == 3  # prefill + 2 steps
+    assert 0 < o["hook_s"] < o["hook_round_s"] and 0 < o["hook_share"] < 1
+    from safetyscope.methods.monitor import watch
+
+    assert watch.Watch._before.__name__ == "_before"  # the timing wrappers were removed
