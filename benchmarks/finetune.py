@@ -16,7 +16,7 @@ the built-in capability passages, harmful refusal under ablation of the original
 with ``--fresh-direction``, under a direction found afresh on the tuned model (train split, a fast search),
 and with ``--fragility-ks`` the refusal score with the neuron set's top k neurons zeroed.
 A comma-separated ``--lr`` / ``--lora-lr`` / ``--full-lr`` trains one row per rate (a sweep).
-Wall time is also given as a ratio to one plain forward pass over a training batch, measured in this run.
+Wall time is also given as a ratio to one plain forward pass over a training batch, measured just before each row.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ from safetyscope.methods.finetune.api import finetune  # noqa: E402
 from safetyscope.methods.finetune.data import TrainingData, make_data  # noqa: E402
 from safetyscope.methods.finetune.train import TrainConfig, make_batch  # noqa: E402
 from safetyscope.methods.neurons.artifact import NeuronSet  # noqa: E402
-from safetyscope.models import load_model  # noqa: E402
 from safetyscope.models.adapter import LoadedModel  # noqa: E402
 from safetyscope.prompts import builtin_prompts  # noqa: E402
 from safetyscope.prompts.chat import format_chat  # noqa: E402
+from safetyscope.testing import benchmark_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--methods", default="components,random,lora,full",
                     help="comma-separated: components, random, lora, full; a +robust suffix hardens that row robustly")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--lr", default="1e-3", help="learning rate(s) of components / random, comma-separated (a sweep)")
+    ap.add_argument("--lr", default="1e-3", help="learning rate(s) of components, comma-separated (a sweep)")
+    ap.add_argument("--random-lr", default="", help="learning rate(s) of random, comma-separated (default: --lr)")
     ap.add_argument("--lora-lr", default="1e-3", help="learning rate(s) of lora, comma-separated")
     ap.add_argument("--full-lr", default="2e-5", help="learning rate(s) of full, comma-separated")
     ap.add_argument("--eval-split", choices=("val", "test"), default="test",
@@ -73,7 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-eval", type=int, default=20, help="test-split prompts per group measured")
     ap.add_argument("--max-new-tokens", type=int, default=24, help="target reply length")
     ap.add_argument("--eval-tokens", type=int, default=24,
-                    help="reply length judged in the measurement (0: the logit refusal score > 0 instead, no generation)")
+                    help="reply length judged in the measurement (0: the logit refusal score > 0 instead, no generation); "
+                         "when > 0 the logit score is recorded too (score_* columns)")
+    ap.add_argument("--skip-ablated", action="store_true",
+                    help="do not measure harmful refusal under ablation of the original direction")
+    ap.add_argument("--target", type=float, default=0.05,
+                    help="choosing rule of a sweep: per method, the rate with the lowest first-token KL among those with "
+                         "harmful refusal <= target (weaken; >= 1 - target for harden), else the best refusal")
     ap.add_argument("--robust", action="store_true", help="harden with random directional ablation")
     ap.add_argument("--fresh-direction", action="store_true", help="also find a direction on each tuned model")
     ap.add_argument("--fresh-layers", default="", help="candidate blocks a-b for the fresh search (empty = all)")
@@ -171,7 +178,10 @@ def measure(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]], 
     with apply if apply is not None else nullcontext():
         for name in ("harmful", "harmless", "scary"):
             row[f"refusal_{name}"] = _refusal(lm, sets[name], tok, bs)
-        row["refusal_harmful_ablated"] = _refusal(lm, sets["harmful"], tok, bs, d.apply(lm))
+            if tok:
+                row[f"score_{name}"] = _refusal(lm, sets[name], 0, bs)
+        if not a.skip_ablated:
+            row["refusal_harmful_ablated"] = _refusal(lm, sets["harmful"], tok, bs, d.apply(lm))
         row["ppl"] = cross_entropy(lm, ref["rows"], batch_size=bs).ppl
         new = logits_under(lm, sets["harmless"], None, batch_size=bs)
         row.update(_fragility(lm, a, sets["harmful"], ns))
@@ -183,7 +193,7 @@ def measure(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]], 
 
 
 def _lrs(a: argparse.Namespace, method: str) -> list[float]:
-    spec = {"lora": a.lora_lr, "full": a.full_lr}.get(method.removesuffix("+robust"), a.lr)
+    spec = {"lora": a.lora_lr, "full": a.full_lr, "random": a.random_lr or a.lr}.get(method.removesuffix("+robust"), a.lr)
     return [float(v) for v in str(spec).split(",") if v.strip()]
 
 
@@ -222,7 +232,7 @@ def _train_row(lm: LoadedModel, a: argparse.Namespace, spec: str, lr: float, dat
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     torch.manual_seed(a.seed)
-    lm = load_model(a.model, log=lambda m: print(m, file=sys.stderr))
+    lm = benchmark_model(a.model, log=lambda m: print(m, file=sys.stderr))  # tiny:FAMILY for a smoke test
     sets = _sets(a)
     fwd = _forward_seconds(lm, sets["train_harmful"] + sets["train_harmless"], a.train_batch, a.max_new_tokens)
     d = Direction.load(a.direction) if a.direction else find_direction(
@@ -235,29 +245,56 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     ref = {"rows": capability_rows(lm, max_tokens=a.ppl_tokens), "logits": logits_under(lm, sets["harmless"], None, batch_size=a.batch_size)}
     rows: dict[str, dict[str, Any]] = {}
+    names: dict[str, str] = {}  # row name -> its method spec
     if not a.skip_unmodified:
         rows["unmodified"] = {"n_trainable": 0, **measure(lm, a, sets, d, ref, ns=ns)}
         print(json.dumps(rows["unmodified"]), file=sys.stderr)
     for method in [m.strip() for m in a.methods.split(",") if m.strip()]:
         lrs = _lrs(a, method)
         for lr in lrs:
-            row, r = _train_row(lm, a, method, lr, data, d, ns_train, fwd)
+            now = _forward_seconds(lm, sets["train_harmful"] + sets["train_harmless"], a.train_batch, a.max_new_tokens)
+            row, r = _train_row(lm, a, method, lr, data, d, ns_train, now)  # the ratio to a forward pass just before
+            row["forward_seconds"], row["load_avg_1min"] = now, os.getloadavg()[0]  # the machine's load after training
             row.update(measure(lm, a, sets, d, ref, r.apply(lm), ns=ns))
             name = method if len(lrs) == 1 else f"{method}@{lr:g}"
-            rows[name] = row
+            rows[name], names[name] = row, method
             print(name, json.dumps(row), file=sys.stderr)
             write_json(a.out / f"{a.mode}-{a.eval_split}.partial.json", rows)  # what exists so far
             del r
+    chosen = choose_rates(rows, names, a.mode, a.target)
     result = {"args": {k: str(v) for k, v in vars(a).items()}, "model": lm.name, "forward_seconds": fwd,
-              "targets": data.counts, "direction_layer": d.layer, "rows": rows}
+              "targets": data.counts, "direction_layer": d.layer, "rows": rows, "chosen": chosen}
     write_json(a.out / f"{a.mode}-{a.eval_split}.json", result)
     _table(rows, a)
+    for method, pick in chosen.items():
+        print(f"chosen for {method}: {pick}")
     return 0
+
+
+def choose_rates(rows: dict[str, dict[str, Any]], methods: dict[str, str], mode: str,
+                 target: float) -> dict[str, str]:
+    """Per method, the row (rate) the rule picks: the lowest first-token KL among the rows whose harmful
+    refusal meets the target (weaken: <= target; harden: >= 1 - target), else the best harmful refusal
+    (ties: the lower KL). Meant for a ``--eval-split val`` sweep."""
+    sign = 1.0 if mode == "weaken" else -1.0  # lower harmful refusal is better when weakening
+
+    def meets(row: dict[str, Any]) -> bool:
+        return row["refusal_harmful"] <= target if mode == "weaken" else row["refusal_harmful"] >= 1 - target
+
+    out: dict[str, str] = {}
+    for method in dict.fromkeys(methods.values()):
+        cands = [(name, rows[name]) for name, m in methods.items() if m == method]
+        ok = [(n, r) for n, r in cands if meets(r)]
+        name, row = min(ok or cands, key=lambda nr: (0.0 if ok else sign * nr[1]["refusal_harmful"],
+                                                     nr[1]["kl_first_token"]))
+        out[method] = f"{name} (lr {row['lr']:g}; {'meets' if ok else 'misses'} the target)"
+    return out
 
 
 def _table(rows: dict[str, dict[str, Any]], a: argparse.Namespace) -> None:
     cols = ["n_trainable", "train_seconds", "step_over_forward", "peak_mib", "refusal_harmful", "refusal_harmless",
-            "refusal_scary", "kl_first_token", "ppl", "refusal_harmful_ablated", "refusal_harmful_fresh_ablated", "fresh_cos_original"]
+            "refusal_scary"] + ([f"score_{n}" for n in ("harmful", "harmless", "scary")] if a.eval_tokens else []) + [
+            "kl_first_token", "ppl", "refusal_harmful_ablated", "refusal_harmful_fresh_ablated", "fresh_cos_original"]
     cols += [f"fragility_k{k.strip()}" for k in a.fragility_ks.split(",") if k.strip()]
     print("| method | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")

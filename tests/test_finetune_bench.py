@@ -1,0 +1,51 @@
+"""benchmarks/finetune.py on a tiny random model (the figures come from the real runs) and its rate-choosing rule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def bench(bench_module):
+    return bench_module("finetune")
+
+
+def test_benchmark_sweeps_every_method_and_records_judged_and_score_columns(tmp_path, capsys, bench):
+    args = ["--model", "tiny:llama", "--mode", "weaken", "--components", "blocks.1.attn", "--steps", "1",
+            "--train-batch", "1", "--n-train", "2", "--n-eval", "2", "--max-new-tokens", "2", "--eval-tokens", "2",
+            "--ppl-tokens", "16", "--eval-split", "val", "--skip-ablated", "--methods", "components,random,lora,full",
+            "--lr", "1e-3,1e-2", "--random-lr", "3e-2", "--lora-lr", "1e-3", "--full-lr", "1e-4", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    res = json.loads((tmp_path / "weaken-val.json").read_text())
+    rows = res["rows"]
+    assert list(rows) == ["unmodified", "components@0.001", "components@0.01", "random", "lora", "full"]
+    assert rows["random"]["lr"] == 3e-2 and rows["full"]["lr"] == 1e-4  # each method its own rate
+    assert rows["random"]["n_trainable"] == rows["components@0.01"]["n_trainable"] > 0
+    assert rows["full"]["n_trainable"] > rows["lora"]["n_trainable"] > 0
+    for name, row in rows.items():
+        assert "refusal_harmful_ablated" not in row  # --skip-ablated
+        for group in ("harmful", "harmless", "scary"):
+            assert 0.0 <= row[f"score_{group}"] <= 1.0 and 0.0 <= row[f"refusal_{group}"] <= 1.0
+        if name != "unmodified":
+            assert row["forward_seconds"] > 0 and row["step_over_forward"] > 0
+    assert set(res["chosen"]) == {"components", "random", "lora", "full"}
+    out = capsys.readouterr().out
+    assert "score_harmful" in out and "chosen for components: components@" in out
+
+
+def _row(lr, harmful, kl):
+    return {"lr": lr, "refusal_harmful": harmful, "kl_first_token": kl}
+
+
+def test_choose_rates_lowest_kl_among_those_meeting_the_target_else_best_refusal(bench):
+    rows = {"c@1": _row(1.0, 0.0, 0.9), "c@2": _row(2.0, 0.05, 0.3), "c@3": _row(3.0, 0.2, 0.1),
+            "r@1": _row(1.0, 0.4, 0.1), "r@2": _row(2.0, 0.3, 0.5), "r@3": _row(3.0, 0.3, 0.2)}
+    methods = {k: k.split("@")[0] for k in rows}
+    got = bench.choose_rates(rows, methods, "weaken", 0.05)
+    assert got["c"].startswith("c@2 (lr 2; meets")  # c@3 has the lowest KL but misses the target
+    assert got["r"].startswith("r@3 (lr 3; misses")  # best refusal 0.3, the tie broken by KL
+    hard = bench.choose_rates({"h@1": _row(1.0, 0.96, 0.4), "h@2": _row(2.0, 1.0, 0.2), "h@3": _row(3.0, 0.5, 0.0)},
+                              {"h@1": "h", "h@2": "h", "h@3": "h"}, "harden", 0.05)
+    assert hard["h"].startswith("h@2 (lr 2; meets")
