@@ -184,6 +184,10 @@ def test_nan_logits_stop_the_forward_with_the_dtype_fix():
     with torch.no_grad(), hooks(lm, {Site("resid_post", 2): lambda x, _b: x * float("inf")}):
         with pytest.raises(NaNActivationError, match="--dtype float32"):
             forward(lm, b)
+        from safetyscope.measure.generation import generate_scored
+
+        with pytest.raises(NaNActivationError, match="--dtype float32"):  # the scores read from a generation too
+            generate_scored(lm, ["hi", "hello there"], max_new_tokens=2)
     masked = torch.zeros(2, 3, 5)
     masked[:, :, 0] = float("-inf")  # a masked token is not an overflow
     from safetyscope.hooks import check_logits

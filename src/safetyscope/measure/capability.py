@@ -27,7 +27,7 @@ from typing import Any, cast
 
 import torch
 
-from ..hooks import check_logits, forward, running
+from ..hooks import forward, running
 from ..models.adapter import LoadedModel
 from ..positions import Batch
 from ..prompts.chat import pad_token_id
@@ -71,8 +71,7 @@ def generate_batch_with_logits(lm: LoadedModel, batch: Batch, max_new_tokens: in
     score comes with the generation at no extra forward pass.
     """
     first: list[torch.Tensor] = []
-    new = continue_batch(lm, batch, max_new_tokens, first=first).tolist()  # [batch, <= max_new_tokens]
-    check_logits(first[0][:, None])  # first step [batch, 1, vocab]: NaN/inf means an overflow
+    new = continue_batch(lm, batch, max_new_tokens, first=first).tolist()  # [batch, <= max_new_tokens]; NaN checked
     return [_trim(row, set(stop_ids(lm))) for row in new], first[0]
 
 

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import torch
 
-from ..hooks import forward, prefix_cache, running
+from ..hooks import check_logits, forward, prefix_cache, running
 from ..models.adapter import LoadedModel
 from ..positions import Batch
 from ..prefix import plan
@@ -125,6 +125,7 @@ def _first_logits(lm: LoadedModel, into: list[torch.Tensor] | None) -> Iterator[
         if not seen:
             seen.append(True)
             logits = output.logits if hasattr(output, "logits") else output[0]  # [batch, pos, vocab]
+            check_logits(logits)  # NaN/inf: the same one-line error as a forward pass
             into.append(logits[:, -1].detach().float().cpu())
 
     handle = lm.model.register_forward_hook(keep)
