@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             print(name, json.dumps(row), file=sys.stderr)
             write_json(a.out / f"{a.mode}-{a.eval_split}.partial.json", rows)  # what exists so far
             del r
-    chosen = choose_rates(rows, names, a.mode, a.target)
+    chosen = choose_rates(rows, names, a.mode, a.target) if a.eval_split == "val" else {}  # never choose on test
     result = {"args": {k: str(v) for k, v in vars(a).items()}, "model": lm.name, "forward_seconds": fwd,
               "targets": data.counts, "direction_layer": d.layer, "rows": rows, "chosen": chosen}
     write_json(a.out / f"{a.mode}-{a.eval_split}.json", result)
