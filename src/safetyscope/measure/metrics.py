@@ -55,30 +55,17 @@ def refusal_score(
     vocab = logits.shape[-1]
     if not ids or ids[0] < 0 or ids[-1] >= vocab:
         raise ValueError(f"token_ids must be a non-empty set of ids in [0, {vocab}); got {ids[:10]}")
-    if fast:
-        return _fast_refusal_score(logits if grad else logits.detach(), ids).to(dtype)
-    x = (logits if grad else logits.detach()).to(torch.float64)          # [B, V]
+    x = logits if grad else logits.detach()                              # [B, V]
     is_refusal = torch.zeros(vocab, dtype=torch.bool, device=x.device)   # [V]
     is_refusal[ids] = True
-    # one pass over the vocabulary (the non-refusal tokens); the refusal tokens are a gathered few
-    lse_r = torch.logsumexp(x[..., torch.tensor(ids, device=x.device)], dim=-1)       # [B]
-    lse_n = torch.logsumexp(x.masked_fill(is_refusal, -math.inf), dim=-1)             # [B]
+    # one pass over the vocabulary (the non-refusal tokens; float32 when fast); the refusal tokens are a gathered few
+    lse_r = torch.logsumexp(x[..., torch.tensor(ids, device=x.device)].double(), dim=-1)            # [B]
+    rest = x.float() if fast else x.double()                             # [B, V]
+    lse_n = torch.logsumexp(rest.masked_fill(is_refusal, -math.inf), dim=-1).double()              # [B]
     log_z = torch.logaddexp(lse_r, lse_n)                                # [B]
     log_p, log_q = lse_r - log_z, lse_n - log_z                          # log p, log (1-p)  [B]
-    log_eps = torch.tensor(math.log(_EPS), dtype=x.dtype, device=x.device)
-    return (torch.logaddexp(log_p, log_eps) - torch.logaddexp(log_q, log_eps)).to(dtype)
-
-
-def _fast_refusal_score(logits: Tensor, ids: list[int]) -> Tensor:
-    """refusal_score's float32 path: log Z over the vocabulary once, the refusal tokens gathered."""
-    x = logits if logits.dtype == torch.float32 else logits.float()             # [B, V]
-    is_refusal = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)    # [V]
-    is_refusal[ids] = True
-    lse_r = torch.logsumexp(x[..., torch.tensor(ids, device=x.device)].double(), dim=-1)  # [B]
-    lse_n = torch.logsumexp(x.masked_fill(is_refusal, -math.inf), dim=-1).double()  # [B], float32 pass
-    log_z = torch.logaddexp(lse_r, lse_n)                                       # [B]
     log_eps = torch.tensor(math.log(_EPS), dtype=torch.float64, device=x.device)
-    return torch.logaddexp(lse_r - log_z, log_eps) - torch.logaddexp(lse_n - log_z, log_eps)
+    return (torch.logaddexp(log_p, log_eps) - torch.logaddexp(log_q, log_eps)).to(dtype)
 
 
 def kl_divergence(logits_ref: Tensor, logits_new: Tensor, mask: Tensor | None = None, *, grad: bool = False) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from ...io import fingerprint, read_json, write_json
 from ...measure.capability import CrossEntropy, reply_cross_entropy
 from ...measure.compare import enter, logits_under
-from ...measure.generation import Generated, generate, generate_scored
+from ...measure.generation import generate, generate_scored
 from ...measure.judges import PhraseJudge
 from ...measure.metrics import kl_divergence, perplexity, rate_with_ci, refusal_score
 from ...measure.refusal_tokens import refusal_token_ids
@@ -87,12 +87,12 @@ def replies_together(
         joined = [p for _, prompts in todo for p in prompts]
         kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "system": system}
         with enter(lm, intervention):
-            done = generate_scored(lm, joined, **kw) if first is not None else Generated(generate(lm, joined, **kw),
-                                                                                          torch.empty(0))
+            done = generate_scored(lm, joined, **kw) if first is not None else None
+            replies = done.replies if done is not None else generate(lm, joined, **kw)
         start = 0
         for name, prompts in todo:
-            out[name] = done.replies[start : start + len(prompts)]
-            if first is not None:
+            out[name] = replies[start : start + len(prompts)]
+            if first is not None and done is not None:
                 first[name] = done.first_logits[start : start + len(prompts)]
             start += len(prompts)
             cache.put(name, prompts, out[name])
