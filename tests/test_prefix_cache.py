@@ -125,6 +125,32 @@ def test_undeclared_or_foreign_hooks_turn_reuse_off(lm, batch):
             assert plan(lm.model, batch, last_only=True) is None
 
 
+def test_transformers_output_capturing_hooks_keep_reuse_on():
+    """transformers keeps read-only hooks on every layer once a call asked for output_hidden_states; they must not
+    turn reuse off for the model's whole life (they did: the capture benchmark's plain forward ran every token)."""
+    from safetyscope.prefix import TAG
+
+    lm = tiny_model("qwen2")  # its own model: the hooks stay on it
+    b = tokenize_prompts(lm.tokenizer, PROMPTS, system=SYSTEM)
+    with torch.no_grad():
+        full = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                        output_hidden_states=True, use_cache=False)
+    foreign = [h for m in lm.model.modules() for h in m._forward_hooks.values() if not hasattr(h, TAG)]
+    assert len(foreign) >= lm.n_layers  # the hooks this test is about are there
+    with torch.no_grad(), capture(lm, "blocks.0.resid_post", "last") as cap:
+        assert plan(lm.model, b, last_only=True) is not None
+        on = forward(lm, b, last_only=True)
+    with torch.no_grad(), prefix_reuse(False):
+        off = forward(lm, b, last_only=True)
+    torch.testing.assert_close(on, off, atol=TOL, rtol=0)
+    torch.testing.assert_close(on[:, -1], full.logits[:, -1], atol=TOL, rtol=0)
+    torch.testing.assert_close(cap.values[Site("resid_post", 0)][:, -1], full.hidden_states[1][:, -1], atol=TOL, rtol=0)
+    with torch.no_grad():  # and they still record where asked
+        again = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                         output_hidden_states=True, use_cache=False).hidden_states
+    assert all(torch.equal(x, y) for x, y in zip(again, full.hidden_states))
+
+
 @pytest.mark.parametrize("positions", ["last", "post_instruction", "-1,-4", "mean"])
 def test_captures_match(lm, batch, positions):
     def run():

@@ -23,6 +23,8 @@ Reuse is exact only when every hook on the model says how it treats positions, s
   in the suffix.
 * ``neutral`` hooks (the capture's call-batch bookkeeping) do nothing to activations.
 
+Known read-only hooks of other libraries (``FOREIGN_NEUTRAL``: transformers' output-capturing hooks, which stay on
+a model once any call asked for ``output_hidden_states``) count as neutral.
 Any other hook on any module (an edit without a declaration, ``capture(..., "mean" | "all")``, a monitor's
 own hooks, a hook registered with plain torch, backward hooks) turns reuse off for that call, as do full
 logits (``last_only=False``), a batch of one row key per row, and :func:`prefix_reuse` ``(False)``.
@@ -74,6 +76,13 @@ class Reuse:
 
 
 UNDECLARED = Reuse("undeclared")
+NEUTRAL = Reuse("neutral")
+
+# Hooks other libraries install that only read activations, and only inside their own calls: (module, name) of
+# the hook function. transformers registers ``output_capturing_hook`` on every decoder layer and attention module
+# the first time a call asks for ``output_hidden_states`` / ``output_attentions``, and keeps it for the model's
+# life; it records outputs only while that call runs and never returns a replacement.
+FOREIGN_NEUTRAL = frozenset({("transformers.utils.output_capturing", "output_capturing_hook")})
 
 
 @contextmanager
@@ -105,12 +114,17 @@ def suffix_only(fn: Any, depth: Callable[[Batch], int]) -> Any:
 
 def neutral(fn: Any) -> Any:
     """Declare a hook that leaves activations alone and needs no positions; returns ``fn``."""
-    setattr(fn, TAG, Reuse("neutral"))
+    setattr(fn, TAG, NEUTRAL)
     return fn
 
 
 def policy_of(fn: Any) -> Reuse:
-    return getattr(fn, TAG, UNDECLARED)
+    """``fn``'s declaration; a known read-only hook of another library (FOREIGN_NEUTRAL) counts as neutral."""
+    declared = getattr(fn, TAG, None)
+    if isinstance(declared, Reuse):
+        return declared
+    origin = (getattr(fn, "__module__", None), getattr(fn, "__name__", None))
+    return NEUTRAL if origin in FOREIGN_NEUTRAL else UNDECLARED
 
 
 def same_rows(source: Any) -> Any:
@@ -155,7 +169,7 @@ def active_policies(model: nn.Module) -> list[Reuse] | None:
         if m._backward_hooks or m._backward_pre_hooks:
             return None
         for h in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]:
-            p = getattr(h, TAG, UNDECLARED)
+            p = policy_of(h)
             if p.kind == "undeclared":
                 return None
             out.append(p)
