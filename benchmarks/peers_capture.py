@@ -14,8 +14,11 @@ for the same left-padded chat-formatted batches. Each tool gets the batches exac
 (input_ids, attention_mask, position_ids) and keeps what it captured (its way: a dict, TL's
 ActivationCache, nnsight's saved proxies); "last" keeps [:, -1] only.
 
-- plain            the model's forward pass, last-token logits only: the yardstick
-- safetyscope      ``capture(lm, sites, positions)`` around that forward pass
+- plain            ``forward(lm, batch, last_only=True)``: the model's forward pass, last-token logits only, with
+                   safetyscope's shared-prefix reuse (the chat template's opening runs once; safetyscope.prefix)
+- safetyscope      ``capture(lm, sites, positions)`` around that forward pass (``last`` keeps the reuse;
+                   ``all`` reads the prefix positions, so it runs every token)
+- plain_full, safetyscope_full   the same under ``prefix_reuse(False)``: every token runs, the work the peers do
 - hidden_states    ``output_hidden_states=True`` (residual stream only: no neurons)
 - naive_loop       one forward pass per block, a torch hook on that block (resid + neurons)
 - transformer_lens ``TransformerBridge.boot_transformers(local dir)``, ``run_with_cache(names_filter=)``
@@ -53,11 +56,14 @@ from safetyscope.hooks import capture, forward  # noqa: E402
 from safetyscope.models import load_model  # noqa: E402
 from safetyscope.models.adapter import LoadedModel  # noqa: E402
 from safetyscope.positions import Batch  # noqa: E402
+from safetyscope.prefix import prefix_reuse  # noqa: E402
 from safetyscope.prompts import builtin_prompts  # noqa: E402
 from safetyscope.prompts.chat import tokenize_prompts  # noqa: E402
 from safetyscope.testing import interleaved_times  # noqa: E402
 
-TOOLS = ("plain", "safetyscope", "hidden_states", "naive_loop", "transformer_lens", "nnsight")
+TOOLS = ("plain", "safetyscope", "plain_full", "safetyscope_full", "hidden_states", "naive_loop", "transformer_lens",
+         "nnsight")
+YARDSTICKS = ("plain", "plain_full", "safetyscope")  # not checked against safetyscope (no activations, or the reference)
 SITES = ["blocks.*.resid_post", "blocks.*.mlp.neurons"]
 Acts = dict[tuple[str, int], torch.Tensor]  # (kind, layer) -> [batch, k, d]
 Runner = Callable[[], list[Acts]]
@@ -127,6 +133,21 @@ def safetyscope_runner(lm: LoadedModel, batches: list[Batch], positions: str) ->
         return out
 
     return run
+
+
+def full(runner: Callable[[LoadedModel, list[Batch], str], Runner]) -> Callable[[LoadedModel, list[Batch], str], Runner]:
+    """``runner`` with shared-prefix reuse off: every token runs."""
+
+    def make(lm: LoadedModel, batches: list[Batch], positions: str) -> Runner:
+        run = runner(lm, batches, positions)
+
+        def run_full() -> list[Acts]:
+            with prefix_reuse(False):
+                return run()
+
+        return run_full
+
+    return make
 
 
 def hidden_states_runner(lm: LoadedModel, batches: list[Batch], positions: str) -> Runner:
@@ -214,7 +235,8 @@ def nnsight_runner(model_dir: str, lm: LoadedModel, batches: list[Batch], positi
 
 
 def build(tool: str, model_dir: str, lm: LoadedModel, batches: list[Batch], positions: str) -> Runner:
-    local = {"plain": plain_runner, "safetyscope": safetyscope_runner, "hidden_states": hidden_states_runner,
+    local = {"plain": plain_runner, "safetyscope": safetyscope_runner, "plain_full": full(plain_runner),
+             "safetyscope_full": full(safetyscope_runner), "hidden_states": hidden_states_runner,
              "naive_loop": naive_loop_runner}
     if tool in local:
         return local[tool](lm, batches, positions)
@@ -296,7 +318,7 @@ def bench(args: argparse.Namespace, model_dir: str, positions: str) -> dict[str,
     ref = runners["safetyscope"]()
     ref_loop = safetyscope_runner(lm, loop_batches, positions)()
     checks = {t: compare(ref_loop if t == "naive_loop" else ref, fn(), loop_batches if t == "naive_loop" else batches,
-                         positions) for t, fn in runners.items() if t not in ("plain", "safetyscope")}  # + warm-up
+                         positions) for t, fn in runners.items() if t not in YARDSTICKS}  # + warm-up
     times, _ = interleaved_times({t: fn for t, fn in runners.items() if t != "naive_loop"}, args.repeats, warmup=False)
     t0 = time.perf_counter()
     runners["naive_loop"]()
@@ -328,10 +350,14 @@ def report(res: dict[str, Any], tol: float) -> None:
         print(f"{tool:18s} {t[tool]['min']:12.4f} {t[tool]['median']:12.4f} {t[tool]['median'] / plain:7.2f} "
               f"{t[tool]['median'] / ss:12.2f} {mem_s:>9s} {diff_s:>9s} {eq:>6s}"
               + ("" if c is None or not c["sites_missing"] else f"  ({c['sites_missing']} sites not captured)"))
-    print(f"safetyscope / plain forward: {ss / plain:.3f} (target <= 1.10)")
+    print(f"safetyscope / plain forward: {ss / plain:.3f} (target <= 1.10; both with prefix reuse)")
+    ss_full, plain_full = t["safetyscope_full"]["median"], t["plain_full"]["median"]
+    print(f"safetyscope / plain_full forward: {ss / plain_full:.3f}; safetyscope_full / plain_full: "
+          f"{ss_full / plain_full:.3f} (every token, as the peers)")
     for peer in ("transformer_lens", "nnsight"):
         if peer in t:
-            print(f"{peer} / safetyscope: {t[peer]['median'] / ss:.2f} (target >= 1.00)")
+            print(f"{peer} / safetyscope: {t[peer]['median'] / ss:.2f} (target >= 1.00); {peer} / safetyscope_full: "
+                  f"{t[peer]['median'] / ss_full:.2f}")
 
 
 def main() -> None:

@@ -51,7 +51,10 @@ def test_capture_bench_checks_every_local_tool_against_safetyscope(capture_bench
     assert loop["sites_compared"] == 2 * n and loop["sites_missing"] == 0 and loop["rel_diff"] < 1e-5
     # output_hidden_states has no neurons, and its last entry is the final norm's output (not compared)
     assert hs["sites_compared"] == n - 1 and hs["sites_missing"] == n + 1 and hs["rel_diff"] < 1e-5
-    assert all(t["median"] > 0 for t in res["times"].values())
+    full = res["checks"]["safetyscope_full"]  # every token run (no prefix reuse): the same activations
+    assert full["sites_compared"] == 2 * n and full["sites_missing"] == 0 and full["rel_diff"] < 1e-5
+    assert "plain" not in res["checks"] and "plain_full" not in res["checks"]
+    assert set(res["times"]) == set(capture_bench.TOOLS) - set(res["skipped"]) and all(t["median"] > 0 for t in res["times"].values())
     capture_bench.report(res, 1e-4)
     assert "safetyscope / plain forward" in capsys.readouterr().out
 
