@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from safetyscope.models.adapter import LoadedModel
 
 os.environ.setdefault("SAFETYSCOPE_QUIET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -119,3 +124,26 @@ def monitor_cli():
                               text=True, timeout=600)
 
     return run
+
+
+def _plant_readers(lm: LoadedModel, r: torch.Tensor, n_rows: int = 8, cos: float = 0.9) -> LoadedModel:
+    """A copy of ``lm`` whose later blocks have ``n_rows`` gate rows each pointing along ``r`` (|cos| ~ ``cos``)."""
+    model = copy.deepcopy(lm.model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for block in model.model.layers[len(model.model.layers) // 2:]:
+            w = block.mlp.gate_proj.weight  # [d_mlp, d_model]
+            noise = torch.randn(n_rows, w.shape[1], generator=g)
+            noise -= (noise @ r)[:, None] * r  # orthogonal to r
+            rows = cos * r + (1 - cos**2) ** 0.5 * noise / noise.norm(dim=1, keepdim=True)
+            w[:n_rows] = rows * w[:n_rows].norm(dim=1, keepdim=True)
+    from safetyscope.models.adapter import LoadedModel
+
+    return LoadedModel(model, lm.tokenizer, lm.table, lm.dims, lm.name + "+readers", dict(lm.meta))
+
+
+@pytest.fixture
+def plant_readers():
+    """``plant_readers(lm, r)``: a copy of a tiny llama model whose later blocks read the direction ``r``
+    (the audit's reader test; a tiny random model reads no direction more than any other)."""
+    return _plant_readers

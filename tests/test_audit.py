@@ -152,7 +152,7 @@ def test_dtype_and_8bit_round_trips_are_noise(lm, ref, tmp_path):
 
 
 # ---- without a reference -------------------------------------------------------------------------
-def test_signature_without_reference_finds_the_removed_direction(lm, r, abliterated, tmp_path):
+def test_signature_without_reference_finds_the_removed_direction(lm, r, abliterated, tmp_path, plant_readers):
     rep = audit_checkpoint(abliterated)
     s = rep.signature
     # r is a random direction of a random model: removed (strong weight evidence), but the checkpoint's own harmful -
@@ -164,9 +164,11 @@ def test_signature_without_reference_finds_the_removed_direction(lm, r, ablitera
     assert s.null_ratio < 1e-4 and s.n_collapsed == 2 * lm.n_layers + 1
     assert all(c < 1e-3 for c in s.collapse.values())
     assert s.harm_cos_null and all(c < 1e-3 for c in s.harm_cos_null.values())  # what is left is orthogonal to r
+    assert s.readers is not None and s.readers["z"] < 3  # nothing in a random model reads r more than other directions
     weights_only = audit_checkpoint(abliterated, behaviour=False)
-    assert weights_only.verdict == "tampering" and weights_only.signature.canary_refusal_rate is None
-    subset = Direction(r, 1, -1).with_weights(torch.tensor([0.0, 1.0, 1.0]), 0.0).export(lm, tmp_path / "subset")
+    assert weights_only.verdict == "modified" and weights_only.signature.canary_refusal_rate is None
+    subset = Direction(r, 1, -1).with_weights(torch.tensor([0.0, 1.0, 1.0]), 0.0).export(
+        plant_readers(lm, r), tmp_path / "subset")  # later blocks that read r
     s = audit_checkpoint(subset, behaviour=False).signature  # two blocks only: no null direction of the sum
     assert s.verdict == "tampering" and s.n_collapsed == 4 and _cos(s.null_direction, r) >= 0.95
 
@@ -192,10 +194,12 @@ def test_a_partly_removed_harm_direction_is_tampering_and_a_random_one_is_not(tm
     assert verdicts["other"][0] == "modified" and verdicts["other"][1] < 5.0
 
 
-def test_partial_removal_is_read_off_the_untied_embedding_copy(r, tmp_path):
+def test_partial_removal_is_read_off_the_untied_embedding_copy(r, tmp_path, plant_readers):
     lm = tiny_model("llama", seed=3, tie_word_embeddings=True)  # the export unties it, the unembedding keeps E
     assert lm.model.get_output_embeddings().weight.data_ptr() == lm.model.get_input_embeddings().weight.data_ptr()
     assert audit_checkpoint(lm, behaviour=False).signature.embedding_edit is None  # tied: one tensor
+    lm = plant_readers(lm, r)  # later blocks read r (the deep copy keeps the embedding tied)
+    assert lm.model.get_output_embeddings().weight.data_ptr() == lm.model.get_input_embeddings().weight.data_ptr()
     path = Direction(r, 1, -1).with_weights(torch.full((lm.n_layers,), 0.5), 0.5).export(lm, tmp_path / "p05")
     s = audit_checkpoint(path, behaviour=False).signature
     assert s.verdict == "tampering" and s.embedding_edit is not None and abs(s.embedding_edit[0] - 0.5) < 1e-3
@@ -361,7 +365,9 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path, capsys, bench_module):
                      "--json", str(out)]) == 0
     rows = {r["checkpoint"]: r for r in json.loads(out.read_text())}
     assert rows["unmodified"]["ref_verdict"] == rows["unmodified"]["noref_verdict"] == "clean"
-    assert rows["zero"]["cos_true"] >= 0.95 and rows["zero"]["noref_verdict"] == "tampering"  # weights only
+    # weights only: removed (the signature), but a tiny random model reads no direction: modified, not tampering
+    assert rows["zero"]["cos_true"] >= 0.95 and rows["zero"]["noref_verdict"] == "modified"
+    assert rows["zero"]["reader_z"] < 3 and rows["unmodified"]["reader_z"] is None
     assert rows["zero"]["cos_null_true"] >= 0.95 and rows["zero"]["n_collapsed"] >= 3
     assert rows["neurons"]["ref_verdict"] == "tampering" and rows["neurons"]["neurons"] == 32
     assert rows["fp16"]["ref_verdict"] == "clean"
@@ -385,12 +391,13 @@ def test_benchmark_resumes_and_runs_a_side_scanner(tmp_path, capsys, bench_modul
     assert mod.main([*base, "--variants", "unmodified,zero", "--resume", "--ams", str(fake), "--ams-variants", "zero"]) == 0
     rows = {r["checkpoint"]: r for r in json.loads(out.read_text())}
     assert rows["unmodified"] == first[0]  # kept as measured, not audited again
-    assert rows["zero"]["noref_verdict"] == "tampering" and rows["zero"]["ams"]["level"] == "WARNING"
+    # weights only on a tiny random model: the direction is removed but nothing reads it (modified)
+    assert rows["zero"]["noref_verdict"] == "modified" and rows["zero"]["ams"]["level"] == "WARNING"
     assert rows["zero"]["ams"]["sep"] == {"harmful_content": 3.3} and rows["zero"]["ams"]["s"] > 0
     printed = capsys.readouterr().out
     assert "ams: flagged (WARNING or CRITICAL) 1/1 tampering checkpoints, 0 of 0 benign" in printed
     assert mod.main(["--json", str(out), "--table"]) == 0  # the table again, from the rows alone
-    assert "noref: flagged 1/1 tampering checkpoints, 0 false positive(s) of 1 benign" in capsys.readouterr().out
+    assert "noref: flagged 0/1 tampering checkpoints, 0 false positive(s) of 1 benign" in capsys.readouterr().out
     ref_rows = tmp_path / "ref.json"  # the with-reference side from another run, merged by checkpoint name
     assert mod.main(["--model", "tiny:llama", "--variants", "zero", "--no-signature", "--json", str(ref_rows)]) == 0
     capsys.readouterr()
@@ -400,6 +407,6 @@ def test_benchmark_resumes_and_runs_a_side_scanner(tmp_path, capsys, bench_modul
     assert f"  ref: flagged {int(ref_verdict == 'tampering')}/1 tampering checkpoints" in printed
     zero_line = next(line for line in printed.splitlines() if line.startswith("zero"))
     assert sum(zero_line.count(v) for v in ("tampering", "modified", "clean")) == 3  # expected, ref, noref: one row
-    assert "noref: flagged 1/1 tampering checkpoints, 0 false positive(s) of 1 benign" in printed
+    assert "noref: flagged 0/1 tampering checkpoints, 0 false positive(s) of 1 benign" in printed
     with pytest.raises(SystemExit):
         mod.main([*base, "--ams", str(tmp_path / "missing-python")])

@@ -139,6 +139,7 @@ class SignatureAudit:
     embedding_edit: tuple[float, float] | None = None  # (weight, share) of a one-direction edit of an untied embedding
     restore: dict[str, Any] | None = None  # the restore test (behaviour.RestoreTest.to_dict())
     harm_alignment: float | None = None  # max over blocks of |cos(own harm difference, null direction)| x sqrt(d_model)
+    readers: dict[str, Any] | None = None  # the reader test of a direction the writers lost (readers.ReaderTest.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
