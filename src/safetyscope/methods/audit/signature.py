@@ -280,9 +280,10 @@ def best_candidate(mats: dict[str, torch.Tensor], src: TensorSource, cfg: Signat
 
     def rank(c: Candidate) -> tuple[int, int, int]:  # one writer alone often has a natural null direction
         shared = c.n_collapsed if c.n_collapsed >= 2 else 0
-        return min(shared, cfg.min_removals), c.n_weak, c.n_collapsed
+        weak = c.n_weak if c.n_weak >= cfg.min_removals else 0
+        return min(shared, cfg.min_removals), weak, shared
 
-    best = max(cands, key=rank)
+    best = max(cands, key=rank)  # ties: the first (the smallest eigenvector of the summed Gram matrix)
     if emb is not None and (best.n_collapsed < cfg.min_removals or best.n_collapsed == cands[-1].n_collapsed):
         best = cands[-1]  # exact, and measured against the model's own original embedding
     return best, ratio, None if emb is None else (emb[1], emb[2])
