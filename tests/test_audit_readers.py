@@ -85,3 +85,23 @@ def test_a_kernel_peaking_in_one_block_is_found_as_a_graded_removal(lm, tmp_path
     assert abs(float(s.null_direction @ r)) > 0.95
     assert s.n_collapsed == 2 and s.n_weak >= 3  # block 1's two writers lost r, blocks 0 and 2 kept a fifth of it
     assert s.verdict == "clean" and "graded weakness only" in " ".join(s.evidence)  # weights alone: not enough
+
+
+def test_a_uniform_partial_removal_without_weight_evidence_is_found_by_its_alignment(tmp_path):
+    from safetyscope.methods.audit.behaviour import harm_differences
+
+    lm = tiny_model("llama", seed=3, hidden_size=64)
+    diffs = harm_differences(lm, 16)  # [n_layers, d_model]
+    harm = (diffs[1] / diffs[1].norm()).float()
+    q = torch.linalg.qr(diffs[1:].T).Q  # [64, n_layers - 1]
+    other = _unit(64, 4).double()
+    other = (other - q @ (q.T @ other)).float()  # orthogonal to every harm difference
+    got = {}
+    for name, u in (("harm", harm), ("other", other)):  # 60% removed from every writer, the embedding untouched
+        path = Direction(u, 1, -1).with_weights(torch.full((lm.n_layers,), 0.6), 0.0).export(lm, tmp_path / name)
+        s = audit_checkpoint(path).signature
+        assert s.n_collapsed == 0 and s.n_weak < 3 and s.embedding_edit is None  # no weight evidence
+        assert abs(float(s.null_direction @ u)) > 0.9  # the least-written direction is the removed one
+        got[name] = (s.verdict, s.harm_alignment)
+    assert got["harm"][0] == "tampering" and got["harm"][1] >= 5
+    assert got["other"][0] == "clean" and got["other"][1] < 5

@@ -56,7 +56,7 @@ def reader_rows(src: TensorSource, from_depth: float = 0.5) -> dict[int, torch.T
         role = role_of.get(name)
         if role is None:
             continue
-        if role.role == "mlp_in" and role.layer is not None:
+        if role.role == "mlp_in" and role.layer is not None and role.resid_axis is not None:
             layer, axis = role.layer, role.resid_axis
         elif name in attn_in:
             layer, axis = attn_in[name], (0 if table.conv1d else 1)  # Linear [out, in]; Conv1D [in, out]

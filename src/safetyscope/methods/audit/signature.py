@@ -36,7 +36,9 @@ more. So:
 Verdict. Weight evidence is *strong* (at least ``min_removals`` writers collapsed along one direction,
 or a one-direction embedding edit of weight >= ``min_embed_weight``) or *weak* (at least
 ``min_removals`` writers below ``weak`` along one direction: a graded, per-layer removal; or
-``null_ratio`` < ``weakened``). With the model loaded: aligned (>= ``align_z``) or restored -> tampering;
+``null_ratio`` < ``weakened``) or none. With the model loaded: aligned (>= ``align_z``) or restored -> tampering,
+also with no weight evidence when the writers' least-written direction is aligned (a uniform partial removal
+makes the harm direction the least written; a trained model writes it strongly);
 strong evidence whose direction is read (reader z >= ``reader_z``) -> tampering; otherwise modified
 (strong: a direction was removed, not one the model reads or a harm/refusal one) or clean (weak).
 Without the model, strong evidence is tampering when the direction is read, else modified; weak evidence
@@ -224,10 +226,11 @@ class Behaviour:
 
 
 def run_behaviour(lm: LoadedModel, mats: dict[str, torch.Tensor], u: torch.Tensor, test: bool,
-                  cfg: SignatureConfig) -> Behaviour:
-    """The checkpoint's own harm differences at every block, their alignment with ``u`` [d_model], the canary
-    scores and (``test``) the restore test of ``u``."""
-    diffs = behaviour.harm_differences(lm, cfg.n_prompts, cfg.seed, cfg.batch_size)  # [n_layers, d_model]
+                  cfg: SignatureConfig, diffs: torch.Tensor | None = None) -> Behaviour:
+    """The checkpoint's own harm differences at every block (``diffs`` when already computed), their alignment
+    with ``u`` [d_model], the canary scores and (``test``) the restore test of ``u``."""
+    if diffs is None:
+        diffs = behaviour.harm_differences(lm, cfg.n_prompts, cfg.seed, cfg.batch_size)  # [n_layers, d_model]
     base = random_baselines(mats, cfg.n_random, cfg.seed)
     units = behaviour.unit_rows(diffs, cfg.harm_layers)
     collapse = {layer: float(torch.tensor(list(collapse_ratios(mats, h, base).values())).median())
@@ -241,6 +244,21 @@ def run_behaviour(lm: LoadedModel, mats: dict[str, torch.Tensor], u: torch.Tenso
             n_random=cfg.restore_random, margin=cfg.restore_margin, harm_ratio=cfg.restore_harm_ratio,
             z=cfg.restore_z, seed=cfg.seed)
     return Behaviour(collapse, cos, max(align.values(), default=0.0), canary_scores(lm, cfg), restore)
+
+
+def max_alignment(diffs: torch.Tensor, u: torch.Tensor) -> float:
+    """Max over blocks of |cos(own harm difference, u)| x sqrt(d_model) (:func:`.behaviour.harm_alignment`)."""
+    return max(behaviour.harm_alignment(diffs, u).values(), default=0.0)
+
+
+def aligned_candidate(cands: list[Candidate], diffs: torch.Tensor, align_z: float) -> Candidate | None:
+    """The weight candidate most aligned with the checkpoint's own harm differences ``diffs`` [n_layers, d_model]
+    when that alignment reaches ``align_z``, else None.  A trained model writes its harm features strongly, so
+    a direction its writers write least or weakly along does not carry them (about 1 for an unrelated one);
+    a graded removal of the harm/refusal direction (heretic's per-layer kernels) makes it one."""
+    scored = [(max_alignment(diffs, c.direction), c) for c in cands]
+    z, c = max(scored, key=lambda t: t[0])
+    return c if z >= align_z else None
 
 
 def canary_scores(lm: LoadedModel, cfg: SignatureConfig) -> list[float]:
@@ -259,8 +277,10 @@ class Candidate:
     source: str
 
 
-def best_candidate(mats: dict[str, torch.Tensor], src: TensorSource, cfg: SignatureConfig) -> tuple[Candidate, float, tuple[float, float] | None]:
-    """(the direction most writers lost, null_ratio, (weight, share) of a one-direction embedding edit or None)."""
+def best_candidate(mats: dict[str, torch.Tensor], src: TensorSource,
+                   cfg: SignatureConfig) -> tuple[Candidate, float, tuple[float, float] | None, list[Candidate]]:
+    """(the direction most writers lost, null_ratio, (weight, share) of a one-direction embedding edit or None,
+    every candidate)."""
     r, ratio, hcands = null_direction(mats)
     base = random_baselines(mats, cfg.n_random, cfg.seed)
 
@@ -286,7 +306,7 @@ def best_candidate(mats: dict[str, torch.Tensor], src: TensorSource, cfg: Signat
     best = max(cands, key=rank)  # ties: the first (the smallest eigenvector of the summed Gram matrix)
     if emb is not None and (best.n_collapsed < cfg.min_removals or best.n_collapsed == cands[-1].n_collapsed):
         best = cands[-1]  # exact, and measured against the model's own original embedding
-    return best, ratio, None if emb is None else (emb[1], emb[2])
+    return best, ratio, None if emb is None else (emb[1], emb[2]), cands
 
 
 def _weight_evidence(c: Candidate, ratio: float, emb: tuple[float, float] | None,
@@ -326,6 +346,10 @@ def _reader_line(reads: ReaderTest, cfg: SignatureConfig) -> str:
 def _verdict(level: str, beh: Behaviour | None, reads: ReaderTest | None,
              cfg: SignatureConfig) -> tuple[Verdict, list[str]]:
     if level == "none":
+        if beh is not None and beh.alignment >= cfg.align_z:  # natural models write their harm features strongly
+            return "tampering", [f"a direction the writers write least along is where the checkpoint's own harmful and "
+                                 f"harmless prompts separate: |cos| x sqrt(d_model) = {beh.alignment:.1f} (>= "
+                                 f"{cfg.align_z}; a random direction gives ~1): a partial or graded removal of it"]
         return "clean", []
     read = reads is not None and reads.z >= cfg.reader_z
     head = [] if reads is None else [_reader_line(reads, cfg)]
@@ -365,9 +389,16 @@ def audit_signature(src: TensorSource, lm: LoadedModel | None = None, cfg: Signa
     cfg = cfg or SignatureConfig()
     t0 = time.perf_counter()
     mats = residual_writers(src)
-    best, ratio, emb = best_candidate(mats, src, cfg)
+    best, ratio, emb, cands = best_candidate(mats, src, cfg)
     level, ev = _weight_evidence(best, ratio, emb, cfg)
-    beh = None if lm is None else run_behaviour(lm, mats, best.direction, level != "none", cfg)
+    beh = None
+    if lm is not None:
+        diffs = behaviour.harm_differences(lm, cfg.n_prompts, cfg.seed, cfg.batch_size)  # [n_layers, d_model]
+        aligned = aligned_candidate(cands, diffs, cfg.align_z)
+        if aligned is not None and aligned is not best and max_alignment(diffs, best.direction) < cfg.align_z:
+            best = aligned  # the direction the writers lost that carries the harm difference
+            level, ev = _weight_evidence(best, ratio, emb, cfg)
+        beh = run_behaviour(lm, mats, best.direction, level != "none", cfg, diffs)
     reads = None
     if level == "strong":  # weights only, untouched by orthogonalisation
         reads = reader_test(reader_rows(src, cfg.reader_depth), best.direction, n_random=cfg.reader_random,
