@@ -105,3 +105,14 @@ def test_a_uniform_partial_removal_without_weight_evidence_is_found_by_its_align
         got[name] = (s.verdict, s.harm_alignment)
     assert got["harm"][0] == "tampering" and got["harm"][1] >= 5
     assert got["other"][0] == "clean" and got["other"][1] < 5
+
+
+def test_reader_benchmark_runs_on_a_tiny_model(tmp_path, capsys, bench_module):
+    import json
+
+    out = tmp_path / "rows.json"
+    assert bench_module("audit_readers").main(["--model", "tiny:llama", "--prompts", "4", "--random", "3",
+                                               "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 + 3 and all(abs(r["z"]) < 1e6 and 0 <= r["top_cos"] <= 1 for r in rows)  # 3 blocks: 2 harm rows
+    assert "random:" in capsys.readouterr().out
