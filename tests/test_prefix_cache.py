@@ -63,6 +63,10 @@ def test_plain_logits_match(family):
     on, off = both(lambda: forward(lm, b, last_only=True))
     assert on.shape == off.shape == (len(PROMPTS), 1, lm.model.config.vocab_size)
     torch.testing.assert_close(on, off, atol=TOL, rtol=0)
+    with torch.no_grad():  # last_only keeps the last position (an index, not a strided slice): every family
+        every = forward(lm, b)  # [batch, pos, vocab]
+    assert every.shape[1] == b.seq_len
+    torch.testing.assert_close(off, every[:, -1:], atol=TOL, rtol=0)
 
 
 def test_edits_of_every_position_recompute_the_prefix(lm, batch):
