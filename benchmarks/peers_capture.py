@@ -370,6 +370,8 @@ def main() -> None:
     ap.add_argument("--loop-prompts", type=int, default=2, help="prompts for the slow per-block loop (timed once)")
     ap.add_argument("--tol", type=float, default=1e-4, help="max |diff| / max |ref| counted as equal")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
+    ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                    help="torch threads (default: 2, or 1 on one core); 1 leaves a core to another job")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -377,7 +379,7 @@ def main() -> None:
         args.model = args.model[0]
         memory_probe(args)
         return
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.model or ["default"]:
