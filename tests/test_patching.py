@@ -103,8 +103,10 @@ def test_unaligned_pairs_patch_only_post_instruction_positions(llama):
     pos = Tracer(llama, pairs, min_gap=0.0).positions("resid_pre", [0])
     defined = ~np.isnan(pos.raw[2, 0])
     assert [int(c) for c, ok in zip(pos.cols, defined) if ok] == list(range(-pairs.n_post, 0))
-    # at layer 0 the post-instruction template tokens are identical in both prompts: no effect
-    assert np.abs(pos.raw[2, 0][defined]).max() == 0.0
+    # at layer 0 the post-instruction template tokens are identical in both prompts: no effect (up to float
+    # rounding: the last-position unembedding is one matrix product over the batch, whose blocking depends on
+    # the number of rows, so a patched and a clean batch of different sizes can differ in the last bits)
+    assert np.abs(pos.raw[2, 0][defined]).max() < 1e-6
 
 
 def test_score_with_grad_equals_refusal_score():
@@ -224,7 +226,7 @@ def test_cli_noise_step_is_json_ready(llama, tmp_path):
     eff = res.grids["component"]
     back = ModeResult.from_state("noise", json.loads(path.read_text())).grids["component"]  # the resume path
     np.testing.assert_allclose(back.raw, eff.raw)
-    np.testing.assert_allclose(back.median(), 1.0, atol=1e-6)  # the whole residual restored
+    np.testing.assert_allclose(back.median(), 1.0, atol=1e-4)  # the whole residual restored (float rounding, as above)
 
 
 def test_heatmaps_are_written(llama, tmp_path, png):

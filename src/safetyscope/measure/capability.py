@@ -27,7 +27,7 @@ from typing import Any, cast
 
 import torch
 
-from ..hooks import forward, running
+from ..hooks import forward, last_position, running
 from ..models.adapter import LoadedModel
 from ..positions import Batch
 from ..prompts.chat import pad_token_id
@@ -132,7 +132,7 @@ def teacher_forced_logits(lm: LoadedModel, batch: Batch, replies: Sequence[Seque
     model = cast(Any, lm.model)
     with running(batch), torch.inference_mode():
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, use_cache=True, logits_to_keep=1)
+                    position_ids=batch.position_ids, use_cache=True, logits_to_keep=last_position())
         pieces = [out.logits[:, -1:].float().cpu()]                          # [batch, 1, vocab]
         (key, cache), attn = _cache(out), batch.attention_mask
         n_real = batch.attention_mask.sum(1, keepdim=True)                   # [batch, 1]
