@@ -20,7 +20,7 @@ completely, which no trained model shows by itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -40,32 +40,20 @@ class ReaderTest:
     top_cos: dict[int, float]
 
     def to_dict(self) -> dict[str, object]:
-        return {"z": round(self.z, 3), "per_block": {k: round(v, 3) for k, v in self.per_block.items()},
-                "top_cos": {k: round(v, 4) for k, v in self.top_cos.items()}}
+        return asdict(self)  # rounded where the audit is written (types.rounded)
 
 
 def reader_rows(src: TensorSource, from_depth: float = 0.5) -> dict[int, torch.Tensor]:
     """{block: [rows, d_model] float32 unit rows of every matrix that reads the residual stream in that block}
     for the blocks from ``from_depth`` of the depth on (the table's ``mlp_in`` and ``attn_in`` projections)."""
-    table, dims = src.table, src.dims
-    attn_in = {f"{table.expand(t, layer)}.weight": layer for t in table.attn_in if t for layer in range(dims.n_layers)}
+    dims = src.dims
     first = int(from_depth * dims.n_layers)
-    role_of = roles(table, dims, src.shapes)
     out: dict[int, list[torch.Tensor]] = {}
-    for name in src.names():
-        role = role_of.get(name)
-        if role is None:
+    for name, role in roles(src.table, dims, src.shapes).items():
+        if role.role not in ("mlp_in", "attn_in") or role.layer is None or role.resid_axis is None or role.layer < first:
             continue
-        if role.role == "mlp_in" and role.layer is not None and role.resid_axis is not None:
-            layer, axis = role.layer, role.resid_axis
-        elif name in attn_in:
-            layer, axis = attn_in[name], (0 if table.conv1d else 1)  # Linear [out, in]; Conv1D [in, out]
-        else:
-            continue
-        if layer < first or src.shapes[name][axis] != dims.d_model:
-            continue
-        w = src.get(name).movedim(axis, 1).float()  # [rows, d_model]
-        out.setdefault(layer, []).append(w / w.norm(dim=1, keepdim=True).clamp_min(1e-30))
+        w = src.get(name).movedim(role.resid_axis, 1).float()  # [rows, d_model]
+        out.setdefault(role.layer, []).append(w / w.norm(dim=1, keepdim=True).clamp_min(1e-30))
     return {layer: torch.cat(ws) for layer, ws in sorted(out.items())}
 
 

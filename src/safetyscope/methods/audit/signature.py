@@ -251,14 +251,14 @@ def max_alignment(diffs: torch.Tensor, u: torch.Tensor) -> float:
     return max(behaviour.harm_alignment(diffs, u).values(), default=0.0)
 
 
-def aligned_candidate(cands: list[Candidate], diffs: torch.Tensor, align_z: float) -> Candidate | None:
-    """The weight candidate most aligned with the checkpoint's own harm differences ``diffs`` [n_layers, d_model]
-    when that alignment reaches ``align_z``, else None.  A trained model writes its harm features strongly, so
-    a direction its writers write least or weakly along does not carry them (about 1 for an unrelated one);
-    a graded removal of the harm/refusal direction (heretic's per-layer kernels) makes it one."""
-    scored = [(max_alignment(diffs, c.direction), c) for c in cands]
-    z, c = max(scored, key=lambda t: t[0])
-    return c if z >= align_z else None
+def aligned_candidate(cands: list[Candidate], best: Candidate, diffs: torch.Tensor, align_z: float) -> Candidate:
+    """``best``, unless it is not aligned with the checkpoint's own harm differences ``diffs`` [n_layers, d_model]
+    (< ``align_z``) and another weight candidate is: then the most aligned one.  A trained model writes its harm
+    features strongly, so a direction its writers write least or weakly along does not carry them (about 1 for
+    an unrelated one); a graded removal of the harm/refusal direction (heretic's per-layer kernels) makes it one."""
+    z = {id(c): max_alignment(diffs, c.direction) for c in cands}
+    top = max(cands, key=lambda c: z[id(c)])
+    return top if z[id(best)] < align_z <= z[id(top)] else best
 
 
 def canary_scores(lm: LoadedModel, cfg: SignatureConfig) -> list[float]:
@@ -362,11 +362,10 @@ def _verdict(level: str, beh: Behaviour | None, reads: ReaderTest | None,
                                        "(behaviour off)"]
         return "clean", ["graded weakness only, and behaviour off: not enough for a verdict"]
     t = beh.restore
-    lines = [f"restore test: writing the direction back at block {t.layer} moves harmless prompts towards harmful ones "
+    lines = head + [f"restore test: writing the direction back at block {t.layer} moves harmless prompts towards harmful ones "
              f"by {t.harm_rise:.3f} of the own harmful - harmless difference at later blocks (random directions: at "
              f"most {max(t.harm_random_rises, default=0.0):.3f}) and raises their refusal score by {t.rise:+.2f} "
              f"log-odds (random: at most {max(t.random_rises, default=0.0):+.2f})"]
-    lines = head + lines
     aligned = beh.alignment >= cfg.align_z
     if aligned:
         lines.append(f"the removed direction is where the checkpoint's own harmful and harmless prompts separate: "
@@ -394,9 +393,9 @@ def audit_signature(src: TensorSource, lm: LoadedModel | None = None, cfg: Signa
     beh = None
     if lm is not None:
         diffs = behaviour.harm_differences(lm, cfg.n_prompts, cfg.seed, cfg.batch_size)  # [n_layers, d_model]
-        aligned = aligned_candidate(cands, diffs, cfg.align_z)
-        if aligned is not None and aligned is not best and max_alignment(diffs, best.direction) < cfg.align_z:
-            best = aligned  # the direction the writers lost that carries the harm difference
+        aligned = aligned_candidate(cands, best, diffs, cfg.align_z)
+        if aligned is not best:  # the direction the writers lost that carries the harm difference
+            best = aligned
             level, ev = _weight_evidence(best, ratio, emb, cfg)
         beh = run_behaviour(lm, mats, best.direction, level != "none", cfg, diffs)
     reads = None

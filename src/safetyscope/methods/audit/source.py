@@ -24,7 +24,7 @@ from ...io import read_json
 from ...models.adapter import LoadedModel
 from ...models.arch import ArchTable, Dims, table_for
 
-Role = Literal["embed", "writer", "mlp_in", "mlp_out", "unembed", "other"]
+Role = Literal["embed", "writer", "mlp_in", "mlp_out", "attn_in", "unembed", "other"]
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
@@ -135,6 +135,7 @@ def roles(table: ArchTable, dims: Dims, shapes: dict[str, tuple[int, ...]]) -> d
     writers = _template_names(table, table.writers, n)
     mlp_in = _template_names(table, table.mlp_in, n)
     mlp_out = _template_names(table, (table.mlp_out_proj,), n)
+    attn_in = _template_names(table, table.attn_in, n)
     out: dict[str, TensorRole] = {}
     lin_resid_out, lin_resid_in = (1, 0) if table.conv1d else (0, 1)  # Linear: [out, in]; Conv1D: [in, out]
     for name, shape in shapes.items():
@@ -151,6 +152,8 @@ def roles(table: ArchTable, dims: Dims, shapes: dict[str, tuple[int, ...]]) -> d
             out[name] = TensorRole("mlp_in", mlp_in[name], lin_resid_in, lin_resid_out)
         elif name in mlp_out:
             out[name] = TensorRole("mlp_out", mlp_out[name], lin_resid_out, lin_resid_in)
+        elif name in attn_in:  # q/k/v (or a fused qkv): reads the residual stream
+            out[name] = TensorRole("attn_in", attn_in[name], lin_resid_in)
         else:
             out[name] = TensorRole("other", None, None)
     for name, role in out.items():

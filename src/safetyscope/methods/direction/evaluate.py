@@ -87,13 +87,16 @@ def replies_together(
         joined = [p for _, prompts in todo for p in prompts]
         kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "system": system}
         with enter(lm, intervention):
-            done = generate_scored(lm, joined, **kw) if first is not None else None
-            replies = done.replies if done is not None else generate(lm, joined, **kw)
+            if first is not None:
+                done = generate_scored(lm, joined, **kw)
+                replies, logits = done.replies, done.first_logits
+            else:
+                replies, logits = generate(lm, joined, **kw), None
         start = 0
         for name, prompts in todo:
             out[name] = replies[start : start + len(prompts)]
-            if first is not None and done is not None:
-                first[name] = done.first_logits[start : start + len(prompts)]
+            if first is not None and logits is not None:
+                first[name] = logits[start : start + len(prompts)]
             start += len(prompts)
             cache.put(name, prompts, out[name])
     return {name: out.get(name, []) for name in groups}
