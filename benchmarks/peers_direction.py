@@ -363,7 +363,27 @@ def phase_measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         row["heretic_counter"] = heretic_counts(args, out, name, row["replies"])
         res["rows"][name] = {"path": str(where), **row}
         path.write_text(json.dumps(res, indent=1))
+    if args.llm_judge != "none":
+        llm_judge_rows(res, harmful, args.llm_judge, path)
     return res
+
+
+def llm_judge_rows(res: dict[str, Any], harmful: list[str], spec: str, path: Path) -> None:
+    """Each measured row's harmful replies judged again by safetyscope's LLM judge (``spec``; empty: its default,
+    the ``large`` alias when installed): the shares refused / complied / broken, as ``row["llm"]``."""
+    todo = [name for name, row in res["rows"].items() if "llm" not in row]
+    if not todo:
+        return
+    from safetyscope.measure.llm_judge import load_llm_judge
+
+    judge = load_llm_judge(spec)
+    for name in todo:
+        row = res["rows"][name]
+        t0 = time.perf_counter()
+        cats = judge.categorize(harmful, row["replies"])
+        row["llm"] = {"judge": judge.name, "categories": cats, "seconds": time.perf_counter() - t0,
+                      **{c: sum(x == c for x in cats) / len(cats) for c in ("refused", "complied", "broken")}}
+        path.write_text(json.dumps(res, indent=1))
 
 
 def heretic_counts(args: argparse.Namespace, out: Path, name: str, replies: list[str]) -> float | None:
@@ -424,10 +444,12 @@ def print_table(trials: list[dict[str, Any]], meas: dict[str, Any], out: Path) -
     for t in trials:
         print(f"  trial {t['index']:>3}: refusals {t['refusals']:>2}/{t['n_bad_prompts']}  KL {t['kl_divergence']:.4f}")
     print(f"held-out test split, one safetyscope measurement (max_new_tokens {meas.get('max_new_tokens')}):")
-    print(f"  {'intervention':22s} {'refusal (judge)':>15s} {'heretic counter':>15s} {'KL first':>9s} {'KL reply':>9s}")
+    print(f"  {'intervention':22s} {'refusal (judge)':>15s} {'heretic counter':>15s} "
+          f"{'LLM refused/complied/broken':>28s} {'KL first':>9s} {'KL reply':>9s}")
     for name, row in meas["rows"].items():
-        hc = row.get("heretic_counter")
-        print(f"  {name:22s} {row['refusal']:15.3f} {'-' if hc is None else f'{hc:.3f}':>15s} "
+        hc, llm = row.get("heretic_counter"), row.get("llm")
+        rcb = "-" if llm is None else f"{llm['refused']:.3f}/{llm['complied']:.3f}/{llm['broken']:.3f}"
+        print(f"  {name:22s} {row['refusal']:15.3f} {'-' if hc is None else f'{hc:.3f}':>15s} {rcb:>28s} "
               f"{row['kl']['first_token']:9.4f} {row['kl'].get('reply_tokens', float('nan')):9.4f}")
     for f in ("heretic.json", "safetyscope.json"):
         if (out / f).is_file():
@@ -461,6 +483,9 @@ def main() -> None:
                     help="also measure this artifact or checkpoint (repeatable)")
     ap.add_argument("--reply-kl", action="store_true", help="also the KL over whole replies (slow on CPU)")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--llm-judge", default="", metavar="MODEL",
+                    help="also judge every row's replies with safetyscope's LLM judge on this model (empty: its "
+                         "default, the large alias when installed; none: skip)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     phases = [p for p in args.phases.split(",") if p]
