@@ -487,6 +487,7 @@ def main() -> None:
                     help="also judge every row's replies with safetyscope's LLM judge on this model (empty: its "
                          "default, the large alias when installed; none: skip)")
     args = ap.parse_args()
+    args.out = args.out.resolve()  # heretic runs in its own directory: it reads the prompt files by absolute path
     args.out.mkdir(parents=True, exist_ok=True)
     phases = [p for p in args.phases.split(",") if p]
     if "heretic" in phases:
