@@ -344,3 +344,19 @@ def test_eval_attacks_neuron_set_and_orthogonalised_checkpoint(lm, monitor, tmp_
     for attack in (load_artifact(zero), ckpt):
         ev = evaluate_monitor(lm, monitor, HARMFUL[:3], HARMLESS[:3], attack=attack, max_new_tokens=2).to_json()
         assert ev["attacked"] is not None and ev["attack"] == attack.kind
+
+
+def test_default_fitting_and_calibration_prompts_include_the_task_sets_and_never_overlap():
+    from safetyscope.methods.monitor import default_calibration, default_fit_prompts
+    from safetyscope.prompts import builtin_prompts
+
+    harmful, harmless = default_fit_prompts()
+    assert set(builtin_prompts("harmful_tasks", "train").texts) <= set(harmful.texts)
+    assert set(builtin_prompts("harmless_tasks", "train").texts) <= set(harmless.texts)
+    assert set(builtin_prompts("scary_harmless", "train").texts) <= set(harmless.texts)
+    assert set(harmful.labels) == {"harmful"} and set(harmless.labels) == {"harmless"}
+    _, plain = default_fit_prompts(scary=False)
+    assert not set(builtin_prompts("scary_harmless").texts) & set(plain.texts)
+    cal = default_calibration(harmful.texts + harmless.texts)
+    assert set(builtin_prompts("harmless_tasks", "val").texts) <= set(cal.texts)
+    assert not set(cal.texts) & set(harmful.texts + harmless.texts) and set(cal.labels) == {"harmless"}

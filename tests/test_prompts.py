@@ -60,6 +60,23 @@ def test_builtin_no_duplicates_and_no_overlap():
     assert not {t.lower() for t in sets["harmless"].texts} & {t.lower() for t in sets["scary_harmless"].texts}
 
 
+def test_builtin_task_sets_are_labelled_balanced_and_disjoint_from_the_others():
+    tasks_h, tasks_s = builtin_prompts("harmful_tasks"), builtin_prompts("harmless_tasks")
+    assert len(tasks_h) >= 150 and len(tasks_s) >= 250
+    assert set(tasks_h.labels) == {"harmful"} and set(tasks_s.labels) == {"harmless"}
+    for ps in (tasks_h, tasks_s):
+        counts = Counter(ps.categories)
+        assert len(counts) >= 10 and max(counts.values()) == min(counts.values()), counts
+        assert len({t.strip().lower() for t in ps.texts}) == len(ps) and len(set(p.id for p in ps)) == len(ps)
+    others = {t.strip().lower() for k in ("harmful", "harmless", "scary_harmless") for t in builtin_prompts(k).texts}
+    assert not others & {t.strip().lower() for t in tasks_h.texts + tasks_s.texts}
+    assert not {t.lower() for t in tasks_h.texts} & {t.lower() for t in tasks_s.texts}
+    for kind in ("harmful_tasks", "harmless_tasks"):  # the same split rules as the other sets
+        parts = [set(builtin_prompts(kind, split=s).texts) for s in ("train", "val", "test")]
+        assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+        assert set.union(*parts) == set(builtin_prompts(kind).texts)
+
+
 def test_builtin_length_distributions_are_similar():
     def mean_words(ps: PromptSet) -> float:
         return sum(len(t.split()) for t in ps.texts) / len(ps)

@@ -1,8 +1,9 @@
 """`safetyscope monitor fit|run|eval`: notice harmful intent without refusal, at runtime.
 
 A thin shell over :mod:`safetyscope.methods.monitor`: parse the settings, call the library, print and
-write. ``fit`` fits on the built-in train splits (harmless + scary_harmless) or on the fitting part
-(train + val) of user files; ``eval`` measures on the files it is given, whole.
+write. ``fit`` fits on the built-in train splits (``default_fit_prompts``: harmful + harmful_tasks against harmless +
+harmless_tasks + scary_harmless) or on the fitting part (train + val) of user files; ``eval`` measures on the files it
+is given, whole.
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ from .settings import Settings, command, opt
 
 @dataclass
 class FitSettings(PromptSettings):
-    calibration: str = opt("", "Harmless calibration prompts for the threshold (JSONL/CSV/TXT); empty = built-in harmless val split + scary_harmless.")
+    calibration: str = opt("", "Harmless calibration prompts for the threshold (JSONL/CSV/TXT); empty = built-in harmless val split + scary_harmless + harmless_tasks val/test.")
     fpr: float = opt(0.01, "Target false-positive rate on the calibration prompts (strictly between 0 and 1).")
     layers: str = opt("*", "Blocks whose resid_pre the harm readers may read: *, a-b or a,b.")
     method: str = opt("both", "Harm readers: dom (difference of means), probe (logistic) or both.")
-    n_readers: int = opt(3, "Readers (best validation AUROC) averaged into the harm score.")
+    n_readers: int = opt(12, "Readers (best validation AUROC) averaged into the harm score.")
     protect: int = opt(0, "Refusal-subspace dimensions projected out of the harm readers (0 = none).")
     stress: str = opt("none", "Blocks whose refusal candidate is ablated on fitting prompts to choose readers that survive refusal removal: none, auto, quick or e.g. 6,12,18 (see docs/monitor.md for what it buys).")
     n_stress: int = opt(32, "Train prompts per group read under each stress ablation (plus the validation prompts).")
-    scary: bool = opt(True, "With the built-in harmless set, also fit on the built-in scary_harmless train split.")
+    scary: bool = opt(True, "With the built-in sets (harmful + harmful_tasks against harmless + harmless_tasks), also fit on the built-in scary_harmless train split.")
 
 
 @dataclass
@@ -91,14 +92,13 @@ def _load_monitor(path: Path) -> Any:
 
 
 def _fit_prompts(s: FitSettings) -> tuple[Any, Any]:
-    from ..prompts import builtin_prompts
+    from ..methods.monitor.fit import default_fit_prompts
     from ..prompts.sets import group_splits
 
+    builtin = default_fit_prompts(s.split, seed=s.seed, scary=s.scary)
     out = []
-    for kind, path in (("harmful", s.harmful), ("harmless", s.harmless)):
-        ps = group_splits(path, kind, s.seed).fit if path else builtin_prompts(kind, s.split, seed=s.seed)
-        if kind == "harmless" and not path and s.scary:
-            ps = ps + builtin_prompts("scary_harmless", s.split, seed=s.seed)
+    for kind, path, default in (("harmful", s.harmful, builtin[0]), ("harmless", s.harmless, builtin[1])):
+        ps = group_splits(path, kind, s.seed).fit if path else default
         out.append(ps.sample(s.n_prompts, seed=s.seed) if s.n_prompts else ps)
     return out[0], out[1]
 

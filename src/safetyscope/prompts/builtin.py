@@ -10,7 +10,7 @@ from typing import Any
 from .loaders import parse_jsonl
 from .types import DEFAULT_FRACTIONS, MinimalPair, PromptError, PromptSet, SplitName, split_items
 
-BUILTIN_KINDS: tuple[str, ...] = ("harmful", "harmless", "scary_harmless")
+BUILTIN_KINDS: tuple[str, ...] = ("harmful", "harmless", "scary_harmless", "harmful_tasks", "harmless_tasks")
 CAPABILITY_KINDS: tuple[str, ...] = ("prose", "code")
 DEFAULT_SEED = 0
 

@@ -2,8 +2,9 @@
 
 from .api import MonitorEval, MonitorRun, evaluate_monitor, fit_monitor, run_monitor
 from .artifact import Monitor, MonitorMismatch, Reader
+from .fit import default_calibration, default_fit_prompts
 from .reanchor import is_reanchored, reanchor
 from .watch import Verdict, Watch, verdict_kind
 
 __all__ = ["Monitor", "MonitorEval", "MonitorMismatch", "MonitorRun", "Reader", "Verdict", "Watch",
-           "evaluate_monitor", "fit_monitor", "is_reanchored", "reanchor", "run_monitor", "verdict_kind"]
+           "default_calibration", "default_fit_prompts", "evaluate_monitor", "fit_monitor", "is_reanchored", "reanchor", "run_monitor", "verdict_kind"]

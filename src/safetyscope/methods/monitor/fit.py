@@ -83,12 +83,28 @@ def calibration_threshold(scores: Any, fpr: float, *, margin: bool = True) -> fl
     return t + 1e-6 * max(1.0, abs(t))
 
 
+def default_fit_prompts(split: str = "train", *, seed: int = 0, scary: bool = True) -> tuple[PromptSet, PromptSet]:
+    """(harmful, harmless) built-in fitting prompts: the ``harmful`` and ``harmful_tasks`` sets against ``harmless``,
+    ``harmless_tasks`` and (``scary``) ``scary_harmless``, each at ``split``.
+
+    The ``*_tasks`` sets phrase requests as the tasks public benchmarks use ("Write a script that ...",
+    "Develop a plan to ...", with harmless twins in the same forms); with them the harm readers carry over to
+    other prompt sets (docs/monitor.md, "Built-in task prompts")."""
+    harmful = builtin_prompts("harmful", split, seed=seed) + builtin_prompts("harmful_tasks", split, seed=seed)
+    harmless = builtin_prompts("harmless", split, seed=seed) + builtin_prompts("harmless_tasks", split, seed=seed)
+    if scary:
+        harmless = harmless + builtin_prompts("scary_harmless", split, seed=seed)
+    return harmful, harmless
+
+
 def default_calibration(exclude: Sequence[str]) -> PromptSet:
-    """Built-in harmless val split + built-in ``scary_harmless`` (over-refusal bait), minus fitting prompts."""
+    """Built-in harmless val split + built-in ``scary_harmless`` (over-refusal bait) + the ``harmless_tasks`` val and
+    test splits, minus fitting prompts."""
     skip = set(exclude)
-    parts = builtin_prompts("harmless", "val") + builtin_prompts("scary_harmless", "all")
+    parts = (builtin_prompts("harmless", "val") + builtin_prompts("scary_harmless", "all")
+             + builtin_prompts("harmless_tasks", "val") + builtin_prompts("harmless_tasks", "test"))
     kept = tuple(p for p in parts if p.text not in skip)
-    return PromptSet(name="builtin:harmless-val+scary_harmless", items=kept)
+    return PromptSet(name="builtin:harmless-val+scary_harmless+harmless_tasks-val-test", items=kept)
 
 
 def calibration_set(calibration: PromptsLike | None, exclude: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -275,7 +291,7 @@ def fit_monitor(
     layers: str | Sequence[int] = "*",
     fpr: float = 0.01,
     method: Method = "both",
-    n_readers: int = 3,
+    n_readers: int = 12,
     protect: int = 0,
     c: float = 0.1,
     direction: Direction | None = None,
@@ -288,8 +304,9 @@ def fit_monitor(
     """A :class:`Monitor` fitted on ``harmful`` / ``harmless`` and calibrated to ``fpr`` on ``calibration``.
 
     ``calibration``: harmless prompts for the threshold (prompts labelled harmful only feed the reported
-    calibration TPR); default: the built-in harmless val split + built-in ``scary_harmless``, minus any
-    fitting prompt. ``protect``: refusal-subspace dimensions projected out of the harm readers (0 = none).
+    calibration TPR); default: :func:`default_calibration` (built-in harmless val split, ``scary_harmless``,
+    ``harmless_tasks`` val and test), minus any fitting prompt. ``n_readers``: the readers with the best validation
+    AUROC whose standardised scores are averaged (12 was chosen on development prompts, docs/monitor.md). ``protect``: refusal-subspace dimensions projected out of the harm readers (0 = none).
     ``direction``: the refusal direction to read (default: the best last-token difference of means).
     ``stress``: blocks whose refusal candidate is ablated on ``n_stress`` train prompts per group and the
     validation prompts, so the readers are chosen (and made) to keep reading harm without refusal
@@ -318,7 +335,8 @@ def fit_monitor(
     monitor = fit_from_features(lm, data, fpr=fpr, method=method, n_readers=n_readers, protect=protect, c=c,
                                 direction=direction, system=system, seed=seed, token_ids=ids, stress=blocks,
                                 n_stress=n_stress, batch_size=batch_size)
-    monitor.info["calibration"] = "default (built-in harmless val + scary_harmless)" if calibration is None else "given"
+    monitor.info["calibration"] = "default (built-in harmless val + scary_harmless + harmless_tasks val/test)" \
+        if calibration is None else "given"
     monitor.info["calibration_set"] = calibration_record(cal_s, builtin=calibration is None)
     return monitor
 
@@ -335,6 +353,27 @@ class FitData:
     texts: tuple[str, ...] = ()  # the fitting prompts (harmful then harmless), read again under stress
 
 
+def fit_split(data: FitData, seed: int) -> tuple[Features, np.ndarray, np.ndarray, np.ndarray]:
+    """(the fitting prompts' features, their labels [n] (1 harmful), train rows, validation rows): each group split
+    75/25, seeded."""
+    n_h, n_s = data.n_harmful, data.n_harmless
+    fit = Features(data.feats.x[:n_h + n_s], data.feats.refusal[:n_h + n_s], data.feats.layers)
+    tr_h, va_h = _split(n_h, seed)
+    tr_s, va_s = _split(n_s, seed + 1)
+    return fit, np.array([1] * n_h + [0] * n_s), np.concatenate([tr_h, n_h + tr_s]), np.concatenate([va_h, n_h + va_s])
+
+
+def stress_test(lm: LoadedModel, data: FitData, blocks: Sequence[int], *, n_stress: int, seed: int, batch_size: int,
+                system: str | None, token_ids: Sequence[int]) -> Stress | None:
+    """The fitting prompts' stress rows read under each block's refusal-candidate ablation (:func:`.stress.simulate`),
+    to pass to :func:`fit_from_features` (``stress=``) for several fits; None without blocks or fitting texts."""
+    if not blocks or not data.texts:
+        return None
+    fit, y, tr, va = fit_split(data, seed)
+    return simulate(lm, data.texts, fit, y, tr, va, blocks=list(blocks), n_stress=n_stress, seed=seed,
+                    batch_size=batch_size, system=system, token_ids=token_ids)
+
+
 def fit_from_features(lm: LoadedModel, data: FitData, *, fpr: float, method: Method, n_readers: int, protect: int,
                       c: float, direction: Direction | None, system: str | None, seed: int,
                       token_ids: Sequence[int], stress: Sequence[int] | Stress = (), n_stress: int = 32,
@@ -342,19 +381,15 @@ def fit_from_features(lm: LoadedModel, data: FitData, *, fpr: float, method: Met
     """The monitor's fitting steps on captured features (see the module docstring)."""
     n_h, n_s, feats = data.n_harmful, data.n_harmless, data.feats
     n_fit = n_h + n_s
-    fit = Features(feats.x[:n_fit], feats.refusal[:n_fit], feats.layers)
-    y = np.array([1] * n_h + [0] * n_s)
-    tr_h, va_h = _split(n_h, seed)
-    tr_s, va_s = _split(n_s, seed + 1)
-    tr, va = np.concatenate([tr_h, n_h + tr_s]), np.concatenate([va_h, n_h + va_s])
+    fit, y, tr, va = fit_split(data, seed)
     cands = fit.x[tr][:, :, 1:][y[tr] == 1].mean(0) - fit.x[tr][:, :, 1:][y[tr] == 0].mean(0)  # [L, n_post, d]
     basis = refusal_subspace(cands.reshape(-1, cands.shape[-1]).astype(np.float64), protect)
     sim: Stress | None = None
     if isinstance(stress, Stress):  # already simulated (e.g. features cached by a study)
         sim = stress
-    elif stress and data.texts:
-        sim = simulate(lm, data.texts, fit, y, tr, va, blocks=list(stress), n_stress=n_stress, seed=seed,
-                       batch_size=batch_size, system=system, token_ids=token_ids)
+    elif stress:
+        sim = stress_test(lm, data, stress, n_stress=n_stress, seed=seed, batch_size=batch_size, system=system,
+                          token_ids=token_ids)
     readers = fit_readers(fit, y, tr, va, basis, method=method, c=c, seed=seed, stress=sim)[:n_readers]
     if not readers:
         raise ValueError("no block gives a non-constant harm reading on these prompts; check the prompts and --layers")
