@@ -50,10 +50,11 @@ def groups(args: argparse.Namespace) -> dict[str, list[str]]:
     from safetyscope.methods.monitor.fit import default_calibration
     from safetyscope.prompts import builtin_prompts
 
-    h = builtin_prompts("harmful", "train").texts
-    s = builtin_prompts("harmless", "train").texts + builtin_prompts("scary_harmless", "train").texts
-    cal = default_calibration(list(h) + list(s)).texts
+    h, s, scary = (builtin_prompts(k, "train").texts for k in ("harmful", "harmless", "scary_harmless"))
     th, ts = builtin_prompts("harmful_tasks", "train").texts, builtin_prompts("harmless_tasks", "train").texts
+    fitted = list(h) + list(s) + list(scary) + list(th) + list(ts)
+    cal = [t for t in default_calibration(fitted).texts if t not in set(
+        builtin_prompts("harmless_tasks", "val").texts + builtin_prompts("harmless_tasks", "test").texts)]
     tcal = builtin_prompts("harmless_tasks", "val").texts + builtin_prompts("harmless_tasks", "test").texts
     rd = _rows("rd_harmful_train.jsonl")
     adv_in_rd = {r["prompt"].strip() for r in rd if r["source"].endswith(":advbench")}
@@ -63,7 +64,7 @@ def groups(args: argparse.Namespace) -> dict[str, list[str]]:
     a, b, c = args.n_user_harmless, args.n_user_cal, args.n_dev
     adv = [r["prompt"] for r in _rows("advbench.jsonl") if r["prompt"].strip() not in adv_in_rd]
     return {
-        "fit_h": list(h), "fit_s": list(s), "cal": list(cal),
+        "fit_h": list(h), "fit_s": list(s), "scary": list(scary), "cal": list(cal),
         "tasks_h": list(th), "tasks_s": list(ts), "tasks_cal": list(tcal),
         "user_h": user_h, "user_s": alpaca[:a], "user_cal": alpaca[a:a + b],
         "dev_h": [r["prompt"] for r in _rows("rd_harmful_val.jsonl")], "dev_s": alpaca[a + b:a + b + c],
@@ -124,6 +125,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "stress auto, 3 readers": {"stress": "auto"},
     "stress auto, 6 readers": {"stress": "auto", "n_readers": 6},
     "stress auto, 12 readers": {"stress": "auto", "n_readers": 12},
+    "stress auto, selection only, 12": {"stress": "auto", "n_readers": 12, "erase": False},
+    "stress auto, selection only, 6": {"stress": "auto", "n_readers": 6, "erase": False},
 }
 
 
@@ -154,17 +157,17 @@ def main() -> None:
     lm = load_model("default", log=lambda _m: None)
     g = groups(args)
     print({k: len(v) for k, v in g.items()}, flush=True)
-    f = {k: features(lm, k, v, args.out) for k, v in g.items() if k.startswith(("fit", "cal", "dev", "test", "tasks"))
+    f = {k: features(lm, k, v, args.out) for k, v in g.items() if k.startswith(("fit", "cal", "dev", "test", "tasks", "scary"))
          or args.user_fit}
     attack = load_artifact(args.attack) if args.attack else None
     fa = {k: features(lm, k, g[k], args.out, attack) for k in ("dev_h", "dev_s", "test_h", "test_s")} if attack else {}
-    fits = {"built-in": (("fit_h",), ("fit_s",), ("cal",)),
-            "built-in + tasks": (("fit_h", "tasks_h"), ("fit_s", "tasks_s"), ("cal", "tasks_cal"))}
+    fits = {"built-in": (("fit_h",), ("fit_s", "scary"), ("cal",)),  # monitor fit before the task sets
+            # monitor fit now (default_fit_prompts, default_calibration), in the same order
+            "built-in + tasks": (("fit_h", "tasks_h"), ("fit_s", "tasks_s", "scary"), ("cal", "tasks_cal"))}
     if args.user_fit:
-        fits["user files"] = (("fit_h", "user_h"), ("fit_s", "user_s"), ("cal", "user_cal"))
-        fits["user harmless"] = (("fit_h",), ("fit_s", "user_s"), ("cal", "user_cal"))  # which part helps?
-        fits["user harmful"] = (("fit_h", "user_h"), ("fit_s",), ("cal",))
-        fits["user fit, built-in cal"] = (("fit_h", "user_h"), ("fit_s", "user_s"), ("cal",))
+        fits["user files"] = (("fit_h", "user_h"), ("fit_s", "scary", "user_s"), ("cal", "user_cal"))
+        fits["user harmless"] = (("fit_h",), ("fit_s", "scary", "user_s"), ("cal", "user_cal"))  # which part helps?
+        fits["user harmful"] = (("fit_h", "user_h"), ("fit_s", "scary"), ("cal",))
     ids = refusal_token_ids(lm.tokenizer)
     results = []
     only = [x for x in args.fits.split(",") if x]
@@ -190,6 +193,11 @@ def main() -> None:
                     sim = stress_test(lm, data, stress_blocks(opts["stress"], fh.layers), n_stress=32, seed=0,
                                       batch_size=8, system=None, token_ids=ids)
                 opts["stress"] = sim
+            import safetyscope.methods.monitor.fit as fitmod
+            from safetyscope.methods.monitor import stress as stressmod
+            erase = opts.pop("erase", True)  # False: choose by the stress worst case, but do not erase the shifts
+            fitmod.site_basis = stressmod.site_basis if erase else (  # type: ignore[assignment]
+                lambda st, fit, y, pos, j, protect: stressmod.orthonormal(list(protect), fit.x.shape[-1]))
             m = fit_from_features(lm, use, fpr=0.01, protect=0, direction=None, system=None, seed=0, token_ids=ids,
                                   **opts)
             row = {"fit": fit_name, "setting": name, "readers": [(r.layer, r.position, r.method) for r in m.readers],
