@@ -130,6 +130,69 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+def fit_setting(lm: Any, data: Any, opts: dict[str, Any], sim: Any, ids: list[int]) -> Any:
+    """One setting's monitor: ``max_layer`` keeps blocks 0..max_layer (fit_monitor's layers=), ``stress`` uses the
+    simulation ``sim``, ``erase=False`` chooses by the stress worst case without erasing the shifts."""
+    import safetyscope.methods.monitor.fit as fitmod
+    from safetyscope.methods.monitor import stress as stressmod
+    from safetyscope.methods.monitor.fit import FitData, fit_from_features
+    from safetyscope.methods.monitor.fit_features import Features
+
+    use = data
+    if "max_layer" in opts:
+        k = opts.pop("max_layer") + 1
+        use = FitData(Features(data.feats.x[:, :k], data.feats.refusal, data.feats.layers[:k]), data.n_harmful,
+                      data.n_harmless, data.n_cal_harmless, 0, data.texts)
+    if "stress" in opts:
+        opts["stress"] = sim
+    erase = opts.pop("erase", True)
+    fitmod.site_basis = stressmod.site_basis if erase else (  # type: ignore[assignment]
+        lambda st, fit, y, pos, j, protect: stressmod.orthonormal(list(protect), fit.x.shape[-1]))
+    return fit_from_features(lm, use, fpr=0.01, protect=0, direction=None, system=None, seed=0, token_ids=ids, **opts)
+
+
+def run_fits(lm: Any, args: argparse.Namespace, g: dict[str, list[str]], f: dict[str, Any],
+             fa: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every (fit, setting) row: figures on dev and test, clean and (with ``fa``) attacked."""
+    from safetyscope.measure.refusal_tokens import refusal_token_ids
+    from safetyscope.methods.monitor.fit import FitData, stress_test
+    from safetyscope.methods.monitor.stress import stress_blocks
+
+    fits = {"built-in": (("fit_h",), ("fit_s", "scary"), ("cal",)),  # monitor fit before the task sets
+            # monitor fit now (default_fit_prompts, default_calibration), in the same order
+            "built-in + tasks": (("fit_h", "tasks_h"), ("fit_s", "tasks_s", "scary"), ("cal", "tasks_cal"))}
+    if args.user_fit:
+        fits["user files"] = (("fit_h", "user_h"), ("fit_s", "scary", "user_s"), ("cal", "user_cal"))
+        fits["user harmless"] = (("fit_h",), ("fit_s", "scary", "user_s"), ("cal", "user_cal"))  # which part helps?
+        fits["user harmful"] = (("fit_h", "user_h"), ("fit_s", "scary"), ("cal",))
+    ids = refusal_token_ids(lm.tokenizer)
+    only, only_settings = [x for x in args.fits.split(",") if x], [x for x in args.settings.split(";") if x]
+    results = []
+    for fit_name, (hk, sk, ck) in fits.items():
+        if only and fit_name not in only:
+            continue
+        fh, fs, fc = concat(*(f[k] for k in hk)), concat(*(f[k] for k in sk)), concat(*(f[k] for k in ck))
+        texts = tuple(t for k in hk for t in g[k]) + tuple(t for k in sk for t in g[k])
+        data = FitData(concat(fh, fs, fc), fh.x.shape[0], fs.x.shape[0], fc.x.shape[0], 0, texts)
+        sim = None
+        for name, kw in SETTINGS.items():
+            if only_settings and name not in only_settings:
+                continue
+            opts = {"method": "both", "n_readers": 3, "c": 0.1, **kw}
+            if "stress" in opts and sim is None:
+                sim = stress_test(lm, data, stress_blocks(opts["stress"], fh.layers), n_stress=32, seed=0,
+                                  batch_size=8, system=None, token_ids=ids)
+            m = fit_setting(lm, data, opts, sim, ids)
+            row = {"fit": fit_name, "setting": name, "readers": [(r.layer, r.position, r.method) for r in m.readers],
+                   "dev": figures(m, f["dev_h"], f["dev_s"]), "test": figures(m, f["test_h"], f["test_s"])}
+            if fa:
+                row["dev_attacked"] = figures(m, fa["dev_h"], fa["dev_s"])
+                row["test_attacked"] = figures(m, fa["test_h"], fa["test_s"])
+            results.append(row)
+            print(line(row), flush=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/mon15/heldout"))
@@ -147,66 +210,17 @@ def main() -> None:
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} not found: this benchmark reads the public prompt files in ../shared/data")
     from safetyscope.artifacts import load_artifact
-    from safetyscope.measure.refusal_tokens import refusal_token_ids
-    from safetyscope.methods.monitor.fit import FitData, fit_from_features, stress_test
-    from safetyscope.methods.monitor.fit_features import Features
-    from safetyscope.methods.monitor.stress import stress_blocks
     from safetyscope.models import load_model
 
     args.out.mkdir(parents=True, exist_ok=True)
     lm = load_model("default", log=lambda _m: None)
     g = groups(args)
     print({k: len(v) for k, v in g.items()}, flush=True)
-    f = {k: features(lm, k, v, args.out) for k, v in g.items() if k.startswith(("fit", "cal", "dev", "test", "tasks", "scary"))
-         or args.user_fit}
+    f = {k: features(lm, k, v, args.out) for k, v in g.items()
+         if k.startswith(("fit", "cal", "dev", "test", "tasks", "scary")) or args.user_fit}
     attack = load_artifact(args.attack) if args.attack else None
     fa = {k: features(lm, k, g[k], args.out, attack) for k in ("dev_h", "dev_s", "test_h", "test_s")} if attack else {}
-    fits = {"built-in": (("fit_h",), ("fit_s", "scary"), ("cal",)),  # monitor fit before the task sets
-            # monitor fit now (default_fit_prompts, default_calibration), in the same order
-            "built-in + tasks": (("fit_h", "tasks_h"), ("fit_s", "tasks_s", "scary"), ("cal", "tasks_cal"))}
-    if args.user_fit:
-        fits["user files"] = (("fit_h", "user_h"), ("fit_s", "scary", "user_s"), ("cal", "user_cal"))
-        fits["user harmless"] = (("fit_h",), ("fit_s", "scary", "user_s"), ("cal", "user_cal"))  # which part helps?
-        fits["user harmful"] = (("fit_h", "user_h"), ("fit_s", "scary"), ("cal",))
-    ids = refusal_token_ids(lm.tokenizer)
-    results = []
-    only = [x for x in args.fits.split(",") if x]
-    only_settings = [x for x in args.settings.split(";") if x]
-    for fit_name, (hk, sk, ck) in fits.items():
-        if only and fit_name not in only:
-            continue
-        fh, fs, fc = concat(*(f[k] for k in hk)), concat(*(f[k] for k in sk)), concat(*(f[k] for k in ck))
-        texts = tuple(t for k in hk for t in g[k]) + tuple(t for k in sk for t in g[k])
-        data = FitData(concat(fh, fs, fc), fh.x.shape[0], fs.x.shape[0], fc.x.shape[0], 0, texts)
-        sim = None
-        for name, kw in SETTINGS.items():
-            if only_settings and name not in only_settings:
-                continue
-            opts = {"method": "both", "n_readers": 3, "c": 0.1, **kw}
-            use = data
-            if "max_layer" in opts:  # the readers may only read blocks 0..max_layer (fit_monitor's layers=)
-                k = opts.pop("max_layer") + 1
-                use = FitData(Features(data.feats.x[:, :k], data.feats.refusal, data.feats.layers[:k]), data.n_harmful,
-                              data.n_harmless, data.n_cal_harmless, 0, texts)
-            if "stress" in opts:
-                if sim is None:
-                    sim = stress_test(lm, data, stress_blocks(opts["stress"], fh.layers), n_stress=32, seed=0,
-                                      batch_size=8, system=None, token_ids=ids)
-                opts["stress"] = sim
-            import safetyscope.methods.monitor.fit as fitmod
-            from safetyscope.methods.monitor import stress as stressmod
-            erase = opts.pop("erase", True)  # False: choose by the stress worst case, but do not erase the shifts
-            fitmod.site_basis = stressmod.site_basis if erase else (  # type: ignore[assignment]
-                lambda st, fit, y, pos, j, protect: stressmod.orthonormal(list(protect), fit.x.shape[-1]))
-            m = fit_from_features(lm, use, fpr=0.01, protect=0, direction=None, system=None, seed=0, token_ids=ids,
-                                  **opts)
-            row = {"fit": fit_name, "setting": name, "readers": [(r.layer, r.position, r.method) for r in m.readers],
-                   "dev": figures(m, f["dev_h"], f["dev_s"]), "test": figures(m, f["test_h"], f["test_s"])}
-            if attack:
-                row["dev_attacked"] = figures(m, fa["dev_h"], fa["dev_s"])
-                row["test_attacked"] = figures(m, fa["test_h"], fa["test_s"])
-            results.append(row)
-            print(line(row), flush=True)
+    results = run_fits(lm, args, g, f, fa)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

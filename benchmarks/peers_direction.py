@@ -371,16 +371,12 @@ def phase_measure(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 def llm_judge_rows(res: dict[str, Any], harmful: list[str], spec: str, path: Path) -> None:
     """Each measured row's harmful replies judged again by safetyscope's LLM judge (``spec``; empty: its default,
     the ``large`` alias when installed): the shares refused / complied / broken, as ``row["llm"]``."""
-    todo = [name for name, row in res["rows"].items() if "llm" not in row]
-    if not todo:
-        return
     from safetyscope.measure.llm_judge import load_llm_judge
 
-    judge = load_llm_judge(spec)
-    for name in todo:
-        row = res["rows"][name]
-        t0 = time.perf_counter()
-        cats = judge.categorize(harmful, row["replies"])
+    todo = [row for row in res["rows"].values() if "llm" not in row]
+    judge = load_llm_judge(spec) if todo else None
+    for row in todo:
+        t0, cats = time.perf_counter(), judge.categorize(harmful, row["replies"])  # type: ignore[union-attr]
         row["llm"] = {"judge": judge.name, "categories": cats, "seconds": time.perf_counter() - t0,
                       **{c: sum(x == c for x in cats) / len(cats) for c in ("refused", "complied", "broken")}}
         path.write_text(json.dumps(res, indent=1))
