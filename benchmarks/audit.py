@@ -73,7 +73,7 @@ def _save(model: Any, lm: Any, path: Path) -> Path:
     return path
 
 
-def _attack_stats(lm: Any, n: int, neurons: bool) -> Any:
+def attack_stats(lm: Any, n: int, neurons: bool) -> Any:
     """Group moments at every block's resid_pre (and, for the neurons variant, mlp.neurons; last position) on
     built-in *val* prompts."""
     from safetyscope.methods.fit import fit_group_moments
@@ -150,7 +150,7 @@ def _refined(lm: Any, d: Any, steps: int) -> Any:
                             micro_batch=8, eval_every=max(1, steps)).direction
 
 
-def _builders(lm: Any, stats: Any, layer: int, refine_steps: int) -> tuple[dict[str, Callable[[Path], Path]], dict[str, torch.Tensor]]:
+def builders_for(lm: Any, stats: Any, layer: int, refine_steps: int) -> tuple[dict[str, Callable[[Path], Path]], dict[str, torch.Tensor]]:
     """{variant: build(path)}, {variant: the direction it removed} (the attacker's unless said otherwise)."""
     from safetyscope.methods.direction.artifact import Direction
     from safetyscope.sites import Site
@@ -408,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         refusal = torch.stack(list(harm_directions(lm, SignatureConfig(harm_layers=0)).values()))
         print(f"reference refusal directions (difference of means, {refusal.shape[0]} blocks): "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    stats = _attack_stats(lm, args.n_prompts, "neurons" in args.variant_list)
-    builders, removed = _builders(lm, stats, layer, args.refine_steps)
+    stats = attack_stats(lm, args.n_prompts, "neurons" in args.variant_list)
+    builders, removed = builders_for(lm, stats, layer, args.refine_steps)
     jobs = _jobs(args)
     done = {r["checkpoint"]: r for r in json.loads(Path(args.json).read_text())} \
         if args.resume and Path(args.json).is_file() else {}

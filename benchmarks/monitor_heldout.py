@@ -52,10 +52,9 @@ def groups(args: argparse.Namespace) -> dict[str, list[str]]:
 
     h, s, scary = (builtin_prompts(k, "train").texts for k in ("harmful", "harmless", "scary_harmless"))
     th, ts = builtin_prompts("harmful_tasks", "train").texts, builtin_prompts("harmless_tasks", "train").texts
-    fitted = list(h) + list(s) + list(scary) + list(th) + list(ts)
-    cal = [t for t in default_calibration(fitted).texts if t not in set(
-        builtin_prompts("harmless_tasks", "val").texts + builtin_prompts("harmless_tasks", "test").texts)]
     tcal = builtin_prompts("harmless_tasks", "val").texts + builtin_prompts("harmless_tasks", "test").texts
+    fitted = list(h) + list(s) + list(scary) + list(th) + list(ts)
+    cal = [t for t in default_calibration(fitted).texts if t not in set(tcal)]  # the part before the task sets
     rd = _rows("rd_harmful_train.jsonl")
     adv_in_rd = {r["prompt"].strip() for r in rd if r["source"].endswith(":advbench")}
     user_h = [r["prompt"] for r in rd if not r["source"].endswith(":advbench")]

@@ -373,10 +373,10 @@ def llm_judge_rows(res: dict[str, Any], harmful: list[str], spec: str, path: Pat
     the ``large`` alias when installed): the shares refused / complied / broken, as ``row["llm"]``."""
     from safetyscope.measure.llm_judge import load_llm_judge
 
-    todo = [row for row in res["rows"].values() if "llm" not in row]
-    judge = load_llm_judge(spec) if todo else None
-    for row in todo:
-        t0, cats = time.perf_counter(), judge.categorize(harmful, row["replies"])  # type: ignore[union-attr]
+    judge = None  # loaded at the first row left to judge
+    for row in [r for r in res["rows"].values() if "llm" not in r]:
+        judge = judge or load_llm_judge(spec)
+        t0, cats = time.perf_counter(), judge.categorize(harmful, row["replies"])
         row["llm"] = {"judge": judge.name, "categories": cats, "seconds": time.perf_counter() - t0,
                       **{c: sum(x == c for x in cats) / len(cats) for c in ("refused", "complied", "broken")}}
         path.write_text(json.dumps(res, indent=1))
