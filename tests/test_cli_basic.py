@@ -168,3 +168,24 @@ def test_global_quiet_flag_turns_progress_off_for_the_command(tiny_dir, tmp_path
         assert seen.pop() is expected
         assert "SAFETYSCOPE_QUIET" not in os.environ
     assert progress.quiet() is False  # the flag did not outlive the command
+
+
+PROBE_MAIN = '''
+import os, signal, sys
+import safetyscope.__main__ as entry
+try:  # a KeyboardInterrupt that escapes an exec of a string: CPython 3.11 under -m remembers it
+    exec("os.kill(os.getpid(), signal.SIGINT)\\nwhile True: pass")
+except KeyboardInterrupt:
+    print("caught", file=sys.stderr)
+entry.app = lambda: sys.exit(130)  # the CLI after it handled a Ctrl-C
+entry.main()
+'''
+
+
+def test_python_m_exits_130_after_a_handled_interrupt(tmp_path):
+    """CI once saw `python -m safetyscope map` end by SIGINT (-2) after printing its interrupt message."""
+    (tmp_path / "kiprobe").mkdir()
+    (tmp_path / "kiprobe" / "__main__.py").write_text(PROBE_MAIN)
+    proc = subprocess.run([sys.executable, "-m", "kiprobe"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "caught" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 130, proc.stderr[-2000:]
