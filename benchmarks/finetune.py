@@ -43,7 +43,7 @@ from safetyscope.measure.metrics import kl_divergence  # noqa: E402
 from safetyscope.methods.direction.api import DirectionConfig, find_direction  # noqa: E402
 from safetyscope.methods.direction.artifact import Direction  # noqa: E402
 from safetyscope.methods.finetune.api import finetune  # noqa: E402
-from safetyscope.methods.finetune.data import TrainingData, make_data  # noqa: E402
+from safetyscope.methods.finetune.data import DATA_VERSION, TrainingData, make_data  # noqa: E402
 from safetyscope.methods.finetune.train import TrainConfig, make_batch  # noqa: E402
 from safetyscope.methods.neurons.artifact import NeuronSet  # noqa: E402
 from safetyscope.models.adapter import LoadedModel  # noqa: E402
@@ -199,7 +199,7 @@ def _lrs(a: argparse.Namespace, method: str) -> list[float]:
 
 def _targets(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]], d: Direction) -> TrainingData:
     """The targets, cached under --out by the settings that make them (a rerun skips making them again)."""
-    key = fingerprint(lm.name, a.mode, sets["train_harmful"], sets["train_harmless"], sets["train_scary"],
+    key = fingerprint(DATA_VERSION, lm.name, a.mode, sets["train_harmful"], sets["train_harmless"], sets["train_scary"],
                       d.direction.tolist(), a.max_new_tokens)
     cached = a.out / f"data-{a.mode}-{key}.jsonl"
     if cached.is_file():

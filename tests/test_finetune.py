@@ -4,10 +4,12 @@ equals an uninterrupted run, the export loads with plain transformers, the basel
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
 
+from safetyscope.measure.capability import decode_reply
 from safetyscope.methods.direction.artifact import Direction
 from safetyscope.methods.finetune.api import finetune, map_components
 from safetyscope.methods.finetune.data import make_data
@@ -153,6 +155,34 @@ def test_data_keeps_only_judged_targets(lm):
     assert {e.prompt for e in h.of("retain")} == set(HARMLESS)  # the "harmless" prompt judged refused is dropped
     with pytest.raises(ValueError):
         make_data(lm, "weaken", HARMFUL, HARMLESS, judge=judge)  # no direction to ablate
+
+
+def test_harden_answers_the_benign_prompts_it_refuses_under_ablation(lm):
+    """A benign prompt the model refuses gets the reply it gives under ablation as retain, judged first."""
+    token = 7
+    marker = decode_reply(lm, (token,) * 3)
+
+    @contextmanager
+    def ablate():  # stands in for directional ablation: every reply becomes the marker token
+        hook = lm.model.lm_head.register_forward_hook(lambda _m, _i, out: out + 1e4 * torch.nn.functional.one_hot(
+            torch.tensor(token), out.shape[-1]).to(out.dtype))
+        try:
+            yield
+        finally:
+            hook.remove()
+
+    def refuses_unless_marked(prompt: str, reply: str) -> bool:
+        return prompt in HARMFUL and marker not in reply
+
+    bait = HARMFUL[0]
+    h = make_data(lm, "harden", HARMFUL[1:], HARMLESS, [bait], ablate=ablate, judge=refuses_unless_marked,
+                  max_new_tokens=4)
+    ablated = [e for e in h.of("retain") if e.source == "scary:ablated"]
+    assert [e.prompt for e in ablated] == [bait] and set(ablated[0].reply) == {token}
+    assert h.counts["scary:ablated"] == 1 and h.counts["scary:own"] == 0
+    assert {e.prompt for e in h.of("target")} == set(HARMFUL[1:])  # harmful targets do not use the ablation
+    plain = make_data(lm, "harden", HARMFUL[1:], HARMLESS, [bait], judge=refuses_unless_marked, max_new_tokens=4)
+    assert bait not in {e.prompt for e in plain.of("retain")}  # without a direction it is dropped
 
 
 def test_map_components_skip_residual_sites(tmp_path):

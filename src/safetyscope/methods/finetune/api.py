@@ -32,7 +32,7 @@ from ...prompts.sets import PromptsLike, as_prompt_set
 from ...sites import Component, SiteError, parse_sites
 from ..direction.artifact import Direction
 from .components import Selection, frozen, random_like, select, select_all, trainable
-from .data import MODES, Mode, TrainingData, make_data
+from .data import DATA_VERSION, MODES, Mode, TrainingData, make_data
 from .lora import lora
 from .train import TrainConfig, TrainLog, peak_memory, train
 
@@ -172,7 +172,7 @@ def _data(lm: LoadedModel, mode: Mode, prompts: tuple[list[str], list[str], list
           cache: Path | None) -> TrainingData:
     from ...measure.judges import PhraseJudge
 
-    key = fingerprint(lm.name, mode, prompts, None if d is None else d.direction.tolist(), max_new_tokens, system,
+    key = fingerprint(DATA_VERSION, lm.name, mode, prompts, None if d is None else d.direction.tolist(), max_new_tokens, system,
                       getattr(judge, "__qualname__", repr(judge)))
     path = None if cache is None else cache / f"data-{key}.jsonl"
     if path is not None and path.is_file():

@@ -7,7 +7,9 @@ prompts with the unmodified model's replies (retain), kept when answered.
 *harden*: harmful prompts with the model's own refusals (kept only when the judge says refusal); a
 harmful prompt the model answers gets a refusal generated under activation addition of the refusal
 direction, when a direction is given, again kept only if judged a refusal; harmless and
-benign-but-scary prompts with the replies the model gives when it does not refuse (judged answers).
+benign-but-scary prompts with the replies the model gives when it does not refuse (judged answers): its
+own reply, or, for a benign prompt it refuses (over-refusal), its reply under directional ablation when a
+direction is given, so hardening also teaches it to answer the benign prompts it used to refuse.
 
 Targets are token ids (the reply as generated, stop token included when reached), so the training
 loss sees exactly what the model produced.
@@ -28,6 +30,7 @@ from ...models.adapter import LoadedModel
 
 Mode = Literal["weaken", "harden"]
 MODES: tuple[Mode, ...] = ("weaken", "harden")
+DATA_VERSION = 2  # in every cache key of targets: v2 adds the ablated answers to refused benign prompts
 Kind = Literal["target", "retain"]  # target: the behaviour being changed; retain: behaviour kept
 
 
@@ -108,7 +111,8 @@ def make_data(lm: LoadedModel, mode: Mode, harmful: Sequence[str], harmless: Seq
               *, ablate: Context | None = None, add: Context | None = None, judge: JudgeFn,
               max_new_tokens: int = 32, batch_size: int = 8, system: str | None = None) -> TrainingData:
     """Targets for ``mode`` (see the module docstring). ``ablate``: a directional-ablation context (needed
-    to weaken); ``add``: an activation-addition context (optional, to harden prompts the model answers)."""
+    to weaken; when hardening, optional: it answers the benign prompts the model refuses); ``add``: an
+    activation-addition context (optional, to harden prompts the model answers)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use weaken or harden")
     g = _Gen(lm, judge, max_new_tokens, batch_size, system)
@@ -130,9 +134,13 @@ def make_data(lm: LoadedModel, mode: Mode, harmful: Sequence[str], harmless: Seq
             counts["harmful:added"] = len(more)
     counts["harmful:offered"] = len(harmful)
     for name, prompts in (("harmless", harmless), ("scary", scary)):
-        kept, _ = _keep(g, prompts, g.replies(prompts), False, "retain", f"{name}:own")
+        kept, refused = _keep(g, prompts, g.replies(prompts), False, "retain", f"{name}:own")
         examples += kept
         counts[f"{name}:own"], counts[f"{name}:offered"] = len(kept), len(prompts)
+        if mode == "harden" and ablate is not None and refused:  # over-refusals: the answer it gives without refusal
+            more, _ = _keep(g, refused, g.replies(refused, ablate), False, "retain", f"{name}:ablated")
+            examples += more
+            counts[f"{name}:ablated"] = len(more)
     data = TrainingData(tuple(examples), counts)
     if not data.of("target"):
         raise ValueError(f"no {mode} targets survived the judge ({counts}); give more harmful prompts"
