@@ -82,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="choosing rule of a sweep: per method, the rate with the lowest first-token KL among those with "
                          "harmful refusal <= target (weaken; >= 1 - target for harden), else the best refusal")
     ap.add_argument("--robust", action="store_true", help="harden with random directional ablation")
+    ap.add_argument("--n-scary", type=int, default=0,
+                    help="train-split scary-but-benign prompts for the retain targets (0 = half of --n-train)")
+    ap.add_argument("--robust-retain", action="store_true", help="robust rows: ablate on the retain examples too")
+    ap.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain loss beside the target loss")
+    ap.add_argument("--robust-p", type=float, default=0.5,
+                    help="robust rows: probability of each block and each position being ablated at a step")
     ap.add_argument("--fresh-direction", action="store_true", help="also find a direction on each tuned model")
     ap.add_argument("--fresh-layers", default="", help="candidate blocks a-b for the fresh search (empty = all)")
     ap.add_argument("--fresh-unmodified", action="store_true",
@@ -101,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _sets(a: argparse.Namespace) -> dict[str, list[str]]:
     out = {}
     for name, kind, split, n in (("train_harmful", "harmful", "train", a.n_train), ("train_harmless", "harmless", "train", a.n_train),
-                                 ("train_scary", "scary_harmless", "train", a.n_train // 2),
+                                 ("train_scary", "scary_harmless", "train", a.n_scary or a.n_train // 2),
                                  ("harmful", "harmful", a.eval_split, a.n_eval),
                                  ("harmless", "harmless", a.eval_split, a.n_eval),
                                  ("scary", "scary_harmless", a.eval_split, a.n_eval)):
@@ -217,10 +223,11 @@ def _train_row(lm: LoadedModel, a: argparse.Namespace, spec: str, lr: float, dat
     """One method trained and timed; ``spec`` is a method, with ``+robust`` for robust hardening of that row."""
     method, robust = spec.removesuffix("+robust"), a.robust or spec.endswith("+robust")
     cfg = TrainConfig(steps=a.steps, lr=lr, batch_size=a.train_batch, max_reply_tokens=a.max_new_tokens,
-                      robust=robust, reestimate_every=max(1, a.steps // 2), checkpoint_every=0, seed=a.seed)
+                      robust=robust, robust_p=a.robust_p, robust_retain=a.robust_retain, retain_weight=a.retain_weight,
+                      reestimate_every=max(1, a.steps // 2), checkpoint_every=0, seed=a.seed)
     r = finetune(lm, a.mode, a.components or None, method=method, data=data, direction=d, neuron_set=ns,  # type: ignore[arg-type]
                  config=cfg, batch_size=a.batch_size)
-    row = {"lr": lr, "robust": robust, "n_trainable": r.n_trainable, "fraction": r.fraction, "train_seconds": r.log.seconds,
+    row = {"lr": lr, "robust": robust, "retain_weight": a.retain_weight, "robust_retain": a.robust_retain, "n_trainable": r.n_trainable, "fraction": r.fraction, "train_seconds": r.log.seconds,
            "step_over_forward": r.log.seconds / a.steps / fwd, "peak_mib": r.peak_mib,
            "loss_first": r.log.losses[0], "loss_last": r.log.losses[-1],
            "target_loss_last": r.log.target_losses[-1], "retain_loss_last": r.log.retain_losses[-1]}

@@ -3,6 +3,7 @@ equals an uninterrupted run, the export loads with plain transformers, the basel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import contextmanager
 
@@ -136,6 +137,18 @@ def test_random_ablation_edits_only_target_rows():
     y = edits[0][1](x, None)
     assert torch.allclose(y[:2] @ r, torch.zeros(2, 6), atol=1e-5)  # projected out of the target rows
     assert torch.equal(y[2], x[2])                                   # retain row untouched
+
+
+def test_robust_retain_ablates_the_retain_rows_too(lm, monkeypatch):
+    import safetyscope.methods.finetune.train as train_mod
+
+    rows: list[int] = []
+    real = train_mod.random_ablation
+    monkeypatch.setattr(train_mod, "random_ablation",
+                        lambda lm_, r, n, width, p, gen: (rows.append(n), real(lm_, r, n, width, p, gen))[1])
+    for flag in (False, True):
+        _run(lm, config=dataclasses.replace(CFG, robust=True, robust_retain=flag, steps=1))
+    assert rows == [CFG.batch_size, 2 * CFG.batch_size]  # target rows only; then target and retain rows
 
 
 def test_make_batch_labels_are_the_reply_tokens():

@@ -49,6 +49,7 @@ class TrainConfig:
     max_reply_tokens: int = 32  # targets are cut to this many tokens
     robust: bool = False
     robust_p: float = 0.5
+    robust_retain: bool = False  # robust runs: ablate on the retain rows too (they must still be answered)
     reestimate_every: int = 10  # 0 = keep the initial direction
     checkpoint_every: int = 10  # 0 = no resumable state
     seed: int = 0
@@ -107,7 +108,8 @@ def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def random_ablation(lm: LoadedModel, r: torch.Tensor, rows: int, width: int, p: float,
                     gen: torch.Generator) -> list[tuple[Site, Any]]:
     """Edits projecting unit ``r`` out of ``resid_pre`` at random blocks and positions of the first ``rows``
-    rows (the target examples); the rest of the batch is untouched."""
+    rows (the target examples, and with ``robust_retain`` the retain examples after them); the rest of the
+    batch is untouched."""
     layers = [layer for layer in range(lm.n_layers) if float(torch.rand((), generator=gen)) < p]
     if not layers:
         layers = [int(torch.randint(lm.n_layers, (), generator=gen))]
@@ -236,7 +238,8 @@ class _Run:
         edits: list[tuple[Site, Any]] = []
         if self.cfg.robust and r is not None:
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 7 + 3)
-            edits = random_ablation(self.lm, r, len(tgt), b["input_ids"].shape[1], self.cfg.robust_p, g)
+            rows = len(tgt) + (len(ret) if self.cfg.robust_retain else 0)  # the batch is target rows, then retain
+            edits = random_ablation(self.lm, r, rows, b["input_ids"].shape[1], self.cfg.robust_p, g)
         with hooks(self.lm, edits) if edits else nullcontext():
             logits = self.lm.model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
                                    position_ids=b["position_ids"].to(dev), use_cache=False).logits
