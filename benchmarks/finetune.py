@@ -227,7 +227,8 @@ def _train_row(lm: LoadedModel, a: argparse.Namespace, spec: str, lr: float, dat
                       reestimate_every=max(1, a.steps // 2), checkpoint_every=0, seed=a.seed)
     r = finetune(lm, a.mode, a.components or None, method=method, data=data, direction=d, neuron_set=ns,  # type: ignore[arg-type]
                  config=cfg, batch_size=a.batch_size)
-    row = {"lr": lr, "robust": robust, "retain_weight": a.retain_weight, "robust_retain": a.robust_retain, "n_trainable": r.n_trainable, "fraction": r.fraction, "train_seconds": r.log.seconds,
+    row = {"lr": lr, "robust": robust, "robust_retain": cfg.robust and cfg.robust_retain, "retain_weight": cfg.retain_weight,
+           "n_trainable": r.n_trainable, "fraction": r.fraction, "train_seconds": r.log.seconds,
            "step_over_forward": r.log.seconds / a.steps / fwd, "peak_mib": r.peak_mib,
            "loss_first": r.log.losses[0], "loss_last": r.log.losses[-1],
            "target_loss_last": r.log.target_losses[-1], "retain_loss_last": r.log.retain_losses[-1]}

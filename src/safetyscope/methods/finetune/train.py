@@ -7,7 +7,8 @@ number, so a resumed run draws what an uninterrupted one draws) and minimises
 *Robust* training (harden): on the target rows, the refusal direction is projected out of the residual
 stream (``blocks.{l}.resid_pre``) at a random subset of blocks and a random subset of token positions,
 drawn anew at every step (each block and each position with probability ``robust_p``), so the model
-learns to refuse without that direction. The direction is re-estimated every ``reestimate_every`` steps
+learns to refuse without that direction; with ``robust_retain`` the retain rows get the same random
+ablation, so it must still answer benign prompts without the direction. The direction is re-estimated every ``reestimate_every`` steps
 as the difference of means of the target and retain prompts at its block and prompt position (the
 direction artifact's), on the model as it is then, so training chases the direction the current model uses.
 
