@@ -1,7 +1,8 @@
 """Tiny random models and an offline tokenizer for tests and benchmarks (no download).
 
-Every family in the architecture tables has a config here; ``llama_mqa`` and ``qwen2`` (GQA) and
-``gpt2`` (MHA) cover the attention variants.
+Every table in the architecture tables has a config here (``TINY_FAMILIES``; further model types of the
+same tables in ``EXTRA_FAMILIES``); ``llama_mqa`` and ``qwen2`` (GQA) and ``gpt2`` (MHA) cover the attention
+variants.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def _configs() -> dict[str, Any]:
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
     }
+    # families added later pass the special token ids (their defaults lie outside the tiny vocabulary)
+    new_like: dict[str, Any] = {**llama_like, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3, "head_dim": 8}
     return {
         "llama": lambda: tf.LlamaConfig(**llama_like),
         "llama_mqa": lambda: tf.LlamaConfig(**{**llama_like, "num_key_value_heads": 1}),
@@ -63,6 +66,10 @@ def _configs() -> dict[str, Any]:
         "gemma2": lambda: tf.Gemma2Config(**llama_like, head_dim=8),
         "gemma3_text": lambda: tf.Gemma3TextConfig(**llama_like, head_dim=8),
         "phi3": lambda: tf.Phi3Config(**llama_like),
+        "qwen3": lambda: tf.Qwen3Config(**new_like),
+        # no input norm: the MLP reads the raw residual, so the default 0.02 init leaves its neurons at ~1e-3
+        "olmo2": lambda: tf.Olmo2Config(**new_like, initializer_range=0.1),
+        "olmo3": lambda: tf.Olmo3Config(**new_like, initializer_range=0.1),
         "gpt2": lambda: tf.GPT2Config(
             vocab_size=VOCAB, n_positions=512, n_embd=32, n_layer=3, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
         ),
@@ -77,9 +84,14 @@ def _configs() -> dict[str, Any]:
     }
 
 
+# Every site invariant (tests/test_capture.py) runs on these.
 TINY_FAMILIES: tuple[str, ...] = (
     "llama", "llama_mqa", "qwen2", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox",
+    "olmo2", "olmo3",
 )
+# Further model types of the tables (each once checked against every site invariant); to keep the suite fast
+# only tests/test_arch_families.py runs on them.
+EXTRA_FAMILIES: tuple[str, ...] = ("qwen3",)
 
 
 def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> LoadedModel:
