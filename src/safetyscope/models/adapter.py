@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..sites import Site, parse_sites
-from .arch import ArchTable, Dims, SiteSpec
+from .arch import OVERRIDE_HINT, ArchitectureError, ArchTable, Dims, SiteSpec
 
 
 @dataclass
@@ -56,7 +56,13 @@ class LoadedModel:
     def resolve(self, site: Site) -> tuple[nn.Module, SiteSpec]:
         """The module a site lives on and how to hook it (``spec.hook``: "input" or "output")."""
         path, spec = self.table.site_spec(site)
-        return self.module(path), spec
+        try:
+            return self.module(path), spec
+        except AttributeError:  # e.g. a norm the table expects but this checkpoint's config leaves out
+            raise ArchitectureError(
+                f"site {site.name!r}: the {self.table.family} table puts it on {path}, which this model lacks; "
+                f"{OVERRIDE_HINT}"
+            ) from None
 
     def site_shape(self, site: Site) -> tuple[int, ...]:
         """Trailing shape of a site's activation (after [batch, pos])."""

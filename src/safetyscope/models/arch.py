@@ -56,6 +56,7 @@ class ArchTable:
     post_norms: bool = False
     parallel_residual: bool = False
     norm_offset: float = 0.0
+    norm_centred: bool = False  # norms subtract the mean without being nn.LayerNorm (see architectures.toml)
     d_mlp_default_mult: int = 4
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -132,6 +133,7 @@ def _build(raw: dict[str, dict[str, Any]]) -> dict[str, ArchTable]:
                 post_norms=bool(row.get("post_norms", False)),
                 parallel_residual=bool(row.get("parallel_residual", False)),
                 norm_offset=float(row.get("norm_offset", 0.0)),
+                norm_centred=bool(row.get("norm_centred", False)),
                 d_mlp_default_mult=int(cfg.get("d_mlp_default_mult", 4)),
             )
         except KeyError as exc:

@@ -52,6 +52,11 @@ def refusal_logit_direction(lm: LoadedModel, token_ids: Sequence[int] | None = N
     return w_u[ids].mean(0) - w_u.mean(0)
 
 
+def final_norm_centres(lm: LoadedModel) -> bool:
+    """Whether the final norm subtracts the mean (a LayerNorm; the table's ``norm_centred`` for custom ones)."""
+    return lm.table.norm_centred or isinstance(lm.module(lm.table.final_norm), torch.nn.LayerNorm)
+
+
 def norm_linearisation(lm: LoadedModel, resid: torch.Tensor) -> torch.Tensor:
     """[n, d_model] multiplier approximating final_norm(resid) ≈ resid_centred * mult (per prompt)."""
     norm = lm.module(lm.table.final_norm)
@@ -59,7 +64,7 @@ def norm_linearisation(lm: LoadedModel, resid: torch.Tensor) -> torch.Tensor:
     w = weight.detach().float().to(resid.device) if weight is not None else torch.ones(resid.shape[-1])
     w = w + lm.table.norm_offset  # Gemma's norms compute x * (1 + w)
     eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
-    is_layernorm = isinstance(norm, torch.nn.LayerNorm)
+    is_layernorm = final_norm_centres(lm)
     x = resid - resid.mean(-1, keepdim=True) if is_layernorm else resid
     scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
     return w / scale
@@ -85,7 +90,7 @@ def direct_logit_attribution(
         for _batch, acts in run_capture(lm, prompts, sites, "last", batch_size=batch_size, system=system):
             resid = acts[final][:, 0].float()  # [batch, d_model]
             mult = norm_linearisation(lm, resid)  # [batch, d_model]
-            is_ln = isinstance(lm.module(lm.table.final_norm), torch.nn.LayerNorm)
+            is_ln = final_norm_centres(lm)
             for j, site in enumerate(comps):
                 c = acts[site][:, 0].float()  # [batch, d_model]
                 if is_ln:
