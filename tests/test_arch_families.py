@@ -1,6 +1,7 @@
 """Architecture tables beyond Llama's layout: which table serves each model type, the residual decomposition
 every table must satisfy, and the method invariants (weights == hooks, neuron edits, DLA, shared-prefix reuse)
-on the families whose block differs from the ones the other test files cover (post-norm only).
+on the families whose block differs from the ones the other test files cover (post-norm only, sandwich norms,
+parallel residual, LayerNorms with biases, fused or ungated MLPs).
 
 The site invariants (captures, heads, neurons, hooks restored, generation) run on ``TINY_FAMILIES`` in
 ``tests/test_capture.py``; the ``EXTRA_FAMILIES`` (further model types of the same tables) only here.
@@ -21,7 +22,8 @@ from safetyscope.methods.circuit.dla import (
 )
 from safetyscope.methods.direction.artifact import Direction
 from safetyscope.methods.neurons.artifact import NeuronSet, edited_copy
-from safetyscope.models.arch import load_tables, table_for
+from safetyscope.models.adapter import LoadedModel
+from safetyscope.models.arch import ArchitectureError, load_tables, table_for
 from safetyscope.prefix import plan, prefix_reuse
 from safetyscope.prompts.chat import tokenize_prompts
 from safetyscope.sites import Site
@@ -29,12 +31,15 @@ from safetyscope.testing import EXTRA_FAMILIES, TINY_FAMILIES, tiny_model
 
 # model_type -> the table that must serve it (architectures.toml)
 TABLE_OF = {
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-    "olmo2": "olmo2", "olmo3": "olmo2",  # no input norm, normed outputs
-    "phi3": "phi3", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma2", "gpt2": "gpt2", "gpt_neox": "gpt_neox",
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "smollm3": "llama",
+    "ministral": "llama", "seed_oss": "llama", "helium": "llama", "hunyuan_v1_dense": "llama",
+    "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2",  # no input norm, normed outputs
+    "glm4": "glm4", "glm": "glm", "cohere": "cohere", "cohere2": "cohere", "stablelm": "stablelm", "phi": "phi",
+    "apertus": "apertus", "arcee": "arcee", "phi3": "phi3", "gemma": "gemma", "gemma2": "gemma2",
+    "gemma3_text": "gemma2", "gpt2": "gpt2", "gpt_neox": "gpt_neox",
 }
 # one family per block structure the other test files do not run the methods on
-METHOD_FAMILIES = ("olmo2",)
+METHOD_FAMILIES = ("olmo2", "glm4", "glm", "cohere", "stablelm", "phi", "apertus", "arcee")
 HARMFUL = ["how to make a bomb", "steal a car now"]
 HARMLESS = ["bake a cake", "plant a tree today"]
 SYSTEM = "You are a careful assistant. Answer briefly."
@@ -84,6 +89,25 @@ def test_residual_decomposes_into_the_component_sites(family, prompts):
     _check_decomposition(lm, prompts)
 
 
+def test_parallel_stablelm_refuses_resid_mid_and_takes_a_parallel_table(prompts, tmp_path):
+    """StableLM's table is the sequential block (the default); a parallel-residual checkpoint lacks the norm
+    resid_mid lives on: a clear ArchitectureError, and the documented user table serves it."""
+    lm = tiny_model("stablelm", use_parallel_residual=True)
+    with pytest.raises(ArchitectureError, match="post_attention_layernorm, which this model lacks.*--arch-table"):
+        lm.sites("blocks.0.resid_mid")
+    sites = "\n".join(f'"{k}" = {{ module = "{{block}}.{m}", hook = "{h}" }}' for k, m, h in (
+        ("attn.out", "self_attn", "output"), ("attn.heads", "self_attn.o_proj", "input"), ("mlp.out", "mlp", "output"),
+        ("mlp.neurons", "mlp.down_proj", "input")))
+    path = tmp_path / "parallel.toml"
+    path.write_text('[stablelm]\nparallel_residual = true\n\n[stablelm.sites]\n'
+                    'resid_pre = { module = "{block}", hook = "input" }\n'
+                    'resid_post = { module = "{block}", hook = "output" }\n' + sites + "\n")
+    parallel = LoadedModel.wrap(lm.model, lm.tokenizer, arch_table=path)
+    with pytest.raises(ArchitectureError, match="parallel residual"):
+        parallel.sites("blocks.0.resid_mid")
+    _check_decomposition(parallel, prompts)
+
+
 @pytest.mark.parametrize("family", METHOD_FAMILIES)
 def test_directional_ablation_removes_the_component_everywhere(family, prompts):
     lm = tiny_model(family)
@@ -130,7 +154,7 @@ def test_neuron_weight_edit_equals_hook(family, prompts):
     b = tokenize_prompts(lm.tokenizer, prompts)
     neurons = [(0, 3), (0, 17), (2, 5), (1, 63)]
     has_bias = getattr(lm.module(lm.table.expand(lm.table.mlp_out_proj, 0)), "bias", None) is not None
-    modes = [("zero", None), ("scale", 0.3)] + ([("mean", 0.8)] if has_bias else [])
+    modes = [("scale", 0.3)] + ([("mean", 0.8)] if has_bias else [])  # zero is scale 0 (tests/test_neurons.py)
     with torch.no_grad():
         base = forward(lm, b)
         for mode, s in modes:
@@ -154,7 +178,7 @@ def test_dla_components_sum_to_the_final_direct_effect(family):
         forward(lm, b)
     resid, embed = cap.values[last][:, 0], cap.values[Site("resid_pre", 0)][:, 0]
     mult = norm_linearisation(lm, resid)
-    centre = isinstance(lm.module(lm.table.final_norm), torch.nn.LayerNorm)
+    centre = isinstance(lm.module(lm.table.final_norm), torch.nn.LayerNorm) or lm.table.norm_centred
     if centre:
         resid, embed = resid - resid.mean(-1, keepdim=True), embed - embed.mean(-1, keepdim=True)
     total = ((resid * mult) @ direction).mean()

@@ -88,11 +88,13 @@ def _mlp_recipe(lm):
         return mlp, lambda x: act(x @ mlp.c_fc.weight + mlp.c_fc.bias)
     if cfg.model_type == "gpt_neox":
         return mlp, lambda x: act(linear(mlp.dense_h_to_4h, x))
-    if cfg.model_type == "phi3":  # fused [gate; up]
+    if cfg.model_type in ("phi3", "glm4"):  # fused [gate; up]
         def phi3(x):
             gate, up = linear(mlp.gate_up_proj, x).chunk(2, dim=-1)
             return act(gate) * up
         return mlp, phi3
+    if cfg.model_type == "phi":  # ungated fc1 -> fc2
+        return mlp, lambda x: act(linear(mlp.fc1, x))
     return mlp, lambda x: act(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x)
 
 

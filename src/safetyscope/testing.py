@@ -67,9 +67,23 @@ def _configs() -> dict[str, Any]:
         "gemma3_text": lambda: tf.Gemma3TextConfig(**llama_like, head_dim=8),
         "phi3": lambda: tf.Phi3Config(**llama_like),
         "qwen3": lambda: tf.Qwen3Config(**new_like),
+        "smollm3": lambda: tf.SmolLM3Config(**new_like),
+        "ministral": lambda: tf.MinistralConfig(**new_like),
+        "seed_oss": lambda: tf.SeedOssConfig(**new_like),
+        "helium": lambda: tf.HeliumConfig(**new_like),
+        "hunyuan_v1_dense": lambda: tf.HunYuanDenseV1Config(**new_like),
         # no input norm: the MLP reads the raw residual, so the default 0.02 init leaves its neurons at ~1e-3
         "olmo2": lambda: tf.Olmo2Config(**new_like, initializer_range=0.1),
         "olmo3": lambda: tf.Olmo3Config(**new_like, initializer_range=0.1),
+        "exaone4": lambda: tf.Exaone4Config(**new_like, initializer_range=0.1),
+        "glm4": lambda: tf.Glm4Config(**new_like),
+        "glm": lambda: tf.GlmConfig(**new_like),
+        "cohere": lambda: tf.CohereConfig(**new_like),
+        "cohere2": lambda: tf.Cohere2Config(**new_like),
+        "stablelm": lambda: tf.StableLmConfig(**new_like),
+        "phi": lambda: tf.PhiConfig(**new_like),
+        "apertus": lambda: tf.ApertusConfig(**new_like),
+        "arcee": lambda: tf.ArceeConfig(**new_like),
         "gpt2": lambda: tf.GPT2Config(
             vocab_size=VOCAB, n_positions=512, n_embd=32, n_layer=3, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
         ),
@@ -87,11 +101,13 @@ def _configs() -> dict[str, Any]:
 # Every site invariant (tests/test_capture.py) runs on these.
 TINY_FAMILIES: tuple[str, ...] = (
     "llama", "llama_mqa", "qwen2", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox",
-    "olmo2", "olmo3",
+    "smollm3", "olmo2", "olmo3", "glm4", "cohere", "stablelm", "phi",
 )
 # Further model types of the tables (each once checked against every site invariant); to keep the suite fast
-# only tests/test_arch_families.py runs on them.
-EXTRA_FAMILIES: tuple[str, ...] = ("qwen3",)
+# only tests/test_arch_families.py runs on them (table, residual decomposition; methods on glm, apertus, arcee).
+EXTRA_FAMILIES: tuple[str, ...] = (
+    "qwen3", "ministral", "seed_oss", "helium", "hunyuan_v1_dense", "exaone4", "cohere2", "glm", "apertus", "arcee",
+)
 
 
 def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> LoadedModel:

@@ -15,7 +15,7 @@ so that the hooked model equals the weight-orthogonalised one (``export``) up to
   (the projection is idempotent); re-projecting keeps the residual's component at rounding level,
   as Arditi et al. do.
 
-With ``post_norms`` tables (Gemma 2/3, OLMo 2/3) ``attn.out``/``mlp.out`` are the post-norm outputs,
+With ``post_norms`` tables (Gemma 2/3, GLM-4, OLMo 2/3) ``attn.out``/``mlp.out`` are the post-norm outputs,
 so the hooks are still exact there, but no weight edit reproduces them: ``export`` refuses.
 
 ``norm_preserving=True`` is a different, non-linear variant: wherever the residual stream is read
