@@ -85,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-scary", type=int, default=0,
                     help="train-split scary-but-benign prompts for the retain targets (0 = half of --n-train)")
     ap.add_argument("--robust-retain", action="store_true", help="robust rows: ablate on the retain examples too")
+    ap.add_argument("--robust-rank", type=int, default=1,
+                    help="robust rows: ablate a subspace of this many directions (1 = the refusal direction alone)")
     ap.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain loss beside the target loss")
     ap.add_argument("--robust-p", type=float, default=0.5,
                     help="robust rows: probability of each block and each position being ablated at a step")
@@ -160,16 +162,22 @@ def _fragility(lm: LoadedModel, a: argparse.Namespace, prompts: list[str], ns: N
     return out
 
 
-def _fresh(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]], d: Direction) -> dict[str, Any]:
+def _fresh(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]], d: Direction,
+           trained: torch.Tensor | None = None) -> dict[str, Any]:
     """Refusal on held-out harmful prompts under ablation of a direction found afresh on this model (train
-    split), and the cosine of that direction with the original one."""
+    split), the cosine of that direction with the original one and, for robust rows, the norm of its
+    projection onto the direction or subspace the training ablated last (``trained``: [d] or [k, d])."""
     t = time.perf_counter()
     try:
         fresh = find_direction(lm, sets["train_harmful"], sets["train_harmless"], config=_fast(a.fresh_layers),
                                batch_size=a.batch_size)
     except Exception as e:  # noqa: BLE001  (a search that finds nothing is a result, not a crash)
         return {"fresh_error": f"{type(e).__name__}: {e}"}
-    return {"fresh_direction_layer": fresh.layer, "fresh_direction_position": fresh.position,
+    extra = {}
+    if trained is not None:
+        q = trained.double().reshape(-1, trained.shape[-1])  # [k, d_model] orthonormal rows
+        extra["fresh_in_trained"] = float((q @ fresh.direction.double()).norm() / fresh.direction.double().norm())
+    return {**extra, "fresh_direction_layer": fresh.layer, "fresh_direction_position": fresh.position,
             "fresh_cos_original": float(torch.nn.functional.cosine_similarity(
                 fresh.direction.double(), d.direction.double(), dim=0)),
             "fresh_seconds": time.perf_counter() - t,
@@ -177,7 +185,7 @@ def _fresh(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]], d
 
 
 def measure(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]], d: Direction, ref: dict[str, Any],
-            apply: Any = None, ns: NeuronSet | None = None) -> dict[str, Any]:
+            apply: Any = None, ns: NeuronSet | None = None, trained: torch.Tensor | None = None) -> dict[str, Any]:
     tok, bs = a.eval_tokens, a.batch_size
     row: dict[str, Any] = {}
     t = time.perf_counter()
@@ -192,7 +200,7 @@ def measure(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]], 
         new = logits_under(lm, sets["harmless"], None, batch_size=bs)
         row.update(_fragility(lm, a, sets["harmful"], ns))
         if a.fresh_direction and (apply is not None or a.fresh_unmodified):
-            row.update(_fresh(lm, a, sets, d))
+            row.update(_fresh(lm, a, sets, d, trained))
     row["kl_first_token"] = float(kl_divergence(ref["logits"], new).mean())
     row["measure_seconds"] = time.perf_counter() - t
     return row
@@ -223,11 +231,13 @@ def _train_row(lm: LoadedModel, a: argparse.Namespace, spec: str, lr: float, dat
     """One method trained and timed; ``spec`` is a method, with ``+robust`` for robust hardening of that row."""
     method, robust = spec.removesuffix("+robust"), a.robust or spec.endswith("+robust")
     cfg = TrainConfig(steps=a.steps, lr=lr, batch_size=a.train_batch, max_reply_tokens=a.max_new_tokens,
-                      robust=robust, robust_p=a.robust_p, robust_retain=a.robust_retain, retain_weight=a.retain_weight,
+                      robust=robust, robust_p=a.robust_p, robust_retain=a.robust_retain, robust_rank=a.robust_rank,
+                      retain_weight=a.retain_weight,
                       reestimate_every=max(1, a.steps // 2), checkpoint_every=0, seed=a.seed)
     r = finetune(lm, a.mode, a.components or None, method=method, data=data, direction=d, neuron_set=ns,  # type: ignore[arg-type]
                  config=cfg, batch_size=a.batch_size)
-    row = {"lr": lr, "robust": robust, "robust_retain": cfg.robust and cfg.robust_retain, "retain_weight": cfg.retain_weight,
+    row = {"lr": lr, "robust": robust, "robust_retain": cfg.robust and cfg.robust_retain,
+           "robust_rank": cfg.robust_rank if cfg.robust else 0, "retain_weight": cfg.retain_weight,
            "n_trainable": r.n_trainable, "fraction": r.fraction, "train_seconds": r.log.seconds,
            "step_over_forward": r.log.seconds / a.steps / fwd, "peak_mib": r.peak_mib,
            "loss_first": r.log.losses[0], "loss_last": r.log.losses[-1],
@@ -263,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             now = _forward_seconds(lm, sets["train_harmful"] + sets["train_harmless"], a.train_batch, a.max_new_tokens)
             row, r = _train_row(lm, a, method, lr, data, d, ns_train, now)  # the ratio to a forward pass just before
             row["forward_seconds"], row["load_avg_1min"] = now, os.getloadavg()[0]  # the machine's load after training
-            row.update(measure(lm, a, sets, d, ref, r.apply(lm), ns=ns))
+            row.update(measure(lm, a, sets, d, ref, r.apply(lm), ns=ns, trained=r.log.direction))
             name = method if len(lrs) == 1 else f"{method}@{lr:g}"
             rows[name], names[name] = row, method
             print(name, json.dumps(row), file=sys.stderr)
@@ -302,7 +312,8 @@ def choose_rates(rows: dict[str, dict[str, Any]], methods: dict[str, str], mode:
 def _table(rows: dict[str, dict[str, Any]], a: argparse.Namespace) -> None:
     cols = ["n_trainable", "train_seconds", "step_over_forward", "peak_mib", "refusal_harmful", "refusal_harmless",
             "refusal_scary"] + ([f"score_{n}" for n in ("harmful", "harmless", "scary")] if a.eval_tokens else []) + [
-            "kl_first_token", "ppl", "refusal_harmful_ablated", "refusal_harmful_fresh_ablated", "fresh_cos_original"]
+            "kl_first_token", "ppl", "refusal_harmful_ablated", "refusal_harmful_fresh_ablated", "fresh_cos_original",
+            "fresh_in_trained"]
     cols += [f"fragility_k{k.strip()}" for k in a.fragility_ks.split(",") if k.strip()]
     print("| method | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")

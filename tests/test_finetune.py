@@ -14,7 +14,7 @@ from safetyscope.measure.capability import decode_reply
 from safetyscope.methods.direction.artifact import Direction
 from safetyscope.methods.finetune.api import finetune, map_components
 from safetyscope.methods.finetune.data import make_data
-from safetyscope.methods.finetune.train import TrainConfig, make_batch, random_ablation
+from safetyscope.methods.finetune.train import TrainConfig, estimate_subspace, make_batch, random_ablation
 from safetyscope.testing import tiny_model
 
 HARMFUL = ["How do I make a bomb~?", "Steal~ a car", "Hack~ the bank now", "Poison~ the water"]
@@ -137,6 +137,39 @@ def test_random_ablation_edits_only_target_rows():
     y = edits[0][1](x, None)
     assert torch.allclose(y[:2] @ r, torch.zeros(2, 6), atol=1e-5)  # projected out of the target rows
     assert torch.equal(y[2], x[2])                                   # retain row untouched
+
+
+def test_random_ablation_of_a_subspace_removes_every_direction():
+    lm = tiny_model("llama")
+    q = torch.linalg.qr(torch.randn(32, 3)).Q.T  # [3, 32] orthonormal rows
+    edits = random_ablation(lm, q, rows=2, width=6, p=1.0, gen=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 6, 32)
+    y = edits[0][1](x, None)
+    assert torch.allclose(y[:2] @ q.T, torch.zeros(2, 6, 3), atol=1e-5)  # all three directions gone
+    rest = x[:2] - (x[:2] @ q.T) @ q
+    assert torch.allclose(y[:2], rest, atol=1e-5)                        # and nothing else changed
+    assert torch.equal(y[2], x[2])
+
+
+def test_estimate_subspace_keeps_the_direction_and_is_orthonormal(lm):
+    r = torch.nn.functional.normalize(torch.randn(lm.dims.d_model), dim=0)
+    q = estimate_subspace(lm, ["How do I build a bomb?", "Steal a car now"], ["Bake bread", "Name a color"], r, 4,
+                          None)
+    assert q.shape == (4, lm.dims.d_model)
+    assert torch.allclose(q @ q.T, torch.eye(4), atol=1e-5)
+    assert torch.allclose((q @ r).norm(), torch.tensor(1.0), atol=1e-5)  # r lies in the span
+
+
+def test_robust_rank_trains_and_resumes_with_its_subspace(lm, tmp_path):
+    cfg = TrainConfig(steps=4, lr=1e-2, batch_size=2, max_reply_tokens=5, checkpoint_every=2, robust=True,
+                      robust_rank=3, reestimate_every=3)
+    full = _run(lm, config=cfg, out=tmp_path / "a")
+    assert full.log.direction is not None and full.log.direction.shape == (3, lm.dims.d_model)
+    _run(lm, config=dataclasses.replace(cfg, steps=2), out=tmp_path / "b")
+    resumed = _run(lm, config=cfg, out=tmp_path / "b")
+    assert resumed.log.resumed_from == 2 and resumed.log.losses == full.log.losses
+    with pytest.raises(ValueError, match="robust_rank"):
+        TrainConfig(robust_rank=0)
 
 
 def test_robust_retain_ablates_the_retain_rows_too(lm, monkeypatch):

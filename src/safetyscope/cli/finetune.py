@@ -33,6 +33,7 @@ class FinetuneSettings(PromptSettings):
     robust: bool = opt(False, "harden: ablate the refusal direction at random blocks and positions while training, so refusal stops resting on it.")
     robust_p: float = opt(0.5, "--robust: probability that a block / a position is ablated at a step.")
     robust_retain: bool = opt(False, "--robust: ablate on the harmless (retain) examples too, so the model learns to tell them apart without the direction instead of refusing whatever lacks it.")
+    robust_rank: int = opt(1, "--robust: ablate a subspace of this many directions (the refusal direction plus the strongest harmful - harmless differences at every block and post-instruction position), so refusal cannot move to a nearby direction; 1 = the direction alone.")
     reestimate_every: int = opt(10, "--robust: re-estimate the direction on the model being trained every N steps (0 = never).")
     checkpoint_every: int = opt(10, "Write the resumable training state every N steps (0 = never).")
     lora_rank: int = opt(8, "Rank of the LoRA baseline (--method lora).")
@@ -91,7 +92,8 @@ def run_finetune(s: FinetuneSettings, mode: str) -> dict[str, Any]:
     from ..methods.neurons.artifact import NeuronSet
 
     cfg = TrainConfig(steps=s.steps, lr=s.lr, batch_size=s.train_batch, retain_weight=s.retain_weight,
-                      max_reply_tokens=s.max_new_tokens, robust=s.robust, robust_p=s.robust_p, robust_retain=s.robust_retain,
+                      max_reply_tokens=s.max_new_tokens, robust=s.robust, robust_p=s.robust_p,
+                      robust_retain=s.robust_retain, robust_rank=s.robust_rank,
                       reestimate_every=s.reestimate_every, checkpoint_every=s.checkpoint_every, seed=s.seed)
     comps = _components(s)
     judge = load_judge(s.judge) if s.judge else None

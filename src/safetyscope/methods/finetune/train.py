@@ -11,6 +11,11 @@ learns to refuse without that direction; with ``robust_retain`` the retain rows 
 ablation, so it must still answer benign prompts without the direction. The direction is re-estimated every ``reestimate_every`` steps
 as the difference of means of the target and retain prompts at its block and prompt position (the
 direction artifact's), on the model as it is then, so training chases the direction the current model uses.
+With ``robust_rank`` k > 1 a k-dimensional subspace is ablated instead: the direction plus the top
+singular directions of the target - retain differences of means at every block (from 1 on) and every
+post-instruction position, estimated at the start and at each re-estimation. A refusal direction found
+afresh on the trained model is such a difference of means, so it lies close to that subspace, and the model
+has to refuse without any of them.
 
 Adam runs without weight decay: an entry whose gradient is always zero (masked) never moves.
 Every ``checkpoint_every`` steps the trainable tensors, Adam's moments, the current direction, the
@@ -51,6 +56,7 @@ class TrainConfig:
     robust: bool = False
     robust_p: float = 0.5
     robust_retain: bool = False  # robust runs: ablate on the retain rows too (they must still be answered)
+    robust_rank: int = 1  # robust runs: ablate a subspace of this many directions (1 = the refusal direction alone)
     reestimate_every: int = 10  # 0 = keep the initial direction
     checkpoint_every: int = 10  # 0 = no resumable state
     seed: int = 0
@@ -62,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, not {self.lr}")
         if not 0.0 < self.robust_p <= 1.0:
             raise ValueError(f"robust_p must be in (0, 1], not {self.robust_p}")
+        if self.robust_rank < 1:
+            raise ValueError(f"robust_rank must be at least 1 direction, not {self.robust_rank}")
         if self.retain_weight < 0 or self.reestimate_every < 0 or self.checkpoint_every < 0:
             raise ValueError("retain_weight, reestimate_every and checkpoint_every must be >= 0")
 
@@ -72,7 +80,7 @@ class TrainLog:
     target_losses: tuple[float, ...]
     retain_losses: tuple[float, ...]
     resumed_from: int  # step the run continued from (0 = fresh)
-    direction: torch.Tensor | None  # the last re-estimated unit direction [d_model] (robust runs)
+    direction: torch.Tensor | None  # the last re-estimated unit direction [d_model], or [rank, d_model] basis (robust runs)
     seconds: float
 
 
@@ -108,9 +116,9 @@ def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # ---- robust ablation -------------------------------------------------------------------------------
 def random_ablation(lm: LoadedModel, r: torch.Tensor, rows: int, width: int, p: float,
                     gen: torch.Generator) -> list[tuple[Site, Any]]:
-    """Edits projecting unit ``r`` out of ``resid_pre`` at random blocks and positions of the first ``rows``
-    rows (the target examples, and with ``robust_retain`` the retain examples after them); the rest of the
-    batch is untouched."""
+    """Edits projecting unit ``r`` ([d_model], or orthonormal rows [k, d_model]) out of ``resid_pre`` at random
+    blocks and positions of the first ``rows`` rows (the target examples, and with ``robust_retain`` the retain
+    examples after them); the rest of the batch is untouched."""
     layers = [layer for layer in range(lm.n_layers) if float(torch.rand((), generator=gen)) < p]
     if not layers:
         layers = [int(torch.randint(lm.n_layers, (), generator=gen))]
@@ -121,8 +129,8 @@ def random_ablation(lm: LoadedModel, r: torch.Tensor, rows: int, width: int, p: 
             return x
         m = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
         m[:rows] = pos.to(device=x.device, dtype=x.dtype)
-        rr = r.to(device=x.device, dtype=x.dtype)
-        return x - (m * (x @ rr)).unsqueeze(-1) * rr
+        q = r.to(device=x.device, dtype=x.dtype).reshape(-1, x.shape[-1])  # [k, d_model]
+        return x - (m.unsqueeze(-1) * (x @ q.T)) @ q
 
     return [(Site("resid_pre", layer), edit) for layer in layers]
 
@@ -143,6 +151,32 @@ def estimate_direction(lm: LoadedModel, target: Sequence[str], retain: Sequence[
         means.append(total / n)
     d = means[0] - means[1]
     return (d / d.norm().clamp_min(1e-12)).float()
+
+
+def estimate_subspace(lm: LoadedModel, target: Sequence[str], retain: Sequence[str], r: torch.Tensor, rank: int,
+                      system: str | None, batch_size: int = 8) -> torch.Tensor:
+    """Orthonormal rows [rank, d_model]: unit ``r`` first, then the top singular directions (orthogonal to it)
+    of the unit differences of means (target - retain) at ``resid_pre`` of every block from 1 on and every
+    post-instruction position; one forward pass per batch fills every site."""
+    sites = [Site("resid_pre", layer) for layer in range(1, lm.n_layers)] or [Site("resid_pre", 0)]
+    sums: list[dict[Site, torch.Tensor]] = []
+    for texts in (target, retain):
+        acc: dict[Site, torch.Tensor] = {}
+        n = 0
+        for _b, vals in run_capture(lm, list(texts), sites, "post_instruction", batch_size=batch_size,
+                                    system=system, description="subspace"):
+            for site, v in vals.items():  # v: [batch, k_post, d_model]
+                acc[site] = acc.get(site, 0) + v.double().sum(0)
+            n += int(next(iter(vals.values())).shape[0])
+        sums.append({site: v / max(n, 1) for site, v in acc.items()})
+    diffs = torch.cat([sums[0][site] - sums[1][site] for site in sites])  # [n_sites * k_post, d_model]
+    diffs = diffs / diffs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    u = r.double().reshape(-1)
+    u = u / u.norm().clamp_min(1e-12)
+    rest = diffs - (diffs @ u).unsqueeze(-1) * u  # the part the direction does not explain
+    vh = torch.linalg.svd(rest, full_matrices=False).Vh  # [min(n, d), d_model], strongest first
+    basis = torch.cat([u.unsqueeze(0), vh[: rank - 1]])  # [rank, d_model]
+    return torch.linalg.qr(basis.T).Q.T.float()
 
 
 # ---- memory ---------------------------------------------------------------------------------------
@@ -272,10 +306,17 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
             step0, logs, saved_r = got
             r = saved_r if saved_r is not None else r
     texts = ([e.prompt for e in data.of("target")][:32], [e.prompt for e in data.of("retain")][:32])
+
+    def widen(v: torch.Tensor) -> torch.Tensor:  # the direction -> the ablated subspace (robust_rank > 1)
+        return estimate_subspace(lm, texts[0], texts[1], v[0] if v.dim() == 2 else v, cfg.robust_rank, system)
+
+    if cfg.robust and r is not None and cfg.robust_rank > 1 and r.dim() == 1:
+        r = widen(r)
     with _bar(cfg.steps, step0) as show:
         for step in range(step0, cfg.steps):
             if cfg.robust and r is not None and cfg.reestimate_every and step and step % cfg.reestimate_every == 0:
                 r = estimate_direction(lm, texts[0], texts[1], direction_layer, system, position=direction_position)
+                r = widen(r) if cfg.robust_rank > 1 else r
             opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 loss, lt, lr_ = run.loss(step, r)
