@@ -1,6 +1,6 @@
 """Architecture tables beyond Llama's layout: which table serves each model type, the residual decomposition
-every table must satisfy, and the method invariants (weights == hooks, neuron edits, DLA, shared-prefix reuse)
-on the families whose block differs from the ones the other test files cover (post-norm only, sandwich norms,
+every table must satisfy, and the method invariants (weights == hooks, neuron edits, shared-prefix reuse; DLA in
+``tests/test_dla.py``) on the families whose block differs from the ones the other test files cover (post-norm only, sandwich norms,
 parallel residual, LayerNorms with biases, fused or ungated MLPs).
 
 The site invariants (captures, heads, neurons, hooks restored, generation) run on ``TINY_FAMILIES`` in
@@ -15,11 +15,6 @@ from transformers import AutoModelForCausalLM
 
 from safetyscope.artifacts.base import ArtifactError
 from safetyscope.hooks import capture, forward
-from safetyscope.methods.circuit.dla import (
-    direct_logit_attribution,
-    norm_linearisation,
-    refusal_logit_direction,
-)
 from safetyscope.methods.direction.artifact import Direction
 from safetyscope.methods.neurons.artifact import NeuronSet, edited_copy
 from safetyscope.models.adapter import LoadedModel
@@ -164,30 +159,6 @@ def test_neuron_weight_edit_equals_hook(family, prompts):
             torch.testing.assert_close(forward(edited_copy(lm, ns), b), hooked, rtol=1e-5, atol=1e-5)
             assert not torch.allclose(hooked, base)
         assert torch.equal(forward(lm, b), base)
-
-
-@pytest.mark.parametrize("family", METHOD_FAMILIES)
-def test_dla_components_sum_to_the_final_direct_effect(family):
-    lm = tiny_model(family)
-    ids = [5, 9, 17]
-    res = direct_logit_attribution(lm, HARMFUL, HARMLESS, token_ids=ids, batch_size=2)
-    direction = refusal_logit_direction(lm, ids)
-    b = tokenize_prompts(lm.tokenizer, HARMFUL)
-    last = Site("resid_post", lm.n_layers - 1)
-    with torch.no_grad(), capture(lm, [Site("resid_pre", 0), last, Site("final")], "last") as cap:
-        forward(lm, b)
-    resid, embed = cap.values[last][:, 0], cap.values[Site("resid_pre", 0)][:, 0]
-    mult = norm_linearisation(lm, resid)
-    centre = isinstance(lm.module(lm.table.final_norm), torch.nn.LayerNorm) or lm.table.norm_centred
-    if centre:
-        resid, embed = resid - resid.mean(-1, keepdim=True), embed - embed.mean(-1, keepdim=True)
-    total = ((resid * mult) @ direction).mean()
-    embed_part = ((embed * mult) @ direction).mean()
-    assert sum(res.harmful) + float(embed_part) == pytest.approx(float(total), rel=1e-4, abs=1e-4)
-    # the linearisation is exact at the actual residual: it reproduces the final norm's output (less its bias)
-    bias = getattr(lm.module(lm.table.final_norm), "bias", None)
-    torch.testing.assert_close(resid * mult + (0 if bias is None else bias), cap.values[Site("final")][:, 0],
-                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", METHOD_FAMILIES)

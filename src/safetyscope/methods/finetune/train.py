@@ -308,7 +308,7 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
     texts = ([e.prompt for e in data.of("target")][:32], [e.prompt for e in data.of("retain")][:32])
 
     def widen(v: torch.Tensor) -> torch.Tensor:  # the direction -> the ablated subspace (robust_rank > 1)
-        return estimate_subspace(lm, texts[0], texts[1], v[0] if v.dim() == 2 else v, cfg.robust_rank, system)
+        return estimate_subspace(lm, texts[0], texts[1], v, cfg.robust_rank, system)
 
     if cfg.robust and r is not None and cfg.robust_rank > 1 and r.dim() == 1:
         r = widen(r)
