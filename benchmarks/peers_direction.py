@@ -42,6 +42,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+from peers_direction_report import pareto, plot_and_print  # noqa: E402,F401  (pareto: re-exported for the tests)
+
 PHASES = ("heretic", "safetyscope", "measure", "plot")
 
 
@@ -284,12 +287,18 @@ def phase_safetyscope(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     find = [ss, "direction", "find", *common, "--screen", str(args.screen), "--keep", str(args.keep)]
     refine = [ss, "direction", "refine", *common]
     (out / "safetyscope").mkdir(parents=True, exist_ok=True)
+    tune = [ss, "direction", "tune", *common, "--direction", str(out / "safetyscope" / "direction_refine" / "artifact"),
+            "--trials", str(args.tune_trials), "--save-front"]
     rc1, t1 = timed_run(find, out / "safetyscope" / "find.log")
     rc2, t2 = timed_run(refine, out / "safetyscope" / "refine.log") if rc1 == 0 else (None, 0.0)
+    rc3, t3 = (timed_run(tune, out / "safetyscope" / "tune.log") if rc2 == 0 and args.tune_trials > 0
+               else (None, 0.0))
     res = {"find": {"cmd": " ".join(find[1:]), "rc": rc1, "wall_s": t1},
            "refine": {"cmd": " ".join(refine[1:]), "rc": rc2, "wall_s": t2},
+           "tune": {"cmd": " ".join(tune[1:]), "rc": rc3, "wall_s": t3},
            "artifacts": {"safetyscope find": str(out / "safetyscope" / "direction" / "artifact"),
-                         "safetyscope refine": str(out / "safetyscope" / "direction_refine" / "artifact")}}
+                         "safetyscope refine": str(out / "safetyscope" / "direction_refine" / "artifact"),
+                         "safetyscope tune front": str(out / "safetyscope" / "direction_tune" / "front")}}
     (out / "safetyscope.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -309,6 +318,9 @@ def interventions(out: Path, extra: list[str] | None = None) -> dict[str, Path]:
     for name, sub in (("safetyscope find", "direction"), ("safetyscope refine", "direction_refine")):
         if (out / "safetyscope" / sub / "artifact" / "artifact.json").is_file():
             found[name] = out / "safetyscope" / sub / "artifact"
+    for point in sorted((out / "safetyscope" / "direction_tune" / "front").glob("trial_*")):
+        if (point / "artifact.json").is_file():  # every point of refine + tune's Pareto front (val), as heretic's
+            found[f"safetyscope tune {point.name.replace('_', ' ')}"] = point
     return found
 
 
@@ -398,59 +410,9 @@ def heretic_counts(args: argparse.Namespace, out: Path, name: str, replies: list
     return sum(verdicts) / max(len(verdicts), 1)
 
 
-def pareto(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both (x, y) (lower is better on both)."""
-    return [i for i, (x, y) in enumerate(points)
-            if not any((x2 <= x and y2 <= y) and (x2, y2) != (x, y) for x2, y2 in points)]
-
-
 def phase_plot(out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    trials = heretic_trials(out / "heretic")
-    meas = json.loads((out / "measure.json").read_text()) if (out / "measure.json").is_file() else {"rows": {}}
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 5))
-    if trials:
-        pts = [(t["kl_divergence"], t["refusals"] / t["n_bad_prompts"]) for t in trials]
-        front = set(pareto(pts))
-        a.scatter([p[0] for p in pts], [p[1] for p in pts], c=["C3" if i in front else "C7" for i in range(len(pts))])
-        for t, (x, y) in zip(trials, pts):
-            a.annotate(str(t["index"]), (x, y), fontsize=8)
-        base = trials[0]["base_refusals"] / trials[0]["n_bad_prompts"]
-        a.axhline(base, color="k", lw=0.8, ls="--", label="unmodified")
-        a.legend()
-    a.set(xscale="symlog", xlabel="first-token KL (harmless val)", ylabel="refusals / bad prompts (heretic counter)",
-          title=f"heretic's own metrics, every trial ({len(trials)}; red = Pareto)")
-    for name, row in meas["rows"].items():
-        colour = "k" if name == "unmodified" else ("C3" if name.startswith("heretic") else "C0")
-        b.scatter(row["kl"]["first_token"], row["refusal"], c=colour)
-        b.annotate(name, (row["kl"]["first_token"], row["refusal"]), fontsize=8)
-    b.set(xscale="symlog", xlabel="first-token KL (harmless test)", ylabel="refusal rate (phrase judge, harmful test)",
-          title="the same safetyscope measurement, held-out test split")
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=110)
-    print_table(trials, meas, out)
-
-
-def print_table(trials: list[dict[str, Any]], meas: dict[str, Any], out: Path) -> None:
-    print("heretic trials (its optuna journal; its refusal counter and first-token KL on the val split):")
-    for t in trials:
-        print(f"  trial {t['index']:>3}: refusals {t['refusals']:>2}/{t['n_bad_prompts']}  KL {t['kl_divergence']:.4f}")
-    print(f"held-out test split, one safetyscope measurement (max_new_tokens {meas.get('max_new_tokens')}):")
-    print(f"  {'intervention':22s} {'refusal (judge)':>15s} {'heretic counter':>15s} "
-          f"{'LLM refused/complied/broken':>28s} {'KL first':>9s} {'KL reply':>9s}")
-    for name, row in meas["rows"].items():
-        hc, llm = row.get("heretic_counter"), row.get("llm")
-        rcb = "-" if llm is None else f"{llm['refused']:.3f}/{llm['complied']:.3f}/{llm['broken']:.3f}"
-        print(f"  {name:22s} {row['refusal']:15.3f} {'-' if hc is None else f'{hc:.3f}':>15s} {rcb:>28s} "
-              f"{row['kl']['first_token']:9.4f} {row['kl'].get('reply_tokens', float('nan')):9.4f}")
-    for f in ("heretic.json", "safetyscope.json"):
-        if (out / f).is_file():
-            print(f"{f}: {(out / f).read_text()}")
-    print(f"plot: {out / 'pareto.png'}")
+    """OUT/pareto.png and the tables on stdout (benchmarks/peers_direction_report.py)."""
+    plot_and_print(out, heretic_trials(out / "heretic"))
 
 
 def main() -> None:
@@ -473,6 +435,8 @@ def main() -> None:
                     help="Ctrl+C heretic after this many seconds (0 = never): it keeps the trials completed by then")
     ap.add_argument("--screen", type=int, default=8, help="direction find --screen (prompts per group, first pass)")
     ap.add_argument("--keep", type=int, default=16, help="direction find --keep")
+    ap.add_argument("--tune-trials", type=int, default=24,
+                    help="direction tune --trials on the refined direction; every Pareto point is measured (0 = skip)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="reply length judged in the measure phase")
     ap.add_argument("--gen-batch", type=int, default=64)
     ap.add_argument("--artifact", action="append", default=[], metavar="NAME=DIR",

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from safetyscope.artifacts import load_artifact
 from safetyscope.methods.direction.artifact import Direction
+from safetyscope.methods.direction.tune import Kernel
 from safetyscope.prompts.chat import tokenize_prompts
 from safetyscope.testing import tiny_model
 from test_direction import logits_of, unit_direction
@@ -89,7 +90,7 @@ def test_cli_direction_tune_writes_its_pareto_output(cli_setup, tmp_path, png):
 
     root, lm = cli_setup
     res = _run_json("direction", "tune", root / "model", "--direction", root / "full", "--harmful", root / "h.txt",
-                    "--harmless", root / "s.txt", "--n-prompts", "0", "--trials", "3", "--out", tmp_path)
+                    "--harmless", root / "s.txt", "--n-prompts", "0", "--trials", "3", "--save-front", "--out", tmp_path)
     out = tmp_path / "direction_tune"
     saved = json.loads((out / "tune.json").read_text())
     assert len(saved["trials"]) == 3 and saved["settings"]["n_trials"] == 3
@@ -101,6 +102,15 @@ def test_cli_direction_tune_writes_its_pareto_output(cli_setup, tmp_path, png):
     tuned = load_artifact(out / "artifact")
     assert isinstance(tuned, Direction) and torch.allclose(tuned.direction, load_artifact(root / "full").direction)
     assert (tuned.layer_weights is None) == (res["chosen"]["kernel"] is None)
+    # --save-front: one artifact per front trial, carrying that trial's kernel weights and nothing else
+    assert sorted(p.name for p in (out / "front").iterdir()) == [f"trial_{i:03d}" for i in sorted(saved["front"])]
+    for i in saved["front"]:
+        point, kernel = load_artifact(out / "front" / f"trial_{i:03d}"), saved["trials"][i]["kernel"]
+        assert torch.equal(point.direction, tuned.direction)
+        if kernel is None:
+            assert point.layer_weights is None and point.embed_weight == 1.0
+        else:
+            assert torch.allclose(point.layer_weights, Kernel(**kernel).weights(lm.n_layers))
 
     # trial 0 (full ablation) measured independently on the prompts the CLI's default filter keeps
     kept = filter_by_refusal(lm, HARMFUL, HARMLESS, batch_size=8)

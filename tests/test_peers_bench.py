@@ -198,3 +198,15 @@ def test_llm_judge_column_judges_each_row_once_and_keeps_earlier_ones(direction_
     assert json.loads(path.read_text())["rows"]["unmodified"]["llm"]["categories"] == row["categories"]
     direction_bench.llm_judge_rows(res, harmful, "tiny", path)
     assert loads == ["tiny"]  # nothing left to judge: the judge is not loaded again
+
+
+def test_dominance_names_the_rows_that_beat_each_peer_checkpoint(direction_bench):
+    report = direction_bench.sys.modules["peers_direction_report"]
+    rows = {name: {"refusal": r, "kl": {"first_token": k}} for name, r, k in (
+        ("unmodified", 0.5, 0.0), ("heretic trial 1", 0.2, 0.03), ("heretic trial 2", 0.07, 0.07),
+        ("safetyscope refine", 0.07, 0.035), ("safetyscope tune trial 003", 0.15, 0.02))}
+    assert report.dominated_by(rows) == {"heretic trial 1": ["safetyscope tune trial 003"],
+                                         "heretic trial 2": ["safetyscope refine"]}
+    rows["heretic trial 3"] = {"refusal": 0.07, "kl": {"first_token": 0.035}}  # a tie is not a win
+    assert report.dominated_by(rows)["heretic trial 3"] == []
+    assert report.dominance(rows)[-1] == "  heretic trial 3: not dominated by any safetyscope row"

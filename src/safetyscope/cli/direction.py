@@ -53,6 +53,7 @@ class TuneSettings(PromptSettings):
     trials: int = opt(24, "Number of kernel settings tried (trial 0 is full ablation).")
     norm_preserving: bool = opt(False, "Search the norm-preserving variant (rescale the residual to its norm after projecting).")
     target: float = opt(float("nan"), "Choose the lowest-KL trial whose mean refusal score on harmful prompts is at most this (default: the model's own mean score on the harmless prompts).")
+    save_front: bool = opt(False, "Also save every Pareto-front trial's direction as OUT/direction_tune/front/trial_NNN (to measure or export any point of the trade-off).")
 
 
 @dataclass
@@ -280,8 +281,11 @@ def run_tune(s: TuneSettings) -> dict[str, Any]:
                        norm_preserving=s.norm_preserving, target=None if math.isnan(s.target) else s.target, batch_size=s.batch_size,
                        system=s.system, log=_log(s))
     out = s.out / "direction_tune"
-    tuned = with_fit_files(res.direction(base, lm.n_layers), file_records({"harmful": s.harmful, "harmless": s.harmless}))
+    records = file_records({"harmful": s.harmful, "harmless": s.harmless})
+    tuned = with_fit_files(res.direction(base, lm.n_layers), records)
     tuned.save(out / "artifact")
+    for i in res.front if s.save_front else []:
+        with_fit_files(res.trial_direction(base, lm.n_layers, i), records).save(out / "front" / f"trial_{i:03d}")
     write_json(out / "tune.json", res.to_json())
     plot = pareto_plot(res, out / "pareto.png", title=f"{lm.name}: per-layer ablation weights")
     chosen = res.trials[res.chosen]

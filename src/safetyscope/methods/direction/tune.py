@@ -78,7 +78,11 @@ class TuneResult:
 
     def direction(self, base: Direction, n_layers: int) -> Direction:
         """``base`` with the chosen trial's weights (full ablation for trial 0)."""
-        t = self.trials[self.chosen]
+        return self.trial_direction(base, n_layers, self.chosen)
+
+    def trial_direction(self, base: Direction, n_layers: int, index: int) -> Direction:
+        """``base`` with trial ``index``'s weights (full ablation for trial 0): any point of the front."""
+        t = self.trials[index]
         if t.kernel is None:
             return base.with_weights(None, 1.0, self.norm_preserving)
         w = Kernel(**t.kernel).weights(n_layers)

@@ -1,0 +1,80 @@
+"""The report of benchmarks/peers_direction.py: the Pareto plot, the tables, and which safetyscope points
+dominate which heretic checkpoints on the held-out test split (both coordinates measured by the same code)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both (x, y) (lower is better on both)."""
+    return [i for i, (x, y) in enumerate(points)
+            if not any((x2 <= x and y2 <= y) and (x2, y2) != (x, y) for x2, y2 in points)]
+
+
+def plot_and_print(out: Path, trials: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meas = json.loads((out / "measure.json").read_text()) if (out / "measure.json").is_file() else {"rows": {}}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 5))
+    if trials:
+        pts = [(t["kl_divergence"], t["refusals"] / t["n_bad_prompts"]) for t in trials]
+        front = set(pareto(pts))
+        a.scatter([p[0] for p in pts], [p[1] for p in pts], c=["C3" if i in front else "C7" for i in range(len(pts))])
+        for t, (x, y) in zip(trials, pts):
+            a.annotate(str(t["index"]), (x, y), fontsize=8)
+        base = trials[0]["base_refusals"] / trials[0]["n_bad_prompts"]
+        a.axhline(base, color="k", lw=0.8, ls="--", label="unmodified")
+        a.legend()
+    a.set(xscale="symlog", xlabel="first-token KL (harmless val)", ylabel="refusals / bad prompts (heretic counter)",
+          title=f"heretic's own metrics, every trial ({len(trials)}; red = Pareto)")
+    for name, row in meas["rows"].items():
+        colour = "k" if name == "unmodified" else ("C3" if name.startswith("heretic") else "C0")
+        b.scatter(row["kl"]["first_token"], row["refusal"], c=colour)
+        b.annotate(name, (row["kl"]["first_token"], row["refusal"]), fontsize=8)
+    b.set(xscale="symlog", xlabel="first-token KL (harmless test)", ylabel="refusal rate (phrase judge, harmful test)",
+          title="the same safetyscope measurement, held-out test split")
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=110)
+    print_table(trials, meas, out)
+
+
+def print_table(trials: list[dict[str, Any]], meas: dict[str, Any], out: Path) -> None:
+    print("heretic trials (its optuna journal; its refusal counter and first-token KL on the val split):")
+    for t in trials:
+        print(f"  trial {t['index']:>3}: refusals {t['refusals']:>2}/{t['n_bad_prompts']}  KL {t['kl_divergence']:.4f}")
+    print(f"held-out test split, one safetyscope measurement (max_new_tokens {meas.get('max_new_tokens')}):")
+    print(f"  {'intervention':22s} {'refusal (judge)':>15s} {'heretic counter':>15s} "
+          f"{'LLM refused/complied/broken':>28s} {'KL first':>9s} {'KL reply':>9s}")
+    for name, row in meas["rows"].items():
+        hc, llm = row.get("heretic_counter"), row.get("llm")
+        rcb = "-" if llm is None else f"{llm['refused']:.3f}/{llm['complied']:.3f}/{llm['broken']:.3f}"
+        print(f"  {name:22s} {row['refusal']:15.3f} {'-' if hc is None else f'{hc:.3f}':>15s} {rcb:>28s} "
+              f"{row['kl']['first_token']:9.4f} {row['kl'].get('reply_tokens', float('nan')):9.4f}")
+    for line in dominance(meas["rows"]):
+        print(line)
+    for f in ("heretic.json", "safetyscope.json"):
+        if (out / f).is_file():
+            print(f"{f}: {(out / f).read_text()}")
+    print(f"plot: {out / 'pareto.png'}")
+
+
+def dominated_by(rows: dict[str, Any], peer: str = "heretic", ours: str = "safetyscope") -> dict[str, list[str]]:
+    """For each measured ``peer`` row, the ``ours`` rows with refusal <= and first-token KL <= it, one of them
+    strictly lower (the issue's "lower judged refusal at lower KL"), on the same held-out prompts."""
+    def point(name: str) -> tuple[float, float]:
+        return rows[name]["refusal"], rows[name]["kl"]["first_token"]
+
+    return {p: [o for o in rows if o.startswith(ours) and all(a <= b for a, b in zip(point(o), point(p)))
+                and point(o) != point(p)] for p in rows if p.startswith(peer)}
+
+
+def dominance(rows: dict[str, Any]) -> list[str]:
+    """One line per heretic row: which safetyscope rows dominate it on the test split, or that none does."""
+    return [f"  {p}: " + (f"dominated by {', '.join(by)}" if by else "not dominated by any safetyscope row")
+            for p, by in dominated_by(rows).items()]
