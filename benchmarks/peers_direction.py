@@ -425,7 +425,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "peers" / "direction")
     ap.add_argument("--phases", default=",".join(PHASES))
-    ap.add_argument("--heretic-python", default=os.environ.get("HERETIC_PYTHON", "/work/venvs/heretic/bin/python"))
+    ap.add_argument("--heretic-python", default=os.environ.get("HERETIC_PYTHON", str(ROOT / ".venv-heretic" / "bin" / "python")))
     ap.add_argument("--trials", type=int, default=5, help="heretic's trial budget (its default is 200)")
     ap.add_argument("--startup-trials", type=int, default=3, help="heretic's random trials (its default is 60)")
     ap.add_argument("--heretic-tokens", type=int, default=40,
@@ -448,6 +448,8 @@ def main() -> None:
                          "default, the large alias when installed; none: skip)")
     args = ap.parse_args()
     args.out = args.out.resolve()  # heretic runs in its own directory: it reads the prompt files by absolute path
+    if os.sep in args.heretic_python:  # a path (not a name on PATH): absolute, for the same reason
+        args.heretic_python = os.path.abspath(args.heretic_python)
     args.out.mkdir(parents=True, exist_ok=True)
     phases = [p for p in args.phases.split(",") if p]
     if "heretic" in phases:
