@@ -33,12 +33,16 @@ def plot_and_print(out: Path, trials: list[dict[str, Any]]) -> None:
         a.legend()
     a.set(xscale="symlog", xlabel="first-token KL (harmless val)", ylabel="refusals / bad prompts (heretic counter)",
           title=f"heretic's own metrics, every trial ({len(trials)}; red = Pareto)")
+    tune = "safetyscope tune trial "
     for name, row in meas["rows"].items():
         colour = "k" if name == "unmodified" else ("C3" if name.startswith("heretic") else "C0")
-        b.scatter(row["kl"]["first_token"], row["refusal"], c=colour)
-        b.annotate(name, (row["kl"]["first_token"], row["refusal"]), fontsize=8)
-    b.set(xscale="symlog", xlabel="first-token KL (harmless test)", ylabel="refusal rate (phrase judge, harmful test)",
-          title="the same safetyscope measurement, held-out test split")
+        b.scatter(row["kl"]["first_token"], row["refusal"], c=colour, s=14 if name.startswith(tune) else 36)
+        label = "t" + name.removeprefix(tune).lstrip("0") if name.startswith(tune) else name  # tune points: t<trial>
+        b.annotate(label or "t0", (row["kl"]["first_token"], row["refusal"]), fontsize=7 if name.startswith(tune) else 8)
+    b.set_xscale("symlog", linthresh=1e-3)
+    b.set(xlabel="first-token KL (harmless test)",
+          ylabel="refusal rate (phrase judge, harmful test)",
+          title="the same safetyscope measurement, held-out test split\n(t<N>: safetyscope tune's Pareto points on val)")
     fig.tight_layout()
     fig.savefig(out / "pareto.png", dpi=110)
     print_table(trials, meas, out)
@@ -49,12 +53,12 @@ def print_table(trials: list[dict[str, Any]], meas: dict[str, Any], out: Path) -
     for t in trials:
         print(f"  trial {t['index']:>3}: refusals {t['refusals']:>2}/{t['n_bad_prompts']}  KL {t['kl_divergence']:.4f}")
     print(f"held-out test split, one safetyscope measurement (max_new_tokens {meas.get('max_new_tokens')}):")
-    print(f"  {'intervention':22s} {'refusal (judge)':>15s} {'heretic counter':>15s} "
+    print(f"  {'intervention':28s} {'refusal (judge)':>15s} {'heretic counter':>15s} "
           f"{'LLM refused/complied/broken':>28s} {'KL first':>9s} {'KL reply':>9s}")
     for name, row in meas["rows"].items():
         hc, llm = row.get("heretic_counter"), row.get("llm")
         rcb = "-" if llm is None else f"{llm['refused']:.3f}/{llm['complied']:.3f}/{llm['broken']:.3f}"
-        print(f"  {name:22s} {row['refusal']:15.3f} {'-' if hc is None else f'{hc:.3f}':>15s} {rcb:>28s} "
+        print(f"  {name:28s} {row['refusal']:15.3f} {'-' if hc is None else f'{hc:.3f}':>15s} {rcb:>28s} "
               f"{row['kl']['first_token']:9.4f} {row['kl'].get('reply_tokens', float('nan')):9.4f}")
     for line in dominance(meas["rows"]):
         print(line)
