@@ -1,4 +1,4 @@
-"""Refusal removal side by side: heretic-llm against safetyscope's `direction find` + `refine`.
+"""Refusal removal side by side: heretic-llm against safetyscope's `direction find` + `refine` + `tune`.
 
     python benchmarks/peers_direction.py                    # every phase, default model
     python benchmarks/peers_direction.py --phases measure,plot   # reuse what earlier phases wrote
@@ -13,15 +13,16 @@ Phases (each writes under --out, default runs/peers/direction, so a later phase 
    ``heretic-driver`` mode: it saves every Pareto-optimal trial (the checkpoints heretic offers)
    as merged HF checkpoints under OUT/heretic/trial_NNN. Every trial's own metrics (its refusal
    count on the val prompts, its first-token KL) come from heretic's optuna journal.
-2. ``safetyscope``: `safetyscope direction find` then `direction refine` on the same train/val split
-   (the built-in sets), as subprocesses of this venv.
+2. ``safetyscope``: `safetyscope direction find`, `direction refine`, then `direction tune --save-front` on
+   the refined direction, on the same train/val split (the built-in sets), as subprocesses of this venv.
 3. ``measure``: the unmodified model, every saved heretic checkpoint and safetyscope's found and
-   refined directions, all measured by the same code (``safetyscope.evaluate``) on the held-out test
-   split, which neither tool saw: phrase-judge refusal on harmful prompts, first-token and reply KL
+   refined directions and every point of tune's (val) Pareto front, all measured by the same code
+   (``safetyscope.evaluate``) on the held-out test split, which neither tool saw: phrase-judge refusal on harmful prompts, first-token and reply KL
    on harmless prompts; heretic's own refusal counter (its marker list, run in its venv) on the same
    replies.
 4. ``plot``: refusal vs first-token KL, every heretic trial (its own metrics, val split) and the
-   safetyscope-measured points (test split); OUT/pareto.png and a table on stdout.
+   safetyscope-measured points (test split); OUT/pareto.png, a table on stdout, and which safetyscope rows
+   dominate each heretic checkpoint on the test split (benchmarks/peers_direction_report.py).
 
 Wall time of each tool is the subprocess's wall time, with a plain forward pass of the model timed in
 the same run (the machine is shared). heretic must run offline: HF_HUB_OFFLINE=1 and a local model dir.
