@@ -173,6 +173,7 @@ def test_global_quiet_flag_turns_progress_off_for_the_command(tiny_dir, tmp_path
 PROBE_MAIN = '''
 import os, signal, sys
 import safetyscope.__main__ as entry
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python sets it, also when started with SIGINT ignored
 try:  # a KeyboardInterrupt that escapes an exec of a string: CPython 3.11 under -m remembers it
     exec("os.kill(os.getpid(), signal.SIGINT)\\nwhile True: pass")
 except KeyboardInterrupt:
