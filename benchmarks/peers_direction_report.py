@@ -9,9 +9,11 @@ from typing import Any
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both (x, y) (lower is better on both)."""
-    return [i for i, (x, y) in enumerate(points)
-            if not any((x2 <= x and y2 <= y) and (x2, y2) != (x, y) for x2, y2 in points)]
+    """Indices, in order, of the points no other point beats on both (x, y) (lower is better on both):
+    safetyscope's own ``pareto_front`` (the plot runs in safetyscope's venv, never in heretic's)."""
+    from safetyscope.methods.direction.tune import pareto_front
+
+    return sorted(pareto_front(points))
 
 
 def plot_and_print(out: Path, trials: list[dict[str, Any]]) -> None:
