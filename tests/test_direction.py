@@ -383,6 +383,21 @@ def test_tune_weights_runs_and_reports_front(planted):
     assert forced.chosen == min(forced.trials, key=lambda t: t.refusal).index
 
 
+def test_tune_opens_with_uniform_strengths_for_the_gentle_end(planted):
+    from safetyscope.methods.direction.tune import uniform_strengths
+
+    assert uniform_strengths(1) == [] and uniform_strengths(2) == [0.5] and uniform_strengths(8) == [0.5, 0.25, 0.125]
+    lm, u = planted
+    d = Direction(u, 1, -1, norm=2.0)
+    res = tune_weights(lm, d, HARMFUL[:2], HARMLESS[:2], n_trials=19, seed=0, batch_size=4)
+    for t, s in zip(res.trials[1:4], (0.5, 0.25, 0.125), strict=True):
+        w = res.trial_direction(d, lm.n_layers, t.index).layer_weights
+        assert w.tolist() == pytest.approx([s] * lm.n_layers)
+    assert res.trials[4].kernel["min_weight"] != res.trials[4].kernel["max_weight"]  # then random kernels
+    # a weaker uniform ablation moves the harmless first token less than full ablation
+    assert res.trials[3].kl < res.trials[1].kl < res.trials[0].kl
+
+
 def test_plots_write_png(tmp_path, png):
     from safetyscope.methods.direction.tune import Trial, TuneResult
     from safetyscope.report.plots.direction import candidate_heatmaps, pareto_plot

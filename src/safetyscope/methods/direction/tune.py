@@ -6,15 +6,16 @@ weight of block ``l`` follows a smooth kernel over layers (as in heretic):
     w(l) = max_weight + (|l - peak| / width) * (min_weight - max_weight)   if |l - peak| <= width
          = 0                                                                otherwise
 
-(the embeddings get ``w(0)``). A small seeded optimiser -- random exploration, then Gaussian
-perturbations of points on the current Pareto front with a shrinking step -- minimises both the
-mean refusal score on harmful prompts and the mean first-token KL on harmless prompts. Every trial
-is kept; the Pareto front is reported, and the chosen trial is the lowest-KL one whose mean refusal
-score on harmful prompts is at most ``target`` (else the lowest refusal score). The default target is
-the unmodified model's mean score on the harmless prompts: "harmful prompts are treated like harmless
-ones" by the first-token metric, which adapts to models that put little probability on refusal
-tokens even when they refuse. Trial 0 is always full ablation, the reference. ``norm_preserving``
-searches the norm-preserving variant instead.
+(the embeddings get ``w(0)``). A small seeded optimiser -- exploration (uniform strengths 0.5 / 0.25 /
+0.125 at every block, for the gentle low-KL end, then random kernels), then Gaussian perturbations of
+points on the current Pareto front with a shrinking step -- minimises both the mean refusal score on
+harmful prompts and the mean first-token KL on harmless prompts. Every trial is kept; the Pareto front
+is reported, and the chosen trial is the lowest-KL one whose mean refusal score on harmful prompts is
+at most ``target`` (else the lowest refusal score). The default target is the unmodified model's mean
+score on the harmless prompts: "harmful prompts are treated like harmless ones" by the first-token
+metric, which adapts to models that put little probability on refusal tokens even when they refuse.
+Trial 0 is always full ablation, the reference. ``norm_preserving`` searches the norm-preserving variant
+instead.
 """
 
 from __future__ import annotations
@@ -125,13 +126,28 @@ def _perturb(rng: random.Random, k: Kernel, n_layers: int, scale: float) -> Kern
     )
 
 
+def uniform_strengths(n_explore: int) -> list[float]:
+    """The uniform ablation strengths that open the exploration: ``2**-k`` for ``k = 1..m``,
+    ``m = min(3, n_explore // 2)`` (0.5, 0.25, 0.125 from 19 trials on). They anchor the gentle, low-KL end
+    of the front (first-token KL grows about as the square of the strength), which random kernels (peak
+    weight 0.5-1.5) rarely reach."""
+    m = min(3, n_explore // 2)
+    return [2.0 ** -k for k in range(1, m + 1)]
+
+
 def _search(run: Callable[[Kernel | None], Trial], trials: list[Trial], rng: random.Random, n_trials: int,
             n_layers: int) -> None:
-    """Trial 0 full ablation, a third random exploration, the rest perturbations of Pareto-front kernels
-    with a shrinking step (``run`` measures a kernel and appends its trial to ``trials``)."""
+    """Trial 0 full ablation, a third exploration (uniform strengths, then random kernels), the rest
+    perturbations of Pareto-front kernels with a shrinking step (``run`` measures a kernel and appends its
+    trial to ``trials``)."""
     run(None)
     n_explore = max(1, (n_trials - 1) // 3)
+    sweep = uniform_strengths(n_explore)
+    top = float(max(1, n_layers - 1))
     for i in range(1, n_trials):
+        if i <= len(sweep):
+            run(Kernel(0.0, top, sweep[i - 1], sweep[i - 1]))  # weight s at every block
+            continue
         if i <= n_explore:
             run(_sample(rng, n_layers))
             continue
