@@ -383,3 +383,41 @@ def test_map_headline_is_measured_on_the_whole_test_split_and_the_addition_on_n_
     small = StageInputs(lm, MapConfig(n_eval=4, n_headline=5, max_new_tokens=2), Budget.of(MapConfig(n_headline=5)),
                         tmp_path / "small", prompts)
     assert steps_measure.direction_stage(small)["ablate"]["n_harmful"] == 5
+
+
+class _Out(dict):
+    """A forward output as older transformers return it: the KV cache under ``past_key_values``."""
+
+    def __getattr__(self, name):
+        return self[name]
+
+
+def test_reuse_works_with_the_older_past_key_values_keyword(lm, batch):
+    """transformers before the ``cache`` rename takes and returns ``past_key_values`` (seen on a GPU machine with
+    transformers 5.17): the prefix split must use whichever keyword the model's forward declares."""
+    from safetyscope.prefix import cache_keyword
+
+    base = type(lm.model)
+    assert cache_keyword(lm.model) in ("cache", "past_key_values")
+    new_name = cache_keyword(lm.model)
+
+    class Older(base):  # type: ignore[misc, valid-type]
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=None, logits_to_keep=0, **kwargs):
+            assert "cache" not in kwargs, "the newer keyword reached a model that does not take it"
+            out = base.forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=use_cache, logits_to_keep=logits_to_keep,
+                               **{new_name: past_key_values}, **kwargs)
+            return _Out(logits=out.logits, past_key_values=out[new_name] if use_cache else None)
+
+    with torch.no_grad(), prefix_reuse(False):
+        plain = forward(lm, batch)[:, -1]  # [batch, vocab]
+    lm.model.__class__ = Older
+    try:
+        assert cache_keyword(lm.model) == "past_key_values"
+        assert plan(lm.model, batch, last_only=True) is not None  # the split path runs
+        with torch.no_grad():
+            split = forward(lm, batch, last_only=True)[:, -1]  # [batch, vocab]
+    finally:
+        lm.model.__class__ = base
+    torch.testing.assert_close(split, plain, rtol=TOL, atol=TOL)

@@ -25,6 +25,7 @@ from .positions import Batch, PositionSpec, offsets_for, parse_positions, select
 from .prefix import (
     TAG,
     Split,
+    cache_keyword,
     gather_cache,
     keep_prefix,
     memo_key,
@@ -109,7 +110,8 @@ def prefix_cache(lm: LoadedModel, split: Split) -> Any:
             out = lm.model(input_ids=head.input_ids, attention_mask=head.attention_mask,
                            position_ids=torch.arange(n, device=head.input_ids.device).expand(len(head), n),
                            use_cache=True, logits_to_keep=last_position())
-        cache = out.cache if key is None else keep_prefix(lm.model, key, out.cache)
+        fresh = out[cache_keyword(lm.model)]
+        cache = fresh if key is None else keep_prefix(lm.model, key, fresh)
     return gather_cache(cache, split.rows.to(head.input_ids.device))
 
 
@@ -118,8 +120,8 @@ def _forward_split(lm: LoadedModel, split: Split) -> torch.Tensor:
     cache, tail = prefix_cache(lm, split), split.suffix
     with running(tail):
         return lm.model(input_ids=tail.input_ids, attention_mask=split.attention_mask.to(tail.input_ids.device),
-                        position_ids=split.position_ids.to(tail.input_ids.device), cache=cache,
-                        use_cache=True, logits_to_keep=last_position()).logits  # [batch, 1, vocab]
+                        position_ids=split.position_ids.to(tail.input_ids.device),
+                        **{cache_keyword(lm.model): cache}, use_cache=True, logits_to_keep=last_position()).logits  # [batch, 1, vocab]
 
 
 def check_logits(logits: torch.Tensor) -> None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import inspect
 import itertools
 import weakref
 from collections import OrderedDict
@@ -194,7 +195,7 @@ def shared_prefix_length(batch: Batch) -> int:
     lengths = mask.sum(1)  # [batch]
     shortest = int(lengths.min())
     starts = batch.seq_len - lengths  # [batch]
-    cols = starts.unsqueeze(1) + torch.arange(shortest)  # [batch, shortest]
+    cols = starts.unsqueeze(1) + torch.arange(shortest, device=starts.device)  # [batch, shortest]
     aligned = batch.input_ids.gather(1, cols.to(batch.input_ids.device))  # [batch, shortest]
     same = (aligned == aligned[:1]).all(0)  # [shortest]
     diff = (~same).nonzero()
@@ -258,6 +259,20 @@ def _cut(batch: Batch, p: int, reps: list[int], rows: torch.Tensor) -> Split:
     tail = replace(batch, input_ids=suffix_ids, attention_mask=suffix_mask, extra={**batch.extra, PART: "suffix"})
     full_mask = torch.cat([torch.ones(len(batch), p, dtype=mask.dtype, device=mask.device), suffix_mask], 1)
     return Split(head, tail, rows, positions, full_mask)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword ``model``'s forward takes its key/value cache by (and the output field that returns it):
+    ``cache`` in newer transformers, ``past_key_values`` before. Read from the signature, not guessed from a
+    version: an unknown keyword would be swallowed by ``**kwargs`` and the call would run without its context."""
+    cls = type(model)
+    if cls not in _CACHE_KEYWORD:
+        params = inspect.signature(cls.forward).parameters
+        _CACHE_KEYWORD[cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KEYWORD[cls]
+
+
+_CACHE_KEYWORD: dict[type, str] = {}
 
 
 def gather_cache(cache: Any, rows: torch.Tensor) -> Any:

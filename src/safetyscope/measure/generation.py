@@ -18,7 +18,7 @@ import torch
 from ..hooks import check_logits, forward, prefix_cache, running
 from ..models.adapter import LoadedModel
 from ..positions import Batch
-from ..prefix import plan
+from ..prefix import cache_keyword, plan
 from ..prompts.chat import pad_token_id
 from ..runner import batched
 from .metrics import refusal_score
@@ -100,7 +100,8 @@ def continue_batch(lm: LoadedModel, batch: Batch, max_new_tokens: int = 64, do_s
             cache = prefix_cache(lm, split)
             ids = torch.cat([split.prefix.input_ids[split.rows.to(batch.input_ids.device)], split.suffix.input_ids], 1)
             with running(split.suffix), _first_logits(lm, first):
-                out = cast(Any, lm.model).generate(input_ids=ids, attention_mask=split.attention_mask, cache=cache,
+                out = cast(Any, lm.model).generate(input_ids=ids, attention_mask=split.attention_mask,
+                                                   **{cache_keyword(lm.model): cache},
                                                    **settings)
             start = ids.shape[1]
     return out[:, start:]
