@@ -108,3 +108,17 @@ def test_eval_command_under_torchrun_writes_once_and_equals_one_process(two_rank
         assert two[key] == one[key] == printed[key], key
     for kind, ce in one["perplexity"].items():
         assert two["perplexity"][kind]["modified"]["ce"] == pytest.approx(ce["modified"]["ce"], rel=1e-5)
+
+
+def test_more_ranks_than_gpus_is_a_one_line_error(monkeypatch):
+    """torchrun --nproc-per-node 2 on a one-GPU machine (seen on an H200): nccl needs a GPU per rank."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(parallel.DistributedError, match="--nproc-per-node 1") as err:
+        parallel.init_from_env()
+    assert "\n" not in str(err.value)

@@ -82,7 +82,12 @@ def init_from_env() -> bool:
         raise DistributedError("this torch build has no torch.distributed; run in one process (without torchrun)")
     name = backend()
     if name == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" now means this rank's GPU
+        local, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= visible:  # nccl needs one GPU per rank; two ranks on one GPU fail deep inside nccl
+            raise DistributedError(
+                f"rank {local} of this node has no GPU of its own ({visible} visible, one per process needed); "
+                f"launch with torchrun --nproc-per-node {visible}, or run on the CPU with CUDA_VISIBLE_DEVICES=''")
+        torch.cuda.set_device(local)  # "cuda" now means this rank's GPU
     try:
         d.init_process_group(name)
     except (RuntimeError, ValueError) as exc:

@@ -119,7 +119,7 @@ def _pushed(lm: LoadedModel, prompts: list[str], site: Site, add: torch.Tensor |
             return float(refusal_scores(lm, prompts, batch_size=len(prompts)).double().mean()), torch.zeros(0, lm.dims.d_model, dtype=torch.float64)
     with hooks(lm, edits), capture(lm, later, "last") as cap:
         scores = refusal_scores(lm, prompts, batch_size=len(prompts))
-    means = [cap.values[s][:, 0].double().mean(0) for s in later]  # [d_model] each
+    means = [cap.values[s][:, 0].double().mean(0).cpu() for s in later]  # [d_model] each, beside the CPU statistics
     return float(scores.double().mean()), torch.stack(means)
 
 
