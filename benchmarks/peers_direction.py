@@ -285,8 +285,9 @@ def phase_safetyscope(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """`direction find` then `direction refine` (defaults but --screen), timed as subprocesses."""
     ss = str(Path(sys.executable).parent / "safetyscope")
     common = ["default", "--out", str(out / "safetyscope"), "--quiet", "--seed", "0"]
-    find = [ss, "direction", "find", *common, "--screen", str(args.screen), "--keep", str(args.keep)]
-    refine = [ss, "direction", "refine", *common]
+    find = [ss, "direction", "find", *common, "--screen", str(args.screen), "--keep", str(args.keep),
+            "--screen-by", args.screen_by, "--induce", args.induce]
+    refine = [ss, "direction", "refine", *common, "--batch", str(args.refine_batch)]
     (out / "safetyscope").mkdir(parents=True, exist_ok=True)
     tune = [ss, "direction", "tune", *common, "--direction", str(out / "safetyscope" / "direction_refine" / "artifact"),
             "--trials", str(args.tune_trials), "--save-front"]
@@ -436,6 +437,9 @@ def main() -> None:
                     help="Ctrl+C heretic after this many seconds (0 = never): it keeps the trials completed by then")
     ap.add_argument("--screen", type=int, default=8, help="direction find --screen (prompts per group, first pass)")
     ap.add_argument("--keep", type=int, default=16, help="direction find --keep")
+    ap.add_argument("--screen-by", default="forward", choices=("forward", "gradient"), help="direction find --screen-by")
+    ap.add_argument("--induce", default="all", choices=("all", "lazy"), help="direction find --induce")
+    ap.add_argument("--refine-batch", type=int, default=16, help="direction refine --batch (prompts per group per step)")
     ap.add_argument("--tune-trials", type=int, default=24,
                     help="direction tune --trials on the refined direction; every Pareto point is measured (0 = skip)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="reply length judged in the measure phase")

@@ -39,6 +39,7 @@ class FindSettings(PromptSettings):
     per_pass: int = opt(0, "Candidates scored per forward pass (0 = as many as fit --batch-size rows).")
     screen: int = opt(0, "Speed-up: first score every candidate on this many prompts per group (0 = off, as in the paper) ...")
     keep: int = opt(16, "... then fully score only the best --keep of them.")
+    screen_by: str = opt("forward", "How --screen scores: forward (a forward pass per candidate on the --screen prompts) or gradient (every candidate's bypass predicted to first order from one forward + backward pass; much faster, KL is left to the full scoring).")
     ablation: str = opt("zero", "How candidates are ablated while scoring, and how the chosen direction ablates: zero (Arditi et al.) or mean (the component moved to the harmless mean at every block; gentler, hooks only).")
     verify: int = opt(0, "Check the best N candidates on real replies (greedy generation + judge) and choose by judged refusal (0 = off: the logit score decides, as in the paper).")
     verify_tokens: int = opt(24, "Reply length for --verify.")

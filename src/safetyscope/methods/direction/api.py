@@ -25,7 +25,7 @@ from ...prompts.sets import PromptsLike
 from .artifact import ABLATIONS, Ablation, Direction
 from .candidates import Candidates
 from .inputs import TrainVal, file_records, train_val_texts, with_fit_files
-from .scores import INDUCE_MODES, InduceMode, SelectConfig, Selection
+from .scores import INDUCE_MODES, SCREEN_MODES, InduceMode, ScreenMode, SelectConfig, Selection
 
 FilterMethod = Literal["first_token", "score", "judge", "none"]
 FILTERS: tuple[FilterMethod, ...] = ("first_token", "score", "judge", "none")
@@ -47,6 +47,7 @@ class DirectionConfig:
     per_pass: int = 0  # candidates scored per forward pass (0 = as many as fit batch_size rows)
     screen: int = 0  # first score every candidate on this many prompts per group (0 = off) ...
     keep: int = 16  # ... then fully score only the best `keep`
+    screen_by: ScreenMode = "forward"  # forward: a pass per candidate; gradient: first-order prediction, one backward
     ablation: Ablation = "zero"  # zero (Arditi et al.) or mean (to the harmless mean)
     verify: int = 0  # judge real replies of this many finalists and choose by judged refusal (0 = off)
     verify_tokens: int = 24  # reply length for verify
@@ -60,6 +61,8 @@ class DirectionConfig:
             raise ValueError(f"unknown filter {self.filter!r}; use {', '.join(FILTERS)}")
         if self.induce not in INDUCE_MODES:
             raise ValueError(f"unknown induce mode {self.induce!r}; use all or lazy")
+        if self.screen_by not in SCREEN_MODES:
+            raise ValueError(f"unknown screen mode {self.screen_by!r}; use forward or gradient")
         if not isinstance(self.positions, str):
             object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
         spec = parse_positions(self.positions)
@@ -80,7 +83,8 @@ class DirectionConfig:
     def select_config(self) -> SelectConfig:
         return SelectConfig(self.kl_threshold, self.induce_threshold, self.prune_layers, self.induce, self.score_pruned,
                             None if self.layers is None else list(self.layers), None, 1.0, self.per_pass, self.screen,
-                            self.keep, verify=self.verify, verify_tokens=self.verify_tokens, ablation=self.ablation)
+                            self.keep, screen_by=self.screen_by, verify=self.verify, verify_tokens=self.verify_tokens,
+                            ablation=self.ablation)
 
 
 @dataclass(frozen=True)
@@ -218,7 +222,8 @@ def _select(lm: LoadedModel, cands: Candidates, harmful: list[str], harmless: li
     from .select import select_direction
 
     partial = Path(cache_dir) / "scores_partial.json" if cache_dir is not None else None
-    key = fingerprint(cand_key, harmful, harmless, cfg.verify_tokens, cfg.ablation)  # judged scores depend on the reply length
+    # judged scores depend on the reply length, screening scores on how and on how many prompts they were made
+    key = fingerprint(cand_key, harmful, harmless, cfg.verify_tokens, cfg.ablation, cfg.screen, cfg.screen_by)
     done: dict[str, dict[str, float]] = {}
     if partial is not None and partial.is_file():
         saved = read_json(partial)

@@ -19,6 +19,8 @@ from .artifact import ABLATIONS, Ablation
 Key = tuple[int, int]  # (layer, position offset)
 InduceMode = Literal["all", "lazy"]
 INDUCE_MODES: tuple[InduceMode, ...] = ("all", "lazy")
+ScreenMode = Literal["forward", "gradient"]
+SCREEN_MODES: tuple[ScreenMode, ...] = ("forward", "gradient")
 
 
 class Reason(str, Enum):
@@ -37,7 +39,9 @@ class Reason(str, Enum):
         if self is Reason.LATE and "cutoff" in config:
             return f"late layer (>= {config['cutoff']})"
         if self is Reason.SCREENED and "keep" in config:
-            return f"screened out (not among the best {config['keep']} on {config['screen']} prompts)"
+            how = (f", after a shortlist of {shortlist_size(config['keep'])} by gradient attribution"
+                   if config.get("screen_by") == "gradient" else "")
+            return f"screened out (not among the best {config['keep']} on {config['screen']} prompts{how})"
         if self is Reason.KL and "kl_threshold" in config:
             return f"kl > {config['kl_threshold']}"
         if self is Reason.FAILS_INDUCE and "induce_threshold" in config:
@@ -53,6 +57,11 @@ class Reason(str, Enum):
             if str(text).startswith(reason.value):
                 return reason
         raise ValueError(f"unknown selection reason {text!r}; expected one of {[r.value for r in cls]}")
+
+
+def shortlist_size(keep: int) -> int:
+    """How many candidates the gradient-attribution shortlist passes on to the forward screen."""
+    return 2 * max(1, keep)
 
 
 # Candidates with one of these are never chosen, not even by the fallbacks of `choose`.
@@ -71,8 +80,9 @@ class CandidateScore:
     bypass_refusing: float | None = None  # fraction of those prompts whose score stays > 0
     kl: float | None = None  # mean first-token KL, harmless prompts, under ablation
     induce: float | None = None  # mean refusal score, harmless prompts, under addition
-    screen_bypass: float | None = None  # bypass / KL on the screening subset (SelectConfig.screen)
+    screen_bypass: float | None = None  # bypass / KL on the screening subset (SelectConfig.screen; gradient: predicted)
     screen_kl: float | None = None
+    predicted_bypass: float | None = None  # first-order bypass on the harmful prompts (screen_by="gradient")
     judged_bypass: float | None = None  # fraction of harmful prompts judged refused under ablation (verify)
     judged_induce: float | None = None  # fraction of harmless prompts judged refused under addition (verify)
     reasons: list[Reason] = field(default_factory=list)  # why it was filtered out (empty = eligible)
@@ -110,6 +120,7 @@ class SelectConfig:
     per_pass: int = 0  # candidates per forward pass (0 = as many as fit batch_size rows)
     screen: int = 0  # >0: first score every candidate on this many prompts per group ...
     keep: int = 16  # ... and fully score only the best `keep` of them (lowest bypass, KL-passing first)
+    screen_by: ScreenMode = "forward"  # forward: a pass per candidate; gradient: a first-order shortlist first (attribution.py)
     verify: int = 0  # >0: judge real replies of this many finalists and choose by judged refusal
     verify_tokens: int = 24  # reply length for the verification
     ablation: Ablation = "zero"  # how bypass/KL ablate: "zero" (the paper) or "mean" (to the harmless mean)
@@ -119,6 +130,8 @@ class SelectConfig:
             raise ValueError(f"unknown induce mode {self.induce!r}; use all or lazy")
         if self.ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {self.ablation!r}; use {' or '.join(ABLATIONS)}")
+        if self.screen_by not in SCREEN_MODES:
+            raise ValueError(f"unknown screen mode {self.screen_by!r}; use forward or gradient")
 
     def cutoff(self, n_layers: int) -> int:
         """First block that is pruned (Arditi et al.: int(n_layers * (1 - prune)))."""

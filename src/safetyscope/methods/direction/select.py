@@ -37,9 +37,10 @@ from ...measure.metrics import refusal_score
 from ...measure.refusal_tokens import refusal_token_ids
 from ...models.adapter import LoadedModel
 from .artifact import Direction
+from .attribution import predicted_bypass
 from .candidates import Candidates
 from .choice import apply_filters, choose, verify_choice
-from .scores import CandidateScore, Key, Reason, SelectConfig, Selection
+from .scores import CandidateScore, Key, Reason, SelectConfig, Selection, shortlist_size
 from .scoring import CandidateScoring, Memo
 
 __all__ = ["CandidateScore", "Key", "Reason", "SelectConfig", "Selection", "apply_filters", "choose",
@@ -113,6 +114,8 @@ def _screen(run: CandidateScoring, todo: list[Key], harmful: list[str], harmless
     """Score ``todo`` on the first ``cfg.screen`` prompts per group; the best ``cfg.keep`` go on (KL-passing first)."""
     cfg, scores = run.cfg, run.scores
     hp, sp = harmful[: cfg.screen], harmless[: cfg.screen]
+    if cfg.screen_by == "gradient":
+        todo = _shortlist(run, todo, harmful)
     run.ablation_pass([k for k in todo if scores[k].screen_bypass is None], hp, sp, base_s[: len(sp)], screen=True)
     live = [k for k in todo if not scores[k].reasons]
     ranked = sorted(live, key=lambda k: (float(scores[k].screen_kl or 0.0) > 2 * cfg.kl_threshold,
@@ -122,6 +125,36 @@ def _screen(run: CandidateScoring, todo: list[Key], harmful: list[str], harmless
         if k not in finalists and scores[k].bypass is None:
             scores[k].flag(Reason.SCREENED)
     return [k for k in todo if k in finalists]
+
+
+def _shortlist(run: CandidateScoring, todo: list[Key], harmful: list[str]) -> list[Key]:
+    """The keys of ``todo`` with the lowest first-order predicted bypass on every ``harmful`` prompt (one forward +
+    backward pass per batch; attribution.py), ``shortlist_size(keep)`` of them; the rest are flagged SCREENED.
+    The prediction ranks bypass well but knows nothing of KL, so the forward screen follows on the shortlist."""
+    scores = run.scores
+    _predict(run, [k for k in todo if scores[k].predicted_bypass is None], harmful)
+    ranked = sorted(todo, key=lambda k: float(scores[k].predicted_bypass or 0.0))
+    kept = set(ranked[: shortlist_size(run.cfg.keep)])
+    for k in todo:
+        if k not in kept and scores[k].bypass is None:
+            scores[k].flag(Reason.SCREENED)
+    return [k for k in todo if k in kept]
+
+
+def _predict(run: CandidateScoring, keys: list[Key], harmful: list[str]) -> None:
+    """Record each key's first-order predicted bypass on ``harmful``."""
+    if not keys:
+        return
+    units = torch.stack([run.vec(k) / run.vec(k).norm() for k in keys])  # [K, d_model]
+    targets = (torch.stack([run.candidates.targets(*k) for k in keys])  # [K, n_layers]
+               if run.cfg.ablation == "mean" else None)
+    predicted, base = predicted_bypass(run.lm, units, harmful, run.ids, targets=targets, batch_size=run.batch_size,
+                                       system=run.system)
+    run.say(f"attribution shortlist: {len(keys)} candidates predicted from the gradient on {len(harmful)} prompts "
+            f"(unmodified score {base:+.3f})")
+    for key, value in zip(keys, predicted.tolist()):
+        run.record(key, predicted_bypass=float(value))
+    run.save()
 
 
 def _induce_order(run: CandidateScoring) -> list[Key]:
