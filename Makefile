@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 SS := $(VENV)/bin/safetyscope
 OUT ?= runs/default
 
-.PHONY: setup run test lint bench bench-peers bench-peers-direction clean
+.PHONY: setup run test lint bench bench-peers bench-peers-direction bench-peers-ablate clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,7 @@ bench: setup
 # safetyscope imported from src, the direction benchmark runs heretic from its venv as a subprocess.
 PEERS_VENV ?= .venv-peers
 HERETIC_VENV ?= .venv-heretic
+ABLATE_VENV ?= .venv-ablate
 
 $(PEERS_VENV)/.installed:
 	test -x $(PEERS_VENV)/bin/python || python3 -m venv $(PEERS_VENV)
@@ -55,11 +56,21 @@ $(HERETIC_VENV)/.installed:
 	$(HERETIC_VENV)/bin/python -m pip install -q heretic-llm==1.4.0
 	touch $@
 
+$(ABLATE_VENV)/.installed:
+	test -x $(ABLATE_VENV)/bin/python || python3 -m venv $(ABLATE_VENV)
+	$(ABLATE_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(ABLATE_VENV)/bin/python -m pip install -q ablate-llm==0.3.0 "optuna>=3.4" "transformers>=4.50"
+	touch $@
+
 bench-peers: setup $(PEERS_VENV)/.installed
 	PYTHONPATH=src $(PEERS_VENV)/bin/python benchmarks/peers_capture.py --model default --model tiny
 
 bench-peers-direction: setup $(HERETIC_VENV)/.installed
 	$(PY) benchmarks/peers_direction.py --heretic-python $(HERETIC_VENV)/bin/python
 
+bench-peers-ablate: setup $(ABLATE_VENV)/.installed
+	$(PY) benchmarks/peers_ablate.py --ablate-python $(ABLATE_VENV)/bin/python
+	$(PY) benchmarks/peers_direction.py --phases measure,plot --artifact "ablate-llm best=runs/peers/direction/ablate/best"
+
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) $(HERETIC_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) $(HERETIC_VENV) $(ABLATE_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -210,3 +210,28 @@ def test_dominance_names_the_rows_that_beat_each_peer_checkpoint(direction_bench
     rows["heretic trial 3"] = {"refusal": 0.07, "kl": {"first_token": 0.035}}  # a tie is not a win
     assert report.dominated_by(rows)["heretic trial 3"] == []
     assert report.dominance(rows)[-1] == "  heretic trial 3: not dominated by any safetyscope row"
+
+
+def _ablate_python() -> str | None:
+    for cand in (os.environ.get("ABLATE_PYTHON"), str(ROOT / ".venv-ablate" / "bin" / "python")):
+        if cand and Path(cand).is_file():
+            return cand
+    return None
+
+
+def test_ablate_driver_searches_timestamps_and_saves_a_checkpoint(bench_module, tiny_qwen, tmp_path):
+    """ablate-llm's search from its own venv on a tiny model: every trial recorded with its time, the best saved."""
+    py = _ablate_python()
+    if py is None:
+        pytest.skip("ablate-llm's venv not found (set ABLATE_PYTHON, or make bench-peers-ablate builds it)")
+    ablate = bench_module("peers_ablate")
+    for name in ablate.GROUPS:
+        kind = "bad" if name.startswith("bad") else "good"
+        (tmp_path / f"{name}.txt").write_text("\n".join(f"{kind} prompt {i}" for i in range(4)) + "\n")
+    cmd = [py, str(ROOT / "benchmarks" / "peers_ablate.py"), "ablate-driver", str(tmp_path), tiny_qwen, "2", "3", "1.0"]
+    rc, _wall = ablate.timed_run(cmd, tmp_path / "ablate.log", cwd=tmp_path)
+    assert rc == 0, (tmp_path / "ablate.log").read_text()[-2000:]
+    trials = json.loads((tmp_path / "trials.json").read_text())
+    assert len(trials) == 2 and all(t["seconds"] > 0 and 0 <= t["refusal_rate"] <= 1 for t in trials)
+    driver = json.loads((tmp_path / "driver.json").read_text())
+    assert driver["saved_s"] >= driver["search_end_s"] and (tmp_path / "best" / "config.json").is_file()
