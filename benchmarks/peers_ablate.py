@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,14 +89,15 @@ def main() -> None:
     from safetyscope.models.embedded import ensure_embedded
     from safetyscope.prompts import builtin_prompts
 
-    run_dir = args.out / "ablate"
+    run_dir = (args.out / "ablate").absolute()  # the driver runs with run_dir as its working directory
     run_dir.mkdir(parents=True, exist_ok=True)
     for name, (kind, split) in GROUPS.items():
         (run_dir / f"{name}.txt").write_text("\n".join(builtin_prompts(kind, split).texts) + "\n")
     lm = load_model("default")
     t_plain = plain_forward_seconds(lm, builtin_prompts("harmless", "val").texts[:8])
     del lm
-    cmd = [args.ablate_python, str(HERE), "ablate-driver", str(run_dir), str(ensure_embedded("default")),
+    python = os.path.abspath(args.ablate_python)  # it runs in run_dir; abspath, not resolve: keep the venv's link
+    cmd = [python, str(HERE), "ablate-driver", str(run_dir), str(ensure_embedded("default")),
            str(args.trials), str(args.max_new_tokens), str(args.kl_weight)]
     rc, wall = timed_run(cmd, run_dir / "ablate.log", cwd=run_dir)
     trials = json.loads((run_dir / "trials.json").read_text()) if (run_dir / "trials.json").is_file() else []
