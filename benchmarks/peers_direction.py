@@ -287,7 +287,8 @@ def phase_safetyscope(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     common = ["default", "--out", str(out / "safetyscope"), "--quiet", "--seed", "0"]
     find = [ss, "direction", "find", *common, "--screen", str(args.screen), "--keep", str(args.keep),
             "--screen-by", args.screen_by, "--induce", args.induce]
-    refine = [ss, "direction", "refine", *common, "--batch", str(args.refine_batch)]
+    refine = [ss, "direction", "refine", *common, "--batch", str(args.refine_batch),
+              "--batch-size", str(args.refine_micro)]
     (out / "safetyscope").mkdir(parents=True, exist_ok=True)
     tune = [ss, "direction", "tune", *common, "--direction", str(out / "safetyscope" / "direction_refine" / "artifact"),
             "--trials", str(args.tune_trials), "--save-front"]
@@ -440,6 +441,8 @@ def main() -> None:
     ap.add_argument("--screen-by", default="forward", choices=("forward", "gradient"), help="direction find --screen-by")
     ap.add_argument("--induce", default="all", choices=("all", "lazy"), help="direction find --induce")
     ap.add_argument("--refine-batch", type=int, default=16, help="direction refine --batch (prompts per group per step)")
+    ap.add_argument("--refine-micro", type=int, default=8,
+                    help="direction refine --batch-size (rows per forward pass; the same steps, only speed)")
     ap.add_argument("--tune-trials", type=int, default=24,
                     help="direction tune --trials on the refined direction; every Pareto point is measured (0 = skip)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="reply length judged in the measure phase")

@@ -37,7 +37,8 @@ def plot_and_print(out: Path, trials: list[dict[str, Any]]) -> None:
           title=f"heretic's own metrics, every trial ({len(trials)}; red = Pareto)")
     tune = "safetyscope tune trial "
     for name, row in meas["rows"].items():
-        colour = "k" if name == "unmodified" else ("C3" if name.startswith("heretic") else "C0")
+        colour = ("k" if name == "unmodified" else "C3" if name.startswith("heretic")
+                  else "C2" if name.startswith("ablate-llm") else "C0")
         b.scatter(row["kl"]["first_token"], row["refusal"], c=colour, s=14 if name.startswith(tune) else 36)
         label = "t" + name.removeprefix(tune).lstrip("0") if name.startswith(tune) else name  # tune points: t<trial>
         b.annotate(label or "t0", (row["kl"]["first_token"], row["refusal"]), fontsize=7 if name.startswith(tune) else 8)
@@ -80,7 +81,11 @@ def dominated_by(rows: dict[str, Any], peer: str = "heretic", ours: str = "safet
                 and point(o) != point(p)] for p in rows if p.startswith(peer)}
 
 
+PEERS = ("heretic", "ablate-llm")  # the row-name prefixes of peer checkpoints
+
+
 def dominance(rows: dict[str, Any]) -> list[str]:
-    """One line per heretic row: which safetyscope rows dominate it on the test split, or that none does."""
+    """One line per peer row (heretic, ablate-llm): which safetyscope rows dominate it on the test split, or
+    that none does."""
     return [f"  {p}: " + (f"dominated by {', '.join(by)}" if by else "not dominated by any safetyscope row")
-            for p, by in dominated_by(rows).items()]
+            for peer in PEERS for p, by in dominated_by(rows, peer).items()]

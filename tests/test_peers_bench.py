@@ -210,6 +210,8 @@ def test_dominance_names_the_rows_that_beat_each_peer_checkpoint(direction_bench
     rows["heretic trial 3"] = {"refusal": 0.07, "kl": {"first_token": 0.035}}  # a tie is not a win
     assert report.dominated_by(rows)["heretic trial 3"] == []
     assert report.dominance(rows)[-1] == "  heretic trial 3: not dominated by any safetyscope row"
+    rows["ablate-llm best"] = {"refusal": 0.3, "kl": {"first_token": 0.04}}  # the other peer gets its line too
+    assert report.dominance(rows)[-1] == "  ablate-llm best: dominated by safetyscope refine, safetyscope tune trial 003"
 
 
 def _ablate_python() -> str | None:
