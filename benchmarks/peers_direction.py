@@ -441,7 +441,7 @@ def main() -> None:
     ap.add_argument("--screen-by", default="forward", choices=("forward", "gradient"), help="direction find --screen-by")
     ap.add_argument("--induce", default="all", choices=("all", "lazy"), help="direction find --induce")
     ap.add_argument("--refine-batch", type=int, default=16, help="direction refine --batch (prompts per group per step)")
-    ap.add_argument("--refine-micro", type=int, default=8,
+    ap.add_argument("--refine-micro", type=int, default=16,
                     help="direction refine --batch-size (rows per forward pass; the same steps, only speed)")
     ap.add_argument("--tune-trials", type=int, default=24,
                     help="direction tune --trials on the refined direction; every Pareto point is measured (0 = skip)")
