@@ -30,6 +30,7 @@ import torch
 from ..hooks import forward, last_position, running
 from ..models.adapter import LoadedModel
 from ..positions import Batch
+from ..prefix import cache_keyword
 from ..prompts.chat import pad_token_id
 from ..runner import batched, sharded_backoff
 from .compare import Intervention, enter
@@ -41,16 +42,6 @@ __all__ = [
     "file_rows", "generate_batch_ids", "generate_batch_with_logits", "generate_ids", "generate_with_logits",
     "reply_cross_entropy", "reply_kl", "teacher_forced_logits",
 ]
-
-def _cache(out: Any) -> tuple[str, Any]:
-    """(keyword, KV cache) of a forward output: ``cache`` in newer transformers, ``past_key_values`` before.
-
-    The output's own key names the keyword the next forward takes (an unknown keyword would be
-    swallowed silently and the chunk would run without its context).
-    """
-    key = "cache" if "cache" in out else "past_key_values"
-    return key, out[key]
-
 
 # ---- the reference model's own replies, as token ids ----------------------------------------------
 def _trim(row: Sequence[int], stops: set[int]) -> list[int]:
@@ -134,7 +125,8 @@ def teacher_forced_logits(lm: LoadedModel, batch: Batch, replies: Sequence[Seque
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     position_ids=batch.position_ids, use_cache=True, logits_to_keep=last_position())
         pieces = [out.logits[:, -1:].float().cpu()]                          # [batch, 1, vocab]
-        (key, cache), attn = _cache(out), batch.attention_mask
+        key = cache_keyword(lm.model)  # the KV cache's keyword, also the output field that returns it
+        cache, attn = out[key], batch.attention_mask
         n_real = batch.attention_mask.sum(1, keepdim=True)                   # [batch, 1]
         chunk = max(1, batch.seq_len - 1)  # shorter than the prompt: position-specific edits stay off
         for start in range(0, width - 1, chunk):  # feed r_0 .. r_{T-2}; they predict r_1 .. r_{T-1}
@@ -143,7 +135,7 @@ def teacher_forced_logits(lm: LoadedModel, batch: Batch, replies: Sequence[Seque
             pos = n_real + torch.arange(start, stop, device=dev)              # [batch, chunk]
             out = model(input_ids=reply[:, start:stop], attention_mask=attn, position_ids=pos,
                         use_cache=True, **{key: cache})
-            key, cache = _cache(out)
+            cache = out[key]
             pieces.append(out.logits.float().cpu())                          # [batch, chunk, vocab]
     return torch.cat(pieces, 1), mask_out
 

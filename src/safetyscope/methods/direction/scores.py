@@ -80,7 +80,7 @@ class CandidateScore:
     bypass_refusing: float | None = None  # fraction of those prompts whose score stays > 0
     kl: float | None = None  # mean first-token KL, harmless prompts, under ablation
     induce: float | None = None  # mean refusal score, harmless prompts, under addition
-    screen_bypass: float | None = None  # bypass / KL on the screening subset (SelectConfig.screen; gradient: predicted)
+    screen_bypass: float | None = None  # bypass / KL on the screening subset (SelectConfig.screen)
     screen_kl: float | None = None
     predicted_bypass: float | None = None  # first-order bypass on the harmful prompts (screen_by="gradient")
     judged_bypass: float | None = None  # fraction of harmful prompts judged refused under ablation (verify)

@@ -120,11 +120,16 @@ def _screen(run: CandidateScoring, todo: list[Key], harmful: list[str], harmless
     live = [k for k in todo if not scores[k].reasons]
     ranked = sorted(live, key=lambda k: (float(scores[k].screen_kl or 0.0) > 2 * cfg.kl_threshold,
                                          float(scores[k].screen_bypass or 0.0)))
-    finalists = set(ranked[: max(1, cfg.keep)])
+    return _keep_only(run, todo, ranked[: max(1, cfg.keep)])
+
+
+def _keep_only(run: CandidateScoring, todo: list[Key], best: list[Key]) -> list[Key]:
+    """The keys of ``todo`` in ``best`` (in ``todo``'s order); the others not yet fully scored are flagged SCREENED."""
+    kept = set(best)
     for k in todo:
-        if k not in finalists and scores[k].bypass is None:
-            scores[k].flag(Reason.SCREENED)
-    return [k for k in todo if k in finalists]
+        if k not in kept and run.scores[k].bypass is None:
+            run.scores[k].flag(Reason.SCREENED)
+    return [k for k in todo if k in kept]
 
 
 def _shortlist(run: CandidateScoring, todo: list[Key], harmful: list[str]) -> list[Key]:
@@ -134,11 +139,7 @@ def _shortlist(run: CandidateScoring, todo: list[Key], harmful: list[str]) -> li
     scores = run.scores
     _predict(run, [k for k in todo if scores[k].predicted_bypass is None], harmful)
     ranked = sorted(todo, key=lambda k: float(scores[k].predicted_bypass or 0.0))
-    kept = set(ranked[: shortlist_size(run.cfg.keep)])
-    for k in todo:
-        if k not in kept and scores[k].bypass is None:
-            scores[k].flag(Reason.SCREENED)
-    return [k for k in todo if k in kept]
+    return _keep_only(run, todo, ranked[: shortlist_size(run.cfg.keep)])
 
 
 def _predict(run: CandidateScoring, keys: list[Key], harmful: list[str]) -> None:
