@@ -77,3 +77,39 @@ def test_runtime_flag_finds_every_applied_intervention_and_nothing_on_the_clean_
 def test_audit_group_help_lists_the_subcommands():
     res = CliRunner().invoke(app, ["audit", "--help"])
     assert res.exit_code == 0 and "fingerprint" in res.output and "check" in res.output
+
+
+def test_a_fingerprint_made_in_bfloat16_reads_the_stored_weights(lm, ref, direction, tmp_path):
+    """On a GPU the model loads in bfloat16: the fingerprint's weight statistics come from the stored checkpoint,
+    so an unmodified checkpoint stays clean and a small edit is still seen (the loaded copy's rounding would hide
+    it or flag everything)."""
+    from safetyscope.methods.audit import Fingerprint
+
+    for dtype in ("float32", "bfloat16"):
+        res = CliRunner().invoke(app, ["audit", "fingerprint", str(ref), "--dtype", dtype, "--json",
+                                       "--out", str(tmp_path / dtype)])
+        assert res.exit_code == 0, res.output
+    fp32, bf16 = (Fingerprint.load(tmp_path / d) for d in ("float32", "bfloat16"))
+    assert bf16.sums == fp32.sums and set(bf16.dtypes.values()) == {"float32"}
+    clean = _json(CliRunner().invoke(app, ["audit", str(ref), "--fingerprint", str(tmp_path / "bfloat16"), "--dtype",
+                                           "bfloat16", "--json", "--out", str(tmp_path / "a")]))
+    assert clean["fingerprint"]["verdict"] == "clean"
+    edited = direction[0].export(lm, tmp_path / "edited")  # a random direction removed: modified, not tampering
+    rep = _json(CliRunner().invoke(app, ["audit", str(edited), "--fingerprint", str(tmp_path / "bfloat16"),
+                                         "--no-behaviour", "--json", "--out", str(tmp_path / "b")]))
+    assert rep["fingerprint"]["verdict"] in ("modified", "tampering") and rep["fingerprint"]["changed"]
+
+
+def test_compare_allows_for_the_dtype_a_fingerprint_was_taken_in(lm, ref):
+    """A fingerprint of the loaded copy in bfloat16 (no stored source): the comparison's tolerance is bfloat16's."""
+    from safetyscope.methods.audit import make_fingerprint
+    from safetyscope.methods.audit.fingerprint import compare_fingerprint
+    from safetyscope.methods.audit.source import TensorSource
+    from safetyscope.models import load_model
+
+    half = load_model(str(ref), dtype="bfloat16")
+    fp = make_fingerprint(half)
+    assert set(fp.dtypes.values()) == {"bfloat16"}
+    assert compare_fingerprint(TensorSource.from_dir(ref), fp).verdict == "clean"
+    strict = type(fp)(**{**fp.__dict__, "dtypes": {}})  # as if recorded in float32: the rounding reads as a change
+    assert compare_fingerprint(TensorSource.from_dir(ref), strict).verdict == "modified"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -116,8 +117,15 @@ def run_fingerprint(s: FingerprintSettings) -> dict[str, Any]:
 
 def _write_fingerprint(s: Settings, where: str) -> dict[str, Any]:
     from ..methods.audit import make_fingerprint
+    from ..methods.audit.source import AuditInputError, TensorSource
 
-    fp = make_fingerprint(s.load_model())
+    lm = s.load_model()
+    stored = lm.meta.get("source")
+    try:  # the weight statistics from the stored checkpoint, not the copy rounded to the load dtype
+        source = TensorSource.from_dir(stored) if stored and Path(stored).is_dir() else None
+    except AuditInputError:  # e.g. pickled weights loaded with --allow-pickle: the loaded copy it is
+        source = None
+    fp = make_fingerprint(lm, source=source)
     path = fp.save(where)
     result = {"fingerprint": str(path), "model": fp.label, "directions": len(fp.layers), "writers": len(fp.writers),
               "tensors": len(fp.sums), "canaries": len(fp.canary_scores)}

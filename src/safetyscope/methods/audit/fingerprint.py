@@ -4,7 +4,9 @@
 
 * its difference-of-means harm directions at every block (built-in prompts; [k, d_model]);
 * every residual writer's output norm along each of them (||h^T W||; [n_writers, k]);
-* every tensor's float64 sum and squared norm (which tensors changed later);
+* every tensor's float64 sum and squared norm (which tensors changed later), and the dtype it was read in
+  (a fingerprint of a model loaded in bfloat16 carries bfloat16 rounding: the comparison allows for the
+  coarser of the two dtypes);
 * the logit refusal scores of the built-in canary prompts.
 
 ``compare_fingerprint(source, fp)`` recomputes the writers' norms along the stored directions: a
@@ -17,7 +19,7 @@ plus ``tensors.safetensors`` (never pickle).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +44,7 @@ class Fingerprint:
     writer_norms: torch.Tensor  # [n_writers, k] ||h^T W||
     sums: dict[str, tuple[float, float]]  # tensor -> (sum, squared norm)
     canary_scores: tuple[float, ...]
+    dtypes: dict[str, str] = field(default_factory=dict)  # tensor -> the dtype its sums were taken in (torch name)
 
     def save(self, path: str | Path) -> Path:
         with atomic_dir(path) as tmp:
@@ -49,7 +52,7 @@ class Fingerprint:
             write_json(tmp / "fingerprint.json", {
                 "kind": "safetyscope_fingerprint", "format": FORMAT, "label": self.label, "model_type": self.model_type,
                 "layers": list(self.layers), "writers": list(self.writers), "sums": self.sums,
-                "canary_scores": list(self.canary_scores),
+                "canary_scores": list(self.canary_scores), "dtypes": self.dtypes,
             })
         return Path(path)
 
@@ -64,7 +67,8 @@ class Fingerprint:
         meta, t = read_json(p / "fingerprint.json"), load_tensors(p / "tensors.safetensors")
         return cls(str(meta["label"]), str(meta["model_type"]), tuple(meta["layers"]), t["directions"].float(),
                    tuple(meta["writers"]), t["writer_norms"].float(),
-                   {k: (float(v[0]), float(v[1])) for k, v in meta["sums"].items()}, tuple(meta["canary_scores"]))
+                   {k: (float(v[0]), float(v[1])) for k, v in meta["sums"].items()}, tuple(meta["canary_scores"]),
+                   {str(k): str(v) for k, v in (meta.get("dtypes") or {}).items()})  # format 1 before dtypes: float32
 
 
 def _tensor_sums(src: TensorSource) -> dict[str, tuple[float, float]]:
@@ -75,16 +79,29 @@ def _tensor_sums(src: TensorSource) -> dict[str, tuple[float, float]]:
     return out
 
 
-def make_fingerprint(lm: LoadedModel, cfg: SignatureConfig | None = None) -> Fingerprint:
-    """The fingerprint of a trusted model (runs it on built-in prompts)."""
+def make_fingerprint(lm: LoadedModel, cfg: SignatureConfig | None = None,
+                     source: TensorSource | None = None) -> Fingerprint:
+    """The fingerprint of a trusted model (runs it on built-in prompts). ``source``: its stored weights (e.g.
+    ``TensorSource.from_dir`` of the directory it was loaded from), read for the weight statistics instead of
+    the loaded copy, which carries the load dtype's rounding (bfloat16 on a GPU)."""
     cfg = cfg or SignatureConfig()
-    src = TensorSource.from_model(lm)
+    src = source or TensorSource.from_model(lm)
+    if str(src.config.get("model_type")) != str(lm.model.config.model_type):
+        raise AuditInputError(f"{src.label} is not the stored checkpoint of {lm.name} (another model type); "
+                              "pass the directory the model was loaded from")
     dirs = harm_directions(lm, replace(cfg, harm_layers=0))
     h = torch.stack(list(dirs.values()))  # [k, d_model]
-    mats = residual_writers(src)
+    mats = {name: w.float() for name, w in residual_writers(src).items()}
     norms = torch.stack([(h @ w).norm(dim=1) for w in mats.values()])  # [n_writers, k]
     return Fingerprint(lm.name, str(src.config.get("model_type")), tuple(dirs), h, tuple(mats), norms,
-                       _tensor_sums(src), tuple(canary_scores(lm, cfg)))
+                       _tensor_sums(src), tuple(canary_scores(lm, cfg)),
+                       {n: str(dt).removeprefix("torch.") for n, dt in src.dtypes.items()})
+
+
+def _dtype(name: str | None) -> torch.dtype:
+    """The torch dtype a fingerprint recorded (float32 for fingerprints made before dtypes were recorded)."""
+    dt = getattr(torch, name or "float32", None)
+    return dt if isinstance(dt, torch.dtype) else torch.float32
 
 
 def compare_fingerprint(src: TensorSource, fp: Fingerprint, lm: LoadedModel | None = None,
@@ -104,7 +121,8 @@ def compare_fingerprint(src: TensorSource, fp: Fingerprint, lm: LoadedModel | No
     ratios = {layer: float(v) for layer, v in zip(fp.layers, med)}
     sums = _tensor_sums(src)
     changed = tuple(n for n, (_, sq) in sums.items() if n not in fp.sums
-                    or abs(sq - fp.sums[n][1]) > 2 * noise_floor(src.dtypes[n]) * max(fp.sums[n][1], 1e-30))
+                    or abs(sq - fp.sums[n][1]) > 2 * noise_floor(src.dtypes[n], _dtype(fp.dtypes.get(n)))
+                    * max(fp.sums[n][1], 1e-30))
     shift = None
     if lm is not None and fp.canary_scores:
         now_scores = canary_scores(lm, cfg)
