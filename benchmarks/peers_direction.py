@@ -14,7 +14,8 @@ Phases (each writes under --out, default runs/peers/direction, so a later phase 
    as merged HF checkpoints under OUT/heretic/trial_NNN. Every trial's own metrics (its refusal
    count on the val prompts, its first-token KL) come from heretic's optuna journal.
 2. ``safetyscope``: `safetyscope direction find`, `direction refine`, then `direction tune --save-front` on
-   the refined direction, on the same train/val split (the built-in sets), as subprocesses of this venv.
+   the refined direction, on the same train/val split (the built-in sets), as subprocesses of this venv
+   (``--one-process``: `direction find --refine`, both steps in one command, then tune).
 3. ``measure``: the unmodified model, every saved heretic checkpoint and safetyscope's found and
    refined directions and every point of tune's (val) Pareto front, all measured by the same code
    (``safetyscope.evaluate``) on the held-out test split, which neither tool saw: phrase-judge refusal on harmful prompts, first-token and reply KL
@@ -281,22 +282,42 @@ def system_prompt_of(lm: Any, format_chat: Any) -> str:
     return body[: body.find("<|im_end|>")] if "<|im_end|>" in body else ""
 
 
+def yardstick() -> float:
+    """A plain forward pass of 8 val prompts on the default model (seconds), timed as the heretic phase times it."""
+    from safetyscope.models import load_model
+    from safetyscope.prompts import builtin_prompts
+
+    return plain_forward_seconds(load_model("default"), builtin_prompts("harmless", "val").texts[:8])
+
+
 def phase_safetyscope(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """`direction find` then `direction refine` (defaults but --screen), timed as subprocesses."""
+    """`direction find` then `direction refine` (defaults but --screen), timed as subprocesses; with
+    --one-process, `direction find --refine` (the same steps in one command)."""
     ss = str(Path(sys.executable).parent / "safetyscope")
     common = ["default", "--out", str(out / "safetyscope"), "--quiet", "--seed", "0"]
     find = [ss, "direction", "find", *common, "--screen", str(args.screen), "--keep", str(args.keep),
             "--screen-by", args.screen_by, "--induce", args.induce]
+    if args.find_batch:
+        find += ["--batch-size", str(args.find_batch)]
     refine = [ss, "direction", "refine", *common, "--batch", str(args.refine_batch),
               "--batch-size", str(args.refine_micro)]
     (out / "safetyscope").mkdir(parents=True, exist_ok=True)
     tune = [ss, "direction", "tune", *common, "--direction", str(out / "safetyscope" / "direction_refine" / "artifact"),
             "--trials", str(args.tune_trials), "--save-front"]
-    rc1, t1 = timed_run(find, out / "safetyscope" / "find.log")
-    rc2, t2 = timed_run(refine, out / "safetyscope" / "refine.log") if rc1 == 0 else (None, 0.0)
+    t_plain = yardstick()
+    if args.one_process:  # refine with its defaults inside find: --refine-batch / --refine-micro do not apply
+        find.append("--refine")
+        rc1, t1 = timed_run(find, out / "safetyscope" / "find.log")
+        rc2: int | None = rc1
+        t2 = 0.0
+        refine = []
+    else:
+        rc1, t1 = timed_run(find, out / "safetyscope" / "find.log")
+        rc2, t2 = timed_run(refine, out / "safetyscope" / "refine.log") if rc1 == 0 else (None, 0.0)
     rc3, t3 = (timed_run(tune, out / "safetyscope" / "tune.log") if rc2 == 0 and args.tune_trials > 0
                else (None, 0.0))
-    res = {"find": {"cmd": " ".join(find[1:]), "rc": rc1, "wall_s": t1},
+    res = {"plain_forward_s": t_plain,
+           "find": {"cmd": " ".join(find[1:]), "rc": rc1, "wall_s": t1, "includes_refine": args.one_process},
            "refine": {"cmd": " ".join(refine[1:]), "rc": rc2, "wall_s": t2},
            "tune": {"cmd": " ".join(tune[1:]), "rc": rc3, "wall_s": t3},
            "artifacts": {"safetyscope find": str(out / "safetyscope" / "direction" / "artifact"),
@@ -440,8 +461,11 @@ def main() -> None:
     ap.add_argument("--keep", type=int, default=16, help="direction find --keep")
     ap.add_argument("--screen-by", default="forward", choices=("forward", "gradient"), help="direction find --screen-by")
     ap.add_argument("--induce", default="all", choices=("all", "lazy"), help="direction find --induce")
+    ap.add_argument("--find-batch", type=int, default=0, help="direction find --batch-size (0 = its default)")
+    ap.add_argument("--one-process", action="store_true",
+                    help="run `direction find --refine` (find and refine in one command) instead of two commands")
     ap.add_argument("--refine-batch", type=int, default=16, help="direction refine --batch (prompts per group per step)")
-    ap.add_argument("--refine-micro", type=int, default=16,
+    ap.add_argument("--refine-micro", type=int, default=32,
                     help="direction refine --batch-size (rows per forward pass; the same steps, only speed)")
     ap.add_argument("--tune-trials", type=int, default=24,
                     help="direction tune --trials on the refined direction; every Pareto point is measured (0 = skip)")

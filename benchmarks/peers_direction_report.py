@@ -65,10 +65,31 @@ def print_table(trials: list[dict[str, Any]], meas: dict[str, Any], out: Path) -
               f"{row['kl']['first_token']:9.4f} {row['kl'].get('reply_tokens', float('nan')):9.4f}")
     for line in dominance(meas["rows"]):
         print(line)
+    for line in wall_time(out, trials):
+        print(line)
     for f in ("heretic.json", "safetyscope.json"):
         if (out / f).is_file():
             print(f"{f}: {(out / f).read_text()}")
     print(f"plot: {out / 'pareto.png'}")
+
+
+def wall_time(out: Path, trials: list[dict[str, Any]]) -> list[str]:
+    """heretic's best trial (fewest val refusals, then lowest KL: its own metrics) and when it was scored, against
+    safetyscope's find + refine wall time, each with the plain forward pass timed in its phase."""
+    paths = [out / "heretic.json", out / "safetyscope.json"]
+    if not trials or not all(p.is_file() for p in paths):
+        return []
+    h, s = (json.loads(p.read_text()) for p in paths)
+    ends = h.get("timings", {}).get("score_end_s", [])
+    if len(ends) < len(trials):
+        return []
+    k = min(range(len(trials)), key=lambda i: (trials[i]["refusals"], trials[i]["kl_divergence"]))
+    ours = float(s["find"]["wall_s"]) + float(s["refine"]["wall_s"])
+    return [f"wall time: heretic's best trial ({trials[k]['index']}: {trials[k]['refusals']}/{trials[k]['n_bad_prompts']} "
+            f"val refusals, KL {trials[k]['kl_divergence']:.4f}) was scored {ends[k]:.0f} s into its run; safetyscope "
+            f"find + refine took {ours:.0f} s ({ours / ends[k]:.2f}x); plain forward pass of 8 prompts: "
+            f"{h.get('plain_forward_s', float('nan')):.3f} s (heretic phase), "
+            f"{s.get('plain_forward_s', float('nan')):.3f} s (safetyscope phase)"]
 
 
 def dominated_by(rows: dict[str, Any], peer: str = "heretic", ours: str = "safetyscope") -> dict[str, list[str]]:

@@ -133,3 +133,37 @@ def test_logits_and_means_in_one_pass_equal_the_two_separate_passes():
     assert means.dtype == torch.float64 and means.shape == (lm.n_layers, lm.dims.d_model)
     torch.testing.assert_close(means, harmless_means(lm, HARMLESS, -2, batch_size=3), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(means, harmless_means(lm, HARMLESS, -1), atol=1e-4)  # the position is the one asked
+
+
+def test_mixed_micro_batches_take_the_same_steps(lm):
+    """Harmful and harmless rows share passes: the trained direction is the same at any rows per pass."""
+    start = _start(lm)
+    one, mixed = _run(lm, start, steps=3, micro_batch=1), _run(lm, start, steps=3, micro_batch=8)
+    torch.testing.assert_close(one.direction.direction, mixed.direction.direction, rtol=1e-4, atol=1e-5)
+    for a, b in zip(one.history, mixed.history):
+        assert a.val_loss == pytest.approx(b.val_loss, rel=1e-4, abs=1e-6)
+        if a.train_kl is not None:
+            assert a.train_kl == pytest.approx(b.train_kl, rel=1e-4, abs=1e-6)
+            assert a.train_bypass == pytest.approx(b.train_bypass, rel=1e-4, abs=1e-6)
+
+
+def test_cli_direction_find_refine_writes_both_in_one_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from safetyscope.cli.main import app
+
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "h.txt").write_text("\n".join(HARMFUL * 3) + "\n")
+    (tmp_path / "s.txt").write_text("\n".join(HARMLESS * 3) + "\n")
+    args = ["direction", "find", tmp_path / "model", "--harmful", tmp_path / "h.txt", "--harmless", tmp_path / "s.txt",
+            "--filter", "none", "--refine", "--out", tmp_path, "--json"]
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, (r.output[-3000:], r.exception)
+    res = json.loads(r.stdout)
+    found, refined = load_artifact(tmp_path / "direction" / "artifact"), load_artifact(tmp_path / "direction_refine" / "artifact")
+    assert isinstance(refined, Direction) and refined.meta.get("refined") is True
+    assert (refined.layer, refined.position) == (found.layer, found.position) == (res["layer"], res["position"])
+    saved = json.loads((tmp_path / "direction_refine" / "refine.json").read_text())
+    assert saved["chosen"] == res["refine"]["chosen_step"] and saved["settings"]["steps"] == 30

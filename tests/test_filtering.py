@@ -153,3 +153,52 @@ def test_cache_dir_reuses_the_verdicts_and_keys_them_by_the_prompts(lm, tmp_path
         f.write_text("{not json", "utf-8")
     assert filter_by_refusal(lm, HARMFUL, HARMLESS, method="score", min_keep=1, cache_dir=tmp_path) == first
     assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("method", ["first_token", "score"])
+def test_filter_and_fit_equals_filtering_then_capturing(lm, scores, tmp_path, method):
+    """One pass for verdicts and activations: the same kept prompts and the same means (float tolerance: other
+    rows share the batches) as filter_by_refusal then fit_group_moments; the verdicts cached for filter_by_refusal."""
+    import torch
+
+    from safetyscope.methods import filtering
+    from safetyscope.methods.filtering import filter_and_fit
+    from safetyscope.methods.fit import fit_group_moments
+
+    sh, ss = scores
+    thr = _median(sh + ss) if method == "score" else 0.0
+    kw = {"method": method, "threshold": thr, "min_keep": 1}
+    want = filter_by_refusal(lm, HARMFUL, HARMLESS, batch_size=4, **kw)
+    want_stats = fit_group_moments(lm, {"harmful": want.harmful, "harmless": want.harmless}, "blocks.*.resid_pre",
+                                   [-2, -1], batch_size=4)
+    got, stats = filter_and_fit(lm, HARMFUL, HARMLESS, "blocks.*.resid_pre", [-2, -1], batch_size=3,
+                                cache_dir=tmp_path, **kw)
+    assert got == want
+    for group, prompts in (("harmful", got.harmful), ("harmless", got.harmless)):
+        assert sorted(stats.keys(group)) == sorted(want_stats.keys(group))
+        for key in want_stats.keys(group):
+            a, b = stats.get(group, key), want_stats.get(group, key)
+            assert a.n == b.n == len(prompts)
+            torch.testing.assert_close(a.mean, b.mean, rtol=1e-5, atol=1e-5)
+    calls = []
+    real = filtering._verdicts
+    filtering._verdicts = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        assert filter_by_refusal(lm, HARMFUL, HARMLESS, cache_dir=tmp_path, **kw) == want and calls == []
+    finally:
+        filtering._verdicts = real
+
+
+def test_filter_and_fit_keeps_a_group_whole_when_too_few_survive(lm, scores):
+    """min_keep above the group size: every prompt counts, as in filter_by_refusal's fallback."""
+    from safetyscope.methods.filtering import filter_and_fit
+    from safetyscope.methods.fit import fit_group_moments
+
+    got, stats = filter_and_fit(lm, HARMFUL, HARMLESS, "blocks.0.resid_pre", "last", min_keep=7)
+    assert got.unfiltered == ("harmful", "harmless") and got.harmful == HARMFUL
+    whole = fit_group_moments(lm, {"harmful": HARMFUL}, "blocks.0.resid_pre", "last")
+    import torch
+
+    torch.testing.assert_close(stats.get("harmful", "blocks.0.resid_pre").mean,
+                               whole.get("harmful", "blocks.0.resid_pre").mean, rtol=1e-5, atol=1e-5)
+    assert stats.get("harmful", "blocks.0.resid_pre").n == 6

@@ -237,3 +237,16 @@ def test_ablate_driver_searches_timestamps_and_saves_a_checkpoint(bench_module, 
     assert len(trials) == 2 and all(t["seconds"] > 0 and 0 <= t["refusal_rate"] <= 1 for t in trials)
     driver = json.loads((tmp_path / "driver.json").read_text())
     assert driver["saved_s"] >= driver["search_end_s"] and (tmp_path / "best" / "config.json").is_file()
+
+
+def test_wall_time_compares_find_and_refine_with_when_heretics_best_trial_was_scored(direction_bench, tmp_path):
+    report = direction_bench.sys.modules["peers_direction_report"]
+    trials = [{"index": i + 1, "refusals": r, "n_bad_prompts": 43, "kl_divergence": k}
+              for i, (r, k) in enumerate([(9, 0.02), (1, 0.09), (0, 0.07), (0, 0.05)])]
+    (tmp_path / "heretic.json").write_text(json.dumps(
+        {"plain_forward_s": 0.6, "timings": {"score_end_s": [100.0, 140.0, 180.0, 220.0]}}))
+    (tmp_path / "safetyscope.json").write_text(json.dumps(
+        {"plain_forward_s": 0.62, "find": {"wall_s": 150.0}, "refine": {"wall_s": 26.0}}))
+    (line,) = report.wall_time(tmp_path, trials)
+    assert "best trial (4: 0/43" in line and "220 s" in line and "176 s (0.80x)" in line  # fewest refusals, then KL
+    assert report.wall_time(tmp_path, trials + trials) == []  # more trials than scored ones: no claim

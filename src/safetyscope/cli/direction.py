@@ -21,6 +21,7 @@ import typer
 
 from ..progress import verbosity
 from .common import PromptSettings, emit, prompt_sets
+from .direction_render import render_find, render_refine
 from .judge import JUDGES_HELP, compare_specs, parse_judges, render_comparison
 from .settings import Settings, command, opt
 
@@ -44,6 +45,7 @@ class FindSettings(PromptSettings):
     verify: int = opt(0, "Check the best N candidates on real replies (greedy generation + judge) and choose by judged refusal (0 = off: the logit score decides, as in the paper).")
     verify_tokens: int = opt(24, "Reply length for --verify.")
     judge: str = opt("", "Refusal judge as module:function for --filter judge and --verify (default: the built-in phrase judge).")
+    refine: bool = opt(False, "Then refine the chosen direction in the same run, as `direction refine` with its defaults would (30 steps, 32 rows per pass; written to OUT/direction_refine), reusing the loaded model and the unmodified model's logits the search computed.")
 
 
 @dataclass
@@ -59,7 +61,7 @@ class TuneSettings(PromptSettings):
 
 @dataclass
 class RefineSettings(PromptSettings):
-    batch_size: int = opt(16, "Rows per forward + backward pass (halved automatically on out-of-memory); the steps are the same at any value, larger is faster (on the default model 16 rows: 222 s, 8 rows: 272 s, the same direction within 2e-6).")
+    batch_size: int = opt(32, "Rows per forward + backward pass, harmful and harmless rows together (halved automatically on out-of-memory); the steps are the same at any value, larger is faster (on the default model, 30 steps: 32 rows 210 s, 16 rows 222 s, 8 rows 272 s, the same direction).")
     direction: str = opt("", "Direction artifact directory (default: OUT/direction/artifact).")
     n_val: int = opt(32, "Validation prompts per group, for choosing the checkpoint (0 = the whole val split).")
     ablation: str = opt("", "Refine under this ablation: zero (Arditi et al.) or mean (to the harmless mean); empty = the artifact's own.")
@@ -67,7 +69,7 @@ class RefineSettings(PromptSettings):
     lr: float = opt(0.002, "Adam learning rate on the (unnormalised) direction vector.")
     kl_weight: float = opt(20.0, "Weight of the harmless first-token KL against the harmful bypass term.")
     batch: int = opt(16, "Prompts per group per step (a seeded sample; --batch-size rows go through the model at once).")
-    eval_every: int = opt(5, "Measure the validation loss every this many steps; the best checkpoint is kept.")
+    eval_every: int = opt(10, "Measure the validation loss every this many steps (and at the last); the best checkpoint is kept. Each measurement is a forward pass over the validation prompts, about one training step.")
 
 
 @dataclass
@@ -217,6 +219,7 @@ def _write_selection(lm: Any, selection: Any, cands: Any, out: Path) -> Path:
 def run_find(s: FindSettings) -> dict[str, Any]:
     from ..io import write_json
     from ..measure.judges import load_judge
+    from ..measure.memo import LogitsMemo
     from ..methods.direction.api import NoDirectionFound, search_direction
     from ..methods.direction.inputs import with_fit_files
 
@@ -225,11 +228,12 @@ def run_find(s: FindSettings) -> dict[str, Any]:
     sets = _fit_sets(s, "direction")
     lm = s.load_model()
     out = s.out / "direction"
+    memo = LogitsMemo(lm) if s.refine else None
     try:
         found = search_direction(lm, sets.harmful, sets.harmless, val_harmful=sets.val_harmful,
                                  val_harmless=sets.val_harmless, config=replace(cfg, layers=_layers(s.layers, lm.n_layers)),
                                  judge=judge, batch_size=s.batch_size, system=s.system, cache_dir=out,
-                                 verdict_cache=s.out / "cache", log=_log(s))
+                                 verdict_cache=s.out / "cache", log=_log(s), memo=memo)
     except NoDirectionFound as exc:
         _write_selection(lm, exc.selection, exc.candidates, out)
         raise ValueError(str(exc)) from None  # the prompts or --layers: a one-line error
@@ -238,32 +242,19 @@ def run_find(s: FindSettings) -> dict[str, Any]:
     direction.save(out / "artifact")
     result = {"model": lm.name, "artifact": out / "artifact", **found.to_json(), "plot": plot}
     write_json(out / "summary.json", result)
-    emit(s, result, lambda: _render_find(result, found.selection, out))
-    return result
+    if memo is None:
+        emit(s, result, lambda: render_find(result, found.selection, out))
+        return result
+    rs = RefineSettings(**{f.name: getattr(s, f.name) for f in fields(PromptSettings) if f.name != "batch_size"})
+    refined = _refine(rs, lm, direction, sets, memo)
+    both = {**result, "refine": refined}
 
+    def render() -> None:
+        render_find(result, found.selection, out)
+        render_refine(refined)
 
-def _render_find(result: dict[str, Any], selection: Any, out: Path) -> None:
-    from rich.console import Console
-
-    c = Console()
-    sc = result["scores"]
-
-    def f(key: str, fmt: str) -> str:
-        return "n/a" if sc.get(key) is None else format(sc[key], fmt)
-
-    c.print(f"[bold]refusal direction[/bold]: block {result['layer']}, position {result['position']} "
-            f"({result['token']!r}), ||Δμ|| = {result['norm']:.2f}, {result['ablation']} ablation")
-    c.print(f"  bypass {f('bypass', '+.3f')} (baseline {f('baseline_harmful_score', '+.3f')}), "
-            f"induce {f('induce', '+.3f')}, KL {f('kl', '.4f')}; "
-            f"{result['n_eligible']}/{result['n_candidates']} candidates eligible")
-    if sc.get("judged_bypass") is not None:
-        base = selection.baseline
-        c.print(f"  judged on replies: refusal under ablation {sc['judged_bypass']:.0%} "
-                f"(without: {base.get('judged_harmful', float('nan')):.0%}), under addition {sc['judged_induce']:.0%} "
-                f"(without: {base.get('judged_harmless', float('nan')):.0%})")
-    if selection.note:
-        c.print(f"[yellow]{selection.note}[/yellow]")
-    c.print(f"artifact: {out / 'artifact'}; scores: {out / 'selection.json'}; plot: {result['plot']}")
+    emit(s, both, render)
+    return both
 
 
 # ---- tune -----------------------------------------------------------------------------------------------
@@ -320,45 +311,37 @@ def _render_tune(res: Any, out: Path, plot: Path) -> None:
 # ---- refine ---------------------------------------------------------------------------------------------
 @_with_verbosity
 def run_refine(s: RefineSettings) -> dict[str, Any]:
+    direction = _load_direction(s)
+    if s.ablation:
+        direction = direction.with_ablation(s.ablation)
+    sets = _fit_sets(s, "direction_refine")
+    result = _refine(s, s.load_model(), direction, sets, None)
+    emit(s, result, lambda: render_refine(result))
+    return result
+
+
+def _refine(s: RefineSettings, lm: Any, direction: Any, sets: _FitSets, memo: Any) -> dict[str, Any]:
+    """Refine ``direction`` on ``sets`` and write OUT/direction_refine (artifact, history, plot); the result record."""
     from ..io import write_json
     from ..methods.direction.inputs import with_fit_files
     from ..methods.direction.refine import refine_direction
     from ..report.plots.direction import refine_plot
 
-    log = _log(s)
-    direction = _load_direction(s)
-    if s.ablation:
-        direction = direction.with_ablation(s.ablation)
-    sets = _fit_sets(s, "direction_refine")
-    lm = s.load_model()
-    log(f"refining {_direction_dir(s)} ({direction.ablation} ablation) on {len(sets.harmful)}+{len(sets.harmless)} "
-        f"prompts, {s.steps} steps; validation on {len(sets.val_harmful)}+{len(sets.val_harmless)}")
+    _log(s)(f"refining block {direction.layer}, position {direction.position} ({direction.ablation} ablation) on "
+            f"{len(sets.harmful)}+{len(sets.harmless)} prompts, {s.steps} steps; validation on "
+            f"{len(sets.val_harmful)}+{len(sets.val_harmless)}")
     res = refine_direction(lm, direction, sets.harmful, sets.harmless, val_harmful=sets.val_harmful,
                            val_harmless=sets.val_harmless, steps=s.steps, lr=s.lr, kl_weight=s.kl_weight, batch=s.batch,
-                           micro_batch=s.batch_size, eval_every=s.eval_every, seed=s.seed, system=s.system, log=log)
+                           micro_batch=s.batch_size, eval_every=s.eval_every, seed=s.seed, system=s.system, log=_log(s),
+                           memo=memo)
     out = s.out / "direction_refine"
     with_fit_files(res.direction, sets.records).save(out / "artifact")
     write_json(out / "refine.json", res.to_json())
     plot = refine_plot(res, out / "refine.png", title=f"{lm.name}: direction refinement")
-    first = res.history[0]
     chosen = next(h for h in res.history if h.step == res.chosen)
-    result = {"artifact": out / "artifact", "chosen_step": res.chosen, "start": asdict(first), "chosen": asdict(chosen),
-              "ablation": direction.ablation, "plot": plot, "settings": res.settings}
-
-    def render() -> None:
-        from rich.console import Console
-
-        c = Console()
-        c.print(f"[bold]refined direction[/bold] (block {direction.layer}, position {direction.position}, "
-                f"{direction.ablation} ablation): step {res.chosen} of {s.steps} chosen on validation")
-        c.print(f"  val first-token KL {first.val_kl:.4f} -> {chosen.val_kl:.4f}; "
-                f"harmful prompts above the harmless mean score {first.val_refusing:.0%} -> {chosen.val_refusing:.0%}; "
-                f"cosine to the start {chosen.cosine:.3f}")
-        c.print(f"artifact: {out / 'artifact'}; history: {out / 'refine.json'}; plot: {plot}")
-        c.print("measure it held out with `safetyscope direction ablate --direction " f"{out / 'artifact'}`")
-
-    emit(s, result, render)
-    return result
+    return {"artifact": out / "artifact", "chosen_step": res.chosen, "steps": s.steps, "start": asdict(res.history[0]),
+            "chosen": asdict(chosen), "ablation": direction.ablation, "layer": direction.layer,
+            "position": direction.position, "plot": plot, "settings": res.settings}
 
 
 # ---- ablate / add ---------------------------------------------------------------------------------------

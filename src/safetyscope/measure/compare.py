@@ -14,6 +14,7 @@ import torch
 
 from ..models.adapter import LoadedModel
 from .generation import last_logits
+from .memo import LogitsMemo
 from .metrics import kl_divergence, refusal_score
 from .refusal_tokens import refusal_token_ids
 
@@ -32,11 +33,13 @@ def enter(lm: LoadedModel, intervention: Intervention | None) -> AbstractContext
 
 
 def logits_under(
-    lm: LoadedModel, prompts: Sequence[str], intervention: Intervention | None, *, batch_size: int = 16, system: str | None = None
+    lm: LoadedModel, prompts: Sequence[str], intervention: Intervention | None, *, batch_size: int = 16,
+    system: str | None = None, memo: LogitsMemo | None = None,
 ) -> torch.Tensor:
-    """[n_prompts, vocab] next-token logits at the first response position under an intervention."""
+    """[n_prompts, vocab] next-token logits at the first response position under an intervention (``memo``: the
+    unmodified model's kept logits, read and filled when no intervention is active; see :mod:`safetyscope.measure.memo`)."""
     with enter(lm, intervention):
-        return last_logits(lm, prompts, batch_size=batch_size, system=system)
+        return last_logits(lm, prompts, batch_size=batch_size, system=system, memo=memo)
 
 
 def first_token_kl(

@@ -21,6 +21,7 @@ from ..positions import Batch
 from ..prefix import cache_keyword, plan
 from ..prompts.chat import pad_token_id
 from ..runner import batched
+from .memo import LogitsMemo
 from .metrics import refusal_score
 from .refusal_tokens import refusal_token_ids
 
@@ -195,17 +196,28 @@ def _generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, batc
     return Generated(replies, first)
 
 
-def last_logits(lm: LoadedModel, prompts: Sequence[str], *, batch_size: int = 16, system: str | None = None) -> torch.Tensor:
-    """Next-token logits at the first response position, [n_prompts, vocab] float32 on CPU."""
-    rows: dict[int, torch.Tensor] = {}
+def last_logits(lm: LoadedModel, prompts: Sequence[str], *, batch_size: int = 16, system: str | None = None,
+                memo: LogitsMemo | None = None) -> torch.Tensor:
+    """Next-token logits at the first response position, [n_prompts, vocab] float32 on CPU.
+
+    ``memo``: read the prompts it holds from it and keep the others in it (only while no hook that may change
+    the logits is on the model; see :mod:`safetyscope.measure.memo`)."""
+    use = memo is not None and memo.usable(lm)
+    kept = memo.get(lm, prompts, system) if memo is not None and use else [None] * len(prompts)
+    todo = [i for i, row in enumerate(kept) if row is None]
+    rows: dict[int, torch.Tensor] = {i: row for i, row in enumerate(kept) if row is not None}
 
     def step(batch: Batch) -> torch.Tensor:
         with torch.inference_mode():
             return forward(lm, batch, last_only=True)[:, -1].float().cpu()
 
-    for batch, logits in batched(lm, prompts, step, batch_size=batch_size, system=system, description="scoring"):
-        for i, row in zip(batch.index, logits):
-            rows[i] = row
+    if todo:
+        for batch, logits in batched(lm, [prompts[i] for i in todo], step, batch_size=batch_size, system=system,
+                                     description="scoring"):
+            for j, row in zip(batch.index, logits):
+                rows[todo[j]] = row
+        if memo is not None and use:
+            memo.put(lm, [prompts[i] for i in todo], system, torch.stack([rows[i] for i in todo]))
     return torch.stack([rows[i] for i in range(len(prompts))])
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from ..hooks import capture, forward
 from ..models.adapter import LoadedModel
-from ..positions import PositionSpec
-from ..runner import run_capture
+from ..parallel import gather_objects
+from ..positions import Batch, PositionSpec
+from ..runner import batched, run_capture
 from ..sites import Site
 from ..stats import GroupMoments, all_reduce_group_moments
 
@@ -41,6 +43,48 @@ def fit_group_moments(
                 local.update(group, site.name, v)
     merged = all_reduce_group_moments(local)
     return merged if into is None else into.merge(merged)
+
+
+def fit_split_moments(
+    lm: LoadedModel,
+    groups: Mapping[str, Sequence[str]],
+    sites: str | Site | Iterable[str | Site],
+    positions: PositionSpec,
+    split: Callable[[Batch, torch.Tensor], torch.Tensor],
+    *,
+    batch_size: int = 8,
+    system: str | None = None,
+) -> tuple[GroupMoments, dict[str, list[bool]]]:
+    """:func:`fit_group_moments` with every group's rows split by a test of their first-token logits, in the same
+    forward pass: ``split`` maps a batch and its logits [batch, vocab] to [batch] bool. Moments go to groups ``"{group}:True"``
+    and ``"{group}:False"``; also returned, each prompt's flag in the group's order. Under torchrun the moments
+    and the flags are merged across ranks."""
+    parsed = lm.sites(sites)
+    local = GroupMoments()
+    flags: dict[str, dict[int, bool]] = {g: {} for g in groups}
+
+    def step(batch: Batch) -> tuple[dict[Site, torch.Tensor], torch.Tensor]:
+        with torch.inference_mode(), capture(lm, parsed, positions, to_cpu=True) as cap:
+            logits = forward(lm, batch, last_only=True)[:, -1]  # [batch, vocab]
+        cap.check_finite()
+        return dict(cap.values), split(batch, logits).bool().cpu()
+
+    for group, prompts in groups.items():
+        if not prompts:
+            raise ValueError(f"the {group!r} prompt set is empty; give at least one prompt")
+        for batch, (values, flag) in batched(lm, prompts, step, batch_size=batch_size, system=system,
+                                             description=f"capturing {group}", gather=False):
+            flags[group].update(zip(batch.index, flag.tolist()))
+            for value in (True, False):
+                rows = flag == value  # [batch]
+                if bool(rows.any()):
+                    for site, v in values.items():  # v: [batch, k, *shape]
+                        local.update(f"{group}:{value}", site.name, v[rows])
+    every: dict[str, dict[int, bool]] = {g: {} for g in groups}
+    for part in gather_objects(flags):
+        for g, d in part.items():
+            every[g].update(d)
+    return all_reduce_group_moments(local), {g: [bool(every[g][i]) for i in range(len(groups[g]))] for g in groups}
 
 
 def stacked_means(stats: GroupMoments, group: str, kind: str, layers: Iterable[int]) -> torch.Tensor:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ...io import fingerprint, read_json, write_json
+from ...measure.memo import LogitsMemo
 from ...models.adapter import LoadedModel
 from ...prompts.sets import PromptsLike
 from .artifact import ABLATIONS, Ablation, Direction
@@ -135,6 +136,7 @@ def search_direction(
     cache_dir: Path | None = None,
     log: Callable[[str], None] | None = None,
     verdict_cache: Path | None = None,
+    memo: LogitsMemo | None = None,
 ) -> DirectionSearch:
     """Difference-of-means candidates fitted on ``harmful``/``harmless`` and the direction selected on the
     validation prompts (default: each group split with :func:`safetyscope.prompts.sets.split_prompts`).
@@ -142,7 +144,9 @@ def search_direction(
     Prompts: lists of strings, PromptSets or prompt files (files are recorded by sha256 in the direction's
     metadata). ``judge``: for ``filter="judge"`` and ``verify``. ``cache_dir``: keep the candidates and
     partial scores there to resume; ``verdict_cache``: where the refusal filter keeps its verdicts
-    (default ``cache_dir``). Raises :class:`NoDirectionFound` when no candidate could be scored.
+    (default ``cache_dir``); ``memo``: keep the unmodified model's first-token logits of every prompt it runs
+    there (for :func:`refine_direction` on the same prompts: :mod:`safetyscope.measure.memo`). Raises
+    :class:`NoDirectionFound` when no candidate could be scored.
     """
     from ..filtering import filter_by_refusal
     from .candidates import position_offsets
@@ -157,11 +161,11 @@ def search_direction(
     verdicts = verdict_cache if verdict_cache is not None else cache_dir
     key = _candidate_key(lm, offsets, tv, system, cfg.filter, judge)
     cands = _candidates(lm, tv, offsets, cfg, key, judge=judge, batch_size=batch_size, system=system,
-                        cache_dir=cache_dir, verdicts=verdicts, log=say)
+                        cache_dir=cache_dir, verdicts=verdicts, log=say, memo=memo)
     val = filter_by_refusal(lm, tv.val_harmful, tv.val_harmless, method=cfg.filter, judge=judge, batch_size=batch_size,
-                            system=system, cache_dir=verdicts)
+                            system=system, cache_dir=verdicts, memo=memo)
     direction, selection = _select(lm, cands, val.harmful, val.harmless, cfg, key, judge=judge, batch_size=batch_size,
-                                   system=system, cache_dir=cache_dir, log=say)
+                                   system=system, cache_dir=cache_dir, log=say, memo=memo)
     if direction is None:
         raise NoDirectionFound(selection, cands)
     direction = with_fit_files(direction, file_records({"harmful": harmful, "harmless": harmless,
@@ -194,7 +198,7 @@ def _candidate_key(lm: LoadedModel, offsets: Sequence[int], tv: TrainVal, system
 
 def _candidates(lm: LoadedModel, tv: TrainVal, offsets: Sequence[int], cfg: DirectionConfig, key: str, *,
                 judge: Judge | None, batch_size: int, system: str | None, cache_dir: Path | None,
-                verdicts: Path | None, log: Callable[[str], None]) -> Candidates:
+                verdicts: Path | None, log: Callable[[str], None], memo: LogitsMemo | None) -> Candidates:
     """The candidates, read from ``cache_dir/candidates`` when their key matches, else computed (and saved)."""
     from .candidates import find_candidates
 
@@ -207,7 +211,7 @@ def _candidates(lm: LoadedModel, tv: TrainVal, offsets: Sequence[int], cfg: Dire
     log(f"capturing resid_pre at {lm.n_layers} blocks x {len(offsets)} positions "
         f"({len(tv.harmful)}+{len(tv.harmless)} prompts)")
     cands = find_candidates(lm, tv.harmful, tv.harmless, positions=list(offsets), filter=cfg.filter, judge=judge,
-                            batch_size=batch_size, system=system, cache_dir=verdicts)
+                            batch_size=batch_size, system=system, cache_dir=verdicts, memo=memo)
     cands.info["key"] = key
     if where is not None:
         cands.save(where)
@@ -216,7 +220,7 @@ def _candidates(lm: LoadedModel, tv: TrainVal, offsets: Sequence[int], cfg: Dire
 
 def _select(lm: LoadedModel, cands: Candidates, harmful: list[str], harmless: list[str], cfg: DirectionConfig,
             cand_key: str, *, judge: Judge | None, batch_size: int, system: str | None, cache_dir: Path | None,
-            log: Callable[[str], None]) -> tuple[Direction | None, Selection]:
+            log: Callable[[str], None], memo: LogitsMemo | None) -> tuple[Direction | None, Selection]:
     """``select_direction``, resuming from and checkpointing to ``cache_dir/scores_partial.json`` (removed
     once the selection is complete)."""
     from .select import select_direction
@@ -236,7 +240,7 @@ def _select(lm: LoadedModel, cands: Candidates, harmful: list[str], harmless: li
     log(f"scoring candidates on {len(harmful)}+{len(harmless)} validation prompts"
         + (f" (resuming {len(done)} scored)" if done else ""))
     result = select_direction(lm, cands, harmful, harmless, cfg.select_config(), batch_size=batch_size, system=system,
-                              done=done, checkpoint=save, log=log, judge=judge)
+                              done=done, checkpoint=save, log=log, judge=judge, logits_memo=memo)
     if partial is not None:
         partial.unlink(missing_ok=True)
     return result

@@ -5,9 +5,9 @@ user's message, e.g. ``<|im_end|>\\n<|im_start|>assistant\\n``), the candidate i
 
     r[l, p] = mean_harmful(resid_pre[l, p]) - mean_harmless(resid_pre[l, p])
 
-computed in one forward pass per batch with float64 running means (``fit_group_moments``). By
-default only harmful prompts the model refuses and harmless prompts it answers are used
-(``filter_by_refusal``), as in the paper.
+computed in one forward pass per batch with float64 running means. By default only harmful prompts the model
+refuses and harmless prompts it answers are used (``filter_by_refusal``), as in the paper; with the one-pass
+filters the verdicts and the activations come from the same forward pass (``filter_and_fit``).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from typing import Any
 import torch
 
 from ...io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from ...measure.memo import LogitsMemo
 from ...models.adapter import LoadedModel
 from ...positions import parse_positions
 from ...prompts.chat import post_instruction_length, tokenize_prompts
-from ..filtering import filter_by_refusal
-from ..fit import fit_group_moments, stacked_means
+from ..filtering import filter_and_fit
+from ..fit import stacked_means
 from .artifact import Direction
 
 ZERO_NORM = 1e-6  # candidates whose difference of means is (relatively) this small are degenerate
@@ -143,19 +144,17 @@ def find_candidates(
     batch_size: int = 8,
     system: str | None = None,
     cache_dir: str | Path | None = None,
+    memo: LogitsMemo | None = None,
 ) -> Candidates:
     """Difference-of-means candidates at every block's ``resid_pre`` x every selected position.
 
     ``filter``: ``"first_token"`` (default), ``"score"``, ``"judge"`` or ``"none"``; see
-    :func:`safetyscope.methods.filtering.filter_by_refusal` (``cache_dir``: where it keeps its verdicts).
+    :func:`safetyscope.methods.filtering.filter_by_refusal` (``cache_dir``: where it keeps its verdicts;
+    ``memo``: where the unmodified first-token logits it computes are kept, :mod:`safetyscope.measure.memo`).
     """
     offsets = position_offsets(lm, positions, system)
-    kept = filter_by_refusal(lm, harmful, harmless, method=filter, judge=judge, batch_size=batch_size, system=system,
-                             cache_dir=cache_dir)
-    stats = fit_group_moments(
-        lm, {"harmful": kept.harmful, "harmless": kept.harmless}, "blocks.*.resid_pre", list(offsets),
-        batch_size=batch_size, system=system,
-    )
+    kept, stats = filter_and_fit(lm, harmful, harmless, "blocks.*.resid_pre", list(offsets), method=filter, judge=judge,
+                                 batch_size=batch_size, system=system, cache_dir=cache_dir, memo=memo)
     layers = range(lm.n_layers)
     means = {group: stacked_means(stats, group, "resid_pre", layers)  # [n_layers, n_positions, d_model]
              for group in ("harmful", "harmless")}

@@ -19,6 +19,7 @@ from ...measure.capability import CrossEntropy, reply_cross_entropy
 from ...measure.compare import enter, logits_under
 from ...measure.generation import generate, generate_scored
 from ...measure.judges import PhraseJudge
+from ...measure.memo import LogitsMemo
 from ...measure.metrics import kl_divergence, perplexity, rate_with_ci, refusal_score
 from ...measure.refusal_tokens import refusal_token_ids
 from ...models.adapter import LoadedModel
@@ -130,21 +131,24 @@ def reply_nll(
     return total.sum_nll, total.n_tokens
 
 
+LOGITS = "unmodified_logits"  # the evaluation memo's entry holding the unmodified model's LogitsMemo
+
+
 def condition_logits(
     lm: LoadedModel, name: str, prompts: Sequence[str], intervention: Any, first: dict[str, torch.Tensor],
     memo: dict[Any, Any], *, batch_size: int, system: str | None,
 ) -> torch.Tensor:
     """First-token logits [n, vocab] of one condition: read during its generation (``first``), else the
-    unmodified model's rows from ``memo`` (kept per prompt), else one forward pass."""
-    if name in first:
-        got = first[name]
-    elif intervention is None and all(("unmodified", p) in memo for p in prompts):
-        return torch.stack([memo[("unmodified", p)] for p in prompts])
-    else:
-        got = logits_under(lm, prompts, intervention, batch_size=batch_size, system=system)
+    unmodified model's rows kept in ``memo`` (a :class:`~safetyscope.measure.memo.LogitsMemo` under
+    ``LOGITS``), else one forward pass; the unmodified model's rows are kept there."""
+    kept = memo.get(LOGITS)
+    if kept is None:
+        kept = memo[LOGITS] = LogitsMemo(lm)
+    if name not in first:
+        return logits_under(lm, prompts, intervention, batch_size=batch_size, system=system, memo=kept)
     if intervention is None:
-        memo.update({("unmodified", p): row for p, row in zip(prompts, got)})
-    return got
+        kept.put(lm, prompts, system, first[name])
+    return first[name]
 
 
 def evaluate_ablation(

@@ -39,6 +39,7 @@ import torch
 
 from ...hooks import capture, forward, hooks
 from ...measure.compare import logits_under
+from ...measure.memo import LogitsMemo
 from ...measure.metrics import kl_divergence, refusal_score
 from ...measure.refusal_tokens import refusal_token_ids
 from ...models.adapter import LoadedModel
@@ -120,17 +121,20 @@ def refine_direction(
     lr: float = 0.002,
     kl_weight: float = 20.0,
     batch: int = 16,
-    micro_batch: int = 8,
-    eval_every: int = 5,
+    micro_batch: int = 32,
+    eval_every: int = 10,
     seed: int = 0,
     system: str | None = None,
     log: Callable[[str], None] | None = None,
+    memo: LogitsMemo | None = None,
 ) -> RefineResult:
     """Train ``direction`` (only it; the model stays frozen) on the loss in the module docstring.
 
     Prompts: lists of strings, PromptSets or prompt files. Without validation prompts each group is split
     with :func:`safetyscope.prompts.sets.split_prompts` (train to train on, val to choose the checkpoint).
-    Prompt files it trains on are recorded (sha256) in the refined direction's metadata.
+    Prompt files it trains on are recorded (sha256) in the refined direction's metadata. ``memo``: the unmodified
+    model's first-token logits (e.g. from :func:`search_direction` on the same prompts; :mod:`safetyscope.measure.memo`)
+    for the KL reference, read and filled (zero ablation; mean ablation computes its reference with the means).
     """
     if steps < 0 or lr <= 0 or kl_weight < 0 or batch < 1 or micro_batch < 1 or eval_every < 1:
         raise ValueError("refinement settings must be positive: --steps >= 0, --lr > 0, --kl-weight >= 0, "
@@ -140,7 +144,7 @@ def refine_direction(
     say = log or (lambda _m: None)
     if not tv.held_out:
         say("too few prompts to hold some out for validation: the checkpoint is chosen on the training prompts")
-    run = _Refinement(lm, direction, s, vs, micro_batch=micro_batch, system=system, log=say)
+    run = _Refinement(lm, direction, s, vs, micro_batch=micro_batch, system=system, log=say, memo=memo)
     rng = random.Random(seed)
     opt = torch.optim.Adam([run.v], lr=lr)
     history: list[RefineStep] = []
@@ -170,12 +174,22 @@ def refine_direction(
     )
 
 
+@dataclass(frozen=True)
+class _Row:
+    """One training row: a harmful prompt (``ref`` None: the bypass term) or a harmless one (``ref``: its row in
+    the reference logits: the KL term), and its weight in the step's loss."""
+
+    prompt: str
+    ref: int | None
+    weight: float
+
+
 class _Refinement:
     """The trained vector ``v``, the hooks' state (unit ``r`` [d_model], mean targets ``t`` [n_layers]) and
     the reference logits of the unmodified model."""
 
     def __init__(self, lm: LoadedModel, direction: Direction, harmless: list[str], val_harmless: list[str], *,
-                 micro_batch: int, system: str | None, log: Callable[[str], None]):
+                 micro_batch: int, system: str | None, log: Callable[[str], None], memo: LogitsMemo | None):
         self.lm, self.micro_batch, self.system, self.say = lm, micro_batch, system, log
         self.ids = refusal_token_ids(lm.tokenizer)
         device = lm.input_device
@@ -185,9 +199,9 @@ class _Refinement:
                                                      system=system)  # [n, V], [n_layers, d_model]
             self.means = means.to(device=device, dtype=torch.float32)
         else:
-            self.ref_train = logits_under(lm, harmless, None, batch_size=micro_batch, system=system)  # [n, V]
+            self.ref_train = logits_under(lm, harmless, None, batch_size=micro_batch, system=system, memo=memo)  # [n, V]
         self.val_harmless = list(val_harmless)
-        self.ref_val = logits_under(lm, val_harmless, None, batch_size=micro_batch, system=system)
+        self.ref_val = logits_under(lm, val_harmless, None, batch_size=micro_batch, system=system, memo=memo)
         self.tau = float(refusal_score(self.ref_train, self.ids).mean())
         self.start = direction.direction.to(device=device, dtype=torch.float32)  # [d_model] unit
         self.v = self.start.clone().requires_grad_(True)
@@ -201,39 +215,57 @@ class _Refinement:
 
     def train_step(self, opt: torch.optim.Optimizer, rng: random.Random, harmful: list[str], harmless: list[str],
                    batch: int, kl_weight: float) -> dict[str, float]:
-        """One Adam step on a seeded minibatch of each group; the minibatch means of both terms."""
+        """One Adam step on a seeded minibatch of each group; the minibatch means of both terms.
+
+        Both groups' rows go through the model together (``micro_batch`` rows per pass, mixed): on a CPU one
+        pass of 32 rows costs about 0.8x two passes of 16, and the gradient is the same sum either way."""
         hb = rng.sample(list(harmful), min(batch, len(harmful)))
         sb_idx = rng.sample(range(len(harmless)), min(batch, len(harmless)))
+        rows = [_Row(p, None, 1.0 / len(hb)) for p in hb]
+        rows += [_Row(harmless[i], i, kl_weight / len(sb_idx)) for i in sb_idx]
         opt.zero_grad()
-        b_sum = self.backward(hb, None, 1.0 / len(hb))
-        k_sum = self.backward([harmless[i] for i in sb_idx], self.ref_train[sb_idx], kl_weight / len(sb_idx))
+        b_sum, k_sum = self.backward(rows)
         opt.step()
         return {"train_bypass": b_sum / len(hb), "train_kl": k_sum / len(sb_idx)}
 
-    def backward(self, prompts: Sequence[str], ref: torch.Tensor | None, scale: float) -> float:
-        """Backward of ``scale`` x the sum of relu(score - tau) (``ref`` None) or of KL over ``prompts``; the sum."""
-        total, size, i = 0.0, self.micro_batch, 0
-        while i < len(prompts):
-            chunk = list(prompts[i:i + size])
+    def backward(self, rows: Sequence[_Row]) -> tuple[float, float]:
+        """Backward of the weighted sum of relu(score - tau) over harmful rows (``ref`` None) and of first-token KL
+        over harmless rows, in micro-batches (halved on out-of-memory); the unweighted sums of both terms."""
+        sums, size, i = [0.0, 0.0], self.micro_batch, 0
+        while i < len(rows):
+            chunk = list(rows[i:i + size])
             try:
                 with torch.enable_grad():
                     self.set_r(self.v)
-                    batch = tokenize_prompts(self.lm.tokenizer, chunk, system=self.system)
+                    batch = tokenize_prompts(self.lm.tokenizer, [r.prompt for r in chunk], system=self.system)
                     logits = forward(self.lm, batch, last_only=True)[:, -1]  # [b, vocab]
-                    if ref is None:
-                        vals = torch.relu(refusal_score(logits, self.ids, grad=True) - self.tau)  # [b]
-                    else:
-                        vals = kl_divergence(ref[i:i + len(chunk)].to(logits.device), logits, grad=True)  # [b]
-                    (vals.sum() * scale).backward()
+                    vals, kinds = self.row_terms(logits, chunk)  # [b], [b] bool (True: KL term)
+                    weights = torch.tensor([r.weight for r in chunk], device=vals.device, dtype=vals.dtype)  # [b]
+                    (vals * weights).sum().backward()
             except RuntimeError as exc:
                 if not is_oom(exc) or size == 1:
                     raise
                 size = max(1, size // 2)
                 self.say(f"out of memory: retrying with micro-batches of {size}")
                 continue
-            total += float(vals.detach().sum())
+            vals = vals.detach()
+            sums[0] += float(vals[~kinds].sum())
+            sums[1] += float(vals[kinds].sum())
             i += len(chunk)
-        return total
+        return sums[0], sums[1]
+
+    def row_terms(self, logits: torch.Tensor, rows: Sequence[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of ``logits`` [b, vocab]: relu(score - tau) for harmful rows, KL to the reference for harmless
+        rows; and which rows are KL rows. Both [b]."""
+        kl_rows = [j for j, r in enumerate(rows) if r.ref is not None]
+        kinds = torch.zeros(len(rows), dtype=torch.bool, device=logits.device)
+        kinds[kl_rows] = True
+        vals = torch.relu(refusal_score(logits, self.ids, grad=True) - self.tau)  # [b]
+        if kl_rows:
+            ref = self.ref_train[[rows[j].ref for j in kl_rows]].to(logits.device)  # [k, vocab]
+            kl = kl_divergence(ref, logits[kl_rows], grad=True)  # [k]
+            vals = vals.index_put((kinds.nonzero()[:, 0],), kl.to(vals.dtype))
+        return vals, kinds
 
     def validate(self, val_harmful: list[str], step: int, t0: float, kl_weight: float, **train: float) -> RefineStep:
         """The loss on the validation prompts, without gradient (the hooks are installed)."""

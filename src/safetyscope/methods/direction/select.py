@@ -33,6 +33,7 @@ from dataclasses import asdict
 import torch
 
 from ...measure.compare import logits_under
+from ...measure.memo import LogitsMemo
 from ...measure.metrics import refusal_score
 from ...measure.refusal_tokens import refusal_token_ids
 from ...models.adapter import LoadedModel
@@ -61,11 +62,13 @@ def select_direction(
     checkpoint: Callable[[Memo], None] | None = None,
     log: Callable[[str], None] | None = None,
     judge: Callable[[str, str], bool] | None = None,
+    logits_memo: LogitsMemo | None = None,
 ) -> tuple[Direction | None, Selection]:
     """Score the candidates on validation prompts and pick the refusal direction.
 
     ``done``/``checkpoint``: partial scores keyed ``"layer:position"`` from an interrupted run, and a
     callback receiving them after every pass (``search_direction`` writes them to disk to resume).
+    ``logits_memo``: the unmodified model's first-token logits (:mod:`safetyscope.measure.memo`) for the baseline.
     """
     cfg = config or SelectConfig()
     if not harmful or not harmless:
@@ -75,7 +78,7 @@ def select_direction(
     harmful, harmless = list(harmful), list(harmless)
     run = CandidateScoring(lm, candidates, cfg, ids, batch_size=batch_size, system=system, done=done,
                            checkpoint=checkpoint, log=say)
-    base_s, baseline = _baseline(lm, harmful, harmless, ids, batch_size, system)
+    base_s, baseline = _baseline(lm, harmful, harmless, ids, batch_size, system, logits_memo)
     todo = [k for k, s in run.scores.items()
             if Reason.ZERO not in s.reasons and (cfg.score_pruned or Reason.LATE not in s.reasons)]
     if 0 < cfg.screen < max(len(harmful), len(harmless)):
@@ -100,10 +103,10 @@ def select_direction(
 
 
 def _baseline(lm: LoadedModel, harmful: list[str], harmless: list[str], ids: list[int], batch_size: int,
-              system: str | None) -> tuple[torch.Tensor, dict[str, float]]:
+              system: str | None, memo: LogitsMemo | None) -> tuple[torch.Tensor, dict[str, float]]:
     """(harmless first-token logits [n_s, vocab], the unmodified model's mean scores)."""
-    base_h = logits_under(lm, harmful, None, batch_size=batch_size, system=system)  # [n_h, vocab]
-    base_s = logits_under(lm, harmless, None, batch_size=batch_size, system=system)  # [n_s, vocab]
+    base_h = logits_under(lm, harmful, None, batch_size=batch_size, system=system, memo=memo)  # [n_h, vocab]
+    base_s = logits_under(lm, harmless, None, batch_size=batch_size, system=system, memo=memo)  # [n_s, vocab]
     return base_s, {"harmful_score": float(refusal_score(base_h, ids).mean()),
                     "harmless_score": float(refusal_score(base_s, ids).mean()),
                     "harmful_refusing": float((refusal_score(base_h, ids) > 0).float().mean())}

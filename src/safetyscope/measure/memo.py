@@ -1,0 +1,63 @@
+"""The unmodified model's first-token logits, kept per prompt for the steps of one session that need them again.
+
+A direction search filters its prompts by the model's first reply token, scores candidates against the
+unmodified harmless logits, and refinement then needs the same logits as its KL reference: on the default
+model that is three forward passes over the same prompts. A :class:`LogitsMemo` passed to those steps
+(``search_direction(..., memo=m)``, ``refine_direction(..., memo=m)``) runs each prompt once.
+
+The memo is explicit (nothing is kept unless one is passed) and guarded: it belongs to one loaded model,
+every entry is keyed by the model's weights (storage and in-place version of every parameter and buffer, as
+:func:`safetyscope.prefix.memo_key`), the system prompt and the prompt, and :func:`last_logits` reads or
+fills it only while no hook that could change the logits is on the model (an intervention, an undeclared
+hook). Entries are float32 CPU tensors [vocab].
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Hashable, Sequence
+
+import torch
+
+from ..models.adapter import LoadedModel
+from ..prefix import active_policies
+
+
+class LogitsMemo:
+    """First-token logits of the unmodified model per (weights, system prompt, prompt); see the module docstring."""
+
+    def __init__(self, lm: LoadedModel):
+        self._model = weakref.ref(lm.model)
+        self._rows: dict[tuple[Hashable, str | None, str], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def usable(self, lm: LoadedModel) -> bool:
+        """True when ``lm`` is this memo's model and no hook on it may change its logits."""
+        model: torch.nn.Module = lm.model
+        if self._model() is not model:
+            raise ValueError("this LogitsMemo was made for another model; make one per loaded model")
+        policies = active_policies(model)
+        return policies is not None and all(p.kind == "neutral" for p in policies)
+
+    def get(self, lm: LoadedModel, prompts: Sequence[str], system: str | None) -> list[torch.Tensor | None]:
+        """The kept logits [vocab] of each prompt (None where there are none)."""
+        state = _state(lm)
+        return [self._rows.get((state, system, p)) for p in prompts]
+
+    def put(self, lm: LoadedModel, prompts: Sequence[str], system: str | None, logits: torch.Tensor) -> None:
+        """Keep ``logits`` [n, vocab] of the unmodified model for ``prompts`` (the caller vouches for "unmodified")."""
+        state = _state(lm)
+        rows = logits.detach().float().cpu()
+        for p, row in zip(prompts, rows):
+            self._rows[(state, system, p)] = row.clone()
+
+
+def _state(lm: LoadedModel) -> Hashable:
+    """The weights' identity: storage and in-place version of every parameter and buffer, and the modules."""
+    model = lm.model
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return (tuple((t.data_ptr(), -1 if t.is_inference() else int(t._version), t.dtype) for t in tensors),
+            tuple(id(m) for m in model.modules()))
