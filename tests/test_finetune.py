@@ -301,3 +301,36 @@ def test_lora_merged_weights_equal_the_hooked_adapters():
                 params[n].copy_(t)
     with torch.no_grad():
         assert torch.equal(lm.model(input_ids=ids).logits, plain)  # adapters' hooks gone after the block
+
+
+def test_export_of_a_bfloat16_run_keeps_every_frozen_tensor_of_the_float32_checkpoint(tmp_path):
+    """A GPU loads in bfloat16: the export copies the stored float32 tensors byte for byte and writes only the
+    tuned ones; a model edited in memory after loading is saved as it is instead."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from safetyscope.models import load_model
+
+    base = tiny_model("qwen2")
+    base.model.save_pretrained(tmp_path / "src", safe_serialization=True)
+    base.tokenizer.save_pretrained(tmp_path / "src")
+    stored = load_file(str(tmp_path / "src" / "model.safetensors"))
+    half = load_model(str(tmp_path / "src"), dtype="bfloat16")
+    r = _run(half)
+    out = load_file(str(r.export(half, tmp_path / "ckpt") / "model.safetensors"))
+    assert set(out) == set(stored) and r.tuned
+    for name, t in stored.items():
+        if name in r.tuned:
+            assert out[name].dtype == torch.float32 and torch.equal(out[name], r.tuned[name].float())
+        else:
+            assert torch.equal(out[name], t)  # byte-identical, not rounded through bfloat16
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")  # a normal checkpoint
+    frozen = next(n for n in stored if n not in r.tuned and n.endswith("norm.weight"))
+    with torch.no_grad():
+        dict(half.model.named_parameters())[frozen].add_(1.0)  # edited in memory after loading
+    try:
+        again = load_file(str(r.export(half, tmp_path / "edited") / "model.safetensors"))
+    finally:
+        with torch.no_grad():
+            dict(half.model.named_parameters())[frozen].sub_(1.0)
+    assert again[frozen].dtype == torch.bfloat16 and torch.equal(again[frozen], stored[frozen].bfloat16() + 1)

@@ -33,6 +33,7 @@ from ...sites import Component, SiteError, parse_sites
 from ..direction.artifact import Direction
 from .components import Selection, frozen, random_like, select, select_all, trainable
 from .data import DATA_VERSION, MODES, Mode, TrainingData, make_data
+from .export import stored_checkpoint, write_over_stored
 from .lora import lora
 from .train import TrainConfig, TrainLog, peak_memory, train
 
@@ -82,12 +83,18 @@ class FinetuneResult:
         return dataclasses.replace(lm, model=model, name=f"{lm.name}+{self.mode}", meta=dict(lm.meta))
 
     def export(self, lm: LoadedModel, out_dir: str | Path) -> Path:
-        """A normal Hugging Face checkpoint of ``lm`` with the tuned tensors (plus the tokenizer)."""
-        with self.apply(lm), atomic_dir(out_dir) as tmp:
-            kwargs: dict[str, Any] = {}
-            if "safe_serialization" in inspect.signature(lm.model.save_pretrained).parameters:
-                kwargs["safe_serialization"] = True
-            lm.model.save_pretrained(tmp, **kwargs)
+        """A normal Hugging Face checkpoint of ``lm`` with the tuned tensors (plus the tokenizer). When ``lm`` was
+        loaded from a local safetensors checkpoint that its frozen tensors still equal, the stored files are
+        copied with only the tuned tensors replaced (never rounded to a coarser stored dtype), so a run in bfloat16 of a
+        float32 checkpoint leaves every other tensor byte-identical (:mod:`.export`); else the live model is saved."""
+        source = stored_checkpoint(lm.meta)
+        with atomic_dir(out_dir) as tmp:
+            if source is None or not write_over_stored(source, lm.model.state_dict(), self.tuned, tmp):
+                with self.apply(lm):
+                    kwargs: dict[str, Any] = {}
+                    if "safe_serialization" in inspect.signature(lm.model.save_pretrained).parameters:
+                        kwargs["safe_serialization"] = True
+                    lm.model.save_pretrained(tmp, **kwargs)
             if lm.tokenizer is not None:
                 lm.tokenizer.save_pretrained(tmp)
             write_json(tmp / "safetyscope_finetune.json", {"source_model": lm.name, **self.summary()})
