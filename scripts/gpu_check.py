@@ -126,6 +126,30 @@ def interventions_on_cuda() -> None:
         torch.testing.assert_close(exported, hooked, rtol=1e-3, atol=1e-3)
 
 
+def bf16_audit_and_export(device: str = "cuda") -> None:
+    """bfloat16, a GPU's default dtype: a fingerprint of an unmodified float32 checkpoint reads it clean, and a
+    fine-tuning export keeps every frozen tensor of the stored checkpoint byte-identical."""
+    from safetensors.torch import load_file
+
+    from safetyscope.methods.audit import audit_checkpoint, make_fingerprint
+    from safetyscope.methods.audit.source import TensorSource
+    from safetyscope.methods.direction.artifact import Direction
+    from safetyscope.methods.finetune.api import finetune
+    from safetyscope.methods.finetune.train import TrainConfig
+
+    with tempfile.TemporaryDirectory() as d:
+        src = _saved_tiny(d + "/src")
+        lm = load_model(src, device=device, dtype="bfloat16", log=lambda _m: None)
+        fp = make_fingerprint(lm, source=TensorSource.from_dir(src))
+        assert audit_checkpoint(src, fingerprint=fp, behaviour=False).fingerprint.verdict == "clean"
+        cfg = TrainConfig(steps=2, lr=1e-2, batch_size=2, max_reply_tokens=4, checkpoint_every=0)
+        r = finetune(lm, "weaken", "blocks.1.mlp", harmful=PROMPTS[:2], harmless=PROMPTS[2:4], max_new_tokens=4,
+                     config=cfg, judge=lambda _p, _r: False, direction=Direction(torch.randn(lm.dims.d_model), 1))
+        out = load_file(str(r.export(lm, d + "/ckpt") / "model.safetensors"))
+        stored = load_file(src + "/model.safetensors")
+        assert r.tuned and all(torch.equal(out[n], t) for n, t in stored.items() if n not in r.tuned)
+
+
 def _saved_tiny(d: str) -> str:
     lm = tiny_model("llama")
     lm.model.save_pretrained(d)
@@ -230,6 +254,7 @@ def main() -> None:
     check("load with device_map=auto (accelerate) and capture", device_map_auto)
     check("direction ablation/export and neuron ablation on cuda", interventions_on_cuda)
     check("device_map across cuda:0, CPU and disk offload equals one GPU", device_map_offload)
+    check("bfloat16: fingerprint of an unmodified checkpoint clean, finetune export keeps frozen tensors", bf16_audit_and_export)
     if torch.cuda.device_count() >= 2:
         check("device_map across two GPUs equals one GPU", two_gpus)
         check("torchrun data parallel (nccl) equals one process", torchrun_nccl)

@@ -46,6 +46,7 @@ def test_memo_returns_the_same_logits_and_runs_each_prompt_once(lm, rows):
     assert torch.equal(both[:3], first)
     again = last_logits(lm, list(reversed(PROMPTS)), batch_size=4, memo=memo)
     assert sum(rows) == 5 and torch.equal(again, both.flip(0))
+    assert torch.equal(memo.lookup(lm, PROMPTS, None), both) and memo.lookup(lm, [*PROMPTS, "new"], None) is None
     other_system = last_logits(lm, PROMPTS[:1], system="Be brief.", memo=memo)  # keyed by the system prompt too
     assert sum(rows) == 6 and not torch.allclose(other_system[0], both[0])
 

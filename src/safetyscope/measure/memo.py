@@ -47,6 +47,11 @@ class LogitsMemo:
         state = _state(lm)
         return [self._rows.get((state, system, p)) for p in prompts]
 
+    def lookup(self, lm: LoadedModel, prompts: Sequence[str], system: str | None) -> torch.Tensor | None:
+        """[n, vocab]: every prompt's kept logits, or None unless all are kept and the memo is usable now."""
+        rows = self.get(lm, prompts, system) if self.usable(lm) else [None]
+        return None if any(r is None for r in rows) else torch.stack([r for r in rows if r is not None])
+
     def put(self, lm: LoadedModel, prompts: Sequence[str], system: str | None, logits: torch.Tensor) -> None:
         """Keep ``logits`` [n, vocab] of the unmodified model for ``prompts`` (the caller vouches for "unmodified")."""
         state = _state(lm)

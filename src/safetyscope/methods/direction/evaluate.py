@@ -145,7 +145,9 @@ def condition_logits(
     if kept is None:
         kept = memo[LOGITS] = LogitsMemo(lm)
     if name not in first:
-        return logits_under(lm, prompts, intervention, batch_size=batch_size, system=system, memo=kept)
+        held = kept.lookup(lm, prompts, system) if intervention is None else None
+        return held if held is not None else logits_under(lm, prompts, intervention, batch_size=batch_size,
+                                                           system=system, memo=kept)
     if intervention is None:
         kept.put(lm, prompts, system, first[name])
     return first[name]
