@@ -9,7 +9,8 @@ The memo is explicit (nothing is kept unless one is passed) and guarded: it belo
 every entry is keyed by the model's weights (storage and in-place version of every parameter and buffer, as
 :func:`safetyscope.prefix.memo_key`), the system prompt and the prompt, and :func:`last_logits` reads or
 fills it only while no hook that could change the logits is on the model (an intervention, an undeclared
-hook). Entries are float32 CPU tensors [vocab].
+hook). Entries are float32 CPU tensors [vocab]: prompts x vocab x 4 bytes of host memory for the memo's life
+(a search on the default model's 256 + 64 built-in prompts: about 190 MB).
 """
 
 from __future__ import annotations
