@@ -30,6 +30,8 @@ from ..sites import Site
 from ..stats import GroupMoments
 from .fit import fit_group_moments, fit_split_moments
 
+JUDGE_TOKENS = 48  # reply length the judge method generates (part of every verdict cache key)
+
 
 @dataclass(frozen=True)
 class Filtered:
@@ -64,7 +66,7 @@ def filter_by_refusal(
     min_keep: int = 2,
     batch_size: int = 16,
     system: str | None = None,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = JUDGE_TOKENS,
     cache_dir: str | Path | None = None,
     memo: LogitsMemo | None = None,
 ) -> Filtered:
@@ -118,7 +120,7 @@ def filter_and_fit(
     as :func:`filter_by_refusal` caches them, and the logits kept in ``memo`` when one is given; the other
     methods filter, then capture.
     """
-    path = _cache_path(lm, method, threshold, system, 48, judge, harmful, harmless, cache_dir)
+    path = _cache_path(lm, method, threshold, system, JUDGE_TOKENS, judge, harmful, harmless, cache_dir)
     if method not in ("first_token", "score") or _cached(path, len(harmful), len(harmless)) is not None:
         kept = filter_by_refusal(lm, harmful, harmless, method=method, judge=judge, threshold=threshold,
                                  min_keep=min_keep, batch_size=batch_size, system=system, cache_dir=cache_dir,
