@@ -290,12 +290,18 @@ def memo_key(model: nn.Module, split: Split) -> Hashable | None:
     prefix call, or gradients flow into parameters)."""
     if not split.unedited or len(split.prefix) != 1:
         return None
-    tensors = list(itertools.chain(model.parameters(), model.buffers()))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in model.parameters()):
         return None
     ids = split.prefix.input_ids  # [1, p]
     return (tuple(ids[0].tolist()), str(ids.device), torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
-            tuple((t.data_ptr(), _version(t), t.dtype) for t in tensors), tuple(id(m) for m in model.modules()))
+            weights_key(model))
+
+
+def weights_key(model: nn.Module) -> Hashable:
+    """The weights' identity: storage, in-place version and dtype of every parameter and buffer, and every module's
+    identity (a weight edit, a swapped module or an adapter gives another key)."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return (tuple((t.data_ptr(), _version(t), t.dtype) for t in tensors), tuple(id(m) for m in model.modules()))
 
 
 def _version(t: torch.Tensor) -> int:

@@ -135,12 +135,32 @@ def run_capture(
     ``gather=False`` under torchrun: only this rank's batches (for statistics merged afterwards).
     """
     parsed = lm.sites(sites)
+    yield from batched(lm, prompts, lambda b: _captured(lm, b, parsed, positions, to_cpu)[0], batch_size=batch_size,
+                       system=system, description=description, gather=gather)
 
-    def step(batch: Batch) -> dict[Site, torch.Tensor]:
-        with torch.inference_mode(), capture(lm, parsed, positions, to_cpu=to_cpu) as cap:
-            forward(lm, batch, last_only=True)
-        cap.check_finite()
-        return dict(cap.values)
 
-    yield from batched(lm, prompts, step, batch_size=batch_size, system=system, description=description,
-                       gather=gather)
+def run_capture_logits(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    sites: str | Site | Iterable[str | Site],
+    positions: PositionSpec = "last",
+    *,
+    batch_size: int = 8,
+    system: str | None = None,
+    description: str = "capturing",
+    gather: bool = True,
+) -> Iterator[tuple[Batch, tuple[dict[Site, torch.Tensor], torch.Tensor]]]:
+    """:func:`run_capture` (values on the CPU) with the first-token logits of the same pass: yields
+    (batch, ({site: [batch, k, *shape]}, [batch, vocab] float32 on the CPU))."""
+    parsed = lm.sites(sites)
+    yield from batched(lm, prompts, lambda b: _captured(lm, b, parsed, positions, True), batch_size=batch_size,
+                       system=system, description=description, gather=gather)
+
+
+def _captured(lm: LoadedModel, batch: Batch, sites: list[Site], positions: PositionSpec,
+              to_cpu: bool) -> tuple[dict[Site, torch.Tensor], torch.Tensor]:
+    """One forward pass: every site's values and the first-token logits [batch, vocab] (float32, CPU)."""
+    with torch.inference_mode(), capture(lm, sites, positions, to_cpu=to_cpu) as cap:
+        logits = forward(lm, batch, last_only=True)[:, -1].float().cpu()
+    cap.check_finite()
+    return dict(cap.values), logits

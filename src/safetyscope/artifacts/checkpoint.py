@@ -26,7 +26,7 @@ The checkpoint's tokenizer, generation config and any other files are not used.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,15 @@ def weight_files(path: str | Path) -> list[Path]:
     """The ``model*.safetensors`` files of a checkpoint directory (sorted; empty if none)."""
     p = Path(path)
     return sorted(f for f in p.glob(_WEIGHT_GLOB) if f.is_file()) if p.is_dir() else []
+
+
+def stored_checkpoint(meta: Mapping[str, object]) -> Path | None:
+    """The local safetensors checkpoint directory a model was loaded from (``LoadedModel.meta["source"]``), or None
+    (a hub id, a .gguf file, pickled weights, a model built in memory)."""
+    source = meta.get("source")
+    if not isinstance(source, str) or not Path(source).is_dir() or not weight_files(source):
+        return None
+    return Path(source)
 
 
 def is_checkpoint_dir(path: str | Path) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -116,16 +115,13 @@ def run_fingerprint(s: FingerprintSettings) -> dict[str, Any]:
 
 
 def _write_fingerprint(s: Settings, where: str) -> dict[str, Any]:
+    from ..artifacts.checkpoint import stored_checkpoint
     from ..methods.audit import make_fingerprint
-    from ..methods.audit.source import AuditInputError, TensorSource
+    from ..methods.audit.source import TensorSource
 
     lm = s.load_model()
-    stored = lm.meta.get("source")
-    try:  # the weight statistics from the stored checkpoint, not the copy rounded to the load dtype
-        source = TensorSource.from_dir(stored) if stored and Path(stored).is_dir() else None
-    except AuditInputError:  # e.g. pickled weights loaded with --allow-pickle: the loaded copy it is
-        source = None
-    fp = make_fingerprint(lm, source=source)
+    stored = stored_checkpoint(lm.meta)  # the weight statistics from it, not from the copy rounded to the load dtype
+    fp = make_fingerprint(lm, source=None if stored is None else TensorSource.from_dir(stored))
     path = fp.save(where)
     result = {"fingerprint": str(path), "model": fp.label, "directions": len(fp.layers), "writers": len(fp.writers),
               "tensors": len(fp.sums), "canaries": len(fp.canary_scores)}

@@ -7,7 +7,7 @@ model that is three forward passes over the same prompts. A :class:`LogitsMemo` 
 
 The memo is explicit (nothing is kept unless one is passed) and guarded: it belongs to one loaded model,
 every entry is keyed by the model's weights (storage and in-place version of every parameter and buffer, as
-:func:`safetyscope.prefix.memo_key`), the system prompt and the prompt, and :func:`last_logits` reads or
+:func:`safetyscope.prefix.weights_key`), the system prompt and the prompt, and :func:`last_logits` reads or
 fills it only while no hook that could change the logits is on the model (an intervention, an undeclared
 hook). Entries are float32 CPU tensors [vocab]: prompts x vocab x 4 bytes of host memory for the memo's life
 (a search on the default model's 256 + 64 built-in prompts: about 190 MB).
@@ -15,14 +15,13 @@ hook). Entries are float32 CPU tensors [vocab]: prompts x vocab x 4 bytes of hos
 
 from __future__ import annotations
 
-import itertools
 import weakref
 from collections.abc import Hashable, Sequence
 
 import torch
 
 from ..models.adapter import LoadedModel
-from ..prefix import active_policies
+from ..prefix import active_policies, weights_key
 
 
 class LogitsMemo:
@@ -45,7 +44,7 @@ class LogitsMemo:
 
     def get(self, lm: LoadedModel, prompts: Sequence[str], system: str | None) -> list[torch.Tensor | None]:
         """The kept logits [vocab] of each prompt (None where there are none)."""
-        state = _state(lm)
+        state = weights_key(lm.model)
         return [self._rows.get((state, system, p)) for p in prompts]
 
     def lookup(self, lm: LoadedModel, prompts: Sequence[str], system: str | None) -> torch.Tensor | None:
@@ -55,15 +54,8 @@ class LogitsMemo:
 
     def put(self, lm: LoadedModel, prompts: Sequence[str], system: str | None, logits: torch.Tensor) -> None:
         """Keep ``logits`` [n, vocab] of the unmodified model for ``prompts`` (the caller vouches for "unmodified")."""
-        state = _state(lm)
+        state = weights_key(lm.model)
         rows = logits.detach().float().cpu()
         for p, row in zip(prompts, rows):
             self._rows[(state, system, p)] = row.clone()
 
-
-def _state(lm: LoadedModel) -> Hashable:
-    """The weights' identity: storage and in-place version of every parameter and buffer, and the modules."""
-    model = lm.model
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    return (tuple((t.data_ptr(), -1 if t.is_inference() else int(t._version), t.dtype) for t in tensors),
-            tuple(id(m) for m in model.modules()))

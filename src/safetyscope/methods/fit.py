@@ -6,11 +6,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from ..hooks import capture, forward
 from ..models.adapter import LoadedModel
 from ..parallel import gather_objects
 from ..positions import Batch, PositionSpec
-from ..runner import batched, run_capture
+from ..runner import run_capture, run_capture_logits
 from ..sites import Site
 from ..stats import GroupMoments, all_reduce_group_moments
 
@@ -59,21 +58,15 @@ def fit_split_moments(
     forward pass: ``split`` maps a batch and its logits [batch, vocab] to [batch] bool. Moments go to groups ``"{group}:True"``
     and ``"{group}:False"``; also returned, each prompt's flag in the group's order. Under torchrun the moments
     and the flags are merged across ranks."""
-    parsed = lm.sites(sites)
     local = GroupMoments()
     flags: dict[str, dict[int, bool]] = {g: {} for g in groups}
-
-    def step(batch: Batch) -> tuple[dict[Site, torch.Tensor], torch.Tensor]:
-        with torch.inference_mode(), capture(lm, parsed, positions, to_cpu=True) as cap:
-            logits = forward(lm, batch, last_only=True)[:, -1]  # [batch, vocab]
-        cap.check_finite()
-        return dict(cap.values), split(batch, logits).bool().cpu()
-
     for group, prompts in groups.items():
         if not prompts:
             raise ValueError(f"the {group!r} prompt set is empty; give at least one prompt")
-        for batch, (values, flag) in batched(lm, prompts, step, batch_size=batch_size, system=system,
-                                             description=f"capturing {group}", gather=False):
+        for batch, (values, logits) in run_capture_logits(lm, prompts, sites, positions, batch_size=batch_size,
+                                                          system=system, description=f"capturing {group}",
+                                                          gather=False):
+            flag = split(batch, logits).bool().cpu()  # [batch]
             flags[group].update(zip(batch.index, flag.tolist()))
             for value in (True, False):
                 rows = flag == value  # [batch]

@@ -91,7 +91,7 @@ def make_fingerprint(lm: LoadedModel, cfg: SignatureConfig | None = None,
                               "pass the directory the model was loaded from")
     dirs = harm_directions(lm, replace(cfg, harm_layers=0))
     h = torch.stack(list(dirs.values()))  # [k, d_model]
-    mats = {name: w.float() for name, w in residual_writers(src).items()}
+    mats = residual_writers(src)
     norms = torch.stack([(h @ w).norm(dim=1) for w in mats.values()])  # [n_writers, k]
     return Fingerprint(lm.name, str(src.config.get("model_type")), tuple(dirs), h, tuple(mats), norms,
                        _tensor_sums(src), tuple(canary_scores(lm, cfg)),

@@ -37,17 +37,16 @@ from typing import Any
 
 import torch
 
-from ...hooks import capture, forward, hooks
+from ...hooks import forward, hooks
 from ...measure.compare import logits_under
 from ...measure.memo import LogitsMemo
 from ...measure.metrics import kl_divergence, refusal_score
 from ...measure.refusal_tokens import refusal_token_ids
 from ...models.adapter import LoadedModel
-from ...positions import Batch
 from ...prefix import same_rows
 from ...prompts.chat import tokenize_prompts
 from ...prompts.sets import PromptsLike
-from ...runner import batched, is_oom
+from ...runner import is_oom, run_capture_logits
 from ..fit import fit_group_moments, stacked_means
 from .artifact import Direction
 from .inputs import file_records, train_val_texts, with_fit_files
@@ -94,18 +93,11 @@ def logits_and_means(lm: LoadedModel, prompts: Sequence[str], position: int, *, 
     sites = lm.sites("blocks.*.resid_pre")
     rows: dict[int, torch.Tensor] = {}
     total = torch.zeros(lm.n_layers, lm.dims.d_model, dtype=torch.float64)   # [n_layers, d_model]
-
-    def step(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.inference_mode(), capture(lm, sites, [int(position)], to_cpu=True) as cap:
-            logits = forward(lm, batch, last_only=True)[:, -1].float().cpu()  # [batch, vocab]
-        cap.check_finite()
-        acts = torch.stack([cap.values[site][:, 0] for site in sites], 1)    # [batch, n_layers, d_model]
-        return logits, acts.double().sum(0)
-
-    for batch, (logits, summed) in batched(lm, prompts, step, batch_size=batch_size, system=system,
-                                           description="reference"):
+    for batch, (values, logits) in run_capture_logits(lm, prompts, sites, [int(position)], batch_size=batch_size,
+                                                      system=system, description="reference"):
+        acts = torch.stack([values[site][:, 0] for site in sites], 1)  # [batch, n_layers, d_model]
         rows.update(zip(batch.index, logits))
-        total += summed
+        total += acts.double().sum(0)
     return torch.stack([rows[i] for i in range(len(prompts))]), total / len(prompts)
 
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 
+from ...artifacts.checkpoint import stored_checkpoint
 from ...io import atomic_dir, fingerprint, write_json
 from ...models.adapter import LoadedModel
 from ...prompts.builtin import builtin_prompts
@@ -33,7 +34,7 @@ from ...sites import Component, SiteError, parse_sites
 from ..direction.artifact import Direction
 from .components import Selection, frozen, random_like, select, select_all, trainable
 from .data import DATA_VERSION, MODES, Mode, TrainingData, make_data
-from .export import stored_checkpoint, write_over_stored
+from .export import write_over_stored
 from .lora import lora
 from .train import TrainConfig, TrainLog, peak_memory, train
 

@@ -21,14 +21,6 @@ from ...artifacts.checkpoint import weight_files
 COPIED = ("config.json", "generation_config.json", "model.safetensors.index.json")  # beside the weight files
 
 
-def stored_checkpoint(meta: Mapping[str, object]) -> Path | None:
-    """The local safetensors checkpoint directory a model was loaded from (``LoadedModel.meta["source"]``)."""
-    source = meta.get("source")
-    if not isinstance(source, str) or not Path(source).is_dir() or not weight_files(source):
-        return None
-    return Path(source)
-
-
 def finer(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     """The more precise of two floating dtypes (a tuned tensor is never rounded by its export)."""
     return a if torch.finfo(a).eps < torch.finfo(b).eps else b
