@@ -159,11 +159,14 @@ def test_signature_without_reference_finds_the_removed_direction(lm, r, ablitera
     # harmless differences do not lie along it and writing it back restores nothing beyond random directions
     assert s is not None and _cos(s.null_direction, r) >= 0.95
     assert s.restore is not None and not s.restore["restored"] and len(s.restore["random_rises"]) == 6
-    assert len(s.restore["harm_random_rises"]) == 6 and s.harm_alignment is not None and s.harm_alignment < 1e-3
+    # float32 on the CPU; on a GPU the audit loads bfloat16, whose rounding leaves |cos| ~0.01 along r (x sqrt(d_model)
+    # ~0.08), still far below the 5.0 at which alignment changes a verdict (docs/scale.md)
+    cos_bound, align_bound = (1e-3, 1e-3) if not torch.cuda.is_available() else (0.03, 0.2)
+    assert len(s.restore["harm_random_rises"]) == 6 and s.harm_alignment is not None and s.harm_alignment < align_bound
     assert rep.verdict == "modified" and "not a harm/refusal one" in " ".join(rep.evidence)
     assert s.null_ratio < 1e-4 and s.n_collapsed == 2 * lm.n_layers + 1
     assert all(c < 1e-3 for c in s.collapse.values())
-    assert s.harm_cos_null and all(c < 1e-3 for c in s.harm_cos_null.values())  # what is left is orthogonal to r
+    assert s.harm_cos_null and all(c < cos_bound for c in s.harm_cos_null.values())  # what is left is orthogonal to r
     assert s.readers is not None and s.readers["z"] < 3  # nothing in a random model reads r more than other directions
     weights_only = audit_checkpoint(abliterated, behaviour=False)
     assert weights_only.verdict == "modified" and weights_only.signature.canary_refusal_rate is None
