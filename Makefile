@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 SS := $(VENV)/bin/safetyscope
 OUT ?= runs/default
 
-.PHONY: setup run test lint bench bench-peers bench-peers-direction bench-peers-ablate clean
+.PHONY: setup run test test-peers lint bench bench-peers bench-peers-direction bench-peers-ablate clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -47,7 +47,7 @@ $(PEERS_VENV)/.installed:
 	test -x $(PEERS_VENV)/bin/python || python3 -m venv $(PEERS_VENV)
 	$(PEERS_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(PEERS_VENV)/bin/python -m pip install -q transformer-lens==4.3.0 nnsight==0.8.1 \
-	  "transformers>=4.50" accelerate gguf safetensors scikit-learn numpy scipy typer rich matplotlib tomli-w
+	  "transformers>=4.50" accelerate gguf safetensors scikit-learn numpy scipy typer rich matplotlib tomli-w pytest
 	touch $@
 
 $(HERETIC_VENV)/.installed:
@@ -61,6 +61,10 @@ $(ABLATE_VENV)/.installed:
 	$(ABLATE_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(ABLATE_VENV)/bin/python -m pip install -q ablate-llm==0.3.0 "optuna>=3.4" "transformers>=4.50"
 	touch $@
+
+# TransformerLens and nnsight are imported in-process: their smoke tests run in the peers' venv.
+test-peers: $(PEERS_VENV)/.installed
+	PYTHONPATH=src $(PEERS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_peers_bench.py -k capture_bench_peer
 
 bench-peers: setup $(PEERS_VENV)/.installed
 	PYTHONPATH=src $(PEERS_VENV)/bin/python benchmarks/peers_capture.py --model default --model tiny
