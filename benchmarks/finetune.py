@@ -49,6 +49,7 @@ from safetyscope.methods.neurons.artifact import NeuronSet  # noqa: E402
 from safetyscope.models.adapter import LoadedModel  # noqa: E402
 from safetyscope.prompts import builtin_prompts  # noqa: E402
 from safetyscope.prompts.chat import format_chat  # noqa: E402
+from safetyscope.sites import parse_layers  # noqa: E402
 from safetyscope.testing import benchmark_model  # noqa: E402
 
 
@@ -88,6 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--robust-rank", type=int, default=1,
                     help="robust rows: ablate a subspace of this many directions (1 = the refusal direction alone)")
     ap.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain loss beside the target loss")
+    ap.add_argument("--reestimate-every", type=int, default=0,
+                    help="robust rows: re-estimate the direction / subspace every N steps (0 = once, at half the steps)")
+    ap.add_argument("--search-every", type=int, default=0,
+                    help="robust rows: the attack's own direction search on the model being trained every N steps, its "
+                         "finds kept in the ablated subspace (0 = off); candidates: --fresh-layers")
     ap.add_argument("--robust-p", type=float, default=0.5,
                     help="robust rows: probability of each block and each position being ablated at a step")
     ap.add_argument("--fresh-direction", action="store_true", help="also find a direction on each tuned model")
@@ -143,11 +149,8 @@ def _refusal(lm: LoadedModel, prompts: list[str], tokens: int, batch: int, ctx: 
 
 
 def _fast(layers: str) -> DirectionConfig:
-    lay = None
-    if layers:
-        lo, hi = (int(v) for v in layers.split("-"))
-        lay = tuple(range(lo, hi + 1))
-    return DirectionConfig(screen=8, keep=4, induce="lazy", layers=lay)
+    """The fast search of the fresh direction: the settings the in-training search (``--search-every``) uses too."""
+    return DirectionConfig(screen=8, keep=4, induce="lazy", layers=parse_layers(layers) if layers.strip() else None)
 
 
 def _fragility(lm: LoadedModel, a: argparse.Namespace, prompts: list[str], ns: NeuronSet | None) -> dict[str, float]:
@@ -233,15 +236,18 @@ def _train_row(lm: LoadedModel, a: argparse.Namespace, spec: str, lr: float, dat
     cfg = TrainConfig(steps=a.steps, lr=lr, batch_size=a.train_batch, max_reply_tokens=a.max_new_tokens,
                       robust=robust, robust_p=a.robust_p, robust_retain=a.robust_retain, robust_rank=a.robust_rank,
                       retain_weight=a.retain_weight,
-                      reestimate_every=max(1, a.steps // 2), checkpoint_every=0, seed=a.seed)
+                      reestimate_every=a.reestimate_every or max(1, a.steps // 2), search_every=a.search_every,
+                      search_layers=parse_layers(a.fresh_layers) if a.fresh_layers.strip() else None, checkpoint_every=0, seed=a.seed)
     r = finetune(lm, a.mode, a.components or None, method=method, data=data, direction=d, neuron_set=ns,  # type: ignore[arg-type]
                  config=cfg, batch_size=a.batch_size)
     row = {"lr": lr, "robust": robust, "robust_retain": cfg.robust and cfg.robust_retain,
            "robust_rank": cfg.robust_rank if cfg.robust else 0, "retain_weight": cfg.retain_weight,
+           "reestimate_every": cfg.reestimate_every if cfg.robust else 0, "search_every": cfg.search_every if cfg.robust else 0,
            "n_trainable": r.n_trainable, "fraction": r.fraction, "train_seconds": r.log.seconds,
            "step_over_forward": r.log.seconds / a.steps / fwd, "peak_mib": r.peak_mib,
            "loss_first": r.log.losses[0], "loss_last": r.log.losses[-1],
-           "target_loss_last": r.log.target_losses[-1], "retain_loss_last": r.log.retain_losses[-1]}
+           "target_loss_last": r.log.target_losses[-1], "retain_loss_last": r.log.retain_losses[-1],
+           "found_at": [list(v) for v in r.log.found_at]}
     if method == "random":
         row["components"] = list(r.components)
     return row, r

@@ -70,3 +70,28 @@ def test_cli_harden_end_to_end_on_the_default_model(tmp_path):
     assert s["n_total"] == 630_167_424 and s["steps"] == 2
     assert s["data"]["harmful:own"] >= 1 and s["data"]["harmless:own"] >= 1
     assert all(math.isfinite(v) for v in (s["first_loss"], s["last_loss"]))
+
+
+def test_cli_harden_with_the_attack_search_inside_training(tmp_path, monkeypatch):
+    """`--robust --search-every N --search-layers a-b`: training runs the direction search and records its finds;
+    a bad layer spec is a one-line error before anything loads."""
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    Direction(torch.randn(32, generator=torch.Generator().manual_seed(0)), 1).save(tmp_path / "dir")
+    (tmp_path / "h.txt").write_text("\n".join(HARMFUL * 2) + "\n")
+    (tmp_path / "s.txt").write_text("\n".join(HARMLESS * 2) + "\n")
+    (tmp_path / "tiny_judges.py").write_text(  # tiny random models never refuse: call the harmful prompts refused
+        f"HARMFUL = {HARMFUL!r}\ndef judge(prompt, reply):\n    return prompt in HARMFUL\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = ["finetune", "harden", tmp_path / "model", "--components", "blocks.1.mlp", "--direction", tmp_path / "dir",
+              "--harmful", tmp_path / "h.txt", "--harmless", tmp_path / "s.txt", "--scary", tmp_path / "s.txt",
+              "--judge", "tiny_judges:judge", "--max-new-tokens", "4", "--lr", "0.01", "--train-batch", "2",
+              "--steps", "2", "--robust", "--robust-rank", "3", "--search-every", "1", "--no-export",
+              "--out", tmp_path / "out", "--json"]
+    r = _invoke(*common, "--search-layers", "1-2")
+    assert r.exit_code == 0, (r.output[-3000:], r.exception)
+    got = json.loads(r.stdout)
+    assert got["steps"] == 2 and all(f[0] == 1 and f[1] in (1, 2) for f in got["found_at"])  # step 1's search, if any
+    r = _invoke(*common, "--search-layers", "one-two")
+    assert r.exit_code == 2 and "bad layer" in r.output and "Traceback" not in r.output

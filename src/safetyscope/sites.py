@@ -90,6 +90,12 @@ def _parse_layers(spec: str, n_layers: int | None, text: str) -> list[int]:
     return out
 
 
+def parse_layers(spec: str, n_layers: int | None = None) -> tuple[int, ...]:
+    """Block numbers of a layer spec (``*``, ``a-b`` or ``a,b``; negative counts from the end when
+    ``n_layers`` is given); a :class:`SiteError` naming the grammar otherwise."""
+    return tuple(_parse_layers(spec.strip(), n_layers, f"layers {spec}"))
+
+
 def parse_sites(spec: str | Site | Iterable[str | Site], n_layers: int | None = None) -> list[Site]:
     """Parse one pattern or many into concrete sites, in order, without duplicates.
 

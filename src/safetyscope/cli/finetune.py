@@ -35,6 +35,8 @@ class FinetuneSettings(PromptSettings):
     robust_retain: bool = opt(False, "--robust: ablate on the harmless (retain) examples too, so the model learns to tell them apart without the direction instead of refusing whatever lacks it.")
     robust_rank: int = opt(1, "--robust: ablate a subspace of this many directions (the refusal direction plus the strongest harmful - harmless differences at every block and post-instruction position), so refusal cannot move to a nearby direction; 1 = the direction alone.")
     reestimate_every: int = opt(10, "--robust: re-estimate the direction on the model being trained every N steps (0 = never).")
+    search_every: int = opt(0, "--robust: every N steps run the attack's own direction search on the model being trained and keep ablating what it finds, so refusal cannot settle where the attack will look (0 = off; a search costs about 40 forward passes).")
+    search_layers: str = opt("", "--search-every: candidate blocks of that search (a-b or a,b); empty = all.")
     checkpoint_every: int = opt(10, "Write the resumable training state every N steps (0 = never).")
     lora_rank: int = opt(8, "Rank of the LoRA baseline (--method lora).")
     kv: bool = opt(True, "Head components also train their key/value heads (shared by the query heads of a GQA group).", flag="--kv/--no-kv")
@@ -90,11 +92,14 @@ def run_finetune(s: FinetuneSettings, mode: str) -> dict[str, Any]:
     from ..methods.finetune.api import finetune
     from ..methods.finetune.train import TrainConfig
     from ..methods.neurons.artifact import NeuronSet
+    from ..sites import parse_layers
 
     cfg = TrainConfig(steps=s.steps, lr=s.lr, batch_size=s.train_batch, retain_weight=s.retain_weight,
                       max_reply_tokens=s.max_new_tokens, robust=s.robust, robust_p=s.robust_p,
                       robust_retain=s.robust_retain, robust_rank=s.robust_rank,
-                      reestimate_every=s.reestimate_every, checkpoint_every=s.checkpoint_every, seed=s.seed)
+                      reestimate_every=s.reestimate_every, search_every=s.search_every,
+                      search_layers=parse_layers(s.search_layers) if s.search_layers.strip() else None,
+                      checkpoint_every=s.checkpoint_every, seed=s.seed)
     comps = _components(s)
     judge = load_judge(s.judge) if s.judge else None
     direction = Direction.load(s.direction) if s.direction else None

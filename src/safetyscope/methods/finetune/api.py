@@ -68,7 +68,8 @@ class FinetuneResult:
                 "n_trainable": self.n_trainable, "n_total": self.n_total, "fraction": self.fraction,
                 "steps": len(lg.losses), "resumed_from": lg.resumed_from, "first_loss": lg.losses[0] if lg.losses else None,
                 "last_loss": lg.losses[-1] if lg.losses else None, "seconds": lg.seconds, "peak_mib": self.peak_mib,
-                "data": self.data_counts, "tensors": len(self.tuned)}
+                "data": self.data_counts, "tensors": len(self.tuned),
+                "found_at": [list(v) for v in lg.found_at]}  # robust search_every: [step, block, position]
 
     def apply(self, lm: LoadedModel) -> Any:
         """The tuned tensors swapped into ``lm`` for the block (the original values restored on exit)."""

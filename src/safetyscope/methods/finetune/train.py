@@ -15,7 +15,9 @@ With ``robust_rank`` k > 1 a k-dimensional subspace is ablated instead: the dire
 singular directions of the target - retain differences of means at every block (from 1 on) and every
 post-instruction position, estimated at the start and at each re-estimation. A refusal direction found
 afresh on the trained model is such a difference of means, so it lies close to that subspace, and the model
-has to refuse without any of them.
+has to refuse without any of them. With ``search_every`` N the attack's own direction search
+(:mod:`.adversary`) runs on the model every N steps; each direction it finds is kept in the ablated
+subspace for the rest of the run, and re-estimation then follows the block and position it chose.
 
 Adam runs without weight decay: an entry whose gradient is always zero (masked) never moves.
 Every ``checkpoint_every`` steps the trainable tensors, Adam's moments, the current direction, the
@@ -43,6 +45,7 @@ from ...progress import quiet
 from ...prompts.chat import format_chat, pad_token_id
 from ...runner import run_capture
 from ...sites import Site
+from .adversary import Found, attack_direction
 from .data import Example, TrainingData
 
 
@@ -58,6 +61,8 @@ class TrainConfig:
     robust_retain: bool = False  # robust runs: ablate on the retain rows too (they must still be answered)
     robust_rank: int = 1  # robust runs: ablate a subspace of this many directions (1 = the refusal direction alone)
     reestimate_every: int = 10  # 0 = keep the initial direction
+    search_every: int = 0  # robust runs: the attack's own direction search every N steps, its finds kept and ablated (0 = off)
+    search_layers: tuple[int, ...] | None = None  # candidate blocks of that search (None = all)
     checkpoint_every: int = 10  # 0 = no resumable state
     seed: int = 0
 
@@ -70,8 +75,8 @@ class TrainConfig:
             raise ValueError(f"robust_p must be in (0, 1], not {self.robust_p}")
         if self.robust_rank < 1:
             raise ValueError(f"robust_rank must be at least 1 direction, not {self.robust_rank}")
-        if self.retain_weight < 0 or self.reestimate_every < 0 or self.checkpoint_every < 0:
-            raise ValueError("retain_weight, reestimate_every and checkpoint_every must be >= 0")
+        if min(self.retain_weight, self.reestimate_every, self.checkpoint_every, self.search_every) < 0:
+            raise ValueError("retain_weight, reestimate_every, search_every and checkpoint_every must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class TrainLog:
     resumed_from: int  # step the run continued from (0 = fresh)
     direction: torch.Tensor | None  # the last re-estimated unit direction [d_model], or [rank, d_model] basis (robust runs)
     seconds: float
+    found_at: tuple[tuple[int, int, int], ...] = ()  # search_every: (step, block, position) of each direction found
 
 
 # ---- batches -------------------------------------------------------------------------------------
@@ -154,10 +160,11 @@ def estimate_direction(lm: LoadedModel, target: Sequence[str], retain: Sequence[
 
 
 def estimate_subspace(lm: LoadedModel, target: Sequence[str], retain: Sequence[str], r: torch.Tensor, rank: int,
-                      system: str | None, batch_size: int = 8) -> torch.Tensor:
-    """Orthonormal rows [rank, d_model]: unit ``r`` first, then the top singular directions (orthogonal to it)
-    of the unit differences of means (target - retain) at ``resid_pre`` of every block from 1 on and every
-    post-instruction position; one forward pass per batch fills every site."""
+                      system: str | None, batch_size: int = 8, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """Orthonormal rows [rank, d_model]: unit ``r`` first, then the directions in ``extra`` ([n, d_model], e.g.
+    what the attack's search found; as many as fit, newest last kept first), then the top singular directions
+    (orthogonal to those) of the unit differences of means (target - retain) at ``resid_pre`` of every block
+    from 1 on and every post-instruction position; one forward pass per batch fills every site."""
     sites = [Site("resid_pre", layer) for layer in range(1, lm.n_layers)] or [Site("resid_pre", 0)]
     sums: list[dict[Site, torch.Tensor]] = []
     for texts in (target, retain):
@@ -171,12 +178,27 @@ def estimate_subspace(lm: LoadedModel, target: Sequence[str], retain: Sequence[s
         sums.append({site: v / max(n, 1) for site, v in acc.items()})
     diffs = torch.cat([sums[0][site] - sums[1][site] for site in sites])  # [n_sites * k_post, d_model]
     diffs = diffs / diffs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    u = r.double().reshape(-1)
-    u = u / u.norm().clamp_min(1e-12)
-    rest = diffs - (diffs @ u).unsqueeze(-1) * u  # the part the direction does not explain
+    rows = [r.double().reshape(-1)]
+    if extra is not None:
+        rows += list(extra.double().reshape(-1, rows[0].shape[0]).flip(0))  # newest first
+    q = _orthonormal(rows, rank)  # [k, d_model]: r and the extras that are not (nearly) in its span
+    rest = diffs - (diffs @ q.T) @ q  # the part they do not explain
     vh = torch.linalg.svd(rest, full_matrices=False).Vh  # [min(n, d), d_model], strongest first
-    basis = torch.cat([u.unsqueeze(0), vh[: rank - 1]])  # [rank, d_model]
+    basis = torch.cat([q, vh[: rank - q.shape[0]]])  # [rank, d_model]
     return torch.linalg.qr(basis.T).Q.T.float()
+
+
+def _orthonormal(rows: Sequence[torch.Tensor], limit: int, tol: float = 1e-3) -> torch.Tensor:
+    """Gram-Schmidt over ``rows`` in order, skipping a row (nearly) in the span of those before; at most
+    ``limit`` rows [k, d_model]; the first row is always kept."""
+    out: list[torch.Tensor] = []
+    for v in rows:
+        w = v - sum(((v @ q) * q for q in out), torch.zeros_like(v))
+        if w.norm() > tol * v.norm().clamp_min(1e-12) or not out:
+            out.append(w / w.norm().clamp_min(1e-12))
+        if len(out) == limit:
+            break
+    return torch.stack(out)
 
 
 # ---- memory ---------------------------------------------------------------------------------------
@@ -218,7 +240,7 @@ def peak_memory() -> Iterator[dict[str, float]]:
 
 # ---- state -----------------------------------------------------------------------------------------
 def _save_state(path: Path, key: str, step: int, params: Sequence[torch.Tensor], opt: torch.optim.Optimizer,
-                logs: dict[str, list[float]], r: torch.Tensor | None) -> None:
+                logs: dict[str, list[float]], r: torch.Tensor | None, adv: _Adversary) -> None:
     tensors: dict[str, torch.Tensor] = {}
     steps = []
     for i, p in enumerate(params):
@@ -229,13 +251,17 @@ def _save_state(path: Path, key: str, step: int, params: Sequence[torch.Tensor],
         steps.append(float(st["step"]) if st else 0.0)
     if r is not None:
         tensors["direction"] = r
+    if adv.found:
+        tensors["found"] = torch.stack(adv.found)
     with atomic_dir(path) as tmp:
         save_tensors(tmp / "tensors.safetensors", tensors)
-        write_json(tmp / "state.json", {"key": key, "step": step, "adam_steps": steps, **logs})
+        write_json(tmp / "state.json", {"key": key, "step": step, "adam_steps": steps, **logs,
+                                        "direction_at": [adv.layer, adv.position], "found_at": adv.found_at})
 
 
-def _load_state(path: Path, key: str, params: Sequence[torch.Tensor],
-                opt: torch.optim.Optimizer) -> tuple[int, dict[str, list[float]], torch.Tensor | None] | None:
+def _load_state(path: Path, key: str, params: Sequence[torch.Tensor], opt: torch.optim.Optimizer,
+                adv: _Adversary) -> tuple[int, dict[str, list[float]], torch.Tensor | None] | None:
+    """Restores the parameters, Adam's moments and ``adv`` (in place); returns the step, logs and direction."""
     if not (path / "state.json").is_file():
         return None
     meta = read_json(path / "state.json")
@@ -249,7 +275,21 @@ def _load_state(path: Path, key: str, params: Sequence[torch.Tensor],
                 opt.state[p] = {"step": torch.tensor(meta["adam_steps"][i]),
                                 "exp_avg": t[f"m.{i}"].to(p.device), "exp_avg_sq": t[f"v.{i}"].to(p.device)}
     logs = {k: list(meta[k]) for k in ("losses", "target_losses", "retain_losses")}
+    adv.found = list(t["found"]) if "found" in t else []
+    adv.layer, adv.position = (int(v) for v in meta.get("direction_at", [adv.layer, adv.position]))
+    adv.found_at = [[int(v) for v in row] for row in meta.get("found_at", [])]
     return int(meta["step"]), logs, t.get("direction")
+
+
+@dataclass
+class _Adversary:
+    """Where robust training re-estimates the direction (block, prompt position), and what the attack's
+    in-training search found so far ([d_model] unit vectors, oldest first)."""
+
+    layer: int
+    position: int
+    found: list[torch.Tensor]
+    found_at: list[list[int]]  # [step, block, position] per found direction
 
 
 # ---- the loop --------------------------------------------------------------------------------------
@@ -299,23 +339,33 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
     opt = torch.optim.Adam(list(params), lr=cfg.lr, weight_decay=0.0)
     logs: dict[str, list[float]] = {"losses": [], "target_losses": [], "retain_losses": []}
     r = None if direction is None else direction.detach().float().cpu()
+    adv = _Adversary(direction_layer, direction_position, [], [])
     step0 = 0
     if state_dir is not None and cfg.checkpoint_every:
-        got = _load_state(state_dir, key, params, opt)
+        got = _load_state(state_dir, key, params, opt, adv)
         if got is not None:
             step0, logs, saved_r = got
             r = saved_r if saved_r is not None else r
     texts = ([e.prompt for e in data.of("target")][:32], [e.prompt for e in data.of("retain")][:32])
 
     def widen(v: torch.Tensor) -> torch.Tensor:  # the direction -> the ablated subspace (robust_rank > 1)
-        return estimate_subspace(lm, texts[0], texts[1], v, cfg.robust_rank, system)
+        extra = torch.stack(adv.found) if adv.found else None
+        return estimate_subspace(lm, texts[0], texts[1], v, cfg.robust_rank, system, extra=extra)
+
+    def due(every: int, step: int) -> bool:
+        return bool(cfg.robust and r is not None and every and step and step % every == 0)
 
     if cfg.robust and r is not None and cfg.robust_rank > 1 and r.dim() == 1:
         r = widen(r)
     with _bar(cfg.steps, step0) as show:
         for step in range(step0, cfg.steps):
-            if cfg.robust and r is not None and cfg.reestimate_every and step and step % cfg.reestimate_every == 0:
-                r = estimate_direction(lm, texts[0], texts[1], direction_layer, system, position=direction_position)
+            hit = _search(lm, data, cfg, system) if due(cfg.search_every, step) else None
+            if hit is not None:
+                adv.found.append(hit.direction)
+                adv.found_at.append([step, hit.layer, hit.position])
+                adv.layer, adv.position = hit.layer, hit.position
+            if hit is not None or due(cfg.reestimate_every, step):
+                r = estimate_direction(lm, texts[0], texts[1], adv.layer, system, position=adv.position)
                 r = widen(r) if cfg.robust_rank > 1 else r
             opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
@@ -328,9 +378,17 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
             if on_step is not None:
                 on_step(step + 1, logs["losses"][-1])
             if state_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                _save_state(state_dir, key, step + 1, params, opt, logs, r)
+                _save_state(state_dir, key, step + 1, params, opt, logs, r, adv)
     return TrainLog(tuple(logs["losses"]), tuple(logs["target_losses"]), tuple(logs["retain_losses"]), step0, r,
-                    time.perf_counter() - start)
+                    time.perf_counter() - start, tuple((a, b, c) for a, b, c in adv.found_at))
+
+
+def _search(lm: LoadedModel, data: TrainingData, cfg: TrainConfig, system: str | None) -> Found | None:
+    """The attack's search on the model being trained: harmful target prompts against harmless retain ones."""
+    harm = list(dict.fromkeys(e.prompt for e in data.of("target")))[:32]
+    retain = data.of("retain")
+    safe = [e.prompt for e in retain if e.source.startswith("harmless")] or [e.prompt for e in retain]
+    return attack_direction(lm, harm, list(dict.fromkeys(safe))[:32], cfg.search_layers, system)
 
 
 @contextmanager
