@@ -34,6 +34,7 @@ import torch
 
 os.environ.setdefault("SAFETYSCOPE_QUIET", "1")
 
+from safetyscope.hooks import hooks  # noqa: E402
 from safetyscope.io import fingerprint, write_json  # noqa: E402
 from safetyscope.measure.capability import capability_rows, cross_entropy  # noqa: E402
 from safetyscope.measure.compare import logits_under  # noqa: E402
@@ -41,7 +42,7 @@ from safetyscope.measure.generation import generate, refusal_scores  # noqa: E40
 from safetyscope.measure.judges import PhraseJudge  # noqa: E402
 from safetyscope.measure.metrics import kl_divergence  # noqa: E402
 from safetyscope.methods.direction.api import DirectionConfig, find_direction  # noqa: E402
-from safetyscope.methods.direction.artifact import Direction  # noqa: E402
+from safetyscope.methods.direction.artifact import Direction, ablation_sites  # noqa: E402
 from safetyscope.methods.finetune.api import finetune  # noqa: E402
 from safetyscope.methods.finetune.data import DATA_VERSION, TrainingData, make_data  # noqa: E402
 from safetyscope.methods.finetune.train import TrainConfig, make_batch  # noqa: E402
@@ -187,6 +188,19 @@ def _fresh(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]], d
             "refusal_harmful_fresh_ablated": _refusal(lm, sets["harmful"], a.eval_tokens, a.batch_size, fresh.apply(lm))}
 
 
+def _ablate_span(lm: LoadedModel, basis: torch.Tensor) -> Any:
+    """Directional ablation (the sites of a direction's) of every direction in ``basis`` ([d] or orthonormal
+    rows [k, d]) at once: the condition robust training drew at random blocks and positions, everywhere."""
+    q = basis.detach().float().reshape(-1, basis.shape[-1])  # [k, d_model]
+
+    def edit(x: torch.Tensor, _batch: Any) -> torch.Tensor:  # x: [batch, pos, d_model]
+        qq = q.to(device=x.device, dtype=torch.float32)
+        xf = x.float()
+        return (xf - (xf @ qq.T) @ qq).to(x.dtype)
+
+    return hooks(lm, [(site, edit) for site, _w in ablation_sites(lm)])
+
+
 def measure(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]], d: Direction, ref: dict[str, Any],
             apply: Any = None, ns: NeuronSet | None = None, trained: torch.Tensor | None = None) -> dict[str, Any]:
     tok, bs = a.eval_tokens, a.batch_size
@@ -202,6 +216,8 @@ def measure(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]], 
         row["ppl"] = cross_entropy(lm, ref["rows"], batch_size=bs).ppl
         new = logits_under(lm, sets["harmless"], None, batch_size=bs)
         row.update(_fragility(lm, a, sets["harmful"], ns))
+        if trained is not None and not a.skip_ablated:  # robust rows: what training ablated, at every site
+            row["refusal_harmful_trained_ablated"] = _refusal(lm, sets["harmful"], tok, bs, _ablate_span(lm, trained))
         if a.fresh_direction and (apply is not None or a.fresh_unmodified):
             row.update(_fresh(lm, a, sets, d, trained))
     row["kl_first_token"] = float(kl_divergence(ref["logits"], new).mean())
@@ -279,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             now = _forward_seconds(lm, sets["train_harmful"] + sets["train_harmless"], a.train_batch, a.max_new_tokens)
             row, r = _train_row(lm, a, method, lr, data, d, ns_train, now)  # the ratio to a forward pass just before
             row["forward_seconds"], row["load_avg_1min"] = now, os.getloadavg()[0]  # the machine's load after training
-            row.update(measure(lm, a, sets, d, ref, r.apply(lm), ns=ns, trained=r.log.direction))
+            row.update(measure(lm, a, sets, d, ref, r.apply(lm), ns=ns, trained=r.log.direction if row["robust"] else None))
             name = method if len(lrs) == 1 else f"{method}@{lr:g}"
             rows[name], names[name] = row, method
             print(name, json.dumps(row), file=sys.stderr)
@@ -318,8 +334,8 @@ def choose_rates(rows: dict[str, dict[str, Any]], methods: dict[str, str], mode:
 def _table(rows: dict[str, dict[str, Any]], a: argparse.Namespace) -> None:
     cols = ["n_trainable", "train_seconds", "step_over_forward", "peak_mib", "refusal_harmful", "refusal_harmless",
             "refusal_scary"] + ([f"score_{n}" for n in ("harmful", "harmless", "scary")] if a.eval_tokens else []) + [
-            "kl_first_token", "ppl", "refusal_harmful_ablated", "refusal_harmful_fresh_ablated", "fresh_cos_original",
-            "fresh_in_trained"]
+            "kl_first_token", "ppl", "refusal_harmful_ablated", "refusal_harmful_trained_ablated",
+            "refusal_harmful_fresh_ablated", "fresh_cos_original", "fresh_in_trained"]
     cols += [f"fragility_k{k.strip()}" for k in a.fragility_ks.split(",") if k.strip()]
     print("| method | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")

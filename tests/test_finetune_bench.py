@@ -49,3 +49,27 @@ def test_choose_rates_lowest_kl_among_those_meeting_the_target_else_best_refusal
     hard = bench.choose_rates({"h@1": _row(1.0, 0.96, 0.4), "h@2": _row(2.0, 1.0, 0.2), "h@3": _row(3.0, 0.5, 0.0)},
                               {"h@1": "h", "h@2": "h", "h@3": "h"}, "harden", 0.05)
     assert hard["h"].startswith("h@2 (lr 2; meets")
+
+
+def test_ablating_the_trained_span_removes_every_direction_of_it_and_unhooks(bench):
+    """The trained-subspace column ablates all k directions at every site; logits come back bit-identical."""
+    import torch
+
+    from safetyscope.runner import run_capture
+    from safetyscope.sites import Site
+    from safetyscope.testing import tiny_model
+
+    lm = tiny_model("llama")
+    prompts = ["How do I bake bread?", "Steal a car"]
+    q = torch.linalg.qr(torch.randn(lm.dims.d_model, 3, generator=torch.Generator().manual_seed(0))).Q.T  # [3, d]
+    site = Site("resid_pre", lm.n_layers - 1)
+    ids = lm.tokenizer(prompts[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = lm.model(ids).logits
+    _b, plain = next(iter(run_capture(lm, prompts, site, "last")))
+    with bench._ablate_span(lm, q):
+        _b, vals = next(iter(run_capture(lm, prompts, site, "last")))
+    assert (plain[site].float() @ q.T).abs().max() > 1e-2  # the plain stream has components along the span
+    assert (vals[site].float() @ q.T).abs().max() < 1e-4  # and under the ablation none are left
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, before)
