@@ -113,3 +113,9 @@ def test_settings_are_checked():
     assert parse_layers("9-11") == (9, 10, 11) and parse_layers("-1", 24) == (23,) and parse_layers("*", 2) == (0, 1)
     with pytest.raises(SiteError, match="bad layer"):
         parse_layers("x")
+
+
+def test_a_search_layer_outside_the_model_is_refused_before_any_work(lm, monkeypatch):
+    monkeypatch.setattr("safetyscope.methods.finetune.api._data", lambda *a, **k: pytest.fail("targets were made"))
+    with pytest.raises(ValueError, match="search-layers"):
+        _run(lm, config=dataclasses.replace(CFG, search_layers=(1, 99)))

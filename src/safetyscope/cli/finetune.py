@@ -35,7 +35,7 @@ class FinetuneSettings(PromptSettings):
     robust_retain: bool = opt(False, "--robust: ablate on the harmless (retain) examples too, so the model learns to tell them apart without the direction instead of refusing whatever lacks it.")
     robust_rank: int = opt(1, "--robust: ablate a subspace of this many directions (the refusal direction plus the strongest harmful - harmless differences at every block and post-instruction position), so refusal cannot move to a nearby direction; 1 = the direction alone.")
     reestimate_every: int = opt(10, "--robust: re-estimate the direction on the model being trained every N steps (0 = never).")
-    search_every: int = opt(0, "--robust: every N steps run the attack's own direction search on the model being trained and keep ablating what it finds, so refusal cannot settle where the attack will look (0 = off; a search costs about 40 forward passes).")
+    search_every: int = opt(0, "--robust: every N steps run the attack's own direction search on the model being trained and keep ablating what it finds, so refusal cannot settle where the attack will look (0 = off; one search costs about 30 plain forward passes of a training batch on the default model).")
     search_layers: str = opt("", "--search-every: candidate blocks of that search (a-b or a,b); empty = all.")
     checkpoint_every: int = opt(10, "Write the resumable training state every N steps (0 = never).")
     lora_rank: int = opt(8, "Rank of the LoRA baseline (--method lora).")

@@ -219,6 +219,10 @@ def finetune(lm: LoadedModel, mode: Mode, components: str | Sequence[str | Compo
     cfg = config or TrainConfig()
     if robust is not None:
         cfg = dataclasses.replace(cfg, robust=robust)
+    bad = [v for v in cfg.search_layers or () if not 0 <= v < lm.n_layers]
+    if bad:
+        raise ValueError(f"search layer {bad[0]} is outside {lm.name}'s blocks 0-{lm.n_layers - 1}; "
+                         "pass --search-layers within them")
     say = log or (lambda _m: None)
     seed = cfg.seed
     harm, safe = _prompts(harmful, "harmful", seed), _prompts(harmless, "harmless", seed)
