@@ -23,15 +23,21 @@ def _invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def test_cli_weaken_writes_a_checkpoint_and_resumes(tmp_path):
-    from transformers import AutoModelForCausalLM
-
+def _saved(tmp_path):
+    """A tiny llama saved as a checkpoint, a direction artifact and harmful / harmless prompt files under tmp_path."""
     lm = tiny_model("llama")
     lm.model.save_pretrained(tmp_path / "model")
     lm.tokenizer.save_pretrained(tmp_path / "model")
     Direction(torch.randn(32, generator=torch.Generator().manual_seed(0)), 1).save(tmp_path / "dir")
     (tmp_path / "h.txt").write_text("\n".join(HARMFUL * 2) + "\n")
     (tmp_path / "s.txt").write_text("\n".join(HARMLESS * 2) + "\n")
+    return lm
+
+
+def test_cli_weaken_writes_a_checkpoint_and_resumes(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    lm = _saved(tmp_path)
     common = ["finetune", "weaken", tmp_path / "model", "--components", "blocks.1.attn.heads[0,2], blocks.2.mlp.neurons[1-3]",
               "--direction", tmp_path / "dir", "--harmful", tmp_path / "h.txt", "--harmless", tmp_path / "s.txt",
               "--max-new-tokens", "4", "--lr", "0.01", "--train-batch", "2", "--checkpoint-every", "1",
@@ -75,12 +81,7 @@ def test_cli_harden_end_to_end_on_the_default_model(tmp_path):
 def test_cli_harden_with_the_attack_search_inside_training(tmp_path, monkeypatch):
     """`--robust --search-every N --search-layers a-b`: training runs the direction search and records its finds;
     a bad layer spec is a one-line error before anything loads."""
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(tmp_path / "model")
-    lm.tokenizer.save_pretrained(tmp_path / "model")
-    Direction(torch.randn(32, generator=torch.Generator().manual_seed(0)), 1).save(tmp_path / "dir")
-    (tmp_path / "h.txt").write_text("\n".join(HARMFUL * 2) + "\n")
-    (tmp_path / "s.txt").write_text("\n".join(HARMLESS * 2) + "\n")
+    _saved(tmp_path)
     (tmp_path / "tiny_judges.py").write_text(  # tiny random models never refuse: call the harmful prompts refused
         f"HARMFUL = {HARMFUL!r}\ndef judge(prompt, reply):\n    return prompt in HARMFUL\n")
     monkeypatch.syspath_prepend(str(tmp_path))
