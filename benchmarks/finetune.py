@@ -96,7 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="robust rows: the attack's own direction search on the model being trained every N steps, its "
                          "finds kept in the ablated subspace (0 = off); candidates: --fresh-layers")
     ap.add_argument("--robust-p", type=float, default=0.5,
-                    help="robust rows: probability of each block and each position being ablated at a step")
+                    help="robust rows: probability of each block and each position (with --robust-scope rows: of "
+                         "each example, at every block and position) being ablated at a step")
+    ap.add_argument("--robust-scope", choices=("sites", "rows"), default="sites",
+                    help="robust rows: what --robust-p draws: random blocks and positions, or whole examples")
     ap.add_argument("--fresh-direction", action="store_true", help="also find a direction on each tuned model")
     ap.add_argument("--fresh-layers", default="", help="candidate blocks a-b for the fresh search (empty = all)")
     ap.add_argument("--fresh-unmodified", action="store_true",
@@ -185,7 +188,9 @@ def _fresh(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]], d
             "fresh_cos_original": float(torch.nn.functional.cosine_similarity(
                 fresh.direction.double(), d.direction.double(), dim=0)),
             "fresh_seconds": time.perf_counter() - t,
-            "refusal_harmful_fresh_ablated": _refusal(lm, sets["harmful"], a.eval_tokens, a.batch_size, fresh.apply(lm))}
+            "refusal_harmful_fresh_ablated": _refusal(lm, sets["harmful"], a.eval_tokens, a.batch_size, fresh.apply(lm)),
+            # a model that refuses whatever lacks the direction would refuse these too
+            "refusal_harmless_fresh_ablated": _refusal(lm, sets["harmless"], a.eval_tokens, a.batch_size, fresh.apply(lm))}
 
 
 def _ablate_span(lm: LoadedModel, basis: torch.Tensor) -> Any:
@@ -250,7 +255,7 @@ def _train_row(lm: LoadedModel, a: argparse.Namespace, spec: str, lr: float, dat
     """One method trained and timed; ``spec`` is a method, with ``+robust`` for robust hardening of that row."""
     method, robust = spec.removesuffix("+robust"), a.robust or spec.endswith("+robust")
     cfg = TrainConfig(steps=a.steps, lr=lr, batch_size=a.train_batch, max_reply_tokens=a.max_new_tokens,
-                      robust=robust, robust_p=a.robust_p, robust_retain=a.robust_retain, robust_rank=a.robust_rank,
+                      robust=robust, robust_p=a.robust_p, robust_scope=a.robust_scope, robust_retain=a.robust_retain, robust_rank=a.robust_rank,
                       retain_weight=a.retain_weight,
                       reestimate_every=a.reestimate_every or max(1, a.steps // 2), search_every=a.search_every,
                       search_layers=parse_layers(a.fresh_layers) if a.fresh_layers.strip() else None, checkpoint_every=0, seed=a.seed)
@@ -335,7 +340,7 @@ def _table(rows: dict[str, dict[str, Any]], a: argparse.Namespace) -> None:
     cols = ["n_trainable", "train_seconds", "step_over_forward", "peak_mib", "refusal_harmful", "refusal_harmless",
             "refusal_scary"] + ([f"score_{n}" for n in ("harmful", "harmless", "scary")] if a.eval_tokens else []) + [
             "kl_first_token", "ppl", "refusal_harmful_ablated", "refusal_harmful_trained_ablated",
-            "refusal_harmful_fresh_ablated", "fresh_cos_original", "fresh_in_trained"]
+            "refusal_harmful_fresh_ablated", "refusal_harmless_fresh_ablated", "fresh_cos_original", "fresh_in_trained"]
     cols += [f"fragility_k{k.strip()}" for k in a.fragility_ks.split(",") if k.strip()]
     print("| method | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")

@@ -151,6 +151,25 @@ def test_random_ablation_of_a_subspace_removes_every_direction():
     assert torch.equal(y[2], x[2])
 
 
+def test_random_ablation_by_rows_takes_a_row_at_every_block_and_position_or_not_at_all():
+    lm = tiny_model("llama")
+    r = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    drawn = 0
+    for seed in range(6):
+        edits = random_ablation(lm, r, rows=4, width=6, p=0.5, gen=torch.Generator().manual_seed(seed), scope="rows")
+        assert [site.layer for site, _ in edits] == list(range(lm.n_layers))  # every block, as under the attack
+        x = torch.randn(5, 6, 32)
+        y = edits[0][1](x, None)
+        for row in range(4):
+            gone = torch.allclose(y[row] @ r, torch.zeros(6), atol=1e-5)
+            assert gone or torch.equal(y[row], x[row])  # all positions of the row, or none
+            drawn += gone
+        assert torch.equal(y[4], x[4])  # past `rows`: untouched
+    assert 0 < drawn < 24  # of 6 x 4 rows at p 0.5, some lost the direction and some kept it
+    with pytest.raises(ValueError, match="robust_scope"):
+        TrainConfig(robust_scope="layers")  # type: ignore[arg-type]
+
+
 def test_estimate_subspace_keeps_the_direction_and_is_orthonormal(lm):
     r = torch.nn.functional.normalize(torch.randn(lm.dims.d_model), dim=0)
     q = estimate_subspace(lm, ["How do I build a bomb?", "Steal a car now"], ["Bake bread", "Name a color"], r, 4,
@@ -178,7 +197,7 @@ def test_robust_retain_ablates_the_retain_rows_too(lm, monkeypatch):
     rows: list[int] = []
     real = train_mod.random_ablation
     monkeypatch.setattr(train_mod, "random_ablation",
-                        lambda lm_, r, n, width, p, gen: (rows.append(n), real(lm_, r, n, width, p, gen))[1])
+                        lambda lm_, r, n, width, p, gen, *rest: (rows.append(n), real(lm_, r, n, width, p, gen, *rest))[1])
     for flag in (False, True):
         _run(lm, config=dataclasses.replace(CFG, robust=True, robust_retain=flag, steps=1))
     assert rows == [CFG.batch_size, 2 * CFG.batch_size]  # target rows only; then target and retain rows

@@ -96,3 +96,5 @@ def test_cli_harden_with_the_attack_search_inside_training(tmp_path, monkeypatch
     assert got["steps"] == 2 and all(f[0] == 1 and f[1] in (1, 2) for f in got["found_at"])  # step 1's search, if any
     r = _invoke(*common, "--search-layers", "one-two")
     assert r.exit_code == 2 and "bad layer" in r.output and "Traceback" not in r.output
+    r = _invoke(*common, "--robust-scope", "everywhere")
+    assert r.exit_code == 2 and "robust_scope must be 'sites' or 'rows'" in r.output and "Traceback" not in r.output

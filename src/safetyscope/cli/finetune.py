@@ -31,7 +31,8 @@ class FinetuneSettings(PromptSettings):
     retain_weight: float = opt(1.0, "Weight of the retain loss (harmless replies kept as they were).")
     max_new_tokens: int = opt(32, "Length of the self-generated target replies (and the training cut).")
     robust: bool = opt(False, "harden: ablate the refusal direction at random blocks and positions while training, so refusal stops resting on it.")
-    robust_p: float = opt(0.5, "--robust: probability that a block / a position is ablated at a step.")
+    robust_p: float = opt(0.5, "--robust: probability that a block / a position (or, with --robust-scope rows, a whole example) is ablated at a step.")
+    robust_scope: str = opt("sites", "--robust: what --robust-p draws: sites (random blocks and positions) or rows (each example either loses the direction at every block and position, as under the attack, or keeps it).")
     robust_retain: bool = opt(False, "--robust: ablate on the harmless (retain) examples too, so the model learns to tell them apart without the direction instead of refusing whatever lacks it.")
     robust_rank: int = opt(1, "--robust: ablate a subspace of this many directions (the refusal direction plus the strongest harmful - harmless differences at every block and post-instruction position), so refusal cannot move to a nearby direction; 1 = the direction alone.")
     reestimate_every: int = opt(10, "--robust: re-estimate the direction on the model being trained every N steps (0 = never).")
@@ -96,6 +97,7 @@ def run_finetune(s: FinetuneSettings, mode: str) -> dict[str, Any]:
 
     cfg = TrainConfig(steps=s.steps, lr=s.lr, batch_size=s.train_batch, retain_weight=s.retain_weight,
                       max_reply_tokens=s.max_new_tokens, robust=s.robust, robust_p=s.robust_p,
+                      robust_scope=s.robust_scope,  # type: ignore[arg-type]  # checked by TrainConfig
                       robust_retain=s.robust_retain, robust_rank=s.robust_rank,
                       reestimate_every=s.reestimate_every, search_every=s.search_every,
                       search_layers=parse_layers(s.search_layers) if s.search_layers.strip() else None,

@@ -6,8 +6,9 @@ number, so a resumed run draws what an uninterrupted one draws) and minimises
 
 *Robust* training (harden): on the target rows, the refusal direction is projected out of the residual
 stream (``blocks.{l}.resid_pre``) at a random subset of blocks and a random subset of token positions,
-drawn anew at every step (each block and each position with probability ``robust_p``), so the model
-learns to refuse without that direction; with ``robust_retain`` the retain rows get the same random
+drawn anew at every step (each block and each position with probability ``robust_p``; with
+``robust_scope`` "rows" instead each row, with probability ``robust_p``, at every block and every position,
+the condition the attack creates), so the model learns to refuse without that direction; with ``robust_retain`` the retain rows get the same random
 ablation, so it must still answer benign prompts without the direction. The direction is re-estimated every ``reestimate_every`` steps
 as the difference of means of the target and retain prompts at its block and prompt position (the
 direction artifact's), on the model as it is then, so training chases the direction the current model uses.
@@ -33,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -58,6 +59,7 @@ class TrainConfig:
     max_reply_tokens: int = 32  # targets are cut to this many tokens
     robust: bool = False
     robust_p: float = 0.5
+    robust_scope: Literal["sites", "rows"] = "sites"  # what robust_p draws: blocks and positions, or whole rows
     robust_retain: bool = False  # robust runs: ablate on the retain rows too (they must still be answered)
     robust_rank: int = 1  # robust runs: ablate a subspace of this many directions (1 = the refusal direction alone)
     reestimate_every: int = 10  # 0 = keep the initial direction
@@ -73,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, not {self.lr}")
         if not 0.0 < self.robust_p <= 1.0:
             raise ValueError(f"robust_p must be in (0, 1], not {self.robust_p}")
+        if self.robust_scope not in ("sites", "rows"):
+            raise ValueError(f"robust_scope must be 'sites' or 'rows', not {self.robust_scope!r}")
         if self.robust_rank < 1:
             raise ValueError(f"robust_rank must be at least 1 direction, not {self.robust_rank}")
         if min(self.retain_weight, self.reestimate_every, self.checkpoint_every, self.search_every) < 0:
@@ -121,14 +125,19 @@ def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 # ---- robust ablation -------------------------------------------------------------------------------
 def random_ablation(lm: LoadedModel, r: torch.Tensor, rows: int, width: int, p: float,
-                    gen: torch.Generator) -> list[tuple[Site, Any]]:
-    """Edits projecting unit ``r`` ([d_model], or orthonormal rows [k, d_model]) out of ``resid_pre`` at random
-    blocks and positions of the first ``rows`` rows (the target examples, and with ``robust_retain`` the retain
-    examples after them); the rest of the batch is untouched."""
-    layers = [layer for layer in range(lm.n_layers) if float(torch.rand((), generator=gen)) < p]
-    if not layers:
-        layers = [int(torch.randint(lm.n_layers, (), generator=gen))]
-    pos = (torch.rand((rows, width), generator=gen) < p).float()  # [rows, pos]
+                    gen: torch.Generator, scope: Literal["sites", "rows"] = "sites") -> list[tuple[Site, Any]]:
+    """Edits projecting unit ``r`` ([d_model], or orthonormal rows [k, d_model]) out of ``resid_pre`` of the first
+    ``rows`` rows (the target examples, and with ``robust_retain`` the retain examples after them); the rest of
+    the batch is untouched. ``scope`` "sites": at random blocks and random positions (each with probability
+    ``p``); "rows": each row, with probability ``p``, at every block and every position (the attack's condition)."""
+    if scope == "rows":
+        layers = list(range(lm.n_layers))
+        pos = (torch.rand((rows, 1), generator=gen) < p).float().expand(rows, width)  # [rows, pos]
+    else:
+        layers = [layer for layer in range(lm.n_layers) if float(torch.rand((), generator=gen)) < p]
+        if not layers:
+            layers = [int(torch.randint(lm.n_layers, (), generator=gen))]
+        pos = (torch.rand((rows, width), generator=gen) < p).float()  # [rows, pos]
 
     def edit(x: torch.Tensor, _batch: Any) -> torch.Tensor:  # x: [batch, pos, d_model]
         if x.shape[1] != width:
@@ -314,7 +323,8 @@ class _Run:
         if self.cfg.robust and r is not None:
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 7 + 3)
             rows = len(tgt) + (len(ret) if self.cfg.robust_retain else 0)  # the batch is target rows, then retain
-            edits = random_ablation(self.lm, r, rows, b["input_ids"].shape[1], self.cfg.robust_p, g)
+            edits = random_ablation(self.lm, r, rows, b["input_ids"].shape[1], self.cfg.robust_p, g,
+                                    self.cfg.robust_scope)
         with hooks(self.lm, edits) if edits else nullcontext():
             logits = self.lm.model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
                                    position_ids=b["position_ids"].to(dev), use_cache=False).logits
