@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-scary", type=int, default=0,
                     help="train-split scary-but-benign prompts for the retain targets (0 = half of --n-train)")
     ap.add_argument("--robust-retain", action="store_true", help="robust rows: ablate on the retain examples too")
+    ap.add_argument("--robust-retain-p", type=float, default=0.0,
+                    help="robust rows: the retain rows' own --robust-p with --robust-retain (0 = --robust-p)")
     ap.add_argument("--robust-rank", type=int, default=1,
                     help="robust rows: ablate a subspace of this many directions (1 = the refusal direction alone)")
     ap.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain loss beside the target loss")
@@ -255,7 +257,8 @@ def _train_row(lm: LoadedModel, a: argparse.Namespace, spec: str, lr: float, dat
     """One method trained and timed; ``spec`` is a method, with ``+robust`` for robust hardening of that row."""
     method, robust = spec.removesuffix("+robust"), a.robust or spec.endswith("+robust")
     cfg = TrainConfig(steps=a.steps, lr=lr, batch_size=a.train_batch, max_reply_tokens=a.max_new_tokens,
-                      robust=robust, robust_p=a.robust_p, robust_scope=a.robust_scope, robust_retain=a.robust_retain, robust_rank=a.robust_rank,
+                      robust=robust, robust_p=a.robust_p, robust_scope=a.robust_scope, robust_retain=a.robust_retain,
+                      robust_retain_p=a.robust_retain_p or None, robust_rank=a.robust_rank,
                       retain_weight=a.retain_weight,
                       reestimate_every=a.reestimate_every or max(1, a.steps // 2), search_every=a.search_every,
                       search_layers=parse_layers(a.fresh_layers) if a.fresh_layers.strip() else None, checkpoint_every=0, seed=a.seed)

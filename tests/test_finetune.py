@@ -170,6 +170,22 @@ def test_random_ablation_by_rows_takes_a_row_at_every_block_and_position_or_not_
         TrainConfig(robust_scope="layers")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("scope", ["rows", "sites"])
+def test_random_ablation_gives_each_row_its_own_probability(scope):
+    lm = tiny_model("llama")
+    r = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    row_p = torch.tensor([1.0, 1.0, 1e-9, 1e-9])  # two rows always, two (practically) never
+    for seed in range(4):
+        edits = random_ablation(lm, r, rows=4, width=6, p=1.0, gen=torch.Generator().manual_seed(seed),
+                                scope=scope, row_p=row_p)  # type: ignore[arg-type]
+        x = torch.randn(4, 6, 32)
+        y = edits[0][1](x, None)
+        assert torch.allclose(y[:2] @ r, torch.zeros(2, 6), atol=1e-5)  # every position of the p-1 rows
+        assert torch.equal(y[2:], x[2:])                                 # none of the others
+    with pytest.raises(ValueError, match="robust_retain_p"):
+        TrainConfig(robust_retain_p=1.5)
+
+
 def test_estimate_subspace_keeps_the_direction_and_is_orthonormal(lm):
     r = torch.nn.functional.normalize(torch.randn(lm.dims.d_model), dim=0)
     q = estimate_subspace(lm, ["How do I build a bomb?", "Steal a car now"], ["Bake bread", "Name a color"], r, 4,
@@ -201,6 +217,19 @@ def test_robust_retain_ablates_the_retain_rows_too(lm, monkeypatch):
     for flag in (False, True):
         _run(lm, config=dataclasses.replace(CFG, robust=True, robust_retain=flag, steps=1))
     assert rows == [CFG.batch_size, 2 * CFG.batch_size]  # target rows only; then target and retain rows
+
+
+def test_robust_retain_p_draws_the_retain_rows_with_their_own_probability(lm, monkeypatch):
+    import safetyscope.methods.finetune.train as train_mod
+
+    seen: list[list[float]] = []
+    real = train_mod.random_ablation
+    monkeypatch.setattr(train_mod, "random_ablation",
+                        lambda lm_, r, n, width, p, gen, scope, row_p: (seen.append(row_p.tolist()),
+                                                                       real(lm_, r, n, width, p, gen, scope, row_p))[1])
+    cfg = dataclasses.replace(CFG, robust=True, robust_retain=True, robust_p=1.0, robust_retain_p=0.25, steps=1)
+    _run(lm, config=cfg)
+    assert seen == [[1.0] * CFG.batch_size + [0.25] * CFG.batch_size]
 
 
 def test_make_batch_labels_are_the_reply_tokens():

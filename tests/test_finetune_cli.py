@@ -90,7 +90,7 @@ def test_cli_harden_with_the_attack_search_inside_training(tmp_path, monkeypatch
               "--judge", "tiny_judges:judge", "--max-new-tokens", "4", "--lr", "0.01", "--train-batch", "2",
               "--steps", "2", "--robust", "--robust-rank", "3", "--search-every", "1", "--no-export",
               "--out", tmp_path / "out", "--json"]
-    r = _invoke(*common, "--search-layers", "1-2")
+    r = _invoke(*common, "--search-layers", "1-2", "--robust-retain", "--robust-retain-p", "0.5")
     assert r.exit_code == 0, (r.output[-3000:], r.exception)
     got = json.loads(r.stdout)
     assert got["steps"] == 2 and all(f[0] == 1 and f[1] in (1, 2) for f in got["found_at"])  # step 1's search, if any
@@ -98,3 +98,5 @@ def test_cli_harden_with_the_attack_search_inside_training(tmp_path, monkeypatch
     assert r.exit_code == 2 and "bad layer" in r.output and "Traceback" not in r.output
     r = _invoke(*common, "--robust-scope", "everywhere")
     assert r.exit_code == 2 and "robust_scope must be 'sites' or 'rows'" in r.output and "Traceback" not in r.output
+    r = _invoke(*common, "--robust-retain-p", "2")
+    assert r.exit_code == 2 and "robust_retain_p must be in (0, 1]" in r.output and "Traceback" not in r.output

@@ -9,7 +9,8 @@ stream (``blocks.{l}.resid_pre``) at a random subset of blocks and a random subs
 drawn anew at every step (each block and each position with probability ``robust_p``; with
 ``robust_scope`` "rows" instead each row, with probability ``robust_p``, at every block and every position,
 the condition the attack creates), so the model learns to refuse without that direction; with ``robust_retain`` the retain rows get the same random
-ablation, so it must still answer benign prompts without the direction. The direction is re-estimated every ``reestimate_every`` steps
+ablation (with its own probability ``robust_retain_p`` when given), so it must still answer benign prompts
+without the direction. The direction is re-estimated every ``reestimate_every`` steps
 as the difference of means of the target and retain prompts at its block and prompt position (the
 direction artifact's), on the model as it is then, so training chases the direction the current model uses.
 With ``robust_rank`` k > 1 a k-dimensional subspace is ablated instead: the direction plus the top
@@ -61,6 +62,7 @@ class TrainConfig:
     robust_p: float = 0.5
     robust_scope: Literal["sites", "rows"] = "sites"  # what robust_p draws: blocks and positions, or whole rows
     robust_retain: bool = False  # robust runs: ablate on the retain rows too (they must still be answered)
+    robust_retain_p: float | None = None  # robust_retain: the retain rows' probability (None = robust_p)
     robust_rank: int = 1  # robust runs: ablate a subspace of this many directions (1 = the refusal direction alone)
     reestimate_every: int = 10  # 0 = keep the initial direction
     search_every: int = 0  # robust runs: the attack's own direction search every N steps, its finds kept and ablated (0 = off)
@@ -75,6 +77,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, not {self.lr}")
         if not 0.0 < self.robust_p <= 1.0:
             raise ValueError(f"robust_p must be in (0, 1], not {self.robust_p}")
+        if self.robust_retain_p is not None and not 0.0 < self.robust_retain_p <= 1.0:
+            raise ValueError(f"robust_retain_p must be in (0, 1], not {self.robust_retain_p}")
         if self.robust_scope not in ("sites", "rows"):
             raise ValueError(f"robust_scope must be 'sites' or 'rows', not {self.robust_scope!r}")
         if self.robust_rank < 1:
@@ -125,19 +129,23 @@ def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 # ---- robust ablation -------------------------------------------------------------------------------
 def random_ablation(lm: LoadedModel, r: torch.Tensor, rows: int, width: int, p: float,
-                    gen: torch.Generator, scope: Literal["sites", "rows"] = "sites") -> list[tuple[Site, Any]]:
+                    gen: torch.Generator, scope: Literal["sites", "rows"] = "sites",
+                    row_p: torch.Tensor | None = None) -> list[tuple[Site, Any]]:
     """Edits projecting unit ``r`` ([d_model], or orthonormal rows [k, d_model]) out of ``resid_pre`` of the first
     ``rows`` rows (the target examples, and with ``robust_retain`` the retain examples after them); the rest of
     the batch is untouched. ``scope`` "sites": at random blocks and random positions (each with probability
-    ``p``); "rows": each row, with probability ``p``, at every block and every position (the attack's condition)."""
+    ``p``); "rows": each row, with probability ``p``, at every block and every position (the attack's condition).
+    ``row_p`` ([rows]) gives each row its own probability (of its positions, or of the whole row) instead of ``p``;
+    blocks are still drawn with ``p``."""
+    probs = torch.full((rows,), float(p)) if row_p is None else row_p.double()  # [rows]
     if scope == "rows":
         layers = list(range(lm.n_layers))
-        pos = (torch.rand((rows, 1), generator=gen) < p).float().expand(rows, width)  # [rows, pos]
+        pos = (torch.rand((rows, 1), generator=gen) < probs[:, None]).float().expand(rows, width)  # [rows, pos]
     else:
         layers = [layer for layer in range(lm.n_layers) if float(torch.rand((), generator=gen)) < p]
         if not layers:
             layers = [int(torch.randint(lm.n_layers, (), generator=gen))]
-        pos = (torch.rand((rows, width), generator=gen) < p).float()  # [rows, pos]
+        pos = (torch.rand((rows, width), generator=gen) < probs[:, None]).float()  # [rows, pos]
 
     def edit(x: torch.Tensor, _batch: Any) -> torch.Tensor:  # x: [batch, pos, d_model]
         if x.shape[1] != width:
@@ -323,8 +331,10 @@ class _Run:
         if self.cfg.robust and r is not None:
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 7 + 3)
             rows = len(tgt) + (len(ret) if self.cfg.robust_retain else 0)  # the batch is target rows, then retain
+            rp = self.cfg.robust_p if self.cfg.robust_retain_p is None else self.cfg.robust_retain_p
+            row_p = torch.tensor([self.cfg.robust_p] * len(tgt) + [rp] * (rows - len(tgt)))  # [rows]
             edits = random_ablation(self.lm, r, rows, b["input_ids"].shape[1], self.cfg.robust_p, g,
-                                    self.cfg.robust_scope)
+                                    self.cfg.robust_scope, row_p)
         with hooks(self.lm, edits) if edits else nullcontext():
             logits = self.lm.model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
                                    position_ids=b["position_ids"].to(dev), use_cache=False).logits
