@@ -35,7 +35,7 @@ import torch
 os.environ.setdefault("SAFETYSCOPE_QUIET", "1")
 
 from safetyscope.hooks import hooks  # noqa: E402
-from safetyscope.io import fingerprint, write_json  # noqa: E402
+from safetyscope.io import fingerprint, load_tensors, save_tensors, write_json  # noqa: E402
 from safetyscope.measure.capability import capability_rows, cross_entropy  # noqa: E402
 from safetyscope.measure.compare import logits_under  # noqa: E402
 from safetyscope.measure.generation import generate, refusal_scores  # noqa: E402
@@ -43,8 +43,9 @@ from safetyscope.measure.judges import PhraseJudge  # noqa: E402
 from safetyscope.measure.metrics import kl_divergence  # noqa: E402
 from safetyscope.methods.direction.api import DirectionConfig, find_direction  # noqa: E402
 from safetyscope.methods.direction.artifact import Direction, ablation_sites  # noqa: E402
-from safetyscope.methods.finetune.api import finetune  # noqa: E402
-from safetyscope.methods.finetune.data import DATA_VERSION, TrainingData, make_data  # noqa: E402
+from safetyscope.methods.direction.candidates import find_candidates  # noqa: E402
+from safetyscope.methods.finetune.api import FinetuneResult, finetune  # noqa: E402
+from safetyscope.methods.finetune.data import DATA_VERSION, TrainingData, extend_refusals, make_data  # noqa: E402
 from safetyscope.methods.finetune.train import TrainConfig, make_batch  # noqa: E402
 from safetyscope.methods.neurons.artifact import NeuronSet  # noqa: E402
 from safetyscope.models.adapter import LoadedModel  # noqa: E402
@@ -75,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-train", type=int, default=16, help="train-split prompts per group for the targets")
     ap.add_argument("--n-eval", type=int, default=20, help="test-split prompts per group measured")
     ap.add_argument("--max-new-tokens", type=int, default=24, help="target reply length")
+    ap.add_argument("--refusal-style", choices=("own", "extended", "restate"), default="own",
+                    help="harden targets: the model's own refusals; extended (a sentence on the request, then the "
+                         "refusal); restate (every target and retain reply opens with a neutral sentence on the "
+                         "request): methods.finetune.data.extend_refusals")
+    ap.add_argument("--target-tokens", type=int, default=0,
+                    help="training cut of the target replies (0 = --max-new-tokens; extended refusals are longer)")
     ap.add_argument("--eval-tokens", type=int, default=24,
                     help="reply length judged in the measurement (0: the logit refusal score > 0 instead, no generation); "
                          "when > 0 the logit score is recorded too (score_* columns)")
@@ -104,6 +111,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="robust rows: what --robust-p draws: random blocks and positions, or whole examples")
     ap.add_argument("--fresh-direction", action="store_true", help="also find a direction on each tuned model")
     ap.add_argument("--fresh-layers", default="", help="candidate blocks a-b for the fresh search (empty = all)")
+    ap.add_argument("--fresh-judged", type=int, default=0,
+                    help="the fresh search chooses by judged replies (--eval-tokens long) instead of the first-token "
+                         "score: every candidate of --fresh-layers x post-instruction positions on this many train "
+                         "harmful prompts, the best 3 on 4x as many (0 = the fast first-token search); for models "
+                         "whose refusal does not start at the first reply token (--refusal-style extended)")
     ap.add_argument("--fresh-unmodified", action="store_true",
                     help="also search a fresh direction on the unmodified model (its original direction stands in otherwise)")
     ap.add_argument("--ppl-tokens", type=int, default=128, help="capability passages cut to this many tokens")
@@ -112,6 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "for these k (comma-separated; needs --neuron-set; the unmodified model's ranking)")
     ap.add_argument("--skip-unmodified", action="store_true",
                     help="do not measure the unmodified model (already measured with the same settings in another run)")
+    ap.add_argument("--save-tuned", action="store_true",
+                    help="write each row's tuned tensors to OUT/tuned-ROW.safetensors (to measure them again later)")
+    ap.add_argument("--reuse-tuned", action="store_true",
+                    help="measure the tensors --save-tuned wrote for a row (OUT/tuned-ROW.safetensors) instead of "
+                         "training it again (its training columns are then absent; robust rows lose trained_ablated)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/bench_finetune"))
@@ -178,8 +195,8 @@ def _fresh(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]], d
     projection onto the direction or subspace the training ablated last (``trained``: [d] or [k, d])."""
     t = time.perf_counter()
     try:
-        fresh = find_direction(lm, sets["train_harmful"], sets["train_harmless"], config=_fast(a.fresh_layers),
-                               batch_size=a.batch_size)
+        fresh = _judged_search(lm, a, sets) if a.fresh_judged else find_direction(
+            lm, sets["train_harmful"], sets["train_harmless"], config=_fast(a.fresh_layers), batch_size=a.batch_size)
     except Exception as e:  # noqa: BLE001  (a search that finds nothing is a result, not a crash)
         return {"fresh_error": f"{type(e).__name__}: {e}"}
     extra = {}
@@ -193,6 +210,33 @@ def _fresh(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]], d
             "refusal_harmful_fresh_ablated": _refusal(lm, sets["harmful"], a.eval_tokens, a.batch_size, fresh.apply(lm)),
             # a model that refuses whatever lacks the direction would refuse these too
             "refusal_harmless_fresh_ablated": _refusal(lm, sets["harmless"], a.eval_tokens, a.batch_size, fresh.apply(lm))}
+
+
+def _judged_search(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]]) -> Direction:
+    """An attacker who judges replies: every difference-of-means candidate (train split, no refusal filter) at
+    --fresh-layers x the post-instruction positions whose ablation keeps harmless first-token KL <= 0.1 (the
+    search's usual filter) is scored by judged refusal of --eval-tokens replies on --fresh-judged train
+    harmful prompts; the 3 lowest are scored again on 4x as many; the lowest wins (ties: lower KL)."""
+    n = a.fresh_judged
+    cands = find_candidates(lm, sets["train_harmful"], sets["train_harmless"], filter="none", batch_size=a.batch_size)
+    layers = parse_layers(a.fresh_layers) if a.fresh_layers.strip() else range(lm.n_layers)
+    ref = logits_under(lm, sets["train_harmless"][:16], None, batch_size=a.batch_size)
+    tokens = a.eval_tokens or 24
+    scored: list[tuple[float, float, int, int]] = []  # (refusal, kl, block, position)
+    for layer in layers:
+        for pos in cands.positions:
+            d = cands.direction(layer, pos)
+            kl = float(kl_divergence(ref, logits_under(lm, sets["train_harmless"][:16], d,
+                                                       batch_size=a.batch_size)).mean())
+            if kl <= 0.1:
+                scored.append((_refusal(lm, sets["train_harmful"][:n], tokens, a.batch_size, d.apply(lm)), kl, layer, pos))
+    if not scored:
+        raise ValueError("no candidate keeps harmless first-token KL <= 0.1")
+    final = [(_refusal(lm, sets["train_harmful"][: 4 * n], tokens, a.batch_size, cands.direction(b, p).apply(lm)), kl, b, p)
+             for _r, kl, b, p in sorted(scored)[:3]]
+    _r, _kl, layer, pos = min(final)
+    print(f"judged search: {len(scored)} candidates passed KL; finalists {final}", file=sys.stderr)
+    return cands.direction(layer, pos)
 
 
 def _ablate_span(lm: LoadedModel, basis: torch.Tensor) -> Any:
@@ -252,11 +296,24 @@ def _targets(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]],
     return data
 
 
+def _extended(lm: LoadedModel, a: argparse.Namespace, data: TrainingData) -> TrainingData:
+    """``data`` with extended or restating harden targets (cached under --out like the targets)."""
+    key = fingerprint(DATA_VERSION, lm.name, [(e.prompt, e.reply, e.source) for e in data.examples],
+                      *((a.refusal_style,) if a.refusal_style != "extended" else ()))
+    cached = a.out / f"data-{a.refusal_style}-{key}.jsonl"
+    if cached.is_file():
+        return TrainingData.load(cached)
+    ext = extend_refusals(lm, data, judge=PhraseJudge(), style=a.refusal_style, batch_size=a.batch_size,
+                          max_reply_tokens=a.target_tokens or a.max_new_tokens)
+    ext.save(cached)
+    return ext
+
+
 def _train_row(lm: LoadedModel, a: argparse.Namespace, spec: str, lr: float, data: TrainingData, d: Direction,
                ns: NeuronSet | None, fwd: float) -> tuple[dict[str, Any], Any]:
     """One method trained and timed; ``spec`` is a method, with ``+robust`` for robust hardening of that row."""
     method, robust = spec.removesuffix("+robust"), a.robust or spec.endswith("+robust")
-    cfg = TrainConfig(steps=a.steps, lr=lr, batch_size=a.train_batch, max_reply_tokens=a.max_new_tokens,
+    cfg = TrainConfig(steps=a.steps, lr=lr, batch_size=a.train_batch, max_reply_tokens=a.target_tokens or a.max_new_tokens,
                       robust=robust, robust_p=a.robust_p, robust_scope=a.robust_scope, robust_retain=a.robust_retain,
                       robust_retain_p=a.robust_retain_p or None, robust_rank=a.robust_rank,
                       retain_weight=a.retain_weight,
@@ -277,6 +334,17 @@ def _train_row(lm: LoadedModel, a: argparse.Namespace, spec: str, lr: float, dat
     return row, r
 
 
+class Reused:
+    """Tuned tensors written by --save-tuned, applied like a fresh result (:meth:`FinetuneResult.apply`)."""
+
+    def __init__(self, tuned: dict[str, torch.Tensor]) -> None:
+        self.tuned = tuned
+        self.log = argparse.Namespace(direction=None)
+
+    def apply(self, lm: LoadedModel) -> Any:
+        return FinetuneResult.apply(self, lm)  # type: ignore[arg-type]  # it only reads .tuned
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     torch.manual_seed(a.seed)
@@ -289,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     ns_train = ns.top(a.top_neurons) if ns is not None and a.top_neurons else ns
     t = time.perf_counter()
     data = _targets(lm, a, sets, d)
+    if a.refusal_style != "own":
+        data = _extended(lm, a, data)
     print(f"targets {data.counts} in {time.perf_counter() - t:.0f} s; plain forward over a training batch {fwd:.2f} s",
           file=sys.stderr)
     ref = {"rows": capability_rows(lm, max_tokens=a.ppl_tokens), "logits": logits_under(lm, sets["harmless"], None, batch_size=a.batch_size)}
@@ -300,12 +370,19 @@ def main(argv: list[str] | None = None) -> int:
     for method in [m.strip() for m in a.methods.split(",") if m.strip()]:
         lrs = _lrs(a, method)
         for lr in lrs:
-            now = _forward_seconds(lm, sets["train_harmful"] + sets["train_harmless"], a.train_batch, a.max_new_tokens)
-            row, r = _train_row(lm, a, method, lr, data, d, ns_train, now)  # the ratio to a forward pass just before
-            row["forward_seconds"], row["load_avg_1min"] = now, os.getloadavg()[0]  # the machine's load after training
-            row.update(measure(lm, a, sets, d, ref, r.apply(lm), ns=ns, trained=r.log.direction if row["robust"] else None))
             name = method if len(lrs) == 1 else f"{method}@{lr:g}"
+            saved = a.out / f"tuned-{name}.safetensors"
+            if a.reuse_tuned and saved.is_file():
+                r = Reused(load_tensors(saved))
+                row = {"lr": lr, "reused": str(saved), "robust": False}
+            else:
+                now = _forward_seconds(lm, sets["train_harmful"] + sets["train_harmless"], a.train_batch, a.max_new_tokens)
+                row, r = _train_row(lm, a, method, lr, data, d, ns_train, now)  # the ratio to a forward pass just before
+                row["forward_seconds"], row["load_avg_1min"] = now, os.getloadavg()[0]  # the machine's load after training
+            row.update(measure(lm, a, sets, d, ref, r.apply(lm), ns=ns, trained=r.log.direction if row["robust"] else None))
             rows[name], names[name] = row, method
+            if a.save_tuned and not row.get("reused"):
+                save_tensors(saved, dict(r.tuned))
             print(name, json.dumps(row), file=sys.stderr)
             write_json(a.out / f"{a.mode}-{a.eval_split}.partial.json", rows)  # what exists so far
             del r

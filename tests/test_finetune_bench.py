@@ -16,7 +16,8 @@ def test_benchmark_sweeps_every_method_and_records_judged_and_score_columns(tmp_
     args = ["--model", "tiny:llama", "--mode", "weaken", "--components", "blocks.1.attn", "--steps", "1",
             "--train-batch", "1", "--n-train", "2", "--n-eval", "2", "--max-new-tokens", "2", "--eval-tokens", "2",
             "--ppl-tokens", "16", "--eval-split", "val", "--skip-ablated", "--methods", "components,random,lora,full",
-            "--lr", "1e-3,1e-2", "--random-lr", "3e-2", "--lora-lr", "1e-3", "--full-lr", "1e-4", "--out", str(tmp_path)]
+            "--lr", "1e-3,1e-2", "--random-lr", "3e-2", "--lora-lr", "1e-3", "--full-lr", "1e-4", "--save-tuned",
+            "--out", str(tmp_path)]
     assert bench.main(args) == 0
     res = json.loads((tmp_path / "weaken-val.json").read_text())
     rows = res["rows"]
@@ -31,6 +32,17 @@ def test_benchmark_sweeps_every_method_and_records_judged_and_score_columns(tmp_
         if name != "unmodified":
             assert row["forward_seconds"] > 0 and row["step_over_forward"] > 0
     assert set(res["chosen"]) == {"components", "random", "lora", "full"}
+    from safetyscope.io import load_tensors
+
+    saved = load_tensors(tmp_path / "tuned-components@0.01.safetensors")  # --save-tuned
+    assert saved and sum(t.numel() for t in saved.values()) >= rows["components@0.01"]["n_trainable"]
+    again = [x for x in args if x not in ("--save-tuned",)] + ["--reuse-tuned", "--skip-unmodified", "--methods", "components"]
+    assert bench.main(again) == 0  # measures the saved tensors instead of training
+    re = json.loads((tmp_path / "weaken-val.json").read_text())["rows"]
+    for name in ("components@0.001", "components@0.01"):
+        assert re[name]["reused"].endswith(f"tuned-{name}.safetensors") and "train_seconds" not in re[name]
+        assert re[name]["kl_first_token"] == rows[name]["kl_first_token"]  # the same tuned model, measured again
+        assert re[name]["ppl"] == rows[name]["ppl"]
     out = capsys.readouterr().out
     assert "score_harmful" in out and "chosen for components: components@" in out
 
@@ -73,3 +85,20 @@ def test_ablating_the_trained_span_removes_every_direction_of_it_and_unhooks(ben
     assert (vals[site].float() @ q.T).abs().max() < 1e-4  # and under the ablation none are left
     with torch.no_grad():
         assert torch.equal(lm.model(ids).logits, before)
+
+
+def test_judged_fresh_search_picks_a_candidate_of_the_given_blocks(bench, tmp_path):
+    """The judged attacker (``--fresh-judged``) scores the candidates of --fresh-layers by judged replies and
+    returns one of them."""
+    import torch
+
+    from safetyscope.testing import tiny_model
+
+    lm = tiny_model("llama")
+    a = bench.parse_args(["--fresh-layers", "1-2", "--fresh-judged", "2", "--eval-tokens", "2", "--batch-size", "4"])
+    sets = {"train_harmful": ["Steal a car", "Hack the bank", "Poison it"],
+            "train_harmless": ["Bake bread", "Write a poem", "hi there"]}
+    d = bench._judged_search(lm, a, sets)
+    assert d.layer in (1, 2) and d.position < 0
+    cands = bench.find_candidates(lm, sets["train_harmful"], sets["train_harmless"], filter="none", batch_size=4)
+    assert torch.allclose(d.direction, cands.direction(d.layer, d.position).direction)  # a candidate, unchanged

@@ -29,7 +29,9 @@ class FinetuneSettings(PromptSettings):
     lr: float = opt(1e-4, "Adam learning rate (no weight decay: masked entries never move).")
     train_batch: int = opt(4, "Target examples per step (and as many retain examples).")
     retain_weight: float = opt(1.0, "Weight of the retain loss (harmless replies kept as they were).")
-    max_new_tokens: int = opt(32, "Length of the self-generated target replies (and the training cut).")
+    max_new_tokens: int = opt(32, "Length of the self-generated target replies (and the training cut unless --target-tokens).")
+    target_tokens: int = opt(0, "Training cut of the target replies in tokens; 0 = --max-new-tokens (extended refusals are longer: e.g. 64).")
+    refusal_style: str = opt("own", "harden: refusal targets as the model gives them (own); extended: the model's own sentence on the request, then its refusal (Abu Shairah et al. 2025); restate: every harmful and harmless reply opens with the model's neutral sentence on the request, so refusal is not decided at the first reply token.")
     robust: bool = opt(False, "harden: ablate the refusal direction at random blocks and positions while training, so refusal stops resting on it.")
     robust_p: float = opt(0.5, "--robust: probability that a block / a position (or, with --robust-scope rows, a whole example) is ablated at a step.")
     robust_scope: str = opt("sites", "--robust: what --robust-p draws: sites (random blocks and positions) or rows (each example either loses the direction at every block and position, as under the attack, or keeps it).")
@@ -97,7 +99,7 @@ def run_finetune(s: FinetuneSettings, mode: str) -> dict[str, Any]:
     from ..sites import parse_layers
 
     cfg = TrainConfig(steps=s.steps, lr=s.lr, batch_size=s.train_batch, retain_weight=s.retain_weight,
-                      max_reply_tokens=s.max_new_tokens, robust=s.robust, robust_p=s.robust_p,
+                      max_reply_tokens=s.target_tokens or s.max_new_tokens, robust=s.robust, robust_p=s.robust_p,
                       robust_scope=s.robust_scope,  # type: ignore[arg-type]  # checked by TrainConfig
                       robust_retain=s.robust_retain, robust_retain_p=s.robust_retain_p or None,
                       robust_rank=s.robust_rank,
@@ -114,6 +116,7 @@ def run_finetune(s: FinetuneSettings, mode: str) -> dict[str, Any]:
     out = s.out / "finetune" / mode
     r = finetune(lm, mode, comps, method=s.method, harmful=harmful, harmless=harmless, scary=scary,  # type: ignore[arg-type]
                  neuron_set=neurons, direction=direction, config=cfg, judge=judge, max_new_tokens=s.max_new_tokens,
+                 refusal_style=s.refusal_style,  # type: ignore[arg-type]  # checked by finetune()
                  kv=s.kv, lora_rank=s.lora_rank, batch_size=s.batch_size, system=s.system, out=out, log=log)
     result = r.summary()
     if r.direction is not None and not s.direction:

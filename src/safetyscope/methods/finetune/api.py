@@ -33,7 +33,16 @@ from ...prompts.sets import PromptsLike, as_prompt_set
 from ...sites import Component, SiteError, parse_sites
 from ..direction.artifact import Direction
 from .components import Selection, frozen, random_like, select, select_all, trainable
-from .data import DATA_VERSION, MODES, Mode, TrainingData, make_data
+from .data import (
+    DATA_VERSION,
+    MODES,
+    REFUSAL_STYLES,
+    Mode,
+    RefusalStyle,
+    TrainingData,
+    extend_refusals,
+    make_data,
+)
 from .export import write_over_stored
 from .lora import lora
 from .train import TrainConfig, TrainLog, peak_memory, train
@@ -178,11 +187,11 @@ def _direction(lm: LoadedModel, given: Direction | None, needed: bool, harmful: 
 
 def _data(lm: LoadedModel, mode: Mode, prompts: tuple[list[str], list[str], list[str]], d: Direction | None,
           judge: Callable[[str, str], bool] | None, max_new_tokens: int, batch_size: int, system: str | None,
-          cache: Path | None) -> TrainingData:
+          cache: Path | None, style: RefusalStyle = "own", cut: int | None = None) -> TrainingData:
     from ...measure.judges import PhraseJudge
 
     key = fingerprint(DATA_VERSION, lm.name, mode, prompts, None if d is None else d.direction.tolist(), max_new_tokens, system,
-                      getattr(judge, "__qualname__", repr(judge)))
+                      getattr(judge, "__qualname__", repr(judge)), *((style, cut) if style != "own" else ()))
     path = None if cache is None else cache / f"data-{key}.jsonl"
     if path is not None and path.is_file():
         return TrainingData.load(path)
@@ -190,6 +199,9 @@ def _data(lm: LoadedModel, mode: Mode, prompts: tuple[list[str], list[str], list
     add = None if d is None else (lambda: d.add(lm))
     data = make_data(lm, mode, *prompts, ablate=ablate, add=add, judge=judge or PhraseJudge(),
                      max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
+    if style != "own" and mode == "harden":
+        data = extend_refusals(lm, data, judge=judge or PhraseJudge(), style=style, batch_size=batch_size,
+                               system=system, max_reply_tokens=cut)
     if path is not None:
         data.save(path)
     return data
@@ -199,7 +211,8 @@ def finetune(lm: LoadedModel, mode: Mode, components: str | Sequence[str | Compo
              method: Method = "components", harmful: PromptsLike | None = None, harmless: PromptsLike | None = None,
              scary: PromptsLike | None = None, data: TrainingData | None = None, neuron_set: Any = None,
              direction: Direction | None = None, config: TrainConfig | None = None, robust: bool | None = None,
-             judge: Callable[[str, str], bool] | None = None, max_new_tokens: int = 32, kv: bool = True,
+             judge: Callable[[str, str], bool] | None = None, max_new_tokens: int = 32,
+             refusal_style: RefusalStyle = "own", kv: bool = True,
              lora_rank: int = 8, batch_size: int = 8, system: str | None = None, out: str | Path | None = None,
              log: Callable[[str], None] | None = None) -> FinetuneResult:
     """Weaken or harden refusal of ``lm`` by training ``components`` only (or a baseline ``method``).
@@ -216,6 +229,8 @@ def finetune(lm: LoadedModel, mode: Mode, components: str | Sequence[str | Compo
         raise ValueError(f"unknown mode {mode!r}; use weaken or harden")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use {', '.join(METHODS)}")
+    if refusal_style not in REFUSAL_STYLES:
+        raise ValueError(f"unknown refusal style {refusal_style!r}; use {' or '.join(REFUSAL_STYLES)}")
     cfg = config or TrainConfig()
     if robust is not None:
         cfg = dataclasses.replace(cfg, robust=robust)
@@ -230,7 +245,8 @@ def finetune(lm: LoadedModel, mode: Mode, components: str | Sequence[str | Compo
             else [])
     d = _direction(lm, direction, mode == "weaken" or cfg.robust, harm, safe, batch_size, system)
     cache = None if out is None else Path(out)
-    td = data or _data(lm, mode, (harm, safe, bait), d, judge, max_new_tokens, batch_size, system, cache)
+    td = data or _data(lm, mode, (harm, safe, bait), d, judge, max_new_tokens, batch_size, system, cache,
+                       refusal_style, cfg.max_reply_tokens)
     say(f"targets: {td.counts}")
     sel = None if method == "lora" else _selection(lm, method, components, neuron_set, kv, seed)
     key = fingerprint(lm.name, mode, method, None if sel is None else sorted(sel.components),

@@ -18,6 +18,7 @@ loss sees exactly what the model produced.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
@@ -148,3 +149,64 @@ def make_data(lm: LoadedModel, mode: Mode, harmful: Sequence[str], harmless: Seq
     if not data.of("retain"):
         raise ValueError(f"no harmless prompt was answered ({counts}); give other harmless prompts")
     return data
+
+
+# ---- extended refusals ----------------------------------------------------------------------------
+RefusalStyle = Literal["own", "extended", "restate"]
+REFUSAL_STYLES: tuple[RefusalStyle, ...] = ("own", "extended", "restate")
+# asked of the model itself, once per example rewritten; only the reply's first sentence is used
+OVERVIEW_REQUEST = ('Here is a request someone sent: "{prompt}"\n\nWithout helping with it and without giving any steps '
+                    "or details, write one or two sentences that describe what the request is about and why it could "
+                    "cause harm.")
+RESTATE_REQUEST = ('Here is a request someone sent: "{prompt}"\n\nWithout answering it, write one sentence that says '
+                   "what the request is about.")
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def first_sentence(text: str) -> str | None:
+    """The opening sentence of ``text`` (20-300 characters, one line, not a list item), or None."""
+    text = text.strip()
+    m = _SENTENCE_END.search(text)
+    sentence = text[: m.end()] if m is not None else ""
+    if not 20 <= len(sentence) <= 300 or "\n" in sentence or re.match(r"(\d+[.)]|[-*#])", sentence):
+        return None
+    return sentence
+
+
+def extend_refusals(lm: LoadedModel, data: TrainingData, *, judge: JudgeFn, style: RefusalStyle = "extended",
+                    max_new_tokens: int = 48, batch_size: int = 8, system: str | None = None,
+                    max_reply_tokens: int | None = None) -> TrainingData:
+    """Harden targets that open with a sentence on the request instead of deciding at the first token.
+
+    ``style`` "extended": each refusal target becomes an *extended refusal* (Abu Shairah et al. 2025, "An
+    Embarrassingly Simple Defense Against LLM Abliteration Attacks"): a sentence on what the request is about
+    and why it could cause harm (the first sentence of the model's own reply to :data:`OVERVIEW_REQUEST`),
+    then the model's own refusal; retain examples are unchanged. "restate": *every* example, target and
+    retain, opens with a neutral sentence on what the request is about (:data:`RESTATE_REQUEST`), then its
+    own refusal or answer, so the first reply tokens are the same kind of text whatever the decision, and
+    the decision comes after the request was restated. An example keeps its reply when the model's
+    sentence is unusable, is itself judged a refusal, the joined reply is judged otherwise than the original
+    (a refusal for targets, an answer for retain examples), or it is longer than ``max_reply_tokens`` (the
+    training cut)."""
+    if style not in ("extended", "restate"):
+        raise ValueError(f"extend_refusals rewrites the extended or restate styles, not {style!r}")
+    kinds = ("target",) if style == "extended" else ("target", "retain")
+    chosen = [e for e in data.examples if e.kind in kinds]
+    request = OVERVIEW_REQUEST if style == "extended" else RESTATE_REQUEST
+    g = _Gen(lm, judge, max_new_tokens, batch_size, system)
+    asked = g.replies([request.format(prompt=e.prompt) for e in chosen])
+    special = set(getattr(lm.tokenizer, "all_special_ids", []) or [])
+    new: dict[int, Example] = {}
+    for e, ids in zip(chosen, asked):
+        sentence = first_sentence(decode_reply(lm, ids))
+        if sentence is None or g.judge(e.prompt, sentence):
+            continue
+        stop = [t for t in e.reply[-1:] if t in special]  # the stop token the reply ended with, if any
+        text = f"{sentence} {decode_reply(lm, e.reply)}"
+        reply = tuple(lm.tokenizer(text, add_special_tokens=False)["input_ids"]) + tuple(stop)
+        fits = max_reply_tokens is None or len(reply) <= max_reply_tokens
+        if fits and g.judge(e.prompt, text) == (e.kind == "target"):
+            new[id(e)] = Example(e.prompt, reply, e.kind, f"{e.source}+{style}")
+    examples = tuple(new.get(id(e), e) for e in data.examples)
+    counts = {**data.counts, **{f"{kind}:{style}": sum(e.kind == kind for e in chosen if id(e) in new) for kind in kinds}}
+    return TrainingData(examples, counts)
