@@ -90,6 +90,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--target", type=float, default=0.05,
                     help="choosing rule of a sweep: per method, the rate with the lowest first-token KL among those with "
                          "harmful refusal <= target (weaken; >= 1 - target for harden), else the best refusal")
+    _robust_and_fresh_args(ap)
+    ap.add_argument("--ppl-tokens", type=int, default=128, help="capability passages cut to this many tokens")
+    ap.add_argument("--fragility-ks", default="",
+                    help="neuron fragility: refusal (logit score > 0) with the neuron set's top k neurons zeroed, "
+                         "for these k (comma-separated; needs --neuron-set; the unmodified model's ranking)")
+    ap.add_argument("--skip-unmodified", action="store_true",
+                    help="do not measure the unmodified model (already measured with the same settings in another run)")
+    ap.add_argument("--save-tuned", action="store_true",
+                    help="write each row's tuned tensors to OUT/tuned-ROW.safetensors (to measure them again later)")
+    ap.add_argument("--reuse-tuned", action="store_true",
+                    help="measure the tensors --save-tuned wrote for a row (OUT/tuned-ROW.safetensors) instead of "
+                         "training it again (its training columns are then absent; robust rows lose trained_ablated)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench_finetune"))
+    return ap.parse_args(argv)
+
+
+def _robust_and_fresh_args(ap: argparse.ArgumentParser) -> None:
+    """The options of robust hardening and of the fresh direction search (part of :func:`parse_args`)."""
     ap.add_argument("--robust", action="store_true", help="harden with random directional ablation")
     ap.add_argument("--n-scary", type=int, default=0,
                     help="train-split scary-but-benign prompts for the retain targets (0 = half of --n-train)")
@@ -118,21 +138,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "whose refusal does not start at the first reply token (--refusal-style extended)")
     ap.add_argument("--fresh-unmodified", action="store_true",
                     help="also search a fresh direction on the unmodified model (its original direction stands in otherwise)")
-    ap.add_argument("--ppl-tokens", type=int, default=128, help="capability passages cut to this many tokens")
-    ap.add_argument("--fragility-ks", default="",
-                    help="neuron fragility: refusal (logit score > 0) with the neuron set's top k neurons zeroed, "
-                         "for these k (comma-separated; needs --neuron-set; the unmodified model's ranking)")
-    ap.add_argument("--skip-unmodified", action="store_true",
-                    help="do not measure the unmodified model (already measured with the same settings in another run)")
-    ap.add_argument("--save-tuned", action="store_true",
-                    help="write each row's tuned tensors to OUT/tuned-ROW.safetensors (to measure them again later)")
-    ap.add_argument("--reuse-tuned", action="store_true",
-                    help="measure the tensors --save-tuned wrote for a row (OUT/tuned-ROW.safetensors) instead of "
-                         "training it again (its training columns are then absent; robust rows lose trained_ablated)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path("runs/bench_finetune"))
-    return ap.parse_args(argv)
 
 
 def _sets(a: argparse.Namespace) -> dict[str, list[str]]:
