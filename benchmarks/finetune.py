@@ -344,7 +344,6 @@ class Reused:
 
     def __init__(self, tuned: dict[str, torch.Tensor]) -> None:
         self.tuned = tuned
-        self.log = argparse.Namespace(direction=None)
 
     def apply(self, lm: LoadedModel) -> Any:
         return FinetuneResult.apply(self, lm)  # type: ignore[arg-type]  # it only reads .tuned
@@ -378,13 +377,14 @@ def main(argv: list[str] | None = None) -> int:
             name = method if len(lrs) == 1 else f"{method}@{lr:g}"
             saved = a.out / f"tuned-{name}.safetensors"
             if a.reuse_tuned and saved.is_file():
-                r = Reused(load_tensors(saved))
-                row = {"lr": lr, "reused": str(saved), "robust": False}
+                r: Any = Reused(load_tensors(saved))
+                row, trained = {"lr": lr, "reused": str(saved), "robust": False}, None
             else:
                 now = _forward_seconds(lm, sets["train_harmful"] + sets["train_harmless"], a.train_batch, a.max_new_tokens)
                 row, r = _train_row(lm, a, method, lr, data, d, ns_train, now)  # the ratio to a forward pass just before
                 row["forward_seconds"], row["load_avg_1min"] = now, os.getloadavg()[0]  # the machine's load after training
-            row.update(measure(lm, a, sets, d, ref, r.apply(lm), ns=ns, trained=r.log.direction if row["robust"] else None))
+                trained = r.log.direction if row["robust"] else None
+            row.update(measure(lm, a, sets, d, ref, r.apply(lm), ns=ns, trained=trained))
             rows[name], names[name] = row, method
             if a.save_tuned and not row.get("reused"):
                 save_tensors(saved, dict(r.tuned))
