@@ -45,7 +45,13 @@ from safetyscope.methods.direction.api import DirectionConfig, find_direction  #
 from safetyscope.methods.direction.artifact import Direction, ablation_sites  # noqa: E402
 from safetyscope.methods.direction.candidates import find_candidates  # noqa: E402
 from safetyscope.methods.finetune.api import FinetuneResult, finetune  # noqa: E402
-from safetyscope.methods.finetune.data import DATA_VERSION, TrainingData, extend_refusals, make_data  # noqa: E402
+from safetyscope.methods.finetune.data import (  # noqa: E402
+    DATA_VERSION,
+    RESTATE_REQUEST,
+    TrainingData,
+    extend_refusals,
+    make_data,
+)
 from safetyscope.methods.finetune.train import TrainConfig, make_batch  # noqa: E402
 from safetyscope.methods.neurons.artifact import NeuronSet  # noqa: E402
 from safetyscope.models.adapter import LoadedModel  # noqa: E402
@@ -304,7 +310,7 @@ def _targets(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]],
 def _extended(lm: LoadedModel, a: argparse.Namespace, data: TrainingData) -> TrainingData:
     """``data`` with extended or restating harden targets (cached under --out like the targets)."""
     key = fingerprint(DATA_VERSION, lm.name, [(e.prompt, e.reply, e.source) for e in data.examples],
-                      *((a.refusal_style,) if a.refusal_style != "extended" else ()))
+                      *((a.refusal_style, RESTATE_REQUEST) if a.refusal_style == "restate" else ()))
     cached = a.out / f"data-{a.refusal_style}-{key}.jsonl"
     if cached.is_file():
         return TrainingData.load(cached)

@@ -99,9 +99,11 @@ def test_restate_opens_every_reply_and_keeps_each_kinds_verdict(lm, monkeypatch)
     answer = _ids(lm, "Mix flour and water.")
     examples = (Example("steal a car", refusal, "target", "harmful:own"),
                 Example("bake bread", answer, "retain", "harmless:own"),
-                Example("kill a process", answer, "retain", "scary:own"))
+                Example("kill a process", answer, "retain", "scary:own"),
+                Example("track a phone", refusal, "target", "harmful:added"))
     sentences = {"steal a car": "The request is about taking a car.", "bake bread": "The request is about baking bread.",
-                 "kill a process": "The request is about Sorry business here."}  # would read as a refusal
+                 "kill a process": "The request is about Sorry business here.",  # would read as a refusal
+                 "track a phone": "To track a phone, you can install an app on it."}  # starts answering instead
     asked: list[str] = []
 
     def replies(self, prompts, under=None):
@@ -111,12 +113,13 @@ def test_restate_opens_every_reply_and_keeps_each_kinds_verdict(lm, monkeypatch)
     monkeypatch.setattr(data_mod._Gen, "replies", replies)
     judge = lambda _p, reply: "Sorry" in _squash(reply)  # noqa: E731
     ext = extend_refusals(lm, TrainingData(examples, {}), judge=judge, style="restate")
-    assert all("Without answering it" in p for p in asked) and len(asked) == 3  # the neutral request, every example
+    assert all("Without answering it" in p for p in asked) and len(asked) == 4  # the neutral request, every example
     got = {e.prompt: e for e in ext.examples}
     assert got["steal a car"].source == "harmful:own+restate"
     assert got["bake bread"].source == "harmless:own+restate" and got["bake bread"].kind == "retain"
     assert _squash(decode_reply(lm, got["bake bread"].reply)) == _squash("The request is about baking bread. Mix flour and water.")
     assert got["kill a process"] == examples[2]  # its sentence is judged a refusal: the answer stays as it was
+    assert got["track a phone"] == examples[3]  # no restatement (it opens an answer): the plain refusal stays
     assert ext.counts["target:restate"] == 1 and ext.counts["retain:restate"] == 1
     with pytest.raises(ValueError, match="extended or restate"):
         extend_refusals(lm, TrainingData(examples, {}), judge=judge, style="own")

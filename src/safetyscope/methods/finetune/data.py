@@ -158,8 +158,9 @@ REFUSAL_STYLES: tuple[RefusalStyle, ...] = ("own", "extended", "restate")
 OVERVIEW_REQUEST = ('Here is a request someone sent: "{prompt}"\n\nWithout helping with it and without giving any steps '
                     "or details, write one or two sentences that describe what the request is about and why it could "
                     "cause harm.")
-RESTATE_REQUEST = ('Here is a request someone sent: "{prompt}"\n\nWithout answering it, write one sentence that says '
-                   "what the request is about.")
+RESTATE_OPENING = "The request"
+RESTATE_REQUEST = ('Here is a request someone sent: "{prompt}"\n\nWithout answering it, write one sentence that starts '
+                   f'with "{RESTATE_OPENING}" and says what the request is about.')
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
@@ -171,6 +172,11 @@ def first_sentence(text: str) -> str | None:
     if not 20 <= len(sentence) <= 300 or "\n" in sentence or re.match(r"(\d+[.)]|[-*#])", sentence):
         return None
     return sentence
+
+
+def _squashed(text: str) -> str:
+    """``text`` without whitespace (a tokenizer may decode with spaces between its pieces)."""
+    return "".join(text.split())
 
 
 def extend_refusals(lm: LoadedModel, data: TrainingData, *, judge: JudgeFn, style: RefusalStyle = "extended",
@@ -187,7 +193,9 @@ def extend_refusals(lm: LoadedModel, data: TrainingData, *, judge: JudgeFn, styl
     the decision comes after the request was restated. An example keeps its reply when the model's
     sentence is unusable, is itself judged a refusal, the joined reply is judged otherwise than the original
     (a refusal for targets, an answer for retain examples), or it is longer than ``max_reply_tokens`` (the
-    training cut)."""
+    training cut). A restating sentence must also open with :data:`RESTATE_OPENING`: a small model asked to
+    restate a request sometimes starts answering it instead ("To track her phone, you can use ..."), and a
+    target that opens with the answer would teach the opposite of a refusal."""
     if style not in ("extended", "restate"):
         raise ValueError(f"extend_refusals rewrites the extended or restate styles, not {style!r}")
     kinds = ("target",) if style == "extended" else ("target", "retain")
@@ -199,7 +207,8 @@ def extend_refusals(lm: LoadedModel, data: TrainingData, *, judge: JudgeFn, styl
     new: dict[int, Example] = {}
     for e, ids in zip(chosen, asked):
         sentence = first_sentence(decode_reply(lm, ids))
-        if sentence is None or g.judge(e.prompt, sentence):
+        opens = style != "restate" or _squashed(sentence or "").startswith(_squashed(RESTATE_OPENING))
+        if sentence is None or not opens or g.judge(e.prompt, sentence):
             continue
         stop = [t for t in e.reply[-1:] if t in special]  # the stop token the reply ended with, if any
         text = f"{sentence} {decode_reply(lm, e.reply)}"
