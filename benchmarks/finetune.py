@@ -47,7 +47,7 @@ from safetyscope.methods.direction.candidates import find_candidates  # noqa: E4
 from safetyscope.methods.finetune.api import FinetuneResult, finetune  # noqa: E402
 from safetyscope.methods.finetune.data import (  # noqa: E402
     DATA_VERSION,
-    RESTATE_REQUEST,
+    STYLE_REQUESTS,
     TrainingData,
     extend_refusals,
     make_data,
@@ -310,7 +310,7 @@ def _targets(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]],
 def _extended(lm: LoadedModel, a: argparse.Namespace, data: TrainingData) -> TrainingData:
     """``data`` with extended or restating harden targets (cached under --out like the targets)."""
     key = fingerprint(DATA_VERSION, lm.name, [(e.prompt, e.reply, e.source) for e in data.examples],
-                      *((a.refusal_style, RESTATE_REQUEST) if a.refusal_style == "restate" else ()))
+                      a.refusal_style, STYLE_REQUESTS[a.refusal_style])  # the request asked decides the data
     cached = a.out / f"data-{a.refusal_style}-{key}.jsonl"
     if cached.is_file():
         return TrainingData.load(cached)

@@ -161,6 +161,8 @@ OVERVIEW_REQUEST = ('Here is a request someone sent: "{prompt}"\n\nWithout helpi
 RESTATE_OPENING = "The request"
 RESTATE_REQUEST = ('Here is a request someone sent: "{prompt}"\n\nWithout answering it, write one sentence that starts '
                    f'with "{RESTATE_OPENING}" and says what the request is about.')
+# what each rewriting style asks the model (formatted with the prompt)
+STYLE_REQUESTS: dict[RefusalStyle, str] = {"extended": OVERVIEW_REQUEST, "restate": RESTATE_REQUEST}
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
@@ -200,7 +202,7 @@ def extend_refusals(lm: LoadedModel, data: TrainingData, *, judge: JudgeFn, styl
         raise ValueError(f"extend_refusals rewrites the extended or restate styles, not {style!r}")
     kinds = ("target",) if style == "extended" else ("target", "retain")
     chosen = [e for e in data.examples if e.kind in kinds]
-    request = OVERVIEW_REQUEST if style == "extended" else RESTATE_REQUEST
+    request = STYLE_REQUESTS[style]
     g = _Gen(lm, judge, max_new_tokens, batch_size, system)
     asked = g.replies([request.format(prompt=e.prompt) for e in chosen])
     special = set(getattr(lm.tokenizer, "all_special_ids", []) or [])
