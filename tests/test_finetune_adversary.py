@@ -119,3 +119,21 @@ def test_a_search_layer_outside_the_model_is_refused_before_any_work(lm, monkeyp
     monkeypatch.setattr("safetyscope.methods.finetune.api._data", lambda *a, **k: pytest.fail("targets were made"))
     with pytest.raises(ValueError, match="search-layers"):
         _run(lm, config=dataclasses.replace(CFG, search_layers=(1, 99)))
+
+
+def test_keep_start_holds_the_starting_direction_in_the_subspace_after_re_estimation(lm, monkeypatch):
+    """With robust_keep_start the direction training started from stays in the ablated subspace after the
+    search moved re-estimation elsewhere; without it, it leaves (so the assertion can fail)."""
+    start = torch.randn(lm.dims.d_model, generator=torch.Generator().manual_seed(1))  # what _run passes
+    start = start / start.norm()
+    share = {}
+    for keep in (False, True):
+        monkeypatch.setattr(train_mod, "attack_direction", _fake_search([]))
+        cfg = dataclasses.replace(CFG, steps=3, checkpoint_every=0, robust_rank=2, robust_keep_start=keep)
+        q = _run(lm, config=cfg).log.direction  # [2, d_model] after two searches
+        assert q is not None and q.shape == (2, lm.dims.d_model)
+        share[keep] = float((q @ start).norm())
+    assert share[True] == pytest.approx(1.0, abs=1e-5)
+    assert share[False] < 0.9
+    with pytest.raises(ValueError, match="robust_rank >= 2"):
+        TrainConfig(robust=True, robust_keep_start=True)

@@ -17,7 +17,8 @@ With ``robust_rank`` k > 1 a k-dimensional subspace is ablated instead: the dire
 singular directions of the target - retain differences of means at every block (from 1 on) and every
 post-instruction position, estimated at the start and at each re-estimation. A refusal direction found
 afresh on the trained model is such a difference of means, so it lies close to that subspace, and the model
-has to refuse without any of them. With ``search_every`` N the attack's own direction search
+has to refuse without any of them; with ``robust_keep_start`` the direction training started from stays in
+that subspace at every re-estimation (otherwise only the newly estimated one does). With ``search_every`` N the attack's own direction search
 (:mod:`.adversary`) runs on the model every N steps; each direction it finds is kept in the ablated
 subspace for the rest of the run, and re-estimation then follows the block and position it chose.
 
@@ -67,6 +68,7 @@ class TrainConfig:
     reestimate_every: int = 10  # 0 = keep the initial direction
     search_every: int = 0  # robust runs: the attack's own direction search every N steps, its finds kept and ablated (0 = off)
     search_layers: tuple[int, ...] | None = None  # candidate blocks of that search (None = all)
+    robust_keep_start: bool = False  # robust_rank > 1: the starting direction stays in the subspace at every re-estimation
     checkpoint_every: int = 10  # 0 = no resumable state
     seed: int = 0
 
@@ -83,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"robust_scope must be 'sites' or 'rows', not {self.robust_scope!r}")
         if self.robust_rank < 1:
             raise ValueError(f"robust_rank must be at least 1 direction, not {self.robust_rank}")
+        if self.robust_keep_start and self.robust_rank < 2:
+            raise ValueError("robust_keep_start needs robust_rank >= 2 (at rank 1 the re-estimated direction replaces it)")
         if min(self.retain_weight, self.reestimate_every, self.checkpoint_every, self.search_every) < 0:
             raise ValueError("retain_weight, reestimate_every, search_every and checkpoint_every must be >= 0")
 
@@ -359,6 +363,7 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
     opt = torch.optim.Adam(list(params), lr=cfg.lr, weight_decay=0.0)
     logs: dict[str, list[float]] = {"losses": [], "target_losses": [], "retain_losses": []}
     r = None if direction is None else direction.detach().float().cpu()
+    first = r if cfg.robust_keep_start and r is not None and r.dim() == 1 else None  # [d_model]
     adv = _Adversary(direction_layer, direction_position, [], [])
     step0 = 0
     if state_dir is not None and cfg.checkpoint_every:
@@ -369,7 +374,8 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
     texts = ([e.prompt for e in data.of("target")][:32], [e.prompt for e in data.of("retain")][:32])
 
     def widen(v: torch.Tensor) -> torch.Tensor:  # the direction -> the ablated subspace (robust_rank > 1)
-        extra = torch.stack(adv.found) if adv.found else None
+        kept = adv.found + ([first] if first is not None else [])  # estimate_subspace puts the last first
+        extra = torch.stack(kept) if kept else None
         return estimate_subspace(lm, texts[0], texts[1], v, cfg.robust_rank, system, extra=extra)
 
     def due(every: int, step: int) -> bool:
