@@ -2,7 +2,7 @@
 
 For every block and both monitor positions (the instruction's last token, the post-instruction tokens
 averaged), a difference-of-means reader fitted on the monitor's fitting prompts, its threshold set on the
-calibration prompts (at most one of them above it, as the shipped rule at 1% FPR on 168 prompts), and read on
+calibration prompts by the monitor's own rule (``calibration_threshold`` at 1% FPR), and read on
 dev and test prompts clean and under the attack. Then, for a few blocks, how far the attack moves the
 readings of harmful and of harmless prompts, in units of the harmless fitting prompts' spread.
 
@@ -16,6 +16,9 @@ import sys
 
 import numpy as np
 
+from safetyscope.measure.metrics import auroc
+from safetyscope.methods.monitor.fit import calibration_threshold
+
 GROUPS = ("dev_h", "dev_s", "test_h", "test_s")
 
 
@@ -27,9 +30,13 @@ def at(x: np.ndarray, pos: str) -> np.ndarray:  # -> [n, blocks, d_model]
     return x[:, :, 0] if pos == "inst" else x[:, :, 1:].mean(2)
 
 
-def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
-    ranks = np.concatenate([pos, neg]).argsort().argsort() + 1
-    return float((ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
+def reader(h: np.ndarray, s: np.ndarray, b: int) -> np.ndarray:  # unit difference of means at block b [d_model]
+    w = h[:, b].astype(np.float64).mean(0) - s[:, b].astype(np.float64).mean(0)
+    return w / max(float(np.linalg.norm(w)), 1e-12)
+
+
+def separation(pos: np.ndarray, neg: np.ndarray) -> float:
+    return auroc(np.concatenate([pos, neg]), np.r_[np.ones(pos.size), np.zeros(neg.size)])
 
 
 def main() -> None:
@@ -44,18 +51,15 @@ def main() -> None:
         h, s, c = at(fit_h, pos), at(fit_s, pos), at(cal, pos)
         ev, ea = {k: at(v, pos) for k, v in clean.items()}, {k: at(v, pos) for k, v in hit.items()}
         for b in range(h.shape[1]):
-            w = h[:, b].astype(np.float64).mean(0) - s[:, b].astype(np.float64).mean(0)  # [d_model]
-            w /= max(float(np.linalg.norm(w)), 1e-12)
-            cs = np.sort(c[:, b] @ w)
-            thr = (cs[-2] + cs[-1]) / 2  # one calibration prompt above: 1% of 168
+            w = reader(h, s, b)
+            thr = calibration_threshold(c[:, b] @ w, 0.01)
             row = []
             for sp in ("dev", "test"):
                 th, ts, ta, tsa = (e[f"{sp}_{g}"][:, b] @ w for e, g in ((ev, "h"), (ev, "s"), (ea, "h"), (ea, "s")))
-                row += [auroc(th, ts), (th > thr).mean(), (ts > thr).mean(), auroc(ta, tsa), (ta > thr).mean()]
+                row += [separation(th, ts), (th > thr).mean(), (ts > thr).mean(), separation(ta, tsa), (ta > thr).mean()]
             print(pos, b, " ".join(f"{v:.3f}" for v in row))
         for b in (15, 20, 22):
-            w = h[:, b].astype(np.float64).mean(0) - s[:, b].astype(np.float64).mean(0)
-            w /= max(float(np.linalg.norm(w)), 1e-12)
+            w = reader(h, s, b)
             sd = float((s[:, b] @ w).std())
             moved = {k: float(((ea[k][:, b] - ev[k][:, b]) @ w).mean()) / sd for k in GROUPS}
             print(f"{pos} block {b}: mean shift under attack / harmless sd: "
