@@ -2,7 +2,9 @@
 
 Each step draws ``batch_size`` target examples and ``batch_size`` retain examples (seeded by the step
 number, so a resumed run draws what an uninterrupted one draws) and minimises
-``CE(target replies) + retain_weight * CE(retain replies)`` over the reply tokens only.
+``CE(target replies) + retain_weight * CE(retain replies)`` over the reply tokens only (with
+``retain_loss`` "kl" the retain term is instead the KL from the starting model's next-token distribution
+at every token of the retain rows: :mod:`.retain`).
 
 *Robust* training (harden): on the target rows, the refusal direction is projected out of the residual
 stream (``blocks.{l}.resid_pre``) at a random subset of blocks and a random subset of token positions,
@@ -50,6 +52,7 @@ from ...runner import run_capture
 from ...sites import Site
 from .adversary import Found, attack_direction
 from .data import Example, TrainingData
+from .retain import Reference, kl_to_reference, record
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class TrainConfig:
     lr: float = 1e-4
     batch_size: int = 4  # target examples per step (and as many retain examples)
     retain_weight: float = 1.0
+    retain_loss: Literal["ce", "kl"] = "ce"  # retain rows: CE on their replies, or KL to the starting model (.retain)
     max_reply_tokens: int = 32  # targets are cut to this many tokens
     robust: bool = False
     robust_p: float = 0.5
@@ -81,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"robust_p must be in (0, 1], not {self.robust_p}")
         if self.robust_retain_p is not None and not 0.0 < self.robust_retain_p <= 1.0:
             raise ValueError(f"robust_retain_p must be in (0, 1], not {self.robust_retain_p}")
+        if self.retain_loss not in ("ce", "kl"):
+            raise ValueError(f"retain_loss must be 'ce' or 'kl', not {self.retain_loss!r}")
         if self.robust_scope not in ("sites", "rows"):
             raise ValueError(f"robust_scope must be 'sites' or 'rows', not {self.robust_scope!r}")
         if self.robust_rank < 1:
@@ -320,6 +326,20 @@ class _Run:
     cfg: TrainConfig
     target: list[tuple[list[int], list[int]]]
     retain: list[tuple[list[int], list[int]]]
+    ref: list[Reference] | None = None  # retain_loss "kl": the starting model's distributions on the retain rows
+
+    def record_reference(self) -> None:
+        """Record the starting model's top-k next-token distributions on every retain row (no gradient)."""
+        refs: list[Reference] = []
+        dev, k = self.lm.input_device, 2 * self.cfg.batch_size
+        with torch.no_grad():
+            for i in range(0, len(self.retain), k):
+                rows = self.retain[i:i + k]
+                b = make_batch(self.lm, rows)
+                logits = self.lm.model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
+                                       position_ids=b["position_ids"].to(dev), use_cache=False).logits
+                refs += record(logits, [len(p) + len(r) for p, r in rows])
+        self.ref = refs
 
     def draw(self, pool: list[Any], step: int, salt: int) -> list[Any]:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 7 + salt)
@@ -328,7 +348,8 @@ class _Run:
         return [pool[order[i % len(order)]] for i in range(k)]
 
     def loss(self, step: int, r: torch.Tensor | None) -> tuple[torch.Tensor, float, float]:
-        tgt, ret = self.draw(self.target, step, 1), self.draw(self.retain, step, 2)
+        tgt, idx = self.draw(self.target, step, 1), self.draw(list(range(len(self.retain))), step, 2)
+        ret = [self.retain[i] for i in idx]
         b = make_batch(self.lm, tgt + ret)
         dev = self.lm.input_device
         edits: list[tuple[Site, Any]] = []
@@ -344,7 +365,8 @@ class _Run:
                                    position_ids=b["position_ids"].to(dev), use_cache=False).logits
         labels = b["labels"].to(logits.device)
         n = len(tgt)
-        lt, lr_ = _ce(logits[:n], labels[:n]), _ce(logits[n:], labels[n:])
+        lt = _ce(logits[:n], labels[:n])
+        lr_ = _ce(logits[n:], labels[n:]) if self.ref is None else kl_to_reference(logits[n:], [self.ref[i] for i in idx])
         return lt + self.cfg.retain_weight * lr_, float(lt.detach()), float(lr_.detach())
 
 
@@ -366,6 +388,8 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
     first = r if cfg.robust_keep_start and r is not None and r.dim() == 1 else None  # [d_model]
     adv = _Adversary(direction_layer, direction_position, [], [])
     step0 = 0
+    if cfg.retain_loss == "kl":
+        run.record_reference()  # before a resumed run's tensors are loaded: the reference is the starting model
     if state_dir is not None and cfg.checkpoint_every:
         got = _load_state(state_dir, key, params, opt, adv)
         if got is not None:
