@@ -100,6 +100,11 @@ def test_cli_harden_with_the_attack_search_inside_training(tmp_path, monkeypatch
     assert r.exit_code == 2 and "robust_scope must be 'sites' or 'rows'" in r.output and "Traceback" not in r.output
     r = _invoke(*common, "--robust-retain-p", "2")
     assert r.exit_code == 2 and "robust_retain_p must be in (0, 1]" in r.output and "Traceback" not in r.output
+    r = _invoke(*common, "--retain-loss", "mse")
+    assert r.exit_code == 2 and "retain_loss must be 'ce' or 'kl'" in r.output and "Traceback" not in r.output
+    r = _invoke(*common, "--retain-loss", "kl", "--out", tmp_path / "out_kl")
+    assert r.exit_code == 0, (r.output[-3000:], r.exception)
+    assert json.loads(r.stdout)["steps"] == 2
     r = _invoke(*common, "--refusal-style", "long")
     assert r.exit_code == 2 and "unknown refusal style 'long'" in r.output and "Traceback" not in r.output
     r = _invoke(*common, "--refusal-style", "extended", "--target-tokens", "12", "--out", tmp_path / "out_ext")
