@@ -1,0 +1,44 @@
+"""Study, not shipped: on a robust-hardened model, does ablating more directions leave more or less refusal?
+
+Usage: python scripts/finetune_span_check.py TUNED.safetensors BLOCK POSITION
+(TUNED from ``benchmarks/finetune.py --save-tuned``; BLOCK, POSITION: the judged attacker's choice, as the
+benchmark printed it). On the tuned model, the difference-of-means candidate v at that block and position (64
+built-in train prompts per group, as the benchmark's search uses) and a rank-8 subspace estimated around it
+(``estimate_subspace``, the robust training's own) are ablated in growing spans, and judged refusal (phrase
+judge, 48-token greedy replies) is read on the 20 validation harmful prompts the benchmark measures.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import finetune as bench  # noqa: E402
+
+from safetyscope.io import load_tensors  # noqa: E402
+from safetyscope.methods.direction.candidates import find_candidates  # noqa: E402
+from safetyscope.methods.finetune.train import estimate_subspace  # noqa: E402
+
+
+def main() -> None:
+    tuned, layer, pos = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    a = bench.parse_args(["--model", "default", "--mode", "harden", "--n-train", "64", "--n-eval", "20",
+                          "--eval-split", "val", "--eval-tokens", "48", "--n-scary", "40"])
+    lm = bench.benchmark_model("default", log=lambda _m: None)
+    sets = bench._sets(a)
+    t0 = time.time()
+    with bench.Reused(load_tensors(tuned)).apply(lm):
+        cands = find_candidates(lm, sets["train_harmful"], sets["train_harmless"], filter="none", batch_size=8)
+        v = cands.direction(layer, pos).direction.float()
+        v = v / v.norm()  # [d_model]
+        span = estimate_subspace(lm, sets["train_harmful"][:32], sets["train_harmless"][:32], v, 8, None)  # [8, d_model]
+        for name, basis in (("v alone", v), ("v + 7 (rank 8)", span), ("the 7 without v", span[1:]),
+                            ("v + 1", span[:2]), ("v + 3", span[:4])):
+            rate = bench._refusal(lm, sets["harmful"], 48, 8, bench._ablate_span(lm, basis))
+            print(f"{name:18s} harmful refusal {rate:.2f}  ({time.time() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
