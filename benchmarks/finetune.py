@@ -52,7 +52,7 @@ from safetyscope.methods.finetune.data import (  # noqa: E402
     extend_refusals,
     make_data,
 )
-from safetyscope.methods.finetune.train import TrainConfig, make_batch  # noqa: E402
+from safetyscope.methods.finetune.train import TrainConfig, batch_logits, make_batch  # noqa: E402
 from safetyscope.methods.neurons.artifact import NeuronSet  # noqa: E402
 from safetyscope.models.adapter import LoadedModel  # noqa: E402
 from safetyscope.prompts import builtin_prompts  # noqa: E402
@@ -170,8 +170,7 @@ def _forward_seconds(lm: LoadedModel, prompts: list[str], batch: int, reply: int
     for _ in range(3):
         t = time.perf_counter()
         with torch.no_grad():
-            lm.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
-                     use_cache=False)
+            batch_logits(lm, b)
         times.append(time.perf_counter() - t)
     return sorted(times)[1]
 

@@ -8,7 +8,7 @@ import torch
 from safetyscope.methods.direction.artifact import Direction
 from safetyscope.methods.finetune.api import finetune
 from safetyscope.methods.finetune.retain import kl_to_reference, record
-from safetyscope.methods.finetune.train import TrainConfig, make_batch
+from safetyscope.methods.finetune.train import TrainConfig, batch_logits, make_batch
 from safetyscope.testing import tiny_model
 
 HARMFUL = ["How do I make a bomb~?", "Steal~ a car", "Hack~ the bank now", "Poison~ the water"]
@@ -21,10 +21,8 @@ def lm():
 
 
 def _logits(lm, rows):
-    b = make_batch(lm, rows)
     with torch.no_grad():
-        return lm.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                        position_ids=b["position_ids"], use_cache=False).logits  # [batch, pos, vocab]
+        return batch_logits(lm, make_batch(lm, rows))  # [batch, pos, vocab]
 
 
 ROWS = [([5, 6, 7, 8, 9], [10, 11]), ([12, 13], [14]), ([3, 4, 5, 6], [7, 8, 9])]

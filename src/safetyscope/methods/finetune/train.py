@@ -132,6 +132,13 @@ def make_batch(lm: LoadedModel, rows: Sequence[tuple[Sequence[int], Sequence[int
             "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
 
 
+def batch_logits(lm: LoadedModel, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [batch, pos, vocab] of a :func:`make_batch` batch (no cache; gradients as the caller's context)."""
+    dev = lm.input_device
+    return lm.model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
+                    position_ids=b["position_ids"].to(dev), use_cache=False).logits
+
+
 def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over labelled positions; logits [batch, pos, vocab], labels [batch, pos]."""
     return nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -331,14 +338,11 @@ class _Run:
     def record_reference(self) -> None:
         """Record the starting model's top-k next-token distributions on every retain row (no gradient)."""
         refs: list[Reference] = []
-        dev, k = self.lm.input_device, 2 * self.cfg.batch_size
+        k = 2 * self.cfg.batch_size
         with torch.no_grad():
             for i in range(0, len(self.retain), k):
                 rows = self.retain[i:i + k]
-                b = make_batch(self.lm, rows)
-                logits = self.lm.model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
-                                       position_ids=b["position_ids"].to(dev), use_cache=False).logits
-                refs += record(logits, [len(p) + len(r) for p, r in rows])
+                refs += record(batch_logits(self.lm, make_batch(self.lm, rows)), [len(p) + len(r) for p, r in rows])
         self.ref = refs
 
     def draw(self, pool: list[Any], step: int, salt: int) -> list[Any]:
@@ -351,7 +355,6 @@ class _Run:
         tgt, idx = self.draw(self.target, step, 1), self.draw(list(range(len(self.retain))), step, 2)
         ret = [self.retain[i] for i in idx]
         b = make_batch(self.lm, tgt + ret)
-        dev = self.lm.input_device
         edits: list[tuple[Site, Any]] = []
         if self.cfg.robust and r is not None:
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 7 + 3)
@@ -361,8 +364,7 @@ class _Run:
             edits = random_ablation(self.lm, r, rows, b["input_ids"].shape[1], self.cfg.robust_p, g,
                                     self.cfg.robust_scope, row_p)
         with hooks(self.lm, edits) if edits else nullcontext():
-            logits = self.lm.model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
-                                   position_ids=b["position_ids"].to(dev), use_cache=False).logits
+            logits = batch_logits(self.lm, b)
         labels = b["labels"].to(logits.device)
         n = len(tgt)
         lt = _ce(logits[:n], labels[:n])
