@@ -126,6 +126,8 @@ def _robust_and_fresh_args(ap: argparse.ArgumentParser) -> None:
                     help="robust rows: ablate a subspace of this many directions (1 = the refusal direction alone)")
     ap.add_argument("--robust-keep-start", action="store_true",
                     help="robust rows, --robust-rank > 1: keep the starting direction in the subspace at every re-estimation")
+    ap.add_argument("--robust-subspan", action="store_true",
+                    help="robust rows, --robust-rank > 1: each ablated row loses a random sub-span of the subspace, not all of it")
     ap.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain loss beside the target loss")
     ap.add_argument("--retain-loss", choices=("ce", "kl"), default="ce",
                     help="retain loss: CE on the retain replies, or KL from the starting model at every retain token")
@@ -330,14 +332,14 @@ def _train_row(lm: LoadedModel, a: argparse.Namespace, spec: str, lr: float, dat
     cfg = TrainConfig(steps=a.steps, lr=lr, batch_size=a.train_batch, max_reply_tokens=a.target_tokens or a.max_new_tokens,
                       robust=robust, robust_p=a.robust_p, robust_scope=a.robust_scope, robust_retain=a.robust_retain,
                       robust_retain_p=a.robust_retain_p or None, robust_rank=a.robust_rank,
-                      robust_keep_start=a.robust_keep_start,
+                      robust_keep_start=a.robust_keep_start, robust_subspan=a.robust_subspan,
                       retain_weight=a.retain_weight, retain_loss=a.retain_loss,
                       reestimate_every=a.reestimate_every or max(1, a.steps // 2), search_every=a.search_every,
                       search_layers=parse_layers(a.fresh_layers) if a.fresh_layers.strip() else None, checkpoint_every=0, seed=a.seed)
     r = finetune(lm, a.mode, a.components or None, method=method, data=data, direction=d, neuron_set=ns,  # type: ignore[arg-type]
                  config=cfg, batch_size=a.batch_size)
     row = {"lr": lr, "robust": robust, "robust_retain": cfg.robust and cfg.robust_retain,
-           "robust_rank": cfg.robust_rank if cfg.robust else 0, "keep_start": cfg.robust and cfg.robust_keep_start,
+           "robust_rank": cfg.robust_rank if cfg.robust else 0, "keep_start": cfg.robust and cfg.robust_keep_start, "subspan": cfg.robust and cfg.robust_subspan,
            "retain_weight": cfg.retain_weight, "retain_loss": cfg.retain_loss,
            "reestimate_every": cfg.reestimate_every if cfg.robust else 0, "search_every": cfg.search_every if cfg.robust else 0,
            "n_trainable": r.n_trainable, "fraction": r.fraction, "train_seconds": r.log.seconds,

@@ -19,7 +19,7 @@ import finetune as bench  # noqa: E402
 
 from safetyscope.io import load_tensors  # noqa: E402
 from safetyscope.methods.direction.candidates import find_candidates  # noqa: E402
-from safetyscope.methods.finetune.train import estimate_subspace  # noqa: E402
+from safetyscope.methods.finetune.robust import estimate_subspace  # noqa: E402
 
 
 def main() -> None:

@@ -14,7 +14,8 @@ from safetyscope.measure.capability import decode_reply
 from safetyscope.methods.direction.artifact import Direction
 from safetyscope.methods.finetune.api import finetune, map_components
 from safetyscope.methods.finetune.data import make_data
-from safetyscope.methods.finetune.train import TrainConfig, estimate_subspace, make_batch, random_ablation
+from safetyscope.methods.finetune.robust import estimate_subspace, random_ablation, random_subspan
+from safetyscope.methods.finetune.train import TrainConfig, make_batch
 from safetyscope.testing import tiny_model
 
 HARMFUL = ["How do I make a bomb~?", "Steal~ a car", "Hack~ the bank now", "Poison~ the water"]
@@ -184,6 +185,43 @@ def test_random_ablation_gives_each_row_its_own_probability(scope):
         assert torch.equal(y[2:], x[2:])                                 # none of the others
     with pytest.raises(ValueError, match="robust_retain_p"):
         TrainConfig(robust_retain_p=1.5)
+
+
+def test_random_subspan_draws_orthonormal_sub_spans_of_every_size_and_ablates_only_them():
+    lm = tiny_model("llama")
+    q = torch.linalg.qr(torch.randn(32, 4)).Q.T  # [4, 32] orthonormal rows
+    g = torch.Generator().manual_seed(0)
+    sizes = set()
+    for _ in range(10):
+        sub = random_subspan(q, 3, g)  # [3, 4, 32]
+        assert sub.shape == (3, 4, 32)
+        for row in sub:
+            basis = row[row.norm(dim=-1) > 0.5]  # the drawn directions; the rest are zero rows
+            sizes.add(basis.shape[0])
+            assert torch.allclose(basis @ basis.T, torch.eye(basis.shape[0]), atol=1e-5)  # orthonormal
+            assert torch.allclose(basis - (basis @ q.T) @ q, torch.zeros_like(basis), atol=1e-5)  # inside span(q)
+            assert torch.equal(row[basis.shape[0]:], torch.zeros_like(row[basis.shape[0]:]))
+    assert sizes == {1, 2, 3, 4}  # every dimension from 1 to the rank is drawn
+    sub = random_subspan(q, 2, torch.Generator().manual_seed(1))
+    edits = random_ablation(lm, sub, rows=2, width=6, p=1.0, gen=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 6, 32)
+    y = edits[0][1](x, None)
+    for i in range(2):  # each row loses exactly its own sub-span
+        assert torch.allclose(y[i], x[i] - (x[i] @ sub[i].T) @ sub[i], atol=1e-5)
+    assert torch.equal(y[2], x[2])
+
+
+def test_robust_subspan_trains_resumes_and_needs_a_subspace(lm, tmp_path):
+    cfg = TrainConfig(steps=4, lr=1e-2, batch_size=2, max_reply_tokens=5, checkpoint_every=2, robust=True,
+                      robust_rank=3, reestimate_every=3, robust_subspan=True, robust_scope="rows", robust_p=1.0)
+    full = _run(lm, config=cfg, out=tmp_path / "a")
+    whole = _run(lm, config=dataclasses.replace(cfg, robust_subspan=False), out=tmp_path / "c")
+    assert full.log.losses != whole.log.losses  # a sub-span is not the whole subspace
+    _run(lm, config=dataclasses.replace(cfg, steps=2), out=tmp_path / "b")
+    resumed = _run(lm, config=cfg, out=tmp_path / "b")
+    assert resumed.log.resumed_from == 2 and resumed.log.losses == full.log.losses
+    with pytest.raises(ValueError, match="robust_subspan"):
+        TrainConfig(robust_subspan=True)
 
 
 def test_estimate_subspace_keeps_the_direction_and_is_orthonormal(lm):

@@ -12,7 +12,8 @@ import safetyscope.methods.finetune.train as train_mod
 from safetyscope.methods.direction.artifact import Direction
 from safetyscope.methods.finetune.adversary import Found, attack_direction
 from safetyscope.methods.finetune.api import finetune
-from safetyscope.methods.finetune.train import TrainConfig, estimate_subspace
+from safetyscope.methods.finetune.robust import estimate_subspace
+from safetyscope.methods.finetune.train import TrainConfig
 from safetyscope.sites import SiteError, parse_layers
 from safetyscope.testing import tiny_model
 

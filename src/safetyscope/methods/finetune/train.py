@@ -20,7 +20,10 @@ singular directions of the target - retain differences of means at every block (
 post-instruction position, estimated at the start and at each re-estimation. A refusal direction found
 afresh on the trained model is such a difference of means, so it lies close to that subspace, and the model
 has to refuse without any of them; with ``robust_keep_start`` the direction training started from stays in
-that subspace at every re-estimation (otherwise only the newly estimated one does). With ``search_every`` N the attack's own direction search
+that subspace at every re-estimation (otherwise only the newly estimated one does). With ``robust_subspan``
+each ablated row loses a random sub-span of that subspace instead of all of it (a random rotation of it, cut to
+a dimension drawn uniformly from 1 to the rank, per row and step), so the model cannot learn "the whole
+subspace is missing, so refuse" and must refuse whichever part of it an attack removes. With ``search_every`` N the attack's own direction search
 (:mod:`.adversary`) runs on the model every N steps; each direction it finds is kept in the ablated
 subspace for the rest of the run, and re-estimation then follows the block and position it chose.
 
@@ -48,11 +51,11 @@ from ...io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from ...models.adapter import LoadedModel
 from ...progress import quiet
 from ...prompts.chat import format_chat, pad_token_id
-from ...runner import run_capture
 from ...sites import Site
 from .adversary import Found, attack_direction
 from .data import Example, TrainingData
 from .retain import Reference, kl_to_reference, record
+from .robust import estimate_direction, estimate_subspace, random_ablation, random_subspan
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class TrainConfig:
     search_every: int = 0  # robust runs: the attack's own direction search every N steps, its finds kept and ablated (0 = off)
     search_layers: tuple[int, ...] | None = None  # candidate blocks of that search (None = all)
     robust_keep_start: bool = False  # robust_rank > 1: the starting direction stays in the subspace at every re-estimation
+    robust_subspan: bool = False  # robust_rank > 1: each ablated row loses a random sub-span of the subspace, not all of it
     checkpoint_every: int = 10  # 0 = no resumable state
     seed: int = 0
 
@@ -93,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"robust_rank must be at least 1 direction, not {self.robust_rank}")
         if self.robust_keep_start and self.robust_rank < 2:
             raise ValueError("robust_keep_start needs robust_rank >= 2 (at rank 1 the re-estimated direction replaces it)")
+        if self.robust_subspan and self.robust_rank < 2:
+            raise ValueError("robust_subspan needs robust_rank >= 2 (a sub-span of one direction is the direction)")
         if min(self.retain_weight, self.reestimate_every, self.checkpoint_every, self.search_every) < 0:
             raise ValueError("retain_weight, reestimate_every, search_every and checkpoint_every must be >= 0")
 
@@ -142,97 +148,6 @@ def batch_logits(lm: LoadedModel, b: dict[str, torch.Tensor]) -> torch.Tensor:
 def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over labelled positions; logits [batch, pos, vocab], labels [batch, pos]."""
     return nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-
-
-# ---- robust ablation -------------------------------------------------------------------------------
-def random_ablation(lm: LoadedModel, r: torch.Tensor, rows: int, width: int, p: float,
-                    gen: torch.Generator, scope: Literal["sites", "rows"] = "sites",
-                    row_p: torch.Tensor | None = None) -> list[tuple[Site, Any]]:
-    """Edits projecting unit ``r`` ([d_model], or orthonormal rows [k, d_model]) out of ``resid_pre`` of the first
-    ``rows`` rows (the target examples, and with ``robust_retain`` the retain examples after them); the rest of
-    the batch is untouched. ``scope`` "sites": at random blocks and random positions (each with probability
-    ``p``); "rows": each row, with probability ``p``, at every block and every position (the attack's condition).
-    ``row_p`` ([rows]) gives each row its own probability (of its positions, or of the whole row) instead of ``p``;
-    blocks are still drawn with ``p``."""
-    probs = torch.full((rows,), float(p)) if row_p is None else row_p.double()  # [rows]
-    if scope == "rows":
-        layers = list(range(lm.n_layers))
-        pos = (torch.rand((rows, 1), generator=gen) < probs[:, None]).float().expand(rows, width)  # [rows, pos]
-    else:
-        layers = [layer for layer in range(lm.n_layers) if float(torch.rand((), generator=gen)) < p]
-        if not layers:
-            layers = [int(torch.randint(lm.n_layers, (), generator=gen))]
-        pos = (torch.rand((rows, width), generator=gen) < probs[:, None]).float()  # [rows, pos]
-
-    def edit(x: torch.Tensor, _batch: Any) -> torch.Tensor:  # x: [batch, pos, d_model]
-        if x.shape[1] != width:
-            return x
-        m = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
-        m[:rows] = pos.to(device=x.device, dtype=x.dtype)
-        q = r.to(device=x.device, dtype=x.dtype).reshape(-1, x.shape[-1])  # [k, d_model]
-        return x - (m.unsqueeze(-1) * (x @ q.T)) @ q
-
-    return [(Site("resid_pre", layer), edit) for layer in layers]
-
-
-def estimate_direction(lm: LoadedModel, target: Sequence[str], retain: Sequence[str], layer: int,
-                       system: str | None, batch_size: int = 8, position: int = -1) -> torch.Tensor:
-    """Unit difference of means (target - retain) at ``blocks.{layer}.resid_pre``, at the prompt token
-    ``position`` (negative offset from the end of the chat-formatted prompt: the direction's own)."""
-    site = Site("resid_pre", layer)
-    means = []
-    for texts in (target, retain):
-        total, n = None, 0
-        for _b, vals in run_capture(lm, list(texts), site, [position], batch_size=batch_size, system=system,
-                                    description="direction"):
-            v = vals[site][:, 0].double().sum(0)  # [d_model]
-            total, n = (v if total is None else total + v), n + int(vals[site].shape[0])
-        assert total is not None
-        means.append(total / n)
-    d = means[0] - means[1]
-    return (d / d.norm().clamp_min(1e-12)).float()
-
-
-def estimate_subspace(lm: LoadedModel, target: Sequence[str], retain: Sequence[str], r: torch.Tensor, rank: int,
-                      system: str | None, batch_size: int = 8, extra: torch.Tensor | None = None) -> torch.Tensor:
-    """Orthonormal rows [rank, d_model]: unit ``r`` first, then the directions in ``extra`` ([n, d_model], e.g.
-    what the attack's search found; as many as fit, newest last kept first), then the top singular directions
-    (orthogonal to those) of the unit differences of means (target - retain) at ``resid_pre`` of every block
-    from 1 on and every post-instruction position; one forward pass per batch fills every site."""
-    sites = [Site("resid_pre", layer) for layer in range(1, lm.n_layers)] or [Site("resid_pre", 0)]
-    sums: list[dict[Site, torch.Tensor]] = []
-    for texts in (target, retain):
-        acc: dict[Site, torch.Tensor] = {}
-        n = 0
-        for _b, vals in run_capture(lm, list(texts), sites, "post_instruction", batch_size=batch_size,
-                                    system=system, description="subspace"):
-            for site, v in vals.items():  # v: [batch, k_post, d_model]
-                acc[site] = acc.get(site, 0) + v.double().sum(0)
-            n += int(next(iter(vals.values())).shape[0])
-        sums.append({site: v / max(n, 1) for site, v in acc.items()})
-    diffs = torch.cat([sums[0][site] - sums[1][site] for site in sites])  # [n_sites * k_post, d_model]
-    diffs = diffs / diffs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    rows = [r.double().reshape(-1)]
-    if extra is not None:
-        rows += list(extra.double().reshape(-1, rows[0].shape[0]).flip(0))  # newest first
-    q = _orthonormal(rows, rank)  # [k, d_model]: r and the extras that are not (nearly) in its span
-    rest = diffs - (diffs @ q.T) @ q  # the part they do not explain
-    vh = torch.linalg.svd(rest, full_matrices=False).Vh  # [min(n, d), d_model], strongest first
-    basis = torch.cat([q, vh[: rank - q.shape[0]]])  # [rank, d_model]
-    return torch.linalg.qr(basis.T).Q.T.float()
-
-
-def _orthonormal(rows: Sequence[torch.Tensor], limit: int, tol: float = 1e-3) -> torch.Tensor:
-    """Gram-Schmidt over ``rows`` in order, skipping a row (nearly) in the span of those before; at most
-    ``limit`` rows [k, d_model]; the first row is always kept."""
-    out: list[torch.Tensor] = []
-    for v in rows:
-        w = v - sum(((v @ q) * q for q in out), torch.zeros_like(v))
-        if w.norm() > tol * v.norm().clamp_min(1e-12) or not out:
-            out.append(w / w.norm().clamp_min(1e-12))
-        if len(out) == limit:
-            break
-    return torch.stack(out)
 
 
 # ---- memory ---------------------------------------------------------------------------------------
@@ -361,6 +276,8 @@ class _Run:
             rows = len(tgt) + (len(ret) if self.cfg.robust_retain else 0)  # the batch is target rows, then retain
             rp = self.cfg.robust_p if self.cfg.robust_retain_p is None else self.cfg.robust_retain_p
             row_p = torch.tensor([self.cfg.robust_p] * len(tgt) + [rp] * (rows - len(tgt)))  # [rows]
+            if self.cfg.robust_subspan and r.dim() == 2:
+                r = random_subspan(r, rows, g)  # [rows, k, d_model]
             edits = random_ablation(self.lm, r, rows, b["input_ids"].shape[1], self.cfg.robust_p, g,
                                     self.cfg.robust_scope, row_p)
         with hooks(self.lm, edits) if edits else nullcontext():
