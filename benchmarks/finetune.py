@@ -128,6 +128,8 @@ def _robust_and_fresh_args(ap: argparse.ArgumentParser) -> None:
                     help="robust rows, --robust-rank > 1: keep the starting direction in the subspace at every re-estimation")
     ap.add_argument("--robust-subspan", action="store_true",
                     help="robust rows, --robust-rank > 1: each ablated row loses a random sub-span of the subspace, not all of it")
+    ap.add_argument("--robust-online", action="store_true",
+                    help="robust rows: ablate, every step, the current candidate of a random block (--fresh-layers) and position")
     ap.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain loss beside the target loss")
     ap.add_argument("--retain-loss", choices=("ce", "kl"), default="ce",
                     help="retain loss: CE on the retain replies, or KL from the starting model at every retain token")
@@ -333,6 +335,7 @@ def _train_row(lm: LoadedModel, a: argparse.Namespace, spec: str, lr: float, dat
                       robust=robust, robust_p=a.robust_p, robust_scope=a.robust_scope, robust_retain=a.robust_retain,
                       robust_retain_p=a.robust_retain_p or None, robust_rank=a.robust_rank,
                       robust_keep_start=a.robust_keep_start, robust_subspan=a.robust_subspan,
+                      robust_online=a.robust_online,
                       retain_weight=a.retain_weight, retain_loss=a.retain_loss,
                       reestimate_every=a.reestimate_every or max(1, a.steps // 2), search_every=a.search_every,
                       search_layers=parse_layers(a.fresh_layers) if a.fresh_layers.strip() else None, checkpoint_every=0, seed=a.seed)
@@ -340,6 +343,7 @@ def _train_row(lm: LoadedModel, a: argparse.Namespace, spec: str, lr: float, dat
                  config=cfg, batch_size=a.batch_size)
     row = {"lr": lr, "robust": robust, "robust_retain": cfg.robust and cfg.robust_retain,
            "robust_rank": cfg.robust_rank if cfg.robust else 0, "keep_start": cfg.robust and cfg.robust_keep_start, "subspan": cfg.robust and cfg.robust_subspan,
+           "online": cfg.robust and cfg.robust_online,
            "retain_weight": cfg.retain_weight, "retain_loss": cfg.retain_loss,
            "reestimate_every": cfg.reestimate_every if cfg.robust else 0, "search_every": cfg.search_every if cfg.robust else 0,
            "n_trainable": r.n_trainable, "fraction": r.fraction, "train_seconds": r.log.seconds,

@@ -16,6 +16,7 @@ from safetyscope.methods.finetune.api import finetune, map_components
 from safetyscope.methods.finetune.data import make_data
 from safetyscope.methods.finetune.robust import estimate_subspace, random_ablation, random_subspan
 from safetyscope.methods.finetune.train import TrainConfig, make_batch
+from safetyscope.prompts.chat import format_chat
 from safetyscope.testing import tiny_model
 
 HARMFUL = ["How do I make a bomb~?", "Steal~ a car", "Hack~ the bank now", "Poison~ the water"]
@@ -224,6 +225,47 @@ def test_robust_subspan_trains_resumes_and_needs_a_subspace(lm, tmp_path):
         TrainConfig(robust_subspan=True)
 
 
+def test_tracker_starts_at_the_candidates_and_moves_toward_the_intact_rows_only(lm):
+    from safetyscope.hooks import hooks
+    from safetyscope.methods.finetune.robust import Tracker, estimate_direction
+    from safetyscope.methods.finetune.train import batch_logits
+
+    harm, safe = ["How do I build a bomb?", "Steal a car now"], ["Bake bread", "Name a color"]
+    t = Tracker.start(lm, harm, safe, None, decay=0.5)
+    k = t.means.shape[2]
+    layer, pos, u = t.draw([2], torch.Generator().manual_seed(0))
+    assert layer == 2 and -k <= pos <= -1
+    assert torch.allclose(u, estimate_direction(lm, harm, safe, 2, None, position=pos), atol=1e-5)  # a candidate
+    before = t.means.clone()
+    ids = [list(lm.tokenizer(format_chat(lm.tokenizer, q, None), add_special_tokens=False)["input_ids"]) for q in harm + safe]
+    rows = [(ids[0], [5, 6, 7]), (ids[1], [8]), (ids[2], [9, 10]), (ids[3], [11])]
+    b = make_batch(lm, rows)
+    width = b["input_ids"].shape[1]
+    ends = torch.tensor([width - len(r) - 1 for _p, r in rows])
+    rec, update = t.recorder(lm.n_layers, ends, [0, None, 1, 1])  # row 1 was "ablated": it must not count
+    clean = batch_logits(lm, b)
+    with hooks(lm, rec):
+        seen = batch_logits(lm, b)
+    assert torch.equal(seen, clean)  # the recorder only reads
+    update()
+    solo = Tracker.start(lm, [harm[0]], safe, None)  # the same rows read alone, unpadded
+    assert torch.allclose(t.means[0], 0.5 * before[0] + 0.5 * solo.means[0], atol=1e-4)
+    assert torch.allclose(t.means[1], 0.5 * before[1] + 0.5 * solo.means[1], atol=1e-4)
+
+
+def test_robust_online_trains_resumes_and_needs_rows(lm, tmp_path):
+    cfg = TrainConfig(steps=4, lr=1e-2, batch_size=2, max_reply_tokens=5, checkpoint_every=2, robust=True,
+                      robust_online=True, robust_scope="rows", robust_p=0.5, robust_retain=True)
+    full = _run(lm, config=cfg, out=tmp_path / "a")
+    fixed = _run(lm, config=dataclasses.replace(cfg, robust_online=False), out=tmp_path / "c")
+    assert full.log.losses != fixed.log.losses  # the tracked candidates are not the fixed direction
+    _run(lm, config=dataclasses.replace(cfg, steps=2), out=tmp_path / "b")
+    resumed = _run(lm, config=cfg, out=tmp_path / "b")
+    assert resumed.log.resumed_from == 2 and resumed.log.losses == full.log.losses  # running means were saved
+    with pytest.raises(ValueError, match="robust_online"):
+        TrainConfig(robust_online=True)
+
+
 def test_estimate_subspace_keeps_the_direction_and_is_orthonormal(lm):
     r = torch.nn.functional.normalize(torch.randn(lm.dims.d_model), dim=0)
     q = estimate_subspace(lm, ["How do I build a bomb?", "Steal a car now"], ["Bake bread", "Name a color"], r, 4,
@@ -263,8 +305,8 @@ def test_robust_retain_p_draws_the_retain_rows_with_their_own_probability(lm, mo
     seen: list[list[float]] = []
     real = train_mod.random_ablation
     monkeypatch.setattr(train_mod, "random_ablation",
-                        lambda lm_, r, n, width, p, gen, scope, row_p: (seen.append(row_p.tolist()),
-                                                                       real(lm_, r, n, width, p, gen, scope, row_p))[1])
+                        lambda lm_, r, n, width, p, gen, scope, row_p, *rest: (
+                            seen.append(row_p.tolist()), real(lm_, r, n, width, p, gen, scope, row_p, *rest))[1])
     cfg = dataclasses.replace(CFG, robust=True, robust_retain=True, robust_p=1.0, robust_retain_p=0.25, steps=1)
     _run(lm, config=cfg)
     assert seen == [[1.0] * CFG.batch_size + [0.25] * CFG.batch_size]

@@ -41,6 +41,7 @@ class FinetuneSettings(PromptSettings):
     robust_rank: int = opt(1, "--robust: ablate a subspace of this many directions (the refusal direction plus the strongest harmful - harmless differences at every block and post-instruction position), so refusal cannot move to a nearby direction; 1 = the direction alone.")
     robust_keep_start: bool = opt(False, "--robust-rank > 1: keep the starting direction (the --direction artifact's) in the ablated subspace at every re-estimation, not only the newly estimated one.")
     robust_subspan: bool = opt(False, "--robust-rank > 1: each ablated example loses a random sub-span of the subspace (a random rotation of it, cut to a random dimension from 1 to the rank) instead of all of it, so the model cannot learn to refuse only when the whole subspace is missing.")
+    robust_online: bool = opt(False, "--robust --robust-scope rows: at every step ablate the attack's current candidate at a random block (--search-layers, else all) and post-instruction position: the difference of running means of the harmful and harmless training rows that were not ablated, updated every step, instead of the estimated direction or subspace.")
     reestimate_every: int = opt(10, "--robust: re-estimate the direction on the model being trained every N steps (0 = never).")
     search_every: int = opt(0, "--robust: every N steps run the attack's own direction search on the model being trained and keep ablating what it finds, so refusal cannot settle where the attack will look (0 = off; one search costs about 30 plain forward passes of a training batch on the default model).")
     search_layers: str = opt("", "--search-every: candidate blocks of that search (a-b or a,b); empty = all.")
@@ -106,7 +107,7 @@ def run_finetune(s: FinetuneSettings, mode: str) -> dict[str, Any]:
                       max_reply_tokens=s.target_tokens or s.max_new_tokens, robust=s.robust, robust_p=s.robust_p,
                       robust_scope=s.robust_scope,  # type: ignore[arg-type]  # checked by TrainConfig
                       robust_retain=s.robust_retain, robust_retain_p=s.robust_retain_p or None,
-                      robust_rank=s.robust_rank, robust_keep_start=s.robust_keep_start, robust_subspan=s.robust_subspan,
+                      robust_rank=s.robust_rank, robust_keep_start=s.robust_keep_start, robust_subspan=s.robust_subspan, robust_online=s.robust_online,
                       reestimate_every=s.reestimate_every, search_every=s.search_every,
                       search_layers=parse_layers(s.search_layers) if s.search_layers.strip() else None,
                       checkpoint_every=s.checkpoint_every, seed=s.seed)

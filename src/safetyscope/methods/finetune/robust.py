@@ -4,30 +4,35 @@ training re-estimates on the model as it is (used by :mod:`.train`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from ...models.adapter import LoadedModel
+from ...prompts.chat import post_instruction_length
 from ...runner import run_capture
 from ...sites import Site
 
 
 def random_ablation(lm: LoadedModel, r: torch.Tensor, rows: int, width: int, p: float,
                     gen: torch.Generator, scope: Literal["sites", "rows"] = "sites",
-                    row_p: torch.Tensor | None = None) -> list[tuple[Site, Any]]:
+                    row_p: torch.Tensor | None = None, drawn: list[bool] | None = None) -> list[tuple[Site, Any]]:
     """Edits projecting unit ``r`` ([d_model], orthonormal rows [k, d_model], or one such basis per row
     [rows, k, d_model], zero-padded: :func:`random_subspan`) out of ``resid_pre`` of the first
     ``rows`` rows (the target examples, and with ``robust_retain`` the retain examples after them); the rest of
     the batch is untouched. ``scope`` "sites": at random blocks and random positions (each with probability
     ``p``); "rows": each row, with probability ``p``, at every block and every position (the attack's condition).
     ``row_p`` ([rows]) gives each row its own probability (of its positions, or of the whole row) instead of ``p``;
-    blocks are still drawn with ``p``."""
+    blocks are still drawn with ``p``. With scope "rows", a list passed as ``drawn`` is filled with whether each
+    row is ablated."""
     probs = torch.full((rows,), float(p)) if row_p is None else row_p.double()  # [rows]
     if scope == "rows":
         layers = list(range(lm.n_layers))
         pos = (torch.rand((rows, 1), generator=gen) < probs[:, None]).float().expand(rows, width)  # [rows, pos]
+        if drawn is not None:  # the caller learns which rows lose the direction
+            drawn[:] = [bool(v) for v in pos[:, 0]]
     else:
         layers = [layer for layer in range(lm.n_layers) if float(torch.rand((), generator=gen)) < p]
         if not layers:
@@ -121,3 +126,63 @@ def _orthonormal(rows: Sequence[torch.Tensor], limit: int, tol: float = 1e-3) ->
         if len(out) == limit:
             break
     return torch.stack(out)
+
+
+@dataclass
+class Tracker:
+    """The attack's candidate directions, kept current at every training step (``robust_online``): running means
+    (exponential, float64) of ``resid_pre`` at every block and each post-instruction position (offsets -k..-1
+    from the prompt's end), of the target rows and of the retain rows; started from one pass over the prompts,
+    then updated from the rows of each training batch that were not ablated."""
+
+    means: torch.Tensor  # [2 (target, retain), n_layers, k, d_model], float64
+    decay: float = 0.9
+
+    @classmethod
+    def start(cls, lm: LoadedModel, target: Sequence[str], retain: Sequence[str], system: str | None,
+              batch_size: int = 8, decay: float = 0.9) -> Tracker:
+        k = post_instruction_length(lm.tokenizer, system)
+        sites = [Site("resid_pre", layer) for layer in range(lm.n_layers)]
+        means = torch.zeros((2, lm.n_layers, k, lm.dims.d_model), dtype=torch.float64)
+        for g, texts in enumerate((target, retain)):
+            n = 0
+            for _b, vals in run_capture(lm, list(texts), sites, list(range(-k, 0)), batch_size=batch_size,
+                                        system=system, description="tracker"):
+                for site, v in vals.items():  # v: [batch, k, d_model]
+                    means[g, site.layer] += v.double().sum(0).cpu()
+                n += int(next(iter(vals.values())).shape[0])
+            means[g] /= max(n, 1)
+        return cls(means, decay)
+
+    def draw(self, layers: Sequence[int], gen: torch.Generator) -> tuple[int, int, torch.Tensor]:
+        """A random block of ``layers`` and post-instruction offset (-k..-1), and its unit direction [d_model]."""
+        layer = int(layers[int(torch.randint(len(layers), (), generator=gen))])
+        j = int(torch.randint(self.means.shape[2], (), generator=gen))
+        d = self.means[0, layer, j] - self.means[1, layer, j]  # [d_model]
+        return layer, j - self.means.shape[2], (d / d.norm().clamp_min(1e-12)).float()
+
+    def recorder(self, n_layers: int, ends: torch.Tensor,
+                 groups: Sequence[int | None]) -> tuple[list[tuple[Site, Any]], Callable[[], None]]:
+        """Read-only hooks recording each row's last k prompt positions (``ends`` [batch]: the index of each row's
+        last prompt token) at every block, and the update to call after the forward pass: row i counts toward
+        the target (0) or retain (1) mean per ``groups[i]``, or not at all (None: an ablated row)."""
+        k = self.means.shape[2]
+        idx = ends[:, None] + torch.arange(-k + 1, 1)  # [batch, k]
+        got: dict[int, torch.Tensor] = {}
+
+        def make(layer: int) -> Any:
+            def edit(x: torch.Tensor, _batch: Any) -> torch.Tensor:  # x: [batch, pos, d_model]; returned unchanged
+                i = idx.to(x.device)[..., None].expand(-1, -1, x.shape[-1])  # [batch, k, d_model]
+                got[layer] = x.detach().gather(1, i).double().cpu()
+                return x
+            return edit
+
+        def update() -> None:
+            for g in (0, 1):
+                rows = [i for i, grp in enumerate(groups) if grp == g]
+                if not rows:
+                    continue
+                for layer, v in got.items():
+                    self.means[g, layer] = self.decay * self.means[g, layer] + (1 - self.decay) * v[rows].mean(0)
+
+        return [(Site("resid_pre", layer), make(layer)) for layer in range(n_layers)], update

@@ -23,7 +23,11 @@ has to refuse without any of them; with ``robust_keep_start`` the direction trai
 that subspace at every re-estimation (otherwise only the newly estimated one does). With ``robust_subspan``
 each ablated row loses a random sub-span of that subspace instead of all of it (a random rotation of it, cut to
 a dimension drawn uniformly from 1 to the rank, per row and step), so the model cannot learn "the whole
-subspace is missing, so refuse" and must refuse whichever part of it an attack removes. With ``search_every`` N the attack's own direction search
+subspace is missing, so refuse" and must refuse whichever part of it an attack removes. With ``robust_online``
+(scope "rows") the ablated direction is instead drawn at every step from the attack's own candidates, kept
+current: the difference of the running means of target and retain rows at a random block (``search_layers``,
+else every block from 1 on) and post-instruction position, updated from each batch's rows that were not
+ablated (:class:`.robust.Tracker`), so refusal cannot move to a direction the estimate has not yet seen. With ``search_every`` N the attack's own direction search
 (:mod:`.adversary`) runs on the model every N steps; each direction it finds is kept in the ablated
 subspace for the rest of the run, and re-estimation then follows the block and position it chose.
 
@@ -55,7 +59,7 @@ from ...sites import Site
 from .adversary import Found, attack_direction
 from .data import Example, TrainingData
 from .retain import Reference, kl_to_reference, record
-from .robust import estimate_direction, estimate_subspace, random_ablation, random_subspan
+from .robust import Tracker, estimate_direction, estimate_subspace, random_ablation, random_subspan
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class TrainConfig:
     search_layers: tuple[int, ...] | None = None  # candidate blocks of that search (None = all)
     robust_keep_start: bool = False  # robust_rank > 1: the starting direction stays in the subspace at every re-estimation
     robust_subspan: bool = False  # robust_rank > 1: each ablated row loses a random sub-span of the subspace, not all of it
+    robust_online: bool = False  # robust rows: ablate the current candidate of a random block and position, every step
     checkpoint_every: int = 10  # 0 = no resumable state
     seed: int = 0
 
@@ -99,6 +104,8 @@ class TrainConfig:
             raise ValueError("robust_keep_start needs robust_rank >= 2 (at rank 1 the re-estimated direction replaces it)")
         if self.robust_subspan and self.robust_rank < 2:
             raise ValueError("robust_subspan needs robust_rank >= 2 (a sub-span of one direction is the direction)")
+        if self.robust_online and self.robust_scope != "rows":
+            raise ValueError("robust_online needs robust_scope 'rows' (its running means read the rows not ablated)")
         if min(self.retain_weight, self.reestimate_every, self.checkpoint_every, self.search_every) < 0:
             raise ValueError("retain_weight, reestimate_every, search_every and checkpoint_every must be >= 0")
 
@@ -202,6 +209,8 @@ def _save_state(path: Path, key: str, step: int, params: Sequence[torch.Tensor],
         tensors["direction"] = r
     if adv.found:
         tensors["found"] = torch.stack(adv.found)
+    if adv.tracker is not None:
+        tensors["tracker"] = adv.tracker.means
     with atomic_dir(path) as tmp:
         save_tensors(tmp / "tensors.safetensors", tensors)
         write_json(tmp / "state.json", {"key": key, "step": step, "adam_steps": steps, **logs,
@@ -225,6 +234,8 @@ def _load_state(path: Path, key: str, params: Sequence[torch.Tensor], opt: torch
                                 "exp_avg": t[f"m.{i}"].to(p.device), "exp_avg_sq": t[f"v.{i}"].to(p.device)}
     logs = {k: list(meta[k]) for k in ("losses", "target_losses", "retain_losses")}
     adv.found = list(t["found"]) if "found" in t else []
+    if adv.tracker is not None and "tracker" in t:
+        adv.tracker.means = t["tracker"].double()
     adv.layer, adv.position = (int(v) for v in meta.get("direction_at", [adv.layer, adv.position]))
     adv.found_at = [[int(v) for v in row] for row in meta.get("found_at", [])]
     return int(meta["step"]), logs, t.get("direction")
@@ -239,6 +250,7 @@ class _Adversary:
     position: int
     found: list[torch.Tensor]
     found_at: list[list[int]]  # [step, block, position] per found direction
+    tracker: Tracker | None = None  # robust_online: the running means of the attack's candidates
 
 
 # ---- the loop --------------------------------------------------------------------------------------
@@ -266,22 +278,34 @@ class _Run:
         k = self.cfg.batch_size
         return [pool[order[i % len(order)]] for i in range(k)]
 
-    def loss(self, step: int, r: torch.Tensor | None) -> tuple[torch.Tensor, float, float]:
+    def loss(self, step: int, r: torch.Tensor | None,
+             tracker: Tracker | None = None) -> tuple[torch.Tensor, float, float]:
         tgt, idx = self.draw(self.target, step, 1), self.draw(list(range(len(self.retain))), step, 2)
         ret = [self.retain[i] for i in idx]
         b = make_batch(self.lm, tgt + ret)
         edits: list[tuple[Site, Any]] = []
+        update = None
         if self.cfg.robust and r is not None:
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 7 + 3)
             rows = len(tgt) + (len(ret) if self.cfg.robust_retain else 0)  # the batch is target rows, then retain
             rp = self.cfg.robust_p if self.cfg.robust_retain_p is None else self.cfg.robust_retain_p
             row_p = torch.tensor([self.cfg.robust_p] * len(tgt) + [rp] * (rows - len(tgt)))  # [rows]
-            if self.cfg.robust_subspan and r.dim() == 2:
+            if tracker is not None:  # the current candidate of a random block and position [d_model]
+                r = tracker.draw(self.cfg.search_layers or range(min(1, self.lm.n_layers - 1), self.lm.n_layers), g)[2]
+            elif self.cfg.robust_subspan and r.dim() == 2:
                 r = random_subspan(r, rows, g)  # [rows, k, d_model]
-            edits = random_ablation(self.lm, r, rows, b["input_ids"].shape[1], self.cfg.robust_p, g,
-                                    self.cfg.robust_scope, row_p)
+            drawn: list[bool] = []
+            width = b["input_ids"].shape[1]
+            edits = random_ablation(self.lm, r, rows, width, self.cfg.robust_p, g, self.cfg.robust_scope, row_p, drawn)
+            if tracker is not None:  # read the rows left intact, before any edit at each block
+                groups = [None if i < rows and drawn[i] else int(i >= len(tgt)) for i in range(len(tgt) + len(ret))]
+                ends = torch.tensor([width - len(reply) - 1 for _p, reply in tgt + ret])  # [batch]
+                rec, update = tracker.recorder(self.lm.n_layers, ends, groups)
+                edits = rec + edits
         with hooks(self.lm, edits) if edits else nullcontext():
             logits = batch_logits(self.lm, b)
+        if update is not None:
+            update()
         labels = b["labels"].to(logits.device)
         n = len(tgt)
         lt = _ce(logits[:n], labels[:n])
@@ -307,14 +331,16 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
     first = r if cfg.robust_keep_start and r is not None and r.dim() == 1 else None  # [d_model]
     adv = _Adversary(direction_layer, direction_position, [], [])
     step0 = 0
+    texts = ([e.prompt for e in data.of("target")][:32], [e.prompt for e in data.of("retain")][:32])
     if cfg.retain_loss == "kl":
         run.record_reference()  # before a resumed run's tensors are loaded: the reference is the starting model
+    if cfg.robust and cfg.robust_online and r is not None:
+        adv.tracker = Tracker.start(lm, texts[0], texts[1], system)  # a resumed run loads its running means
     if state_dir is not None and cfg.checkpoint_every:
         got = _load_state(state_dir, key, params, opt, adv)
         if got is not None:
             step0, logs, saved_r = got
             r = saved_r if saved_r is not None else r
-    texts = ([e.prompt for e in data.of("target")][:32], [e.prompt for e in data.of("retain")][:32])
 
     def widen(v: torch.Tensor) -> torch.Tensor:  # the direction -> the ablated subspace (robust_rank > 1)
         kept = adv.found + ([first] if first is not None else [])  # estimate_subspace puts the last first
@@ -338,7 +364,7 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
                 r = widen(r) if cfg.robust_rank > 1 else r
             opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                loss, lt, lr_ = run.loss(step, r)
+                loss, lt, lr_ = run.loss(step, r, adv.tracker)
                 loss.backward()
             opt.step()
             for k, v in zip(logs, (float(loss.detach()), lt, lr_)):
