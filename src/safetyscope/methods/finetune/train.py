@@ -359,7 +359,7 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
                 adv.found.append(hit.direction)
                 adv.found_at.append([step, hit.layer, hit.position])
                 adv.layer, adv.position = hit.layer, hit.position
-            if hit is not None or due(cfg.reestimate_every, step):
+            if hit is not None or (due(cfg.reestimate_every, step) and not cfg.robust_online):  # online: the tracker
                 r = estimate_direction(lm, texts[0], texts[1], adv.layer, system, position=adv.position)
                 r = widen(r) if cfg.robust_rank > 1 else r
             opt.zero_grad(set_to_none=True)
