@@ -14,22 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import finetune as bench  # noqa: E402
-
-from safetyscope.io import load_tensors  # noqa: E402
-from safetyscope.methods.direction.candidates import find_candidates  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_span_check import bench, on_tuned  # noqa: E402
 
 
 def main() -> None:
     tuned, pos, blocks = sys.argv[1], int(sys.argv[2]), [int(b) for b in sys.argv[3:]]
-    a = bench.parse_args(["--model", "default", "--mode", "harden", "--n-train", "64", "--n-eval", "20",
-                          "--eval-split", "val", "--eval-tokens", "48", "--n-scary", "40"])
-    lm = bench.benchmark_model("default", log=lambda _m: None)
-    sets = bench._sets(a)
     t0 = time.time()
-    with bench.Reused(load_tensors(tuned)).apply(lm):
-        cands = find_candidates(lm, sets["train_harmful"], sets["train_harmless"], filter="none", batch_size=8)
+    with on_tuned(tuned) as (lm, sets, cands):
         for block in blocks:
             v = cands.direction(block, pos).direction.float()
             rate = bench._refusal(lm, sets["harmful"], 48, 8, bench._ablate_span(lm, v / v.norm()))

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import finetune as bench  # noqa: E402
@@ -22,15 +25,22 @@ from safetyscope.methods.direction.candidates import find_candidates  # noqa: E4
 from safetyscope.methods.finetune.robust import estimate_subspace  # noqa: E402
 
 
-def main() -> None:
-    tuned, layer, pos = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+@contextmanager
+def on_tuned(tuned: str) -> Iterator[tuple[Any, dict[str, list[str]], Any]]:
+    """The default model with TUNED's tensors applied (removed on exit), the benchmark's prompt sets (64 train
+    prompts per group, 20 val harmful), and the difference-of-means candidates on the tuned model."""
     a = bench.parse_args(["--model", "default", "--mode", "harden", "--n-train", "64", "--n-eval", "20",
                           "--eval-split", "val", "--eval-tokens", "48", "--n-scary", "40"])
     lm = bench.benchmark_model("default", log=lambda _m: None)
     sets = bench._sets(a)
-    t0 = time.time()
     with bench.Reused(load_tensors(tuned)).apply(lm):
-        cands = find_candidates(lm, sets["train_harmful"], sets["train_harmless"], filter="none", batch_size=8)
+        yield lm, sets, find_candidates(lm, sets["train_harmful"], sets["train_harmless"], filter="none", batch_size=8)
+
+
+def main() -> None:
+    tuned, layer, pos = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    t0 = time.time()
+    with on_tuned(tuned) as (lm, sets, cands):
         v = cands.direction(layer, pos).direction.float()
         v = v / v.norm()  # [d_model]
         span = estimate_subspace(lm, sets["train_harmful"][:32], sets["train_harmless"][:32], v, 8, None)  # [8, d_model]

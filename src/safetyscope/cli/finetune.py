@@ -107,7 +107,8 @@ def run_finetune(s: FinetuneSettings, mode: str) -> dict[str, Any]:
                       max_reply_tokens=s.target_tokens or s.max_new_tokens, robust=s.robust, robust_p=s.robust_p,
                       robust_scope=s.robust_scope,  # type: ignore[arg-type]  # checked by TrainConfig
                       robust_retain=s.robust_retain, robust_retain_p=s.robust_retain_p or None,
-                      robust_rank=s.robust_rank, robust_keep_start=s.robust_keep_start, robust_subspan=s.robust_subspan, robust_online=s.robust_online,
+                      robust_rank=s.robust_rank, robust_keep_start=s.robust_keep_start,
+                      robust_subspan=s.robust_subspan, robust_online=s.robust_online,
                       reestimate_every=s.reestimate_every, search_every=s.search_every,
                       search_layers=parse_layers(s.search_layers) if s.search_layers.strip() else None,
                       checkpoint_every=s.checkpoint_every, seed=s.seed)

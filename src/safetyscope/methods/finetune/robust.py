@@ -11,7 +11,6 @@ from typing import Any, Literal
 import torch
 
 from ...models.adapter import LoadedModel
-from ...prompts.chat import post_instruction_length
 from ...runner import run_capture
 from ...sites import Site
 
@@ -93,16 +92,7 @@ def estimate_subspace(lm: LoadedModel, target: Sequence[str], retain: Sequence[s
     (orthogonal to those) of the unit differences of means (target - retain) at ``resid_pre`` of every block
     from 1 on and every post-instruction position; one forward pass per batch fills every site."""
     sites = [Site("resid_pre", layer) for layer in range(1, lm.n_layers)] or [Site("resid_pre", 0)]
-    sums: list[dict[Site, torch.Tensor]] = []
-    for texts in (target, retain):
-        acc: dict[Site, torch.Tensor] = {}
-        n = 0
-        for _b, vals in run_capture(lm, list(texts), sites, "post_instruction", batch_size=batch_size,
-                                    system=system, description="subspace"):
-            for site, v in vals.items():  # v: [batch, k_post, d_model]
-                acc[site] = acc.get(site, 0) + v.double().sum(0)
-            n += int(next(iter(vals.values())).shape[0])
-        sums.append({site: v / max(n, 1) for site, v in acc.items()})
+    sums = [post_means(lm, texts, sites, system, batch_size) for texts in (target, retain)]
     diffs = torch.cat([sums[0][site] - sums[1][site] for site in sites])  # [n_sites * k_post, d_model]
     diffs = diffs / diffs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     rows = [r.double().reshape(-1)]
@@ -113,6 +103,20 @@ def estimate_subspace(lm: LoadedModel, target: Sequence[str], retain: Sequence[s
     vh = torch.linalg.svd(rest, full_matrices=False).Vh  # [min(n, d), d_model], strongest first
     basis = torch.cat([q, vh[: rank - q.shape[0]]])  # [rank, d_model]
     return torch.linalg.qr(basis.T).Q.T.float()
+
+
+def post_means(lm: LoadedModel, texts: Sequence[str], sites: Sequence[Site], system: str | None,
+               batch_size: int = 8) -> dict[Site, torch.Tensor]:
+    """Mean (float64) of each site's activations at every post-instruction position, [k_post, d_model] per site;
+    one forward pass per batch fills every site."""
+    acc: dict[Site, torch.Tensor] = {}
+    n = 0
+    for _b, vals in run_capture(lm, list(texts), list(sites), "post_instruction", batch_size=batch_size,
+                                system=system, description="means"):
+        for site, v in vals.items():  # v: [batch, k_post, d_model]
+            acc[site] = acc.get(site, 0) + v.double().sum(0).cpu()
+        n += int(next(iter(vals.values())).shape[0])
+    return {site: v / max(n, 1) for site, v in acc.items()}
 
 
 def _orthonormal(rows: Sequence[torch.Tensor], limit: int, tol: float = 1e-3) -> torch.Tensor:
@@ -141,18 +145,9 @@ class Tracker:
     @classmethod
     def start(cls, lm: LoadedModel, target: Sequence[str], retain: Sequence[str], system: str | None,
               batch_size: int = 8, decay: float = 0.9) -> Tracker:
-        k = post_instruction_length(lm.tokenizer, system)
         sites = [Site("resid_pre", layer) for layer in range(lm.n_layers)]
-        means = torch.zeros((2, lm.n_layers, k, lm.dims.d_model), dtype=torch.float64)
-        for g, texts in enumerate((target, retain)):
-            n = 0
-            for _b, vals in run_capture(lm, list(texts), sites, list(range(-k, 0)), batch_size=batch_size,
-                                        system=system, description="tracker"):
-                for site, v in vals.items():  # v: [batch, k, d_model]
-                    means[g, site.layer] += v.double().sum(0).cpu()
-                n += int(next(iter(vals.values())).shape[0])
-            means[g] /= max(n, 1)
-        return cls(means, decay)
+        means = [post_means(lm, texts, sites, system, batch_size) for texts in (target, retain)]
+        return cls(torch.stack([torch.stack([m[site] for site in sites]) for m in means]), decay)  # [2, layers, k, d]
 
     def draw(self, layers: Sequence[int], gen: torch.Generator) -> tuple[int, int, torch.Tensor]:
         """A random block of ``layers`` and post-instruction offset (-k..-1), and its unit direction [d_model]."""
