@@ -131,8 +131,9 @@ def _robust_and_fresh_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--robust-online", action="store_true",
                     help="robust rows: ablate, every step, the current candidate of a random block (--fresh-layers) and position")
     ap.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain loss beside the target loss")
-    ap.add_argument("--retain-loss", choices=("ce", "kl"), default="ce",
-                    help="retain loss: CE on the retain replies, or KL from the starting model at every retain token")
+    ap.add_argument("--retain-loss", choices=("ce", "kl", "mixed"), default="ce",
+                    help="retain loss: CE on the retain replies, KL from the starting model at every retain token, or "
+                         "mixed (KL, but CE on the benign prompts the starting model refused)")
     ap.add_argument("--reestimate-every", type=int, default=0,
                     help="robust rows: re-estimate the direction / subspace every N steps (0 = once, at half the steps)")
     ap.add_argument("--search-every", type=int, default=0,

@@ -83,3 +83,31 @@ def test_training_with_kl_retain_starts_at_zero_retain_loss_and_resumes_exactly(
 def test_retain_loss_is_checked_once():
     with pytest.raises(ValueError, match="retain_loss"):
         TrainConfig(retain_loss="mse")  # type: ignore[arg-type]
+
+
+def test_mixed_retain_uses_ce_exactly_on_the_rows_the_starting_model_refused(lm):
+    """"mixed": KL on the retain rows the starting model answers itself, CE on the over-refusals it answered only
+    under ablation. At the first step the KL rows contribute zero, so the retain loss is the CE of the refused rows
+    alone, times their share of the retain rows (4 rows, batch 4: each step draws every one once)."""
+    from safetyscope.methods.finetune.data import Example, TrainingData
+
+    own = [Example(p, (10, 11, 12), "retain", "harmless:own") for p in HARMLESS[:2]]
+    refused = [Example(p, (13, 14), "retain", "scary:ablated+restate") for p in HARMLESS[2:]]
+    assert all(e.own_decision for e in own) and not any(e.own_decision for e in refused)
+    data = TrainingData(tuple([Example(HARMFUL[0], (5, 6), "target", "harmful:own")] + own + refused), {})
+    cfg = TrainConfig(steps=1, batch_size=4, checkpoint_every=0, retain_loss="mixed")
+
+    def first_retain_loss(c):
+        return finetune(lm, "harden", "blocks.1.attn", data=data, config=c).log.retain_losses[0]
+
+    rows = [(_chat_ids(lm, e.prompt), list(e.reply)) for e in refused]
+    b, logits = make_batch(lm, rows), _logits(lm, rows)  # logits [2, pos, vocab]
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), b["labels"].flatten(), ignore_index=-100)
+    assert first_retain_loss(cfg) == pytest.approx(float(ce) * 2 / 4, rel=1e-4)
+    assert abs(first_retain_loss(TrainConfig(**{**cfg.__dict__, "retain_loss": "kl"}))) < 1e-5
+
+
+def _chat_ids(lm, prompt):
+    from safetyscope.prompts.chat import format_chat
+
+    return list(lm.tokenizer(format_chat(lm.tokenizer, prompt, None), add_special_tokens=False)["input_ids"])

@@ -29,7 +29,7 @@ class FinetuneSettings(PromptSettings):
     lr: float = opt(1e-4, "Adam learning rate (no weight decay: masked entries never move).")
     train_batch: int = opt(4, "Target examples per step (and as many retain examples).")
     retain_weight: float = opt(1.0, "Weight of the retain loss (harmless replies kept as they were).")
-    retain_loss: str = opt("ce", "Retain loss: ce (cross-entropy on the harmless replies) or kl (KL from the starting model's next-token distribution at every token of the harmless rows; does not sharpen the model on its own replies, so it costs less perplexity).")
+    retain_loss: str = opt("ce", "Retain loss: ce (cross-entropy on the harmless replies), kl (KL from the starting model's next-token distribution at every token of the harmless rows; does not sharpen the model on its own replies, so it costs less perplexity) or mixed (kl, except cross-entropy on the benign prompts the starting model refused, whose answers were made under ablation: KL would hold them to the refusal).")
     max_new_tokens: int = opt(32, "Length of the self-generated target replies (and the training cut unless --target-tokens).")
     target_tokens: int = opt(0, "Training cut of the target replies in tokens; 0 = --max-new-tokens (extended refusals are longer: e.g. 64).")
     refusal_style: str = opt("own", "harden: refusal targets as the model gives them (own); extended: the model's own sentence on the request, then its refusal (Abu Shairah et al. 2025); restate: every harmful and harmless reply opens with the model's neutral sentence on the request, so refusal is not decided at the first reply token.")

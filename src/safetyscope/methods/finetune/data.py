@@ -42,6 +42,13 @@ class Example:
     kind: Kind
     source: str  # harmful / harmless / scary, and how the reply was made
 
+    @property
+    def own_decision(self) -> bool:
+        """Whether the unmodified model itself decides as this reply does (refuse or answer): false for a
+        reply made under an intervention (a benign prompt it refused, answered under ablation; a harmful
+        prompt it answered, refused under addition)."""
+        return not any(tag in self.source for tag in (":ablated", ":added"))
+
 
 @dataclass(frozen=True)
 class TrainingData:

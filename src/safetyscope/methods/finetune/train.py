@@ -4,7 +4,9 @@ Each step draws ``batch_size`` target examples and ``batch_size`` retain example
 number, so a resumed run draws what an uninterrupted one draws) and minimises
 ``CE(target replies) + retain_weight * CE(retain replies)`` over the reply tokens only (with
 ``retain_loss`` "kl" the retain term is instead the KL from the starting model's next-token distribution
-at every token of the retain rows: :mod:`.retain`).
+at every token of the retain rows: :mod:`.retain`; "mixed" uses that KL except on the retain rows whose
+decision the starting model does not share, the benign prompts it refused, answered under ablation, where
+the KL would hold the row to the refusal: those get the cross-entropy on their answers).
 
 *Robust* training (harden): on the target rows, the refusal direction is projected out of the residual
 stream (``blocks.{l}.resid_pre``) at a random subset of blocks and a random subset of token positions,
@@ -61,6 +63,9 @@ from .data import Example, TrainingData
 from .retain import Reference, kl_to_reference, record
 from .robust import Tracker, estimate_direction, estimate_subspace, random_ablation, random_subspan
 
+RetainLoss = Literal["ce", "kl", "mixed"]
+RETAIN_LOSSES: tuple[RetainLoss, ...] = ("ce", "kl", "mixed")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -68,7 +73,7 @@ class TrainConfig:
     lr: float = 1e-4
     batch_size: int = 4  # target examples per step (and as many retain examples)
     retain_weight: float = 1.0
-    retain_loss: Literal["ce", "kl"] = "ce"  # retain rows: CE on their replies, or KL to the starting model (.retain)
+    retain_loss: RetainLoss = "ce"  # retain rows: CE on their replies, KL to the starting model (.retain), or mixed
     max_reply_tokens: int = 32  # targets are cut to this many tokens
     robust: bool = False
     robust_p: float = 0.5
@@ -94,8 +99,8 @@ class TrainConfig:
             raise ValueError(f"robust_p must be in (0, 1], not {self.robust_p}")
         if self.robust_retain_p is not None and not 0.0 < self.robust_retain_p <= 1.0:
             raise ValueError(f"robust_retain_p must be in (0, 1], not {self.robust_retain_p}")
-        if self.retain_loss not in ("ce", "kl"):
-            raise ValueError(f"retain_loss must be 'ce' or 'kl', not {self.retain_loss!r}")
+        if self.retain_loss not in RETAIN_LOSSES:
+            raise ValueError(f"retain_loss must be 'ce', 'kl' or 'mixed', not {self.retain_loss!r}")
         if self.robust_scope not in ("sites", "rows"):
             raise ValueError(f"robust_scope must be 'sites' or 'rows', not {self.robust_scope!r}")
         if self.robust_rank < 1:
@@ -260,7 +265,21 @@ class _Run:
     cfg: TrainConfig
     target: list[tuple[list[int], list[int]]]
     retain: list[tuple[list[int], list[int]]]
-    ref: list[Reference] | None = None  # retain_loss "kl": the starting model's distributions on the retain rows
+    changed: list[bool] | None = None  # retain_loss "mixed": the retain rows whose reply the starting model refused
+    ref: list[Reference] | None = None  # retain_loss "kl"/"mixed": the starting model's distributions on the retain rows
+
+    @classmethod
+    def of(cls, lm: LoadedModel, cfg: TrainConfig, data: TrainingData, system: str | None) -> _Run:
+        """The rows of ``data`` as token ids; for a KL retain loss, the reference recorded on ``lm`` as it is now."""
+        def pairs(ex: list[Example]) -> list[tuple[list[int], list[int]]]:
+            return [(_prompt_ids(lm, e.prompt, system), list(e.reply[:cfg.max_reply_tokens])) for e in ex]
+
+        run = cls(lm, cfg, pairs(data.of("target")), pairs(data.of("retain")))
+        if cfg.retain_loss == "mixed":
+            run.changed = [not e.own_decision for e in data.of("retain")]
+        if cfg.retain_loss != "ce":
+            run.record_reference()
+        return run
 
     def record_reference(self) -> None:
         """Record the starting model's top-k next-token distributions on every retain row (no gradient)."""
@@ -309,8 +328,22 @@ class _Run:
         labels = b["labels"].to(logits.device)
         n = len(tgt)
         lt = _ce(logits[:n], labels[:n])
-        lr_ = _ce(logits[n:], labels[n:]) if self.ref is None else kl_to_reference(logits[n:], [self.ref[i] for i in idx])
+        lr_ = self.retain_term(logits[n:], labels[n:], idx)
         return lt + self.cfg.retain_weight * lr_, float(lt.detach()), float(lr_.detach())
+
+
+    def retain_term(self, logits: torch.Tensor, labels: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        """The retain loss of the retain rows ``idx`` (logits [rows, pos, vocab], labels [rows, pos])."""
+        if self.ref is None:
+            return _ce(logits, labels)
+        ce = [j for j, i in enumerate(idx) if self.changed is not None and self.changed[i]]
+        kl = [j for j in range(len(idx)) if j not in ce]
+        parts = []  # (loss, rows): KL where the starting model answers, CE where its answer was not its own
+        if kl:
+            parts.append((kl_to_reference(logits[kl], [self.ref[idx[j]] for j in kl]), len(kl)))
+        if ce:
+            parts.append((_ce(logits[ce], labels[ce]), len(ce)))
+        return sum(loss * (k / len(idx)) for loss, k in parts)  # type: ignore[return-value]
 
 
 def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, cfg: TrainConfig, *,
@@ -319,12 +352,7 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
           state_dir: Path | None = None, key: str = "", on_step: Callable[[int, float], None] | None = None) -> TrainLog:
     """Train ``params`` (already switched on for autograd, gradients masked) on ``data``; see the module docstring."""
     start = time.perf_counter()
-    cut = cfg.max_reply_tokens
-
-    def pairs(ex: list[Example]) -> list[tuple[list[int], list[int]]]:
-        return [(_prompt_ids(lm, e.prompt, system), list(e.reply[:cut])) for e in ex]
-
-    run = _Run(lm, cfg, pairs(data.of("target")), pairs(data.of("retain")))
+    run = _Run.of(lm, cfg, data, system)  # records the retain reference first: it is the starting model
     opt = torch.optim.Adam(list(params), lr=cfg.lr, weight_decay=0.0)
     logs: dict[str, list[float]] = {"losses": [], "target_losses": [], "retain_losses": []}
     r = None if direction is None else direction.detach().float().cpu()
@@ -332,8 +360,6 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
     adv = _Adversary(direction_layer, direction_position, [], [])
     step0 = 0
     texts = ([e.prompt for e in data.of("target")][:32], [e.prompt for e in data.of("retain")][:32])
-    if cfg.retain_loss == "kl":
-        run.record_reference()  # before a resumed run's tensors are loaded: the reference is the starting model
     if cfg.robust and cfg.robust_online and r is not None:
         adv.tracker = Tracker.start(lm, texts[0], texts[1], system)  # a resumed run loads its running means
     if state_dir is not None and cfg.checkpoint_every:
