@@ -318,12 +318,13 @@ def _targets(lm: LoadedModel, a: argparse.Namespace, sets: dict[str, list[str]],
 def _extended(lm: LoadedModel, a: argparse.Namespace, data: TrainingData) -> TrainingData:
     """``data`` with extended or restating harden targets (cached under --out like the targets)."""
     key = fingerprint(DATA_VERSION, lm.name, [(e.prompt, e.reply, e.source) for e in data.examples],
-                      a.refusal_style, STYLE_REQUESTS[a.refusal_style])  # the request asked decides the data
+                      a.refusal_style, STYLE_REQUESTS[a.refusal_style],  # the request asked decides the data
+                      *(("plain changed",) if a.retain_loss == "mixed" else ()))
     cached = a.out / f"data-{a.refusal_style}-{key}.jsonl"
     if cached.is_file():
         return TrainingData.load(cached)
     ext = extend_refusals(lm, data, judge=PhraseJudge(), style=a.refusal_style, batch_size=a.batch_size,
-                          max_reply_tokens=a.target_tokens or a.max_new_tokens)
+                          max_reply_tokens=a.target_tokens or a.max_new_tokens, restate_changed=a.retain_loss != "mixed")
     ext.save(cached)
     return ext
 

@@ -123,3 +123,21 @@ def test_restate_opens_every_reply_and_keeps_each_kinds_verdict(lm, monkeypatch)
     assert ext.counts["target:restate"] == 1 and ext.counts["retain:restate"] == 1
     with pytest.raises(ValueError, match="extended or restate"):
         extend_refusals(lm, TrainingData(examples, {}), judge=judge, style="own")
+
+
+def test_restate_can_leave_the_over_refusals_answered_under_ablation_plain(lm, monkeypatch):
+    """restate_changed=False (the "mixed" retain loss): a retain row the model refused and answered only under
+    ablation keeps its plain answer; its own answers and every target, its own or added, are restated."""
+    refusal, answer = _ids(lm, "Sorry, I cannot help."), _ids(lm, "Mix flour and water.")
+    examples = (Example("steal a car", refusal, "target", "harmful:own"),
+                Example("track a phone", refusal, "target", "harmful:added"),
+                Example("bake bread", answer, "retain", "harmless:own"),
+                Example("kill a process", answer, "retain", "scary:ablated"))
+    monkeypatch.setattr(data_mod._Gen, "replies", lambda self, prompts, under=None: [
+        _ids(lm, "The request is about something.")] * len(prompts))
+    judge = lambda _p, reply: "Sorry" in _squash(reply)  # noqa: E731
+    for changed, plain in ((True, set()), (False, {"kill a process"})):
+        ext = extend_refusals(lm, TrainingData(examples, {}), judge=judge, style="restate", restate_changed=changed)
+        got = {e.prompt: e for e in ext.examples}
+        assert {p for p, e in got.items() if not e.source.endswith("+restate")} == plain
+        assert (got["kill a process"].reply == answer) == bool(plain)

@@ -187,11 +187,13 @@ def _direction(lm: LoadedModel, given: Direction | None, needed: bool, harmful: 
 
 def _data(lm: LoadedModel, mode: Mode, prompts: tuple[list[str], list[str], list[str]], d: Direction | None,
           judge: Callable[[str, str], bool] | None, max_new_tokens: int, batch_size: int, system: str | None,
-          cache: Path | None, style: RefusalStyle = "own", cut: int | None = None) -> TrainingData:
+          cache: Path | None, style: RefusalStyle = "own", cut: int | None = None,
+          restate_changed: bool = True) -> TrainingData:
     from ...measure.judges import PhraseJudge
 
     key = fingerprint(DATA_VERSION, lm.name, mode, prompts, None if d is None else d.direction.tolist(), max_new_tokens, system,
-                      getattr(judge, "__qualname__", repr(judge)), *((style, cut) if style != "own" else ()))
+                      getattr(judge, "__qualname__", repr(judge)), *((style, cut) if style != "own" else ()),
+                      *(() if restate_changed else ("plain changed",)))
     path = None if cache is None else cache / f"data-{key}.jsonl"
     if path is not None and path.is_file():
         return TrainingData.load(path)
@@ -201,7 +203,7 @@ def _data(lm: LoadedModel, mode: Mode, prompts: tuple[list[str], list[str], list
                      max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
     if style != "own" and mode == "harden":
         data = extend_refusals(lm, data, judge=judge or PhraseJudge(), style=style, batch_size=batch_size,
-                               system=system, max_reply_tokens=cut)
+                               system=system, max_reply_tokens=cut, restate_changed=restate_changed)
     if path is not None:
         data.save(path)
     return data
@@ -246,7 +248,7 @@ def finetune(lm: LoadedModel, mode: Mode, components: str | Sequence[str | Compo
     d = _direction(lm, direction, mode == "weaken" or cfg.robust, harm, safe, batch_size, system)
     cache = None if out is None else Path(out)
     td = data or _data(lm, mode, (harm, safe, bait), d, judge, max_new_tokens, batch_size, system, cache,
-                       refusal_style, cfg.max_reply_tokens)
+                       refusal_style, cfg.max_reply_tokens, restate_changed=cfg.retain_loss != "mixed")
     say(f"targets: {td.counts}")
     sel = None if method == "lora" else _selection(lm, method, components, neuron_set, kv, seed)
     key = fingerprint(lm.name, mode, method, None if sel is None else sorted(sel.components),

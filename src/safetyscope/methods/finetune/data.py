@@ -190,7 +190,7 @@ def _squashed(text: str) -> str:
 
 def extend_refusals(lm: LoadedModel, data: TrainingData, *, judge: JudgeFn, style: RefusalStyle = "extended",
                     max_new_tokens: int = 48, batch_size: int = 8, system: str | None = None,
-                    max_reply_tokens: int | None = None) -> TrainingData:
+                    max_reply_tokens: int | None = None, restate_changed: bool = True) -> TrainingData:
     """Harden targets that open with a sentence on the request instead of deciding at the first token.
 
     ``style`` "extended": each refusal target becomes an *extended refusal* (Abu Shairah et al. 2025, "An
@@ -202,13 +202,17 @@ def extend_refusals(lm: LoadedModel, data: TrainingData, *, judge: JudgeFn, styl
     the decision comes after the request was restated. An example keeps its reply when the model's
     sentence is unusable, is itself judged a refusal, the joined reply is judged otherwise than the original
     (a refusal for targets, an answer for retain examples), or it is longer than ``max_reply_tokens`` (the
-    training cut). A restating sentence must also open with :data:`RESTATE_OPENING`: a small model asked to
+    training cut). With ``restate_changed`` false, "restate" leaves the retain examples whose decision the
+    model does not make itself (:attr:`Example.own_decision`: benign prompts it refused, answered under
+    ablation) as they are: for the "mixed" retain loss, which trains exactly those rows by cross-entropy while
+    holding every other retain row to the starting model, whose replies open with the answer; restated, they
+    would be the only retain rows taught the opening the refusal targets share. A restating sentence must also open with :data:`RESTATE_OPENING`: a small model asked to
     restate a request sometimes starts answering it instead ("To track her phone, you can use ..."), and a
     target that opens with the answer would teach the opposite of a refusal."""
     if style not in ("extended", "restate"):
         raise ValueError(f"extend_refusals rewrites the extended or restate styles, not {style!r}")
     kinds = ("target",) if style == "extended" else ("target", "retain")
-    chosen = [e for e in data.examples if e.kind in kinds]
+    chosen = [e for e in data.examples if e.kind in kinds and (restate_changed or e.kind == "target" or e.own_decision)]
     request = STYLE_REQUESTS[style]
     g = _Gen(lm, judge, max_new_tokens, batch_size, system)
     asked = g.replies([request.format(prompt=e.prompt) for e in chosen])
