@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _robust_and_fresh_args(ap)
     ap.add_argument("--ppl-tokens", type=int, default=128, help="capability passages cut to this many tokens")
     ap.add_argument("--fragility-ks", default="",
-                    help="neuron fragility: refusal (logit score > 0) with the neuron set's top k neurons zeroed, "
+                    help="neuron fragility: refusal (judged --eval-tokens replies) with the neuron set's top k neurons zeroed, "
                          "for these k (comma-separated; needs --neuron-set; the unmodified model's ranking)")
     ap.add_argument("--skip-unmodified", action="store_true",
                     help="do not measure the unmodified model (already measured with the same settings in another run)")
@@ -196,14 +196,13 @@ def _fast(layers: str) -> DirectionConfig:
 
 
 def _fragility(lm: LoadedModel, a: argparse.Namespace, prompts: list[str], ns: NeuronSet | None) -> dict[str, float]:
-    """Refusal (logit score > 0) on held-out harmful prompts with the set's top k neurons zeroed."""
+    """Refusal on held-out harmful prompts with the set's top k neurons zeroed: judged replies of --eval-tokens
+    tokens (logit score > 0 when 0; restating refusals open with no refusal token, so their score reads 0)."""
     out: dict[str, float] = {}
     if ns is None or not a.fragility_ks:
         return out
     for k in (int(v) for v in a.fragility_ks.split(",") if v.strip()):
-        ctx = ns.top(k).apply(lm) if k else nullcontext()
-        with ctx:
-            out[f"fragility_k{k}"] = float((refusal_scores(lm, prompts, batch_size=a.batch_size) > 0).float().mean())
+        out[f"fragility_k{k}"] = _refusal(lm, prompts, a.eval_tokens, a.batch_size, ns.top(k).apply(lm) if k else None)
     return out
 
 
