@@ -14,7 +14,7 @@ rates and steps without touching them): judged harmful refusal, over-refusal on 
 benign-but-scary prompts, first-token KL on harmless prompts against the unmodified model, perplexity on
 the built-in capability passages, harmful refusal under ablation of the original refusal direction and,
 with ``--fresh-direction``, under a direction found afresh on the tuned model (train split, a fast search),
-and with ``--fragility-ks`` the refusal score with the neuron set's top k neurons zeroed.
+and with ``--fragility-ks`` refusal (judged replies) with the neuron set's top k neurons zeroed.
 A comma-separated ``--lr`` / ``--lora-lr`` / ``--full-lr`` trains one row per rate (a sweep).
 Wall time is also given as a ratio to one plain forward pass over a training batch, measured just before each row.
 """
