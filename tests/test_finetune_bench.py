@@ -102,3 +102,36 @@ def test_judged_fresh_search_picks_a_candidate_of_the_given_blocks(bench, tmp_pa
     assert d.layer in (1, 2) and d.position < 0
     cands = bench.find_candidates(lm, sets["train_harmful"], sets["train_harmless"], filter="none", batch_size=4)
     assert torch.allclose(d.direction, cands.direction(d.layer, d.position).direction)  # a candidate, unchanged
+
+
+def test_fragility_is_judged_on_replies_under_the_zeroed_neurons(bench, monkeypatch):
+    """--fragility-ks reads refusal through the benchmark's judged refusal (--eval-tokens replies), under the set's
+    top k neurons zeroed for each k > 0, and intact for k = 0."""
+    import argparse
+    from contextlib import contextmanager, nullcontext
+
+    from safetyscope.methods.neurons.artifact import NeuronSet
+    from safetyscope.testing import tiny_model
+
+    lm = tiny_model("llama")
+    ns = NeuronSet([(1, 5), (0, 3), (1, 7)])
+    zeroed: list[int] = []
+
+    @contextmanager
+    def top_k_zeroed(k):
+        zeroed.append(k)
+        yield
+
+    monkeypatch.setattr(NeuronSet, "top", lambda self, k: type("Top", (), {"apply": lambda _s, _lm: top_k_zeroed(k)})())
+    calls: list[tuple[int, int, list[int]]] = []
+
+    def judged(_lm, prompts, tokens, _batch, ctx=None):
+        with ctx if ctx is not None else nullcontext():
+            calls.append((len(prompts), tokens, list(zeroed)))
+        return 0.25 if ctx is not None else 0.5
+
+    monkeypatch.setattr(bench, "_refusal", judged)
+    a = argparse.Namespace(fragility_ks="0,2", eval_tokens=7, batch_size=2)
+    assert bench._fragility(lm, a, ["p", "q"], ns) == {"fragility_k0": 0.5, "fragility_k2": 0.25}
+    assert calls == [(2, 7, []), (2, 7, [2])]  # 7-token judged replies; the top 2 zeroed only in the second
+    assert bench._fragility(lm, a, ["p"], None) == {}
