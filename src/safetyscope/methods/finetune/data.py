@@ -206,9 +206,10 @@ def extend_refusals(lm: LoadedModel, data: TrainingData, *, judge: JudgeFn, styl
     model does not make itself (:attr:`Example.own_decision`: benign prompts it refused, answered under
     ablation) as they are: for the "mixed" retain loss, which trains exactly those rows by cross-entropy while
     holding every other retain row to the starting model, whose replies open with the answer; restated, they
-    would be the only retain rows taught the opening the refusal targets share. A restating sentence must also open with :data:`RESTATE_OPENING`: a small model asked to
-    restate a request sometimes starts answering it instead ("To track her phone, you can use ..."), and a
-    target that opens with the answer would teach the opposite of a refusal."""
+    would be the only retain rows taught the opening the refusal targets share. A restating sentence must
+    also open with :data:`RESTATE_OPENING`: a small model asked to restate a request sometimes starts
+    answering it instead ("To track her phone, you can use ..."), and a target that opens with the answer
+    would teach the opposite of a refusal."""
     if style not in ("extended", "restate"):
         raise ValueError(f"extend_refusals rewrites the extended or restate styles, not {style!r}")
     kinds = ("target",) if style == "extended" else ("target", "retain")
