@@ -331,19 +331,18 @@ class _Run:
         lr_ = self.retain_term(logits[n:], labels[n:], idx)
         return lt + self.cfg.retain_weight * lr_, float(lt.detach()), float(lr_.detach())
 
-
     def retain_term(self, logits: torch.Tensor, labels: torch.Tensor, idx: list[int]) -> torch.Tensor:
         """The retain loss of the retain rows ``idx`` (logits [rows, pos, vocab], labels [rows, pos])."""
         if self.ref is None:
             return _ce(logits, labels)
         ce = [j for j, i in enumerate(idx) if self.changed is not None and self.changed[i]]
+        if not ce:  # every row held to the starting model (no copy of the logits)
+            return kl_to_reference(logits, [self.ref[i] for i in idx])
         kl = [j for j in range(len(idx)) if j not in ce]
-        parts = []  # (loss, rows): KL where the starting model answers, CE where its answer was not its own
+        loss = _ce(logits[ce], labels[ce]) * (len(ce) / len(idx))  # CE where the answer was not the model's own
         if kl:
-            parts.append((kl_to_reference(logits[kl], [self.ref[idx[j]] for j in kl]), len(kl)))
-        if ce:
-            parts.append((_ce(logits[ce], labels[ce]), len(ce)))
-        return sum(loss * (k / len(idx)) for loss, k in parts)  # type: ignore[return-value]
+            loss = loss + kl_to_reference(logits[kl], [self.ref[idx[j]] for j in kl]) * (len(kl) / len(idx))
+        return loss
 
 
 def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, cfg: TrainConfig, *,
