@@ -52,7 +52,7 @@ from safetyscope.methods.finetune.data import (  # noqa: E402
     extend_refusals,
     make_data,
 )
-from safetyscope.methods.finetune.train import TrainConfig, batch_logits, make_batch  # noqa: E402
+from safetyscope.methods.finetune.train import RETAIN_LOSSES, TrainConfig, batch_logits, make_batch  # noqa: E402
 from safetyscope.methods.neurons.artifact import NeuronSet  # noqa: E402
 from safetyscope.models.adapter import LoadedModel  # noqa: E402
 from safetyscope.prompts import builtin_prompts  # noqa: E402
@@ -131,9 +131,10 @@ def _robust_and_fresh_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--robust-online", action="store_true",
                     help="robust rows: ablate, every step, the current candidate of a random block (--fresh-layers) and position")
     ap.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain loss beside the target loss")
-    ap.add_argument("--retain-loss", choices=("ce", "kl", "mixed"), default="ce",
+    ap.add_argument("--retain-loss", choices=RETAIN_LOSSES, default="ce",
                     help="retain loss: CE on the retain replies, KL from the starting model at every retain token, or "
-                         "mixed (KL, but CE on the benign prompts the starting model refused)")
+                         "mixed (KL, but CE on the benign prompts the starting model refused) or kl-ablated (KL, those rows held "
+                         "to the model under the direction's ablation)")
     ap.add_argument("--reestimate-every", type=int, default=0,
                     help="robust rows: re-estimate the direction / subspace every N steps (0 = once, at half the steps)")
     ap.add_argument("--search-every", type=int, default=0,

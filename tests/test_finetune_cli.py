@@ -101,7 +101,7 @@ def test_cli_harden_with_the_attack_search_inside_training(tmp_path, monkeypatch
     r = _invoke(*common, "--robust-retain-p", "2")
     assert r.exit_code == 2 and "robust_retain_p must be in (0, 1]" in r.output and "Traceback" not in r.output
     r = _invoke(*common, "--retain-loss", "mse")
-    assert r.exit_code == 2 and "retain_loss must be 'ce', 'kl' or 'mixed'" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "retain_loss must be one of ce, kl, mixed, kl-ablated" in r.output and "Traceback" not in r.output
     r = _invoke(*common, "--retain-loss", "kl", "--out", tmp_path / "out_kl")
     assert r.exit_code == 0, (r.output[-3000:], r.exception)
     assert json.loads(r.stdout)["steps"] == 2

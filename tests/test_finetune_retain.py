@@ -111,3 +111,30 @@ def _chat_ids(lm, prompt):
     from safetyscope.prompts.chat import format_chat
 
     return list(lm.tokenizer(format_chat(lm.tokenizer, prompt, None), add_special_tokens=False)["input_ids"])
+
+
+def test_kl_ablated_holds_the_refused_rows_to_the_model_under_the_ablation(lm):
+    """"kl-ablated": the KL everywhere, but the rows the starting model refused (answered under ablation) are held
+    to the model under that ablation. At the first step the own rows contribute zero, so the retain loss is the KL
+    from the ablated model on the refused rows alone, times their share of the positions (the KL is a mean over
+    every real position of the batch; 4 rows, batch 4: each drawn once)."""
+    from safetyscope.methods.finetune.data import Example, TrainingData
+
+    own = [Example(p, (10, 11, 12), "retain", "harmless:own") for p in HARMLESS[:2]]
+    refused = [Example(p, (13, 14), "retain", "scary:ablated") for p in HARMLESS[2:]]
+    data = TrainingData(tuple([Example(HARMFUL[0], (5, 6), "target", "harmful:own")] + own + refused), {})
+    emb = lm.model.get_input_embeddings().weight.detach().float()  # [vocab, d_model]
+    d = Direction(torch.linalg.svd(emb, full_matrices=False).Vh[0], 1)  # the embeddings' leading direction: a big change
+    cfg = TrainConfig(steps=1, batch_size=4, checkpoint_every=0, retain_loss="kl-ablated")
+    got = finetune(lm, "harden", "blocks.1.attn", data=data, config=cfg, direction=d).log.retain_losses[0]
+
+    rows = [(_chat_ids(lm, e.prompt), list(e.reply)) for e in refused]
+    with d.apply(lm):
+        refs = record(_logits(lm, rows), [len(p) + len(r) for p, r in rows])
+    kl = kl_to_reference(_logits(lm, rows), refs)  # the clean model against the ablated one
+    assert float(kl) > 1e-4  # the ablation changes these rows' distributions: the check can fail
+    n_refused = sum(len(p) + len(r) for p, r in rows)
+    n_all = n_refused + sum(len(_chat_ids(lm, e.prompt)) + len(e.reply) for e in own)
+    assert got == pytest.approx(float(kl) * n_refused / n_all, rel=1e-2)
+    plain = TrainConfig(**{**cfg.__dict__, "retain_loss": "kl"})
+    assert abs(finetune(lm, "harden", "blocks.1.attn", data=data, config=plain, direction=d).log.retain_losses[0]) < 1e-5

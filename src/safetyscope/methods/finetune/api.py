@@ -245,7 +245,8 @@ def finetune(lm: LoadedModel, mode: Mode, components: str | Sequence[str | Compo
     harm, safe = _prompts(harmful, "harmful", seed), _prompts(harmless, "harmless", seed)
     bait = (_prompts(scary, "scary_harmless", seed) if (scary is not None or harmless is None) and mode == "harden"
             else [])
-    d = _direction(lm, direction, mode == "weaken" or cfg.robust, harm, safe, batch_size, system)
+    d = _direction(lm, direction, mode == "weaken" or cfg.robust or cfg.retain_loss == "kl-ablated", harm, safe, batch_size,
+                   system)
     cache = None if out is None else Path(out)
     td = data or _data(lm, mode, (harm, safe, bait), d, judge, max_new_tokens, batch_size, system, cache,
                        refusal_style, cfg.max_reply_tokens, restate_changed=cfg.retain_loss != "mixed")
@@ -282,7 +283,8 @@ class _Trainer:
         d = self.direction
         return train(self.lm, params, self.data, self.cfg, direction=None if d is None else d.direction,
                      direction_layer=0 if d is None else d.layer, direction_position=-1 if d is None else d.position,
-                     system=self.system, state_dir=self.state, key=self.key)
+                     system=self.system, teacher=None if d is None else (lambda: d.apply(self.lm)),
+                     state_dir=self.state, key=self.key)
 
     def selection(self, sel: Selection) -> tuple[dict[str, torch.Tensor], TrainLog, float]:
         params = dict(self.lm.model.named_parameters())

@@ -6,7 +6,9 @@ number, so a resumed run draws what an uninterrupted one draws) and minimises
 ``retain_loss`` "kl" the retain term is instead the KL from the starting model's next-token distribution
 at every token of the retain rows: :mod:`.retain`; "mixed" uses that KL except on the retain rows whose
 decision the starting model does not share, the benign prompts it refused, answered under ablation, where
-the KL would hold the row to the refusal: those get the cross-entropy on their answers).
+the KL would hold the row to the refusal: those get the cross-entropy on their answers; "kl-ablated" keeps the
+KL on every retain row but records those rows' reference under the directional ablation that made their
+answers, so they are held to the model that answers them, at the KL's own scale).
 
 *Robust* training (harden): on the target rows, the refusal direction is projected out of the residual
 stream (``blocks.{l}.resid_pre``) at a random subset of blocks and a random subset of token positions,
@@ -44,7 +46,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -63,8 +65,8 @@ from .data import Example, TrainingData
 from .retain import Reference, kl_to_reference, record
 from .robust import Tracker, estimate_direction, estimate_subspace, random_ablation, random_subspan
 
-RetainLoss = Literal["ce", "kl", "mixed"]
-RETAIN_LOSSES: tuple[RetainLoss, ...] = ("ce", "kl", "mixed")
+RetainLoss = Literal["ce", "kl", "mixed", "kl-ablated"]
+RETAIN_LOSSES: tuple[RetainLoss, ...] = ("ce", "kl", "mixed", "kl-ablated")
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class TrainConfig:
     lr: float = 1e-4
     batch_size: int = 4  # target examples per step (and as many retain examples)
     retain_weight: float = 1.0
-    retain_loss: RetainLoss = "ce"  # retain rows: CE on their replies, KL to the starting model (.retain), or mixed
+    retain_loss: RetainLoss = "ce"  # retain rows: CE on their replies, KL to the starting model (.retain), mixed, kl-ablated
     max_reply_tokens: int = 32  # targets are cut to this many tokens
     robust: bool = False
     robust_p: float = 0.5
@@ -100,7 +102,7 @@ class TrainConfig:
         if self.robust_retain_p is not None and not 0.0 < self.robust_retain_p <= 1.0:
             raise ValueError(f"robust_retain_p must be in (0, 1], not {self.robust_retain_p}")
         if self.retain_loss not in RETAIN_LOSSES:
-            raise ValueError(f"retain_loss must be 'ce', 'kl' or 'mixed', not {self.retain_loss!r}")
+            raise ValueError(f"retain_loss must be one of {', '.join(RETAIN_LOSSES)}, not {self.retain_loss!r}")
         if self.robust_scope not in ("sites", "rows"):
             raise ValueError(f"robust_scope must be 'sites' or 'rows', not {self.robust_scope!r}")
         if self.robust_rank < 1:
@@ -266,30 +268,43 @@ class _Run:
     target: list[tuple[list[int], list[int]]]
     retain: list[tuple[list[int], list[int]]]
     changed: list[bool] | None = None  # retain_loss "mixed": the retain rows whose reply the starting model refused
-    ref: list[Reference] | None = None  # retain_loss "kl"/"mixed": the starting model's distributions on the retain rows
+    ref: list[Reference] | None = None  # retain_loss "kl"/"mixed"/"kl-ablated": the reference distributions of the retain rows
 
     @classmethod
-    def of(cls, lm: LoadedModel, cfg: TrainConfig, data: TrainingData, system: str | None) -> _Run:
-        """The rows of ``data`` as token ids; for a KL retain loss, the reference recorded on ``lm`` as it is now."""
+    def of(cls, lm: LoadedModel, cfg: TrainConfig, data: TrainingData, system: str | None,
+           teacher: Callable[[], AbstractContextManager[Any]] | None = None) -> _Run:
+        """The rows of ``data`` as token ids; for a KL retain loss, the reference recorded on ``lm`` as it is now
+        (for "kl-ablated", that of the rows the model did not answer itself recorded under ``teacher``)."""
         def pairs(ex: list[Example]) -> list[tuple[list[int], list[int]]]:
             return [(_prompt_ids(lm, e.prompt, system), list(e.reply[:cfg.max_reply_tokens])) for e in ex]
 
         run = cls(lm, cfg, pairs(data.of("target")), pairs(data.of("retain")))
+        changed = [not e.own_decision for e in data.of("retain")]
         if cfg.retain_loss == "mixed":
-            run.changed = [not e.own_decision for e in data.of("retain")]
-        if cfg.retain_loss != "ce":
-            run.record_reference()
+            run.changed = changed
+        if cfg.retain_loss == "ce":
+            return run
+        refs = run.record_reference(range(len(run.retain)))
+        if cfg.retain_loss == "kl-ablated":
+            if teacher is None:
+                raise ValueError("retain_loss 'kl-ablated' needs the refusal direction whose ablation made the answers "
+                                 "(direction=...); or use retain_loss 'kl'")
+            idx = [i for i, c in enumerate(changed) if c]
+            with teacher():
+                for i, ref in zip(idx, run.record_reference(idx)):
+                    refs[i] = ref
+        run.ref = refs
         return run
 
-    def record_reference(self) -> None:
-        """Record the starting model's top-k next-token distributions on every retain row (no gradient)."""
+    def record_reference(self, idx: Sequence[int]) -> list[Reference]:
+        """The model's top-k next-token distributions, as it is now, on the retain rows ``idx`` (no gradient)."""
         refs: list[Reference] = []
         k = 2 * self.cfg.batch_size
         with torch.no_grad():
-            for i in range(0, len(self.retain), k):
-                rows = self.retain[i:i + k]
+            for i in range(0, len(idx), k):
+                rows = [self.retain[j] for j in idx[i:i + k]]
                 refs += record(batch_logits(self.lm, make_batch(self.lm, rows)), [len(p) + len(r) for p, r in rows])
-        self.ref = refs
+        return refs
 
     def draw(self, pool: list[Any], step: int, salt: int) -> list[Any]:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 7 + salt)
@@ -347,11 +362,12 @@ class _Run:
 
 def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, cfg: TrainConfig, *,
           direction: torch.Tensor | None = None, direction_layer: int = 0, direction_position: int = -1,
-          system: str | None = None,
+          system: str | None = None, teacher: Callable[[], AbstractContextManager[Any]] | None = None,
           state_dir: Path | None = None, key: str = "", on_step: Callable[[int, float], None] | None = None) -> TrainLog:
-    """Train ``params`` (already switched on for autograd, gradients masked) on ``data``; see the module docstring."""
+    """Train ``params`` (already switched on for autograd, gradients masked) on ``data``; see the module docstring.
+    ``teacher``: retain_loss "kl-ablated": the directional ablation that made the changed retain rows' answers."""
     start = time.perf_counter()
-    run = _Run.of(lm, cfg, data, system)  # records the retain reference first: it is the starting model
+    run = _Run.of(lm, cfg, data, system, teacher)  # records the retain reference first: it is the starting model
     opt = torch.optim.Adam(list(params), lr=cfg.lr, weight_decay=0.0)
     logs: dict[str, list[float]] = {"losses": [], "target_losses": [], "retain_losses": []}
     r = None if direction is None else direction.detach().float().cpu()
