@@ -284,16 +284,16 @@ class _Run:
             run.changed = changed
         if cfg.retain_loss == "ce":
             return run
-        refs = run.record_reference(range(len(run.retain)))
-        if cfg.retain_loss == "kl-ablated":
-            if teacher is None:
-                raise ValueError("retain_loss 'kl-ablated' needs the refusal direction whose ablation made the answers "
-                                 "(direction=...); or use retain_loss 'kl'")
-            idx = [i for i, c in enumerate(changed) if c]
-            with teacher():
-                for i, ref in zip(idx, run.record_reference(idx)):
-                    refs[i] = ref
-        run.ref = refs
+        if cfg.retain_loss == "kl-ablated" and teacher is None:
+            raise ValueError("retain_loss 'kl-ablated' needs the refusal direction whose ablation made the answers "
+                             "(direction=...); or use retain_loss 'kl'")
+        under = [c and cfg.retain_loss == "kl-ablated" for c in changed]  # rows whose reference the teacher records
+        refs: dict[int, Reference] = {}
+        for flag, ctx in ((False, nullcontext), (True, teacher or nullcontext)):
+            idx = [i for i, u in enumerate(under) if u == flag]
+            with ctx():
+                refs.update(zip(idx, run.record_reference(idx)))
+        run.ref = [refs[i] for i in range(len(run.retain))]
         return run
 
     def record_reference(self, idx: Sequence[int]) -> list[Reference]:
