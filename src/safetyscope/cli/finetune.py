@@ -46,6 +46,7 @@ class FinetuneSettings(PromptSettings):
     search_every: int = opt(0, "--robust: every N steps run the attack's own direction search on the model being trained and keep ablating what it finds, so refusal cannot settle where the attack will look (0 = off; one search costs about 30 plain forward passes of a training batch on the default model).")
     search_layers: str = opt("", "--search-every: candidate blocks of that search (a-b or a,b); empty = all.")
     checkpoint_every: int = opt(10, "Write the resumable training state every N steps (0 = never).")
+    average_from: int = opt(0, "Return the mean of the trained tensors over the states after this many steps and every later one (tail averaging, which steadies a constant-rate run); 0 = the last state.")
     lora_rank: int = opt(8, "Rank of the LoRA baseline (--method lora).")
     kv: bool = opt(True, "Head components also train their key/value heads (shared by the query heads of a GQA group).", flag="--kv/--no-kv")
     export: bool = opt(True, "Write the tuned model as a Hugging Face checkpoint to OUT/finetune/<mode>/checkpoint.", flag="--export/--no-export")
@@ -111,7 +112,7 @@ def run_finetune(s: FinetuneSettings, mode: str) -> dict[str, Any]:
                       robust_subspan=s.robust_subspan, robust_online=s.robust_online,
                       reestimate_every=s.reestimate_every, search_every=s.search_every,
                       search_layers=parse_layers(s.search_layers) if s.search_layers.strip() else None,
-                      checkpoint_every=s.checkpoint_every, seed=s.seed)
+                      checkpoint_every=s.checkpoint_every, average_from=s.average_from, seed=s.seed)
     comps = _components(s)
     judge = load_judge(s.judge) if s.judge else None
     direction = Direction.load(s.direction) if s.direction else None

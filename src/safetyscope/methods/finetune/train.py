@@ -35,9 +35,10 @@ ablated (:class:`.robust.Tracker`), so refusal cannot move to a direction the es
 (:mod:`.adversary`) runs on the model every N steps; each direction it finds is kept in the ablated
 subspace for the rest of the run, and re-estimation then follows the block and position it chose.
 
-Adam runs without weight decay: an entry whose gradient is always zero (masked) never moves.
-Every ``checkpoint_every`` steps the trainable tensors, Adam's moments, the current direction, the
-step and the losses are written atomically to ``state_dir``; a rerun with the same key continues there.
+Adam runs without weight decay: an entry whose gradient is always zero (masked) never moves. With
+``average_from`` k the result is the mean of the states after steps k to ``steps`` (:mod:`.average`).
+Every ``checkpoint_every`` steps the trainable tensors, Adam's moments, the current direction, the tail's
+running mean, the step and the losses are written atomically to ``state_dir``; a rerun with the same key continues there.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from ...progress import quiet
 from ...prompts.chat import format_chat, pad_token_id
 from ...sites import Site
 from .adversary import Found, attack_direction
+from .average import TailMean
 from .data import Example, TrainingData
 from .retain import Reference, kl_to_reference, record
 from .robust import Tracker, estimate_direction, estimate_subspace, random_ablation, random_subspan
@@ -90,6 +92,7 @@ class TrainConfig:
     robust_subspan: bool = False  # robust_rank > 1: each ablated row loses a random sub-span of the subspace, not all of it
     robust_online: bool = False  # robust rows: ablate the current candidate of a random block and position, every step
     checkpoint_every: int = 10  # 0 = no resumable state
+    average_from: int = 0  # > 0: return the mean of the states after this many steps and every later one (.average)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -115,6 +118,14 @@ class TrainConfig:
             raise ValueError("robust_online needs robust_scope 'rows' (its running means read the rows not ablated)")
         if min(self.retain_weight, self.reestimate_every, self.checkpoint_every, self.search_every) < 0:
             raise ValueError("retain_weight, reestimate_every, search_every and checkpoint_every must be >= 0")
+        if self.average_from < 0:
+            raise ValueError(f"average_from must be >= 0 (0 = off), not {self.average_from}")
+
+    def check_run(self) -> None:
+        """What only a run checks (the resume key replaces ``steps``): the averaged tail ends at the last step."""
+        if self.average_from > self.steps:
+            raise ValueError(f"average_from ({self.average_from}) is after the last step ({self.steps}); "
+                             "lower --average-from or raise --steps")
 
 
 @dataclass(frozen=True)
@@ -203,8 +214,8 @@ def peak_memory() -> Iterator[dict[str, float]]:
 
 # ---- state -----------------------------------------------------------------------------------------
 def _save_state(path: Path, key: str, step: int, params: Sequence[torch.Tensor], opt: torch.optim.Optimizer,
-                logs: dict[str, list[float]], r: torch.Tensor | None, adv: _Adversary) -> None:
-    tensors: dict[str, torch.Tensor] = {}
+                logs: dict[str, list[float]], r: torch.Tensor | None, adv: _Adversary, avg: TailMean) -> None:
+    tensors: dict[str, torch.Tensor] = avg.tensors()
     steps = []
     for i, p in enumerate(params):
         tensors[f"param.{i}"] = p.detach()
@@ -225,8 +236,8 @@ def _save_state(path: Path, key: str, step: int, params: Sequence[torch.Tensor],
 
 
 def _load_state(path: Path, key: str, params: Sequence[torch.Tensor], opt: torch.optim.Optimizer,
-                adv: _Adversary) -> tuple[int, dict[str, list[float]], torch.Tensor | None] | None:
-    """Restores the parameters, Adam's moments and ``adv`` (in place); returns the step, logs and direction."""
+                adv: _Adversary, avg: TailMean) -> tuple[int, dict[str, list[float]], torch.Tensor | None] | None:
+    """Restores the parameters, Adam's moments, ``adv`` and ``avg`` (in place); returns the step, logs and direction."""
     if not (path / "state.json").is_file():
         return None
     meta = read_json(path / "state.json")
@@ -240,6 +251,7 @@ def _load_state(path: Path, key: str, params: Sequence[torch.Tensor], opt: torch
                 opt.state[p] = {"step": torch.tensor(meta["adam_steps"][i]),
                                 "exp_avg": t[f"m.{i}"].to(p.device), "exp_avg_sq": t[f"v.{i}"].to(p.device)}
     logs = {k: list(meta[k]) for k in ("losses", "target_losses", "retain_losses")}
+    avg.load(t, [p.device for p in params])
     adv.found = list(t["found"]) if "found" in t else []
     if adv.tracker is not None and "tracker" in t:
         adv.tracker.means = t["tracker"].double()
@@ -366,6 +378,7 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
           state_dir: Path | None = None, key: str = "", on_step: Callable[[int, float], None] | None = None) -> TrainLog:
     """Train ``params`` (already switched on for autograd, gradients masked) on ``data``; see the module docstring.
     ``teacher``: retain_loss "kl-ablated": the directional ablation that made the changed retain rows' answers."""
+    cfg.check_run()
     start = time.perf_counter()
     run = _Run.of(lm, cfg, data, system, teacher)  # records the retain reference first: it is the starting model
     opt = torch.optim.Adam(list(params), lr=cfg.lr, weight_decay=0.0)
@@ -373,12 +386,13 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
     r = None if direction is None else direction.detach().float().cpu()
     first = r if cfg.robust_keep_start and r is not None and r.dim() == 1 else None  # [d_model]
     adv = _Adversary(direction_layer, direction_position, [], [])
+    avg = TailMean(cfg.average_from)
     step0 = 0
     texts = ([e.prompt for e in data.of("target")][:32], [e.prompt for e in data.of("retain")][:32])
     if cfg.robust and cfg.robust_online and r is not None:
         adv.tracker = Tracker.start(lm, texts[0], texts[1], system)  # a resumed run loads its running means
     if state_dir is not None and cfg.checkpoint_every:
-        got = _load_state(state_dir, key, params, opt, adv)
+        got = _load_state(state_dir, key, params, opt, adv, avg)
         if got is not None:
             step0, logs, saved_r = got
             r = saved_r if saved_r is not None else r
@@ -408,13 +422,15 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
                 loss, lt, lr_ = run.loss(step, r, adv.tracker)
                 loss.backward()
             opt.step()
+            avg.update(step + 1, params)
             for k, v in zip(logs, (float(loss.detach()), lt, lr_)):
                 logs[k].append(v)
             show(step + 1, logs["losses"][-1])
             if on_step is not None:
                 on_step(step + 1, logs["losses"][-1])
             if state_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                _save_state(state_dir, key, step + 1, params, opt, logs, r, adv)
+                _save_state(state_dir, key, step + 1, params, opt, logs, r, adv, avg)
+    avg.apply(params)  # average_from: the tail's mean replaces the last state
     return TrainLog(tuple(logs["losses"]), tuple(logs["target_losses"]), tuple(logs["retain_losses"]), step0, r,
                     time.perf_counter() - start, tuple((a, b, c) for a, b, c in adv.found_at))
 
