@@ -90,8 +90,8 @@ def test_a_resume_that_lost_the_found_directions_would_differ(lm, tmp_path, monk
     _run(lm, config=dataclasses.replace(CFG, steps=2), out=tmp_path / "b")
     real_load = train_mod._load_state
 
-    def forgetful(path, key, params, opt, adv):
-        got = real_load(path, key, params, opt, adv)
+    def forgetful(path, key, params, opt, adv, *rest):
+        got = real_load(path, key, params, opt, adv, *rest)
         adv.found.clear()
         return got
 
