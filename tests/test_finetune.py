@@ -90,6 +90,8 @@ def test_resume_equals_uninterrupted(lm, tmp_path):
     assert resumed.log.resumed_from == 2 and full.log.resumed_from == 0
     assert resumed.log.losses == full.log.losses
     assert all(torch.equal(full.tuned[n], resumed.tuned[n]) for n in full.tuned)
+    other = _run(lm, config=TrainConfig(**{**cfg4.__dict__, "lr": 2e-2}), out=tmp_path / "b")  # other settings
+    assert other.log.resumed_from == 0  # start afresh, not from the state above
 
 
 def test_export_round_trip_with_plain_transformers(lm, tuned, tmp_path):

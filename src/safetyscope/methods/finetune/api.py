@@ -254,7 +254,7 @@ def finetune(lm: LoadedModel, mode: Mode, components: str | Sequence[str | Compo
     say(f"targets: {td.counts}")
     sel = None if method == "lora" else _selection(lm, method, components, neuron_set, kv, seed)
     key = fingerprint(lm.name, mode, method, None if sel is None else sorted(sel.components),
-                      dataclasses.astuple(dataclasses.replace(cfg, steps=1)),  # more steps continue a run
+                      _settings_key(cfg),
                       [(e.prompt, e.reply, e.kind) for e in td.examples], lora_rank, kv)
     state = None if cache is None else cache / f"state-{method}"
     run = _Trainer(lm, cfg, td, d, system, state, key)
@@ -268,6 +268,13 @@ def finetune(lm: LoadedModel, mode: Mode, components: str | Sequence[str | Compo
         tuned, lg, peak = run.selection(sel)
         n_train, n_total, names = sel.n_trainable, sel.n_total, sel.components
     return FinetuneResult(lm.name, mode, method, tuple(names), n_train, n_total, lg, peak, dict(td.counts), tuned, d)
+
+
+def _settings_key(cfg: TrainConfig) -> list[tuple[str, Any]]:
+    """The settings a resumable state belongs to: those not at their defaults, ``steps`` left out (more steps
+    continue a run), so a setting added later leaves the states written before it valid."""
+    return [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+            if f.name != "steps" and getattr(cfg, f.name) != f.default]
 
 
 @dataclass
