@@ -113,7 +113,6 @@ def run_finetune(s: FinetuneSettings, mode: str) -> dict[str, Any]:
                       reestimate_every=s.reestimate_every, search_every=s.search_every,
                       search_layers=parse_layers(s.search_layers) if s.search_layers.strip() else None,
                       checkpoint_every=s.checkpoint_every, average_from=s.average_from, seed=s.seed)
-    cfg.check_run()  # before the model loads
     comps = _components(s)
     judge = load_judge(s.judge) if s.judge else None
     direction = Direction.load(s.direction) if s.direction else None

@@ -234,7 +234,6 @@ def finetune(lm: LoadedModel, mode: Mode, components: str | Sequence[str | Compo
     if refusal_style not in REFUSAL_STYLES:
         raise ValueError(f"unknown refusal style {refusal_style!r}; use {' or '.join(REFUSAL_STYLES)}")
     cfg = config or TrainConfig()
-    cfg.check_run()
     if robust is not None:
         cfg = dataclasses.replace(cfg, robust=robust)
     bad = [v for v in cfg.search_layers or () if not 0 <= v < lm.n_layers]

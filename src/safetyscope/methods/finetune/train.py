@@ -120,9 +120,6 @@ class TrainConfig:
             raise ValueError("retain_weight, reestimate_every, search_every and checkpoint_every must be >= 0")
         if self.average_from < 0:
             raise ValueError(f"average_from must be >= 0 (0 = off), not {self.average_from}")
-
-    def check_run(self) -> None:
-        """What only a run checks (the resume key replaces ``steps``): the averaged tail ends at the last step."""
         if self.average_from > self.steps:
             raise ValueError(f"average_from ({self.average_from}) is after the last step ({self.steps}); "
                              "lower --average-from or raise --steps")
@@ -378,7 +375,6 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
           state_dir: Path | None = None, key: str = "", on_step: Callable[[int, float], None] | None = None) -> TrainLog:
     """Train ``params`` (already switched on for autograd, gradients masked) on ``data``; see the module docstring.
     ``teacher``: retain_loss "kl-ablated": the directional ablation that made the changed retain rows' answers."""
-    cfg.check_run()
     start = time.perf_counter()
     run = _Run.of(lm, cfg, data, system, teacher)  # records the retain reference first: it is the starting model
     opt = torch.optim.Adam(list(params), lr=cfg.lr, weight_decay=0.0)
