@@ -111,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--average-from", type=int, default=0,
                     help="return the mean of the trained tensors over the states after this many steps and every later "
                          "one (tail averaging; 0 = the last state)")
+    ap.add_argument("--decay-from", type=int, default=0,
+                    help="after this many steps the rate falls linearly to lr / (steps - N + 1) at the last step "
+                         "(0 = a constant rate)")
     ap.add_argument("--checkpoint-every", type=int, default=0,
                     help="write each row's training state to OUT/state-METHOD every N steps (0 = never); a rerun with "
                          "more --steps continues from it (pass --reestimate-every so the settings match)")
@@ -346,13 +349,15 @@ def _train_row(lm: LoadedModel, a: argparse.Namespace, spec: str, lr: float, dat
                       robust_online=a.robust_online,
                       retain_weight=a.retain_weight, retain_loss=a.retain_loss,
                       reestimate_every=a.reestimate_every or max(1, a.steps // 2), search_every=a.search_every,
-                      search_layers=parse_layers(a.fresh_layers) if a.fresh_layers.strip() else None, checkpoint_every=a.checkpoint_every, average_from=a.average_from, seed=a.seed)
+                      search_layers=parse_layers(a.fresh_layers) if a.fresh_layers.strip() else None, checkpoint_every=a.checkpoint_every, average_from=a.average_from,
+                      decay_from=a.decay_from, seed=a.seed)
     r = finetune(lm, a.mode, a.components or None, method=method, data=data, direction=d, neuron_set=ns,  # type: ignore[arg-type]
                  config=cfg, batch_size=a.batch_size, out=a.out if a.checkpoint_every else None)
     row = {"lr": lr, "robust": robust, "robust_retain": cfg.robust and cfg.robust_retain,
            "robust_rank": cfg.robust_rank if cfg.robust else 0, "keep_start": cfg.robust and cfg.robust_keep_start, "subspan": cfg.robust and cfg.robust_subspan,
            "online": cfg.robust and cfg.robust_online,
            "retain_weight": cfg.retain_weight, "retain_loss": cfg.retain_loss, "average_from": cfg.average_from,
+           "decay_from": cfg.decay_from,
            "reestimate_every": cfg.reestimate_every if cfg.robust else 0, "search_every": cfg.search_every if cfg.robust else 0,
            "n_trainable": r.n_trainable, "fraction": r.fraction, "train_seconds": r.log.seconds,
            "resumed_from": r.log.resumed_from,

@@ -120,6 +120,11 @@ def test_cli_harden_with_the_attack_search_inside_training(tmp_path, monkeypatch
     assert json.loads(r.stdout)["steps"] == 2
     r = _invoke(*common, "--average-from", "3")  # after the last of 2 steps
     assert r.exit_code == 2 and "lower --average-from or raise --steps" in r.output and "Traceback" not in r.output
+    r = _invoke(*common, "--decay-from", "1", "--out", tmp_path / "out_decay")
+    assert r.exit_code == 0, (r.output[-3000:], r.exception)
+    assert json.loads(r.stdout)["steps"] == 2
+    r = _invoke(*common, "--decay-from", "2")  # the rate cannot start falling at the end
+    assert r.exit_code == 2 and "lower --decay-from or raise --steps" in r.output and "Traceback" not in r.output
     r = _invoke(*common, "--refusal-style", "long")
     assert r.exit_code == 2 and "unknown refusal style 'long'" in r.output and "Traceback" not in r.output
     r = _invoke(*common, "--refusal-style", "extended", "--target-tokens", "12", "--out", tmp_path / "out_ext")

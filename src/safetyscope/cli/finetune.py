@@ -47,6 +47,7 @@ class FinetuneSettings(PromptSettings):
     search_layers: str = opt("", "--search-every: candidate blocks of that search (a-b or a,b); empty = all.")
     checkpoint_every: int = opt(10, "Write the resumable training state every N steps (0 = never).")
     average_from: int = opt(0, "Return the mean of the trained tensors over the states after this many steps and every later one (tail averaging, which steadies a constant-rate run); 0 = the last state.")
+    decay_from: int = opt(0, "After this many steps the learning rate falls linearly, to --lr / (steps - N + 1) at the last step, so the run settles instead of swinging; 0 = a constant rate.")
     lora_rank: int = opt(8, "Rank of the LoRA baseline (--method lora).")
     kv: bool = opt(True, "Head components also train their key/value heads (shared by the query heads of a GQA group).", flag="--kv/--no-kv")
     export: bool = opt(True, "Write the tuned model as a Hugging Face checkpoint to OUT/finetune/<mode>/checkpoint.", flag="--export/--no-export")
@@ -112,7 +113,8 @@ def run_finetune(s: FinetuneSettings, mode: str) -> dict[str, Any]:
                       robust_subspan=s.robust_subspan, robust_online=s.robust_online,
                       reestimate_every=s.reestimate_every, search_every=s.search_every,
                       search_layers=parse_layers(s.search_layers) if s.search_layers.strip() else None,
-                      checkpoint_every=s.checkpoint_every, average_from=s.average_from, seed=s.seed)
+                      checkpoint_every=s.checkpoint_every, average_from=s.average_from,
+                      decay_from=s.decay_from, seed=s.seed)
     comps = _components(s)
     judge = load_judge(s.judge) if s.judge else None
     direction = Direction.load(s.direction) if s.direction else None

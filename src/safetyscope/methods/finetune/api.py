@@ -271,9 +271,10 @@ def finetune(lm: LoadedModel, mode: Mode, components: str | Sequence[str | Compo
 
 def _settings_key(cfg: TrainConfig) -> list[tuple[str, Any]]:
     """The settings a resumable state belongs to: those not at their defaults, ``steps`` left out (more steps
-    continue a run), so a setting added later leaves the states written before it valid."""
+    continue a run at a constant rate; a decaying rate depends on it, so it stays in), so a setting added later
+    leaves the states written before it valid."""
     return [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-            if f.name != "steps" and getattr(cfg, f.name) != f.default]
+            if (f.name != "steps" or cfg.decay_from) and getattr(cfg, f.name) != f.default]
 
 
 @dataclass

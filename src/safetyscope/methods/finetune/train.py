@@ -36,7 +36,8 @@ ablated (:class:`.robust.Tracker`), so refusal cannot move to a direction the es
 subspace for the rest of the run, and re-estimation then follows the block and position it chose.
 
 Adam runs without weight decay: an entry whose gradient is always zero (masked) never moves. With
-``average_from`` k the result is the mean of the states after steps k to ``steps`` (:mod:`.average`).
+``average_from`` k the result is the mean of the states after steps k to ``steps`` (:mod:`.average`); with
+``decay_from`` k the rate stays ``lr`` for the first k steps and then falls linearly towards 0 (:func:`rate`).
 Every ``checkpoint_every`` steps the trainable tensors, Adam's moments, the current direction, the tail's
 running mean, the step and the losses are written atomically to ``state_dir``; a rerun with the same key continues there.
 """
@@ -93,6 +94,7 @@ class TrainConfig:
     robust_online: bool = False  # robust rows: ablate the current candidate of a random block and position, every step
     checkpoint_every: int = 10  # 0 = no resumable state
     average_from: int = 0  # > 0: return the mean of the states after this many steps and every later one (.average)
+    decay_from: int = 0  # > 0: the rate falls linearly after this many steps, to lr / (steps - k + 1) at the last (rate)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -120,9 +122,20 @@ class TrainConfig:
             raise ValueError("retain_weight, reestimate_every, search_every and checkpoint_every must be >= 0")
         if self.average_from < 0:
             raise ValueError(f"average_from must be >= 0 (0 = off), not {self.average_from}")
+        if self.decay_from < 0 or self.decay_from >= self.steps:
+            raise ValueError(f"decay_from ({self.decay_from}) must be >= 0 (0 = off) and before the last step "
+                             f"({self.steps}); lower --decay-from or raise --steps")
         if self.average_from > self.steps:
             raise ValueError(f"average_from ({self.average_from}) is after the last step ({self.steps}); "
                              "lower --average-from or raise --steps")
+
+
+def rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of step ``step`` (0-based): ``lr`` before ``decay_from``, then a linear fall that
+    reaches ``lr / (steps - decay_from + 1)`` at the last step (never 0, so every step still moves)."""
+    if not cfg.decay_from or step < cfg.decay_from:
+        return cfg.lr
+    return cfg.lr * (cfg.steps - step) / (cfg.steps - cfg.decay_from + 1)
 
 
 @dataclass(frozen=True)
@@ -417,6 +430,8 @@ def train(lm: LoadedModel, params: Sequence[torch.Tensor], data: TrainingData, c
             with torch.enable_grad():
                 loss, lt, lr_ = run.loss(step, r, adv.tracker)
                 loss.backward()
+            for g in opt.param_groups:  # set every step from the step alone, so a resumed run keeps the schedule
+                g["lr"] = rate(cfg, step)
             opt.step()
             avg.update(step + 1, params)
             for k, v in zip(logs, (float(loss.detach()), lt, lr_)):
