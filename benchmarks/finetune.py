@@ -126,6 +126,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _robust_and_fresh_args(ap: argparse.ArgumentParser) -> None:
     """The options of robust hardening and of the fresh direction search (part of :func:`parse_args`)."""
     ap.add_argument("--robust", action="store_true", help="harden with random directional ablation")
+    ap.add_argument("--train-tasks", action="store_true",
+                    help="draw the training prompts from the built-in harmful + harmful_tasks and harmless + "
+                         "harmless_tasks train splits (the monitor's fitting sets) instead of harmful and harmless "
+                         "alone; the measured splits are unchanged")
     ap.add_argument("--n-scary", type=int, default=0,
                     help="train-split scary-but-benign prompts for the retain targets (0 = half of --n-train)")
     ap.add_argument("--robust-retain", action="store_true", help="robust rows: ablate on the retain examples too")
@@ -172,7 +176,10 @@ def _sets(a: argparse.Namespace) -> dict[str, list[str]]:
                                  ("harmful", "harmful", a.eval_split, a.n_eval),
                                  ("harmless", "harmless", a.eval_split, a.n_eval),
                                  ("scary", "scary_harmless", a.eval_split, a.n_eval)):
-        out[name] = builtin_prompts(kind, split, seed=a.seed).sample(n, seed=a.seed).texts
+        ps = builtin_prompts(kind, split, seed=a.seed)
+        if a.train_tasks and name in ("train_harmful", "train_harmless"):
+            ps = ps + builtin_prompts(f"{kind}_tasks", split, seed=a.seed)
+        out[name] = ps.sample(n, seed=a.seed).texts
     return out
 
 

@@ -130,3 +130,17 @@ def test_cli_harden_with_the_attack_search_inside_training(tmp_path, monkeypatch
     r = _invoke(*common, "--refusal-style", "extended", "--target-tokens", "12", "--out", tmp_path / "out_ext")
     assert r.exit_code == 0, (r.output[-3000:], r.exception)
     assert "target:extended" in json.loads(r.stdout)["data"]  # the targets went through extend_refusals
+
+
+def test_cli_tasks_draws_the_task_sets_too():
+    from safetyscope.cli.finetune import FinetuneSettings, training_prompts
+    from safetyscope.prompts import builtin_prompts
+
+    plain = training_prompts(FinetuneSettings(), "harden")
+    both = training_prompts(FinetuneSettings(tasks=True), "harden")
+    for kind, a, b in (("harmful", plain[0], both[0]), ("harmless", plain[1], both[1])):
+        tasks = builtin_prompts(f"{kind}_tasks", "train")
+        assert set(b.texts) == set(a.texts) | set(tasks.texts) and len(b) == len(a) + len(tasks)
+    assert plain[2].texts == both[2].texts  # the scary-but-benign retain prompts are not task prompts
+    few = training_prompts(FinetuneSettings(tasks=True, n_prompts=64), "harden")
+    assert len(few[0]) == 64 and set(few[0].texts) <= set(both[0].texts)

@@ -24,6 +24,7 @@ class FinetuneSettings(PromptSettings):
     neuron_set: str = opt("", "Neuron set artifact directory (from `safetyscope neurons find`): the neurons [set] components name.")
     direction: str = opt("", "Refusal direction artifact (from `safetyscope direction find`); empty = found on the training prompts when weakening or --robust needs one.")
     scary: str = opt("", "harden: benign-but-scary prompts kept answered (JSONL/CSV/TXT); empty = the built-in scary_harmless train split.")
+    tasks: bool = opt(False, "With the built-in sets: draw the training prompts from the built-in harmful + harmful_tasks and harmless + harmless_tasks splits (imperative write / create / develop requests, benign ones that look harmful among them) instead of harmful and harmless alone; files given by --harmful / --harmless are used as they are.")
     method: str = opt("components", "What to train: components (the selection), full (every parameter), lora (rank --lora-rank on every projection) or random (components of the same kinds and sizes at random places, disjoint from the selection: as many parameters).")
     steps: int = opt(40, "Optimizer steps.")
     lr: float = opt(1e-4, "Adam learning rate (no weight decay: masked entries never move).")
@@ -66,13 +67,19 @@ def register(app: typer.Typer) -> None:
     app.add_typer(sub, name="finetune", help="Targeted fine-tuning: weaken or harden refusal.")
 
 
-def _prompts(s: FinetuneSettings, mode: str) -> tuple[Any, Any, Any]:
+def training_prompts(s: FinetuneSettings, mode: str) -> tuple[Any, Any, Any]:
+    """(harmful, harmless, scary-but-benign or None) training prompts: the files given, else the built-in sets."""
     from ..prompts import builtin_prompts
     from ..prompts.sets import group_splits
 
     out = []
     for kind, path in (("harmful", s.harmful), ("harmless", s.harmless)):
-        ps = group_splits(path, kind, s.seed).fit if path else builtin_prompts(kind, s.split, seed=s.seed)
+        if path:
+            ps = group_splits(path, kind, s.seed).fit
+        else:
+            ps = builtin_prompts(kind, s.split, seed=s.seed)
+            if s.tasks:
+                ps = ps + builtin_prompts(f"{kind}_tasks", s.split, seed=s.seed)
         out.append((ps.sample(s.n_prompts, seed=s.seed) if s.n_prompts else ps).require_nonempty(f"{kind} prompts"))
     scary = None
     if mode == "harden":
@@ -119,7 +126,7 @@ def run_finetune(s: FinetuneSettings, mode: str) -> dict[str, Any]:
     judge = load_judge(s.judge) if s.judge else None
     direction = Direction.load(s.direction) if s.direction else None
     neurons = NeuronSet.load(s.neuron_set) if s.neuron_set else None
-    harmful, harmless, scary = _prompts(s, mode)
+    harmful, harmless, scary = training_prompts(s, mode)
     log = (lambda _m: None) if s.quiet or s.json else (lambda m: print(m, file=sys.stderr))
     lm = s.load_model()
     out = s.out / "finetune" / mode
