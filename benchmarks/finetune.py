@@ -55,7 +55,7 @@ from safetyscope.methods.finetune.data import (  # noqa: E402
 from safetyscope.methods.finetune.train import RETAIN_LOSSES, TrainConfig, batch_logits, make_batch  # noqa: E402
 from safetyscope.methods.neurons.artifact import NeuronSet  # noqa: E402
 from safetyscope.models.adapter import LoadedModel  # noqa: E402
-from safetyscope.prompts import builtin_prompts  # noqa: E402
+from safetyscope.prompts import builtin_prompts, builtin_with_tasks  # noqa: E402
 from safetyscope.prompts.chat import format_chat  # noqa: E402
 from safetyscope.sites import parse_layers  # noqa: E402
 from safetyscope.testing import benchmark_model  # noqa: E402
@@ -176,9 +176,8 @@ def _sets(a: argparse.Namespace) -> dict[str, list[str]]:
                                  ("harmful", "harmful", a.eval_split, a.n_eval),
                                  ("harmless", "harmless", a.eval_split, a.n_eval),
                                  ("scary", "scary_harmless", a.eval_split, a.n_eval)):
-        ps = builtin_prompts(kind, split, seed=a.seed)
-        if a.train_tasks and name in ("train_harmful", "train_harmless"):
-            ps = ps + builtin_prompts(f"{kind}_tasks", split, seed=a.seed)
+        tasks = a.train_tasks and name in ("train_harmful", "train_harmless")
+        ps = (builtin_with_tasks if tasks else builtin_prompts)(kind, split, seed=a.seed)
         out[name] = ps.sample(n, seed=a.seed).texts
     return out
 

@@ -349,3 +349,14 @@ def test_error_unknown_format(tmp_path):
     with pytest.raises(PromptError, match="unknown prompt format"):
         load_prompts(p, fmt="yaml")
 
+
+
+def test_builtin_with_tasks_is_the_set_then_its_task_twin():
+    from safetyscope.prompts import builtin_with_tasks
+
+    for kind in ("harmful", "harmless"):
+        both = builtin_with_tasks(kind, "train", seed=3)
+        plain, tasks = builtin_prompts(kind, "train", seed=3), builtin_prompts(f"{kind}_tasks", "train", seed=3)
+        assert both.texts == plain.texts + tasks.texts
+    with pytest.raises(PromptError, match="no task twin"):
+        builtin_with_tasks("scary_harmless")

@@ -69,17 +69,13 @@ def register(app: typer.Typer) -> None:
 
 def training_prompts(s: FinetuneSettings, mode: str) -> tuple[Any, Any, Any]:
     """(harmful, harmless, scary-but-benign or None) training prompts: the files given, else the built-in sets."""
-    from ..prompts import builtin_prompts
+    from ..prompts import builtin_prompts, builtin_with_tasks
     from ..prompts.sets import group_splits
 
+    builtin = builtin_with_tasks if s.tasks else builtin_prompts
     out = []
     for kind, path in (("harmful", s.harmful), ("harmless", s.harmless)):
-        if path:
-            ps = group_splits(path, kind, s.seed).fit
-        else:
-            ps = builtin_prompts(kind, s.split, seed=s.seed)
-            if s.tasks:
-                ps = ps + builtin_prompts(f"{kind}_tasks", s.split, seed=s.seed)
+        ps = group_splits(path, kind, s.seed).fit if path else builtin(kind, s.split, seed=s.seed)
         out.append((ps.sample(s.n_prompts, seed=s.seed) if s.n_prompts else ps).require_nonempty(f"{kind} prompts"))
     scary = None
     if mode == "harden":

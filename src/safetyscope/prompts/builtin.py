@@ -47,6 +47,14 @@ def builtin_prompts(kind: str, split: SplitName | str = "all", seed: int = DEFAU
     return _full_set(kind).split(split, seed=seed)
 
 
+
+def builtin_with_tasks(kind: str, split: SplitName | str = "all", seed: int = DEFAULT_SEED) -> PromptSet:
+    """The built-in ``kind`` set (``"harmful"`` or ``"harmless"``) followed by its ``*_tasks`` twin at the same
+    split: requests phrased as the tasks public benchmarks use ("Write a script that ...", "Develop a plan to ...")."""
+    if kind not in ("harmful", "harmless"):
+        raise PromptError(f"no task twin for built-in set {kind!r}; use harmful or harmless")
+    return builtin_prompts(kind, split, seed=seed) + builtin_prompts(f"{kind}_tasks", split, seed=seed)
+
 @cache
 def _all_pairs() -> tuple[MinimalPair, ...]:
     return tuple(

@@ -34,7 +34,7 @@ import numpy as np
 from ...measure.metrics import auroc
 from ...measure.refusal_tokens import refusal_token_ids
 from ...models.adapter import LoadedModel
-from ...prompts.builtin import builtin_prompts
+from ...prompts.builtin import builtin_prompts, builtin_with_tasks
 from ...prompts.chat import post_instruction_length
 from ...prompts.sets import PromptsLike, as_prompt_set
 from ...prompts.types import PromptSet
@@ -90,8 +90,8 @@ def default_fit_prompts(split: str = "train", *, seed: int = 0, scary: bool = Tr
     The ``*_tasks`` sets phrase requests as the tasks public benchmarks use ("Write a script that ...",
     "Develop a plan to ...", with harmless twins in the same forms); with them the harm readers carry over to
     other prompt sets (docs/monitor.md, "Built-in task prompts")."""
-    harmful = builtin_prompts("harmful", split, seed=seed) + builtin_prompts("harmful_tasks", split, seed=seed)
-    harmless = builtin_prompts("harmless", split, seed=seed) + builtin_prompts("harmless_tasks", split, seed=seed)
+    harmful = builtin_with_tasks("harmful", split, seed=seed)
+    harmless = builtin_with_tasks("harmless", split, seed=seed)
     if scary:
         harmless = harmless + builtin_prompts("scary_harmless", split, seed=seed)
     return harmful, harmless
