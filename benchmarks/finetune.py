@@ -130,6 +130,10 @@ def _robust_and_fresh_args(ap: argparse.ArgumentParser) -> None:
                     help="draw the training prompts from the built-in harmful + harmful_tasks and harmless + "
                          "harmless_tasks train splits (the monitor's fitting sets) instead of harmful and harmless "
                          "alone; the measured splits are unchanged")
+    ap.add_argument("--train-scary-tasks", action="store_true",
+                    help="draw the scary-but-benign retain prompts from the built-in scary_harmless + "
+                         "scary_harmless_tasks train splits instead of scary_harmless alone; the measured scary "
+                         "split is unchanged (scary_harmless val/test)")
     ap.add_argument("--n-scary", type=int, default=0,
                     help="train-split scary-but-benign prompts for the retain targets (0 = half of --n-train)")
     ap.add_argument("--robust-retain", action="store_true", help="robust rows: ablate on the retain examples too")
@@ -176,7 +180,8 @@ def _sets(a: argparse.Namespace) -> dict[str, list[str]]:
                                  ("harmful", "harmful", a.eval_split, a.n_eval),
                                  ("harmless", "harmless", a.eval_split, a.n_eval),
                                  ("scary", "scary_harmless", a.eval_split, a.n_eval)):
-        tasks = a.train_tasks and name in ("train_harmful", "train_harmless")
+        tasks = (a.train_tasks and name in ("train_harmful", "train_harmless")) or (
+            a.train_scary_tasks and name == "train_scary")
         ps = (builtin_with_tasks if tasks else builtin_prompts)(kind, split, seed=a.seed)
         out[name] = ps.sample(n, seed=a.seed).texts
     return out
@@ -421,10 +426,10 @@ def main(argv: list[str] | None = None) -> int:
                 row, r = _train_row(lm, a, method, lr, data, d, ns_train, now)  # the ratio to a forward pass just before
                 row["forward_seconds"], row["load_avg_1min"] = now, os.getloadavg()[0]  # the machine's load after training
                 trained = r.log.direction if row["robust"] else None
+            if a.save_tuned and not row.get("reused"):  # before measuring: an interrupted measurement keeps them
+                save_tensors(saved, dict(r.tuned))
             row.update(measure(lm, a, sets, d, ref, r.apply(lm), ns=ns, trained=trained))
             rows[name], names[name] = row, method
-            if a.save_tuned and not row.get("reused"):
-                save_tensors(saved, dict(r.tuned))
             print(name, json.dumps(row), file=sys.stderr)
             write_json(a.out / f"{a.mode}-{a.eval_split}.partial.json", rows)  # what exists so far
             del r

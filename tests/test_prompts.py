@@ -77,6 +77,22 @@ def test_builtin_task_sets_are_labelled_balanced_and_disjoint_from_the_others():
         assert set.union(*parts) == set(builtin_prompts(kind).texts)
 
 
+def test_builtin_scary_task_set_is_benign_balanced_and_disjoint_from_the_others():
+    scary = builtin_prompts("scary_harmless_tasks")
+    assert len(scary) >= 150 and set(scary.labels) == {"harmless"}
+    counts = Counter(scary.categories)
+    assert set(counts) == set(builtin_prompts("harmful_tasks").categories)  # one benign twin per harmful topic
+    assert max(counts.values()) == min(counts.values()), counts
+    texts = [t.strip().lower() for t in scary.texts]
+    assert len(set(texts)) == len(texts) and len({p.id for p in scary}) == len(scary)
+    others = {t.strip().lower() for k in ("harmful", "harmless", "scary_harmless", "harmful_tasks", "harmless_tasks")
+              for t in builtin_prompts(k).texts}
+    assert not others & set(texts)
+    parts = [set(builtin_prompts("scary_harmless_tasks", split=s).texts) for s in ("train", "val", "test")]
+    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+    assert set.union(*parts) == set(scary.texts)
+
+
 def test_builtin_length_distributions_are_similar():
     def mean_words(ps: PromptSet) -> float:
         return sum(len(t.split()) for t in ps.texts) / len(ps)
@@ -358,5 +374,8 @@ def test_builtin_with_tasks_is_the_set_then_its_task_twin():
         both = builtin_with_tasks(kind, "train", seed=3)
         plain, tasks = builtin_prompts(kind, "train", seed=3), builtin_prompts(f"{kind}_tasks", "train", seed=3)
         assert both.texts == plain.texts + tasks.texts
+    scary = builtin_with_tasks("scary_harmless", "val", seed=3)
+    assert scary.texts == builtin_prompts("scary_harmless", "val", seed=3).texts + builtin_prompts(
+        "scary_harmless_tasks", "val", seed=3).texts
     with pytest.raises(PromptError, match="no task twin"):
-        builtin_with_tasks("scary_harmless")
+        builtin_with_tasks("harmful_tasks")

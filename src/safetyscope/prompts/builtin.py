@@ -10,7 +10,9 @@ from typing import Any
 from .loaders import parse_jsonl
 from .types import DEFAULT_FRACTIONS, MinimalPair, PromptError, PromptSet, SplitName, split_items
 
-BUILTIN_KINDS: tuple[str, ...] = ("harmful", "harmless", "scary_harmless", "harmful_tasks", "harmless_tasks")
+BUILTIN_KINDS: tuple[str, ...] = (
+    "harmful", "harmless", "scary_harmless", "harmful_tasks", "harmless_tasks", "scary_harmless_tasks",
+)
 CAPABILITY_KINDS: tuple[str, ...] = ("prose", "code")
 DEFAULT_SEED = 0
 
@@ -37,7 +39,8 @@ def _full_set(kind: str) -> PromptSet:
 
 
 def builtin_prompts(kind: str, split: SplitName | str = "all", seed: int = DEFAULT_SEED) -> PromptSet:
-    """A built-in prompt set: ``"harmful"``, ``"harmless"`` or ``"scary_harmless"`` (over-refusal probes).
+    """A built-in prompt set, one of :data:`BUILTIN_KINDS`: ``"harmful"``, ``"harmless"``, ``"scary_harmless"``
+    (over-refusal probes) or a ``*_tasks`` twin of one of them (requests phrased as tasks).
 
     ``split`` is ``"train"`` (60%), ``"val"`` (20%), ``"test"`` (20%) or ``"all"``; the split is
     deterministic for a given ``seed`` and stratified by label.
@@ -49,10 +52,12 @@ def builtin_prompts(kind: str, split: SplitName | str = "all", seed: int = DEFAU
 
 
 def builtin_with_tasks(kind: str, split: SplitName | str = "all", seed: int = DEFAULT_SEED) -> PromptSet:
-    """The built-in ``kind`` set (``"harmful"`` or ``"harmless"``) followed by its ``*_tasks`` twin at the same
-    split: requests phrased as the tasks public benchmarks use ("Write a script that ...", "Develop a plan to ...")."""
-    if kind not in ("harmful", "harmless"):
-        raise PromptError(f"no task twin for built-in set {kind!r}; use harmful or harmless")
+    """The built-in ``kind`` set (``"harmful"``, ``"harmless"`` or ``"scary_harmless"``) followed by its ``*_tasks``
+    twin at the same split: requests phrased as the tasks public benchmarks use ("Write a script that ...", "Develop a
+    plan to ..."). ``scary_harmless_tasks`` holds benign requests on the harmful sets' topics (defence, history,
+    fiction, first aid, support), 15 per harmful-task category."""
+    if kind not in ("harmful", "harmless", "scary_harmless"):
+        raise PromptError(f"no task twin for built-in set {kind!r}; use harmful, harmless or scary_harmless")
     return builtin_prompts(kind, split, seed=seed) + builtin_prompts(f"{kind}_tasks", split, seed=seed)
 
 @cache
