@@ -135,3 +135,16 @@ def test_fragility_is_judged_on_replies_under_the_zeroed_neurons(bench, monkeypa
     assert bench._fragility(lm, a, ["p", "q"], ns) == {"fragility_k0": 0.5, "fragility_k2": 0.25}
     assert calls == [(2, 7, []), (2, 7, [2])]  # 7-token judged replies; the top 2 zeroed only in the second
     assert bench._fragility(lm, a, ["p"], None) == {}
+
+
+def test_train_scary_tasks_draws_the_scary_retain_prompts_from_both_sets_and_leaves_the_measured_ones(bench):
+    from safetyscope.prompts import builtin_prompts
+
+    plain = bench._sets(bench.parse_args(["--n-train", "8", "--n-scary", "60", "--n-eval", "13"]))
+    both = bench._sets(bench.parse_args(["--n-train", "8", "--n-scary", "60", "--n-eval", "13", "--train-scary-tasks"]))
+    assert len(plain["train_scary"]) == 40 and len(both["train_scary"]) == 60  # the old train split has 40
+    pool = set(builtin_prompts("scary_harmless", "train").texts) | set(builtin_prompts("scary_harmless_tasks", "train").texts)
+    assert set(both["train_scary"]) <= pool and set(both["train_scary"]) - set(plain["train_scary"])
+    for name in ("train_harmful", "train_harmless", "harmful", "harmless", "scary"):
+        assert both[name] == plain[name]
+    assert set(both["scary"]) <= set(builtin_prompts("scary_harmless", bench.parse_args([]).eval_split).texts)
