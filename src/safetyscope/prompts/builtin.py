@@ -50,15 +50,16 @@ def builtin_prompts(kind: str, split: SplitName | str = "all", seed: int = DEFAU
     return _full_set(kind).split(split, seed=seed)
 
 
-
 def builtin_with_tasks(kind: str, split: SplitName | str = "all", seed: int = DEFAULT_SEED) -> PromptSet:
     """The built-in ``kind`` set (``"harmful"``, ``"harmless"`` or ``"scary_harmless"``) followed by its ``*_tasks``
     twin at the same split: requests phrased as the tasks public benchmarks use ("Write a script that ...", "Develop a
     plan to ..."). ``scary_harmless_tasks`` holds benign requests on the harmful sets' topics (defence, history,
     fiction, first aid, support), 15 per harmful-task category."""
-    if kind not in ("harmful", "harmless", "scary_harmless"):
-        raise PromptError(f"no task twin for built-in set {kind!r}; use harmful, harmless or scary_harmless")
+    if f"{kind}_tasks" not in BUILTIN_KINDS:
+        twins = ", ".join(k.removesuffix("_tasks") for k in BUILTIN_KINDS if k.endswith("_tasks"))
+        raise PromptError(f"no task twin for built-in set {kind!r}; use one of {twins}")
     return builtin_prompts(kind, split, seed=seed) + builtin_prompts(f"{kind}_tasks", split, seed=seed)
+
 
 @cache
 def _all_pairs() -> tuple[MinimalPair, ...]:
