@@ -118,7 +118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="write each row's training state to OUT/state-METHOD every N steps (0 = never); a rerun with "
                          "more --steps continues from it (pass --reestimate-every so the settings match)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seeds the prompt samples and, unless --train-seed, training")
+    ap.add_argument("--train-seed", type=int, default=None,
+                    help="seeds only training (batch draws, robust rows): the same prompts and cached targets as "
+                         "--seed, a second training run of them")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_finetune"))
     return ap.parse_args(argv)
 
@@ -349,19 +352,24 @@ def _extended(lm: LoadedModel, a: argparse.Namespace, data: TrainingData) -> Tra
     return ext
 
 
+def _train_config(a: argparse.Namespace, lr: float, robust: bool) -> TrainConfig:
+    """The training settings of one row (``--train-seed`` seeds training alone; the prompts follow ``--seed``)."""
+    return TrainConfig(steps=a.steps, lr=lr, batch_size=a.train_batch, max_reply_tokens=a.target_tokens or a.max_new_tokens,
+                       robust=robust, robust_p=a.robust_p, robust_scope=a.robust_scope, robust_retain=a.robust_retain,
+                       robust_retain_p=a.robust_retain_p or None, robust_rank=a.robust_rank,
+                       robust_keep_start=a.robust_keep_start, robust_subspan=a.robust_subspan,
+                       robust_online=a.robust_online,
+                       retain_weight=a.retain_weight, retain_loss=a.retain_loss,
+                       reestimate_every=a.reestimate_every or max(1, a.steps // 2), search_every=a.search_every,
+                       search_layers=parse_layers(a.fresh_layers) if a.fresh_layers.strip() else None, checkpoint_every=a.checkpoint_every, average_from=a.average_from,
+                       decay_from=a.decay_from, seed=a.seed if a.train_seed is None else a.train_seed)
+
+
 def _train_row(lm: LoadedModel, a: argparse.Namespace, spec: str, lr: float, data: TrainingData, d: Direction,
                ns: NeuronSet | None, fwd: float) -> tuple[dict[str, Any], Any]:
     """One method trained and timed; ``spec`` is a method, with ``+robust`` for robust hardening of that row."""
     method, robust = spec.removesuffix("+robust"), a.robust or spec.endswith("+robust")
-    cfg = TrainConfig(steps=a.steps, lr=lr, batch_size=a.train_batch, max_reply_tokens=a.target_tokens or a.max_new_tokens,
-                      robust=robust, robust_p=a.robust_p, robust_scope=a.robust_scope, robust_retain=a.robust_retain,
-                      robust_retain_p=a.robust_retain_p or None, robust_rank=a.robust_rank,
-                      robust_keep_start=a.robust_keep_start, robust_subspan=a.robust_subspan,
-                      robust_online=a.robust_online,
-                      retain_weight=a.retain_weight, retain_loss=a.retain_loss,
-                      reestimate_every=a.reestimate_every or max(1, a.steps // 2), search_every=a.search_every,
-                      search_layers=parse_layers(a.fresh_layers) if a.fresh_layers.strip() else None, checkpoint_every=a.checkpoint_every, average_from=a.average_from,
-                      decay_from=a.decay_from, seed=a.seed)
+    cfg = _train_config(a, lr, robust)
     r = finetune(lm, a.mode, a.components or None, method=method, data=data, direction=d, neuron_set=ns,  # type: ignore[arg-type]
                  config=cfg, batch_size=a.batch_size, out=a.out if a.checkpoint_every else None)
     row = {"lr": lr, "robust": robust, "robust_retain": cfg.robust and cfg.robust_retain,

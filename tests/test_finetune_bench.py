@@ -148,3 +148,11 @@ def test_train_scary_tasks_draws_the_scary_retain_prompts_from_both_sets_and_lea
     for name in ("train_harmful", "train_harmless", "harmful", "harmless", "scary"):
         assert both[name] == plain[name]
     assert set(both["scary"]) <= set(builtin_prompts("scary_harmless", bench.parse_args([]).eval_split).texts)
+
+
+def test_train_seed_seeds_training_alone_and_keeps_the_prompts_of_seed(bench):
+    base = ["--n-train", "8", "--n-eval", "4", "--seed", "2"]
+    a, b = bench.parse_args(base), bench.parse_args([*base, "--train-seed", "5"])
+    assert bench._train_config(a, 1e-4, True).seed == 2 and bench._train_config(b, 1e-4, True).seed == 5
+    assert bench._sets(a) == bench._sets(b)  # the same prompts, so the cached targets are the same too
+    assert bench._sets(a) != bench._sets(bench.parse_args(["--n-train", "8", "--n-eval", "4", "--seed", "5"]))
