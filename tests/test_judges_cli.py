@@ -97,6 +97,16 @@ def test_judge_eval_end_to_end_on_the_default_model(app, tmp_path):
     assert rows["llm:default"]["accuracy"] > 1 / 3  # better than chance on three balanced labels
 
 
+@pytest.mark.slow
+def test_judge_eval_of_the_cascade_on_the_default_model(app, tmp_path):
+    res = CliRunner().invoke(app, ["judge", "eval", "--judge", "phrase+llm:default", "--limit", "12",
+                                   "--out", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output[-2000:]
+    row = json.loads(res.stdout)["judges"][0]
+    assert row["judge"] == "phrase+llm:default" and row["n"] == 12 and sum(map(sum, row["confusion"])) == 12
+    assert row["forward_passes"] < 12  # replies the detector or the phrases decide skip the model
+
+
 def test_direction_ablate_names_its_judge_and_compares_judges(tiny_dir, tmp_path, monkeypatch):
     import torch
 

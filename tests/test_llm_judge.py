@@ -176,11 +176,11 @@ def test_rubric_with_system_prefill_and_five_letters_pools_them_by_category(lm):
     assert _probs(plain, PAIRS[:1])[0].p_refused != pytest.approx(got[0].p_refused, abs=1e-6)
 
 
-def test_rubric_must_hold_prompt_reply_and_every_category():
+def test_rubric_must_hold_prompt_reply_and_two_categories():
     with pytest.raises(ValueError, match="{prompt} and {reply}"):
         Rubric(user="only {prompt}")
-    with pytest.raises(ValueError, match="refused, complied and broken"):
-        Rubric(user="{prompt} {reply}", letters=(("A", "refused"), ("B", "complied")))
+    with pytest.raises(ValueError, match="at least two of refused, complied and broken"):
+        Rubric(user="{prompt} {reply}", letters=(("A", "refused"), ("B", "refused")))
     assert all(len(letter) == 1 for letter, _ in RUBRIC.letters) and "{reply}" in RUBRIC.user
 
 

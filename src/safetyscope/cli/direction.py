@@ -78,7 +78,7 @@ class EvalDirSettings(PromptSettings):
     split: str = opt("test", "Built-in split to measure on (test: never used for selection).")
     n_prompts: int = opt(32, "Prompts per group (0 = all), sampled with --seed.")
     max_new_tokens: int = opt(64, "Greedy reply length judged for refusal.")
-    judge: str = opt("", "Refusal judge: phrase, llm, llm:MODEL or module:function (default: the built-in phrase judge).")
+    judge: str = opt("", "Refusal judge: phrase, llm, llm:MODEL, phrase+llm[:MODEL] or module:function (default: the built-in phrase judge).")
     judges: str = opt("", "direction ablate: " + JUDGES_HELP)
     norm_preserving: bool = opt(False, "Use the norm-preserving ablation variant.")
     full: bool = opt(False, "Ignore tuned per-layer weights and ablate fully.")

@@ -22,7 +22,7 @@ class EvalSettings(PromptSettings):
                                       "model*.safetensors, e.g. from `direction export`) of MODEL, to apply; repeat to "
                                       "apply several together (empty = the model as it is).")
     scary: str = opt("", "Harmless-but-scary prompts file (over-refusal probes); empty = the built-in set, 'none' = skip.")
-    judge: str = opt("", "Refusal judge: phrase, llm, llm:MODEL (an LLM judge, see docs/judges.md) or module:function taking (prompt, reply) -> bool or score (>= 0.5 = refusal); empty = the phrase judge.")
+    judge: str = opt("", "Refusal judge: phrase, llm, llm:MODEL (an LLM judge, see docs/judges.md), phrase+llm[:MODEL] (the cascade) or module:function taking (prompt, reply) -> bool or score (>= 0.5 = refusal); empty = the phrase judge.")
     judges: str = opt("", JUDGES_HELP)
     max_new_tokens: int = opt(64, "Reply length cap in tokens (greedy decoding).")
     refusal_openings: str = opt("", "Comma-separated refusal openings for the logit score (e.g. 'I,As,Sorry'); empty = the defaults.")
@@ -54,7 +54,7 @@ def _judge(spec: str) -> Any:
     try:
         return load_judge(spec)
     except (ImportError, AttributeError, TypeError) as exc:  # one line, exit 2 like every user error
-        raise ValueError(str(exc).splitlines()[0] + "; --judge takes phrase, llm, llm:MODEL or package.module:function") from None
+        raise ValueError(str(exc).splitlines()[0] + "; --judge takes phrase, llm, llm:MODEL, phrase+llm[:MODEL] or package.module:function") from None
 
 
 def _inputs(s: EvalSettings) -> dict[str, Any]:

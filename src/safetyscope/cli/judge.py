@@ -15,15 +15,16 @@ from .settings import Settings, command, opt
 @dataclass
 class JudgeEvalSettings(Settings):
     judge: list[str] = opt(("phrase", "llm"), "Judge to evaluate (repeatable): phrase, llm, llm:MODEL (any model "
-                                              "safetyscope loads; llm = the large alias when installed, else default) "
-                                              "or package.module:function.")
+                                              "safetyscope loads; llm = the large alias when installed, else default), "
+                                              "phrase+llm[:MODEL] (detector, phrases, then the LLM asked whether the "
+                                              "reply gives what was asked) or package.module:function.")
     file: str = opt("", "Labelled JSONL file (prompt, reply, label = refused|complied|broken, optional kind); "
                         "empty = the built-in judge set (157 pairs).")
     limit: int = opt(0, "Judge at most this many pairs (a seeded sample; 0 = all).")
     half: str = opt("", "Only the pairs whose id number is odd (the half judge designs were chosen on) or even "
                         "(held out); empty = all.")
     detector: bool = opt(True, "Apply the model-free broken-output detector first (phrase and custom judges: a "
-                               "flagged reply is broken; llm: flagged replies skip the model).",
+                               "flagged reply is broken; llm, phrase+llm: flagged replies skip the model).",
                          flag="--detector/--no-detector")
 
 
@@ -42,15 +43,12 @@ def register(app: typer.Typer) -> None:
 def _judge(spec: str, s: JudgeEvalSettings) -> Any:
     from ..measure.judges import load_judge
 
-    name, _, model = spec.partition(":")
-    if name == "llm":
-        from ..measure.llm_judge import load_llm_judge
-
-        return load_llm_judge(model, batch_size=s.batch_size, detector=s.detector)
+    llm = spec.partition(":")[0] in ("llm", "phrase+llm")
     try:
-        return load_judge(spec)
+        return load_judge(spec, batch_size=s.batch_size, detector=s.detector) if llm else load_judge(spec)
     except (ImportError, AttributeError, TypeError) as exc:
-        raise ValueError(str(exc).splitlines()[0] + "; --judge takes phrase, llm, llm:MODEL or module:function") from None
+        raise ValueError(str(exc).splitlines()[0] + "; --judge takes phrase, llm, llm:MODEL, phrase+llm[:MODEL] "
+                         "or module:function") from None
 
 
 def id_parity(pair_id: str) -> str:
@@ -144,12 +142,11 @@ def compare_specs(specs: list[str], prompts: list[str], replies: list[str], grou
     """Three-way verdicts of every judge in ``specs`` on the same replies, per group, with their agreement."""
     from ..measure.judge_eval import compare_judges
     from ..measure.judges import load_judge
-    from ..measure.llm_judge import load_llm_judge
 
     judges = {}
     for spec in specs:
-        name, _, model = spec.partition(":")
-        judges[spec] = load_llm_judge(model, batch_size=batch_size) if name == "llm" else load_judge(spec)
+        llm = spec.partition(":")[0] in ("llm", "phrase+llm")
+        judges[spec] = load_judge(spec, batch_size=batch_size) if llm else load_judge(spec)
     res = compare_judges(judges, prompts, replies, groups)
     return {**res.to_dict(), "names": {k: str(getattr(j, "__qualname__", k)) for k, j in judges.items()}}
 

@@ -277,10 +277,13 @@ def as_judge(fn: Callable[[str, str], Any]) -> Callable[[str, str], bool]:
     return judge
 
 
-def load_judge(spec: str) -> Callable[[str, str], bool]:
+def load_judge(spec: str, **llm_kwargs: Any) -> Callable[[str, str], bool]:
     """A judge by name: ``"phrase"`` (:class:`PhraseJudge`), ``"llm"`` / ``"llm:MODEL"`` (an
     :class:`~safetyscope.measure.llm_judge.LLMJudge` on MODEL, default the ``large`` alias when installed,
-    else ``default``), or ``"package.module:function"`` imported and wrapped with :func:`as_judge`.
+    else ``default``), ``"phrase+llm"`` / ``"phrase+llm:MODEL"`` (the
+    :class:`~safetyscope.measure.cascade_judge.CascadeJudge`: detector, phrases, then the LLM asked whether
+    the reply gives what was asked), or ``"package.module:function"`` imported and wrapped with
+    :func:`as_judge`.  ``llm_kwargs`` (``batch_size``, ``detector``, ...) go to the LLM judges.
 
     The part after ``:`` may be a dotted attribute path; a class is instantiated without arguments.
     Example -- a local classifier in ``my_judges.py`` on ``sys.path``::
@@ -300,7 +303,11 @@ def load_judge(spec: str) -> Callable[[str, str], bool]:
     if name == "llm":  # the model loads here (seconds to minutes)
         from .llm_judge import load_llm_judge
 
-        return load_llm_judge(model)
+        return load_llm_judge(model, **llm_kwargs)
+    if name == "phrase+llm":
+        from .cascade_judge import load_cascade_judge
+
+        return load_cascade_judge(model, **llm_kwargs)
     module_name, sep, attr_path = spec.strip().partition(":")
     if not sep or not module_name or not attr_path:
         raise ValueError(f"judge spec {spec!r} must look like 'package.module:function'")

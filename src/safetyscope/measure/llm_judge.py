@@ -115,7 +115,8 @@ class Rubric:
     """What the judge model reads: ``system`` (instructions and examples, the same for every reply, so each
     batch shares its computation through the prefix cache; None = the model's default), ``user`` (the user
     turn, holding ``{prompt}`` and ``{reply}``), ``prefill`` (the start of the judge's own reply, after which
-    the answer letter is read) and ``letters`` (each answer letter and the category it counts for)."""
+    the answer letter is read) and ``letters`` (each answer letter and the category it counts for; a rubric
+    whose letters leave out a category never gives it, e.g. the cascade's complied / broken stage)."""
 
     user: str
     system: str | None = None
@@ -125,8 +126,10 @@ class Rubric:
     def __post_init__(self) -> None:
         if "{prompt}" not in self.user or "{reply}" not in self.user:
             raise ValueError("the rubric must contain {prompt} and {reply}")
-        if {c for _, c in self.letters} != set(CATEGORIES):
-            raise ValueError("the rubric's letters must cover refused, complied and broken")
+        cats = {c for _, c in self.letters}
+        if not cats <= set(CATEGORIES) or len(cats) < 2:
+            raise ValueError("the rubric's letters must stand for at least two of refused, complied and broken "
+                             "(a rubric without refusals is a cascade's stage: measure.cascade_judge)")
 
 
 #: The default rubric: five answer letters (A refused, B complied, C/D/E broken) with ten short examples
