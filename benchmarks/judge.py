@@ -35,6 +35,7 @@ os.environ.setdefault("SAFETYSCOPE_QUIET", "1")
 from safetyscope.hooks import forward  # noqa: E402
 from safetyscope.measure.cascade_judge import ATTEMPT_RUBRIC, CascadeJudge  # noqa: E402
 from safetyscope.measure.judge_eval import load_judge_set  # noqa: E402
+from safetyscope.measure.judges import PhraseJudge  # noqa: E402
 from safetyscope.measure.llm_judge import LLMJudge, Rubric  # noqa: E402
 from safetyscope.prompts.chat import tokenize_prompts  # noqa: E402
 
@@ -87,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         "rubric forward": lambda: _forward_all(lm, rubric_texts, args.batch_size, probe.encode),
     }
     if args.rubric == "attempt":
-        fns["cascade"] = lambda: CascadeJudge(LLMJudge(lm, batch_size=args.batch_size, **kw)).probabilities(
-            prompts, replies)
+        fns["cascade"] = lambda: CascadeJudge(LLMJudge(lm, batch_size=args.batch_size, **kw),
+                                              PhraseJudge()).probabilities(prompts, replies)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         fn()  # warm-up

@@ -6,7 +6,7 @@ import pytest
 
 from safetyscope.measure.cascade_judge import ATTEMPT_RUBRIC, ATTEMPT_SYSTEM, CascadeJudge, load_cascade_judge
 from safetyscope.measure.judge_eval import evaluate_judge, load_judge_set
-from safetyscope.measure.judges import as_judge, categorize, load_judge
+from safetyscope.measure.judges import PhraseJudge, as_judge, categorize, load_judge
 from safetyscope.measure.llm_judge import LLMJudge, Rubric
 from safetyscope.testing import tiny_model
 
@@ -28,7 +28,7 @@ def _split(pairs):
 
 
 def test_each_stage_decides_what_it_sees_and_only_the_rest_reach_the_model(lm):
-    judge = CascadeJudge(LLMJudge(lm, rubric=YN, batch_size=2))
+    judge = CascadeJudge(LLMJudge(lm, rubric=YN, batch_size=2), PhraseJudge())
     got = judge.probabilities(*_split([REFUSAL, LOOP, *ANSWERS]))
     assert got[0].source == "phrase" and got[0].label == "refused" and got[0].p_refused == 1.0
     assert got[1].source == "detector:loop" and got[1].label == "broken"
@@ -43,24 +43,24 @@ def test_each_stage_decides_what_it_sees_and_only_the_rest_reach_the_model(lm):
 
 
 def test_cascade_is_a_judge_everywhere_and_caches(lm, tmp_path):
-    judge = CascadeJudge(LLMJudge(lm, rubric=YN, cache_dir=tmp_path, name="llm:tiny"))
+    judge = CascadeJudge(LLMJudge(lm, rubric=YN, cache_dir=tmp_path, name="llm:tiny"), PhraseJudge())
     assert judge.name == "phrase+llm:tiny" and as_judge(judge) is judge
     assert judge(*REFUSAL) is True and judge.judge(*LOOP).reason == "broken:loop"
     assert categorize(judge, *_split(ANSWERS)) == [p.label for p in judge.probabilities(*_split(ANSWERS))]
-    again = CascadeJudge(LLMJudge(lm, rubric=YN, cache_dir=tmp_path))
+    again = CascadeJudge(LLMJudge(lm, rubric=YN, cache_dir=tmp_path), PhraseJudge())
     assert all(p.source == "cache" for p in again.probabilities(*_split(ANSWERS))) and again.forward_passes == 0
     res = evaluate_judge(judge, [p for p in load_judge_set() if len(p.reply) < 60][:6])
     assert res.n == 6 and sum(map(sum, res.confusion)) == 6
 
 
 def test_no_detector_sends_loops_on_to_the_phrase_judge_and_the_model(lm):
-    judge = CascadeJudge(LLMJudge(lm, rubric=YN), detector=False)
+    judge = CascadeJudge(LLMJudge(lm, rubric=YN), PhraseJudge(), detector=False)
     assert judge.probabilities(*_split([LOOP]))[0].source == "model" and judge.forward_passes == 1
 
 
 def test_llm_stage_must_not_offer_a_refusal_and_rubrics_need_two_categories(lm):
     with pytest.raises(ValueError, match="complied / broken"):
-        CascadeJudge(LLMJudge(lm, rubric="{prompt} {reply} A, B or C?"))
+        CascadeJudge(LLMJudge(lm, rubric="{prompt} {reply} A, B or C?"), PhraseJudge())
     with pytest.raises(ValueError, match="at least two"):
         Rubric(user="{prompt} {reply}", letters=(("Y", "complied"),))
     with pytest.raises(ValueError, match="at least two"):
@@ -73,7 +73,7 @@ def test_load_judge_builds_the_cascade_on_a_local_model(tiny_dir, tmp_path):
     assert isinstance(judge, CascadeJudge) and judge.name == f"phrase+llm:{tiny_dir}"
     assert judge.llm.rubric == ATTEMPT_RUBRIC and not judge.llm.calibrate and judge.llm.batch_size == 2
     assert judge(*REFUSAL) is True and judge.forward_passes == 0
-    assert isinstance(load_cascade_judge(str(tiny_dir), cache_dir=tmp_path, detector=False), CascadeJudge)
+    assert isinstance(load_cascade_judge(str(tiny_dir), PhraseJudge(), cache_dir=tmp_path, detector=False), CascadeJudge)
 
 
 def test_attempt_rubric_examples_are_not_from_the_labelled_set():

@@ -172,7 +172,7 @@ def test_map_circuit_from_python_on_lists_of_strings(tmp_path):
     harmless = [f"How do I bake bread number {i}?" for i in range(10)]
     cmap = ss.map_circuit(lm, harmful, harmless, out=tmp_path, config=ss.MapConfig(quick=True), stages="probe,dla")
     assert isinstance(cmap, ss.CircuitMap)
-    assert [r.status for r in cmap.runs] == ["done", "skipped", "skipped", "skipped", "skipped", "skipped", "done", "skipped", "skipped"]
+    assert [r.status for r in cmap.runs] == ["done" if st in ("probe", "dla") else "skipped" for st in STAGES]
     assert cmap.results.probe is not None and cmap.results.dla is not None and cmap.results.direction is None
     assert cmap.summary()["probe_best_layer"] == cmap.results.probe.best.layer
     assert cmap.report_path is None  # the report stage was not asked for ...

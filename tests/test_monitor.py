@@ -273,6 +273,7 @@ def test_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path, bench_module):
                     str(tmp_path / "s.txt"), "--eval-tokens", "2", "--attack", "find", "--find-prompts", "6",
                     "--find-fast"])
     assert res["overhead"]["ratio"] > 0 and res["eval"]["attacked"] is not None
+    assert res["eval"]["judge"] == "phrase"  # the evaluation names the judge that decides "answered"
     assert res["overhead"]["extra_forward_calls"] == 0 and res["overhead"]["forward_calls_per_round"]["plain"] > 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["eval"]["n_harmful"] == 3
 

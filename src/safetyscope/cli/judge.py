@@ -139,16 +139,11 @@ def parse_judges(spec: str) -> list[str]:
 
 def compare_specs(specs: list[str], prompts: list[str], replies: list[str], groups: list[str],
                   batch_size: int = 8) -> dict[str, Any]:
-    """Three-way verdicts of every judge in ``specs`` on the same replies, per group, with their agreement."""
-    from ..measure.judge_eval import compare_judges
-    from ..measure.judges import load_judge
+    """Three-way verdicts of every judge in ``specs`` on the same replies, per group, with their agreement
+    (:func:`safetyscope.measure.judge_eval.compare_judge_specs`)."""
+    from ..measure.judge_eval import compare_judge_specs
 
-    judges = {}
-    for spec in specs:
-        llm = spec.partition(":")[0] in ("llm", "phrase+llm")
-        judges[spec] = load_judge(spec, batch_size=batch_size) if llm else load_judge(spec)
-    res = compare_judges(judges, prompts, replies, groups)
-    return {**res.to_dict(), "names": {k: str(getattr(j, "__qualname__", k)) for k, j in judges.items()}}
+    return compare_judge_specs(specs, prompts, replies, groups, batch_size)
 
 
 def compare_on_records(specs: list[str], records: list[Any], batch_size: int = 8) -> dict[str, Any]:

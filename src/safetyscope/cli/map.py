@@ -17,6 +17,7 @@ from ..methods.circuit.inputs import MapConfig, MapPrompts
 from ..methods.circuit.pipeline import STAGES, CircuitMap, map_circuit, parse_stages
 from ..progress import verbosity
 from .common import PromptSettings, user_errors
+from .judge import parse_judges
 from .settings import command, opt
 
 
@@ -31,12 +32,17 @@ class MapSettings(PromptSettings):
     pairs: int = opt(6, "Minimal pairs traced by attribution patching.")
     max_new_tokens: int = opt(32, "Reply length for judged generations (refusal rates, sample replies).")
     fragility_ks: str = opt("0,10,100,1%", "Numbers of neurons ablated along the fragility curves.")
+    judges: str = opt("", "Judges to compare on the headline's harmful replies before / under the direction's "
+                          "ablation (comma-separated, e.g. phrase,phrase+llm:large; see `judge eval --help`): refused / "
+                          "complied / broken per judge and their agreement, in the report; empty = off. Reuses every "
+                          "other cached stage.")
 
     def config(self) -> MapConfig:
         return MapConfig(quick=self.quick, n_prompts=self.n_prompts, n_eval=self.n_eval, n_headline=self.n_headline,
                          pairs=self.pairs,
                          max_new_tokens=self.max_new_tokens, fragility_ks=self.fragility_ks, split=self.split,
-                         batch_size=self.batch_size, system=self.system, seed=self.seed)
+                         batch_size=self.batch_size, system=self.system, seed=self.seed,
+                         judges=tuple(parse_judges(self.judges)))
 
 
 INTERRUPTED = ("every finished stage is saved in {dir}; rerun the same command to resume from them "

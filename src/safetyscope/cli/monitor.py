@@ -250,7 +250,8 @@ def _print_eval(r: dict[str, Any]) -> None:
         if c.get("tamper"):
             print(f"[{name}] {tamper_line(c['tamper'])}")
         share = c["complied_flagged_share"]
-        print(f"[{name}] harmful prompts answered: {c['complied']}, flagged by the monitor: {c['complied_flagged']}"
+        print(f"[{name}] harmful prompts answered (judge: {r.get('judge', 'phrase')}): {c['complied']}, flagged by the "
+              f"monitor: {c['complied_flagged']}"
               + (f" ({share:.0%})" if share is not None else "")
               + f", alerted (flagged or tamper check): {c.get('complied_alerted', c['complied_flagged'])}")
         if c.get("reanchored"):

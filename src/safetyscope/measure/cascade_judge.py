@@ -17,11 +17,10 @@ refusal, and once that answer is dropped from the five-letter rubric it calls it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .broken import BrokenDetector
-from .judges import PhraseJudge
 from .llm_judge import JudgeProbs, LLMJudge, Rubric
 from .verdicts import Category, Verdict
 
@@ -81,17 +80,19 @@ ATTEMPT_RUBRIC = Rubric(user="Request: {prompt}\nReply: {reply}", system=ATTEMPT
 
 
 class CascadeJudge:
-    """Detector, then phrase judge, then ``llm`` (an :class:`LLMJudge`, normally with :data:`ATTEMPT_RUBRIC`)
-    for the replies neither decides; a judge everywhere ``--judge`` is, like :class:`LLMJudge`."""
+    """Detector, then ``phrase`` (a two-way judge, normally the
+    :class:`~safetyscope.measure.judges.PhraseJudge`), then ``llm`` (an :class:`LLMJudge`, normally with
+    :data:`ATTEMPT_RUBRIC`) for the replies neither decides; a judge everywhere ``--judge`` is, like
+    :class:`LLMJudge`.  ``load_judge("phrase+llm:MODEL")`` builds it."""
 
     three_way = True  # as_judge passes it through; categorize() uses its own verdicts
 
-    def __init__(self, llm: LLMJudge, *, phrase: PhraseJudge | None = None, detector: bool = True,
+    def __init__(self, llm: LLMJudge, phrase: Callable[[str, str], bool], *, detector: bool = True,
                  name: str | None = None) -> None:
         if {c for _, c in llm.rubric.letters} != {"complied", "broken"}:
             raise ValueError("the cascade's LLM stage needs a rubric whose letters are complied / broken "
                              "(e.g. ATTEMPT_RUBRIC): refusals are the phrase judge's")
-        self.llm, self.phrase, self.detector = llm, phrase or PhraseJudge(), detector
+        self.llm, self.phrase, self.detector = llm, phrase, detector
         self.__qualname__ = name or f"phrase+{llm.name}"
 
     @property
@@ -146,12 +147,14 @@ class CascadeJudge:
         return self.judge(prompt, reply).refused
 
 
-def load_cascade_judge(model: str = "", *, detector: bool = True, **kwargs: Any) -> CascadeJudge:
-    """``phrase+llm:MODEL``: :func:`~safetyscope.measure.llm_judge.load_llm_judge` on ``model`` (empty = the
-    ``large`` alias when installed, else ``default``) with :data:`ATTEMPT_RUBRIC`, behind the detector and
-    the phrase judge.  ``kwargs`` go to the LLM judge (``batch_size``, ``cache_dir``, ...)."""
+def load_cascade_judge(model: str, phrase: Callable[[str, str], bool], *, detector: bool = True,
+                       **kwargs: Any) -> CascadeJudge:
+    """``phrase+llm:MODEL`` (what ``load_judge`` calls with the phrase judge):
+    :func:`~safetyscope.measure.llm_judge.load_llm_judge` on ``model`` (empty = the ``large`` alias when
+    installed, else ``default``) with :data:`ATTEMPT_RUBRIC`, behind the detector and ``phrase``.  ``kwargs``
+    go to the LLM judge (``batch_size``, ``cache_dir``, ...)."""
     from .llm_judge import default_judge_model, load_llm_judge
 
     spec = model or default_judge_model()
     kwargs.update(rubric=ATTEMPT_RUBRIC, calibrate=False)
-    return CascadeJudge(load_llm_judge(spec, **kwargs), detector=detector, name=f"phrase+llm:{spec}")
+    return CascadeJudge(load_llm_judge(spec, **kwargs), phrase, detector=detector, name=f"phrase+llm:{spec}")

@@ -19,7 +19,7 @@ from typing import Any, cast
 import numpy as np
 
 from ..errors import SafetyscopeError
-from .judges import CATEGORIES, Category, categorize
+from .judges import CATEGORIES, Category, categorize, load_judge
 
 __all__ = ["JudgeComparison", "JudgeEvaluation", "LabelledPair", "agreement3", "compare_judges", "evaluate_judge",
            "load_judge_set"]
@@ -159,3 +159,17 @@ def compare_judges(judges: dict[str, Callable[[str, str], Any]], prompts: Sequen
             same = sum((x == "refused") == (y == "refused") for x, y in zip(verdicts[a], verdicts[b]))
             pairs[f"{a} vs {b}"] = {**stats, "refusal_agreement": same / len(prompts)}
     return JudgeComparison(names, table, pairs, verdicts)
+
+
+def compare_judge_specs(specs: Sequence[str], prompts: Sequence[str], replies: Sequence[str], groups: Sequence[str],
+                        batch_size: int = 8) -> dict[str, Any]:
+    """:func:`compare_judges` on judges named as ``--judge`` names them (``phrase``, ``llm:MODEL``,
+    ``phrase+llm:MODEL``, ``module:function``; the LLM judges batch ``batch_size`` replies), as JSON with each
+    judge's full name under ``names``."""
+
+    judges = {}
+    for spec in specs:
+        llm = spec.partition(":")[0] in ("llm", "phrase+llm")
+        judges[spec] = load_judge(spec, batch_size=batch_size) if llm else load_judge(spec)
+    res = compare_judges(judges, prompts, replies, groups)
+    return {**res.to_dict(), "names": {k: str(getattr(j, "__qualname__", k)) for k, j in judges.items()}}

@@ -307,7 +307,7 @@ def load_judge(spec: str, **llm_kwargs: Any) -> Callable[[str, str], bool]:
     if name == "phrase+llm":
         from .cascade_judge import load_cascade_judge
 
-        return load_cascade_judge(model, **llm_kwargs)
+        return load_cascade_judge(model, PhraseJudge(), **llm_kwargs)
     module_name, sep, attr_path = spec.strip().partition(":")
     if not sep or not module_name or not attr_path:
         raise ValueError(f"judge spec {spec!r} must look like 'package.module:function'")

@@ -15,7 +15,7 @@ from typing import Any
 from ..methods.circuit.evidence import evidence, probe_beats_control
 from ..methods.circuit.results import DirectionSummary, FragilitySummary, Results, StageRun
 from ..methods.circuit.stages import Stage, assign_stages, missing_stages
-from .circuit_defence import defence_section
+from .circuit_defence import defence_section, judges_blocks
 from .circuit_figures import draw_figures
 from .circuit_svg import circuit_svg
 from .html import Block, Card, Figure, Replies, Report, Section, Table, Text, TrustedSVG
@@ -269,8 +269,9 @@ def build_report(out: Path, raw: Mapping[str, Any], runs: Sequence[StageRun], mo
     tables = top_tables(res)
     if tables:
         sections.append(Section("Top components", tables))
-    if samples := replies(res):
-        sections.append(Section("Replies before / after", samples))
+    side_by_side = judges_blocks(raw.get("judges"))
+    if (samples := replies(res)) or side_by_side:
+        sections.append(Section("Replies before / after", [*side_by_side, *samples]))
     sections.append(defence_section(raw.get("monitor")))
     sections.append(Section("Method", [Text(METHOD), status_table(runs, res.problems)]))
     facts = res.model.facts() if res.model else ""

@@ -42,7 +42,7 @@ def defence_section(result: Any) -> Section:
         layer = (result.get("direction") or {}).get("layer")
         rows.append(_row(f"refusal direction ablated (layer {layer})", result["ablated"]))
     blocks: list[Block] = [Text(INTRO), Table(["condition", "AUROC", "TPR at threshold", "FPR at threshold",
-                                               "answered harmful flagged", "tamper check"], rows)]
+                                               "answered harmful flagged (judge: phrase)", "tamper check"], rows)]
     n_h, n_s = result.get("n_eval", [None, None])
     note = f"{n_h} harmful + {n_s} harmless test prompts; target FPR {_num(result.get('fpr_target'))}"
     if result.get("ablated") is None:
@@ -51,3 +51,22 @@ def defence_section(result: Any) -> Section:
         note += f"; TPR drop under the ablation {_num(result['tpr_drop'])}"
     blocks.append(Text(note + "."))
     return Section("Would we notice?", blocks)
+
+
+def judges_blocks(result: Any) -> list[Block]:
+    """The judges stage's table (``map --judges``): each judge's refused / complied / broken counts on the
+    headline's harmful replies, before and under the ablation, and each pair's agreement; empty when off."""
+    cmp = result.get("judges") if isinstance(result, Mapping) else None
+    if not isinstance(cmp, Mapping):
+        why = result.get("error") if isinstance(result, Mapping) else None
+        return [Text(f"Judges side by side: not measured ({why}).")] if why else []
+    names = cmp.get("names", {})
+    rows = [[group, names.get(judge, judge), *(f"{n[k]} ({n[k] / n['n']:.0%})" for k in ("refused", "complied", "broken")),
+             n["n"]] for group, by_judge in cmp["groups"].items() for judge, n in by_judge.items()]
+    agree = "; ".join(f"{pair}: three-way {a['accuracy']:.0%} (kappa {a['kappa']:.2f}), refused-vs-not "
+                      f"{a['refusal_agreement']:.0%}" for pair, a in cmp.get("agreement", {}).items())
+    blocks: list[Block] = [Table(["replies", "judge", "refused", "complied", "broken", "n"], rows,
+                                 title="Judges side by side on the headline's harmful replies")]
+    if agree:
+        blocks.append(Text("Agreement: " + agree + ". A bypass counts only complied replies."))
+    return blocks

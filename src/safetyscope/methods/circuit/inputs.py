@@ -34,6 +34,7 @@ class MapConfig:
     batch_size: int = 8
     system: str | None = None
     seed: int = 0
+    judges: tuple[str, ...] = ()  # the judges stage: these judges side by side on the headline's harmful replies
 
     def __post_init__(self) -> None:
         for name, least in (("n_prompts", 0), ("n_eval", 0), ("n_headline", 0), ("pairs", 1), ("max_new_tokens", 1), ("batch_size", 1)):
@@ -165,4 +166,6 @@ class StageInputs:
 
     def key_settings(self) -> dict[str, Any]:
         d = self.lm.describe()
-        return {"model": [d["name"], d["n_params"], d["dtype"]], "config": asdict(self.config)}
+        config = asdict(self.config)
+        config.pop("judges")  # only the judges stage depends on them (its key adds them): other caches stay valid
+        return {"model": [d["name"], d["n_params"], d["dtype"]], "config": config}

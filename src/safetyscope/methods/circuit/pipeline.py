@@ -13,6 +13,8 @@ stage whose inputs are unchanged and a recomputed stage whose results changed re
   trace       attribution patching of the full layer x component grid, top cells verified exactly
   direction   refusal direction: candidates (readable blocks from the trace's decision onset), selection,
               ablation and addition measured on test prompts
+  judges      the direction stage's harmful replies through every judge of ``MapConfig.judges`` (off when
+              empty; only this stage's key holds the judges, so adding some reuses every other stage)
   fragility   refusal vs number of neurons removed (top vs random), with the direction as one component
   capability  KL and perplexity under the direction and the neuron set
   dla         direct logit attribution of each component to the refusal tokens
@@ -40,9 +42,9 @@ from .inputs import Budget, MapConfig, MapPrompts, StageInputs
 from .results import Results, StageRun
 from .steps_defence import monitor_stage
 from .steps_fit import dla_stage, neurons_stage, probe_stage, trace_stage
-from .steps_measure import capability_stage, direction_stage, fragility_stage
+from .steps_measure import capability_stage, direction_stage, fragility_stage, judges_stage
 
-STAGES = ("probe", "neurons", "trace", "direction", "fragility", "capability", "dla", "monitor", "report")
+STAGES = ("probe", "neurons", "trace", "direction", "judges", "fragility", "capability", "dla", "monitor", "report")
 # The HTML report lives in the report layer, above methods: it is loaded by name when a report is rendered
 # (as pandas loads its plotting backend), so the technique packages never import HTML code.
 REPORT_BACKEND = "safetyscope.report.circuit"
@@ -55,6 +57,7 @@ def report_stage(x: StageInputs) -> dict[str, Any]:
 
 COMPUTE: dict[str, Callable[[StageInputs], dict[str, Any]]] = {
     "probe": probe_stage, "neurons": neurons_stage, "trace": trace_stage, "direction": direction_stage,
+    "judges": judges_stage,
     "fragility": fragility_stage, "capability": capability_stage, "dla": dla_stage, "monitor": monitor_stage,
     "report": report_stage,
 }
@@ -185,8 +188,10 @@ def map_circuit(
     runs: list[StageRun] = []
     for stage in STAGES:
         path = out / "map" / "stages" / f"{stage}.json"
-        upstream = {k: v for k, v in done.items() if k != "report"}
-        key = stage_key(stage, settings, b, upstream)
+        # the judges' verdicts feed only the page: adding judges reruns the judges and report stages alone
+        upstream = {k: v for k, v in done.items() if k != "report" and (k != "judges" or stage == "report")}
+        key = stage_key(stage, {**settings, "judges": list(config.judges)} if stage == "judges" else settings, b,
+                        upstream)
         rec = _cached(path, key)
         if stage == "report" and rec is not None and (rec["result"].get("page_error")
                                                       or not Path(rec["result"].get("report", "")).is_file()):

@@ -122,6 +122,26 @@ def direction_stage(x: StageInputs) -> dict[str, Any]:
     return result
 
 
+def judges_stage(x: StageInputs) -> dict[str, Any]:
+    """The headline's harmful replies, before and under the direction's ablation (the direction stage's reply
+    cache: nothing is generated again), through every judge of ``config.judges``, side by side."""
+    from ...measure.judge_eval import compare_judge_specs
+
+    specs = list(x.config.judges)
+    if not specs:
+        return {"judges": None}  # off (--judges not given)
+    path = x.out / "direction" / "artifact"
+    if "direction" not in x.done or not (path / "artifact.json").is_file():
+        raise ValueError("the judges stage compares judges on the direction stage's replies; that stage has none")
+    harmful = x.sampled("harmful", x.budget.n_headline, "test")
+    cache = _eval_kwargs(x, Direction.load(path))["cache"]
+    before, after = cache.get("harmful_base", harmful), cache.get("harmful_ablated", harmful)
+    if before is None or after is None:
+        raise ValueError("the direction stage's harmful replies are not in its reply cache; rerun it with --force")
+    groups = ["harmful, before"] * len(harmful) + ["harmful, direction ablated"] * len(harmful)
+    return {"judges": compare_judge_specs(specs, harmful * 2, before + after, groups, x.batch_size)}
+
+
 def _eval_kwargs(x: StageInputs, direction: Direction | None, suffix: str = "") -> dict[str, Any]:
     """evaluate_* settings; the replies cache of a variant (``suffix``) starts with the unmodified replies
     (``direction`` None: a cache for the unmodified replies only)."""

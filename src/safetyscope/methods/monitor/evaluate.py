@@ -109,7 +109,7 @@ class MonitorEval:
 
         out = {"model": self.model, "n_harmful": self.n_harmful, "n_harmless": self.n_harmless,
                "threshold": self.threshold, "attack": self.attack, "clean": cond(self.clean),
-               "attacked": cond(self.attacked)}
+               "attacked": cond(self.attacked), "judge": "phrase"}  # who decides "answered" (and output_judge)
         if self.attacked is not None:
             out["tpr_drop_at_threshold"] = (self.clean.monitor["tpr_at_threshold"]
                                             - self.attacked.monitor["tpr_at_threshold"])
