@@ -43,9 +43,8 @@ def register(app: typer.Typer) -> None:
 def _judge(spec: str, s: JudgeEvalSettings) -> Any:
     from ..measure.judges import load_judge
 
-    llm = spec.partition(":")[0] in ("llm", "phrase+llm")
     try:
-        return load_judge(spec, batch_size=s.batch_size, detector=s.detector) if llm else load_judge(spec)
+        return load_judge(spec, batch_size=s.batch_size, detector=s.detector)
     except (ImportError, AttributeError, TypeError) as exc:
         raise ValueError(str(exc).splitlines()[0] + "; --judge takes phrase, llm, llm:MODEL, phrase+llm[:MODEL] "
                          "or module:function") from None

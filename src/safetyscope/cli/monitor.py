@@ -18,6 +18,7 @@ from typing import Any
 import typer
 
 from .common import PromptSettings, emit
+from .judge import JUDGES_HELP, parse_judges, render_comparison
 from .settings import Settings, command, opt
 
 
@@ -52,7 +53,9 @@ class EvalSettings(Settings):
     harmful: str = opt("", "Held-out harmful prompts (JSONL/CSV/TXT) the monitor never saw.")
     harmless: str = opt("", "Held-out harmless prompts (JSONL/CSV/TXT) the monitor never saw.")
     attack: str = opt("", "An intervention artifact directory (a direction: ablated by hooks; a neuron set: zeroed) or an edited checkpoint directory (e.g. `direction export`).")
-    max_new_tokens: int = opt(48, "Reply length for the phrase judge.")
+    max_new_tokens: int = opt(48, "Reply length for the judge.")
+    judge: str = opt("", "Judge deciding which harmful prompts were answered: phrase, llm, llm:MODEL, phrase+llm[:MODEL] or module:function (default: the phrase judge with the broken-output detector); refused and broken replies are not answers.")
+    judges: str = opt("", JUDGES_HELP)
     any_model: bool = opt(False, "Allow a model whose name differs from the monitor's (an edited copy of it); dims must match.")
     reanchor: bool = opt(False, "With --attack: also report the attacked replies at a threshold re-anchored on the monitor's own calibration prompts read under the attack (beside the fixed threshold).")
     calibration: str = opt("", "With --reanchor: the harmless prompts the monitor was calibrated on, when they were not the built-in ones.")
@@ -217,6 +220,7 @@ def tamper_line(t: dict[str, Any]) -> str:
 def run_eval(s: EvalSettings) -> dict[str, Any]:
     from ..artifacts.base import load_artifact
     from ..io import write_json
+    from ..measure.judges import load_judge
     from ..methods.monitor import evaluate_monitor
 
     if not s.harmful or not s.harmless:
@@ -228,10 +232,13 @@ def run_eval(s: EvalSettings) -> dict[str, Any]:
     m = _load_monitor(path)
     _check_reanchor(s, m)
     attack = load_artifact(s.attack) if s.attack else None
+    judges = parse_judges(s.judges)
+    judge = load_judge(s.judge, batch_size=s.batch_size) if s.judge else None  # a bad name fails before the model loads
     lm = s.load_model()
     ev = evaluate_monitor(lm, m, s.harmful, s.harmless, attack=attack, attack_name=s.attack or None,
                           max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, system=s.system,
-                          strict=not s.any_model, reanchor=s.reanchor, calibration=s.calibration or None)
+                          strict=not s.any_model, reanchor=s.reanchor, calibration=s.calibration or None,
+                          judge=judge, judges=judges)
     result = {"monitor": str(path), "harmful": s.harmful, "harmless": s.harmless, **ev.to_json()}
     write_json(s.out / "monitor_eval" / "summary.json", result)
     emit(s, result, lambda: _print_eval(result))
@@ -250,8 +257,8 @@ def _print_eval(r: dict[str, Any]) -> None:
         if c.get("tamper"):
             print(f"[{name}] {tamper_line(c['tamper'])}")
         share = c["complied_flagged_share"]
-        print(f"[{name}] harmful prompts answered (judge: {r.get('judge', 'phrase')}): {c['complied']}, flagged by the "
-              f"monitor: {c['complied_flagged']}"
+        print(f"[{name}] harmful prompts answered (judge: {r.get('judge', 'phrase')}; {c.get('broken', 0)} broken "
+              f"replies not counted): {c['complied']}, flagged by the monitor: {c['complied_flagged']}"
               + (f" ({share:.0%})" if share is not None else "")
               + f", alerted (flagged or tamper check): {c.get('complied_alerted', c['complied_flagged'])}")
         if c.get("reanchored"):
@@ -264,6 +271,10 @@ def _print_eval(r: dict[str, Any]) -> None:
             print(f"[{name}] {b}: AUROC {f['auroc']:.3f}, TPR@1%FPR {f['tpr_at_1pct_fpr']:.3f}, TPR "
                   f"{f['tpr_at_threshold']:.3f} / FPR {f['fpr_at_threshold']:.3f}, answered harmful flagged "
                   f"{f['complied_flagged']}")
+        if c.get("judges"):
+            from rich.console import Console
+
+            render_comparison(Console(), {**c["judges"], "names": c["judges"].get("names", {})})
     if r.get("tpr_drop_at_threshold") is not None:
         print(f"TPR drop at the threshold under the attack: {r['tpr_drop_at_threshold']:.3f}")
     if r.get("tpr_drop_at_reanchored_threshold") is not None:

@@ -167,9 +167,6 @@ def compare_judge_specs(specs: Sequence[str], prompts: Sequence[str], replies: S
     ``phrase+llm:MODEL``, ``module:function``; the LLM judges batch ``batch_size`` replies), as JSON with each
     judge's full name under ``names``."""
 
-    judges = {}
-    for spec in specs:
-        llm = spec.partition(":")[0] in ("llm", "phrase+llm")
-        judges[spec] = load_judge(spec, batch_size=batch_size) if llm else load_judge(spec)
+    judges = {spec: load_judge(spec, batch_size=batch_size) for spec in specs}
     res = compare_judges(judges, prompts, replies, groups)
     return {**res.to_dict(), "names": {k: str(getattr(j, "__qualname__", k)) for k, j in judges.items()}}

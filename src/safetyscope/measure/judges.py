@@ -283,7 +283,8 @@ def load_judge(spec: str, **llm_kwargs: Any) -> Callable[[str, str], bool]:
     else ``default``), ``"phrase+llm"`` / ``"phrase+llm:MODEL"`` (the
     :class:`~safetyscope.measure.cascade_judge.CascadeJudge`: detector, phrases, then the LLM asked whether
     the reply gives what was asked), or ``"package.module:function"`` imported and wrapped with
-    :func:`as_judge`.  ``llm_kwargs`` (``batch_size``, ``detector``, ...) go to the LLM judges.
+    :func:`as_judge`.  ``llm_kwargs`` (``batch_size``, ``detector``, ...) go to the LLM judges; the other
+    judges ignore them.
 
     The part after ``:`` may be a dotted attribute path; a class is instantiated without arguments.
     Example -- a local classifier in ``my_judges.py`` on ``sys.path``::
