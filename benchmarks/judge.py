@@ -3,7 +3,7 @@
     python benchmarks/judge.py                      # default model as judge, 32 pairs of the judge set
     python benchmarks/judge.py --model large --pairs 16
     python benchmarks/judge.py --model tiny:llama   # a tiny random model (smoke test)
-    python benchmarks/judge.py --model large --rubric attempt   # the cascade's yes/no stage (phrase+llm)
+    python benchmarks/judge.py --model large --rubric attempt --spread   # the cascade's yes/no stage (phrase+llm)
 
 Three timings, measured side by side in interleaved rounds (median), same batch size:
   judge             LLMJudge.probabilities (default rubric + prompt + reply, one forward pass each, no cache,
@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default", help="judge model spec, or tiny:FAMILY")
     ap.add_argument("--pairs", type=int, default=32, help="pairs of the built-in judge set (the first N)")
+    ap.add_argument("--spread", action="store_true",
+                    help="N pairs evenly spaced over the set instead of the first N (which are all refusals; the "
+                         "cascade would never reach its model)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default="", help="also write the figures here")
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(--judge phrase+llm), also timed as the whole cascade")
     args = ap.parse_args(argv)
     lm = _model(args.model)
-    pairs = load_judge_set()[: args.pairs]
+    pairs = load_judge_set()
+    pairs = pairs[:: max(1, len(pairs) // args.pairs)][: args.pairs] if args.spread else pairs[: args.pairs]
     if args.model.startswith("tiny:"):
         pairs = [p for p in pairs if len(p.prompt) + len(p.reply) < 300]
     prompts, replies = [p.prompt for p in pairs], [p.reply for p in pairs]

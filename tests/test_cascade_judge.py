@@ -88,6 +88,6 @@ def test_benchmark_times_the_cascade_on_a_tiny_model(tmp_path, bench_module):
 
     out = tmp_path / "judge.json"
     assert bench_module("judge").main(["--model", "tiny:llama", "--pairs", "8", "--repeats", "1", "--rubric",
-                                       "attempt", "--json", str(out)]) == 0
+                                       "attempt", "--spread", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["rubric"] == "attempt" and res["cascade_replies_per_second"] > 0 and res["cascade_over_judge"] > 0
