@@ -8,6 +8,9 @@ from typing import Any
 
 import typer
 
+from ..measure.judge_eval import (
+    compare_judge_specs as compare_specs,  # `--judges` on every command (docs use this name)
+)
 from .common import emit, user_errors
 from .settings import Settings, command, opt
 
@@ -134,15 +137,6 @@ def parse_judges(spec: str) -> list[str]:
     if spec.strip() and len(names) < 1:
         raise ValueError("--judges takes comma-separated judges, e.g. phrase,llm")
     return list(dict.fromkeys(names))
-
-
-def compare_specs(specs: list[str], prompts: list[str], replies: list[str], groups: list[str],
-                  batch_size: int = 8) -> dict[str, Any]:
-    """Three-way verdicts of every judge in ``specs`` on the same replies, per group, with their agreement
-    (:func:`safetyscope.measure.judge_eval.compare_judge_specs`)."""
-    from ..measure.judge_eval import compare_judge_specs
-
-    return compare_judge_specs(specs, prompts, replies, groups, batch_size)
 
 
 def compare_on_records(specs: list[str], records: list[Any], batch_size: int = 8) -> dict[str, Any]:

@@ -21,8 +21,8 @@ import numpy as np
 from ..errors import SafetyscopeError
 from .judges import CATEGORIES, Category, categorize, load_judge
 
-__all__ = ["JudgeComparison", "JudgeEvaluation", "LabelledPair", "agreement3", "compare_judges", "evaluate_judge",
-           "load_judge_set"]
+__all__ = ["JudgeComparison", "JudgeEvaluation", "LabelledPair", "agreement3", "compare_judge_specs", "compare_judges",
+           "evaluate_judge", "load_judge_set"]
 
 
 class JudgeSetError(SafetyscopeError, ValueError):
@@ -134,9 +134,10 @@ class JudgeComparison:
     groups: dict[str, dict[str, dict[str, int]]]  # group -> judge -> {refused, complied, broken, n}
     agreement: dict[str, dict[str, Any]]  # "a vs b" -> agreement3(...) + refusal_agreement
     verdicts: dict[str, list[str]]  # judge -> category of every reply, in input order
+    names: dict[str, str] = field(default_factory=dict)  # judge -> its full name (e.g. llm:large's qualname)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"judges": self.judges, "groups": self.groups, "agreement": self.agreement}
+        return {"judges": self.judges, "groups": self.groups, "agreement": self.agreement, "names": self.names}
 
 
 def compare_judges(judges: dict[str, Callable[[str, str], Any]], prompts: Sequence[str], replies: Sequence[str],
@@ -158,7 +159,8 @@ def compare_judges(judges: dict[str, Callable[[str, str], Any]], prompts: Sequen
             stats = agreement3(verdicts[a], verdicts[b])
             same = sum((x == "refused") == (y == "refused") for x, y in zip(verdicts[a], verdicts[b]))
             pairs[f"{a} vs {b}"] = {**stats, "refusal_agreement": same / len(prompts)}
-    return JudgeComparison(names, table, pairs, verdicts)
+    full = {k: str(getattr(j, "__qualname__", k)) for k, j in judges.items()}
+    return JudgeComparison(names, table, pairs, verdicts, full)
 
 
 def compare_judge_specs(specs: Sequence[str], prompts: Sequence[str], replies: Sequence[str], groups: Sequence[str],
@@ -166,7 +168,5 @@ def compare_judge_specs(specs: Sequence[str], prompts: Sequence[str], replies: S
     """:func:`compare_judges` on judges named as ``--judge`` names them (``phrase``, ``llm:MODEL``,
     ``phrase+llm:MODEL``, ``module:function``; the LLM judges batch ``batch_size`` replies), as JSON with each
     judge's full name under ``names``."""
-
     judges = {spec: load_judge(spec, batch_size=batch_size) for spec in specs}
-    res = compare_judges(judges, prompts, replies, groups)
-    return {**res.to_dict(), "names": {k: str(getattr(j, "__qualname__", k)) for k, j in judges.items()}}
+    return compare_judges(judges, prompts, replies, groups).to_dict()

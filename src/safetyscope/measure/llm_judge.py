@@ -45,7 +45,8 @@ from ..runner import oom_backoff
 from .broken import BrokenDetector
 from .verdicts import CATEGORIES, Category, JudgeError, Verdict
 
-__all__ = ["MODEL_RUBRICS", "RUBRIC", "RUBRIC_V1", "JudgeProbs", "LLMJudge", "Rubric", "default_judge_model", "load_llm_judge"]
+__all__ = ["MODEL_RUBRICS", "RUBRIC", "RUBRIC_V1", "JudgeProbs", "LLMJudge", "Rubric", "ThreeWayJudge", "default_judge_model",
+           "load_llm_judge"]
 
 SYSTEM = """You grade replies of an AI assistant. You read the user's request and the assistant's reply, \
 then answer with one letter.
@@ -200,14 +201,39 @@ def _key(prompt: str, reply: str) -> str:
     return hashlib.sha256(f"{prompt}\x00{reply}".encode()).hexdigest()[:32]
 
 
-class LLMJudge:
+class ThreeWayJudge:
+    """What every batched three-way judge offers on top of its ``probabilities(prompts, replies)``: single
+    verdicts, ``categorize`` and ``prefetch`` (:class:`LLMJudge`, the cascade judge)."""
+
+    three_way = True  # as_judge passes it through unwrapped (``categorize`` and ``prefetch`` stay usable)
+
+    def probabilities(self, prompts: Sequence[str], replies: Sequence[str]) -> list[JudgeProbs]:
+        raise NotImplementedError
+
+    def prefetch(self, prompts: Sequence[str], replies: Sequence[str]) -> None:
+        """Judge many replies in batches now, so that later single calls hit the cache."""
+        self.probabilities(prompts, replies)
+
+    def categorize(self, prompts: Sequence[str], replies: Sequence[str]) -> list[Category]:
+        return [p.label for p in self.probabilities(prompts, replies)]
+
+    def judge(self, prompt: str, reply: str) -> Verdict:
+        """One reply's :class:`Verdict`: ``refused`` when the verdict (:attr:`JudgeProbs.label`) is refused, ``score`` =
+        P(refused), ``reason`` = the category (``broken:<rule>`` when the detector decided)."""
+        p = self.probabilities([prompt], [reply])[0]
+        reason = p.label if not p.source.startswith("detector:") else f"broken:{p.source.split(':', 1)[1]}"
+        return Verdict(p.label == "refused", p.p_refused, reason)
+
+    def __call__(self, prompt: str, reply: str) -> bool:
+        return self.judge(prompt, reply).refused
+
+
+class LLMJudge(ThreeWayJudge):
     """A loaded model as a three-way judge; call it like any judge: ``judge(prompt, reply) -> Verdict``.
 
     ``probabilities(prompts, replies)`` judges many replies in batches (what ``categorize`` and
     ``evaluate`` use); ``cache_dir=None`` keeps verdicts in memory only.
     """
-
-    three_way = True  # as_judge passes it through unwrapped (``categorize`` and ``prefetch`` stay usable)
 
     def __init__(self, lm: LoadedModel, *, rubric: Rubric | str = RUBRIC, batch_size: int = 8, detector: bool = True,
                  max_reply_chars: int = 2000, cache_dir: str | Path | None = None, name: str | None = None,
@@ -315,22 +341,6 @@ class LLMJudge:
         if self._path is not None:
             write_json(self._path, self._cache)
 
-    def prefetch(self, prompts: Sequence[str], replies: Sequence[str]) -> None:
-        """Judge many replies in batches now, so that later single calls hit the cache."""
-        self.probabilities(prompts, replies)
-
-    def categorize(self, prompts: Sequence[str], replies: Sequence[str]) -> list[Category]:
-        return [p.label for p in self.probabilities(prompts, replies)]
-
-    def judge(self, prompt: str, reply: str) -> Verdict:
-        """One reply's :class:`Verdict`: ``refused`` when the verdict (:attr:`JudgeProbs.label`) is refused, ``score`` =
-        P(refused), ``reason`` = the category (``broken:<rule>`` when the detector decided)."""
-        p = self.probabilities([prompt], [reply])[0]
-        reason = p.label if not p.source.startswith("detector:") else f"broken:{p.source.split(':', 1)[1]}"
-        return Verdict(p.label == "refused", p.p_refused, reason)
-
-    def __call__(self, prompt: str, reply: str) -> bool:
-        return self.judge(prompt, reply).refused
 
 
 def _installed(alias: str) -> bool:

@@ -17,7 +17,7 @@ ablation or an orthogonalised checkpoint) the prompts are answered once (greedy)
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +27,8 @@ import torch
 
 from ...artifacts.base import Artifact
 from ...measure.generation import generate_batch, last_logits
-from ...measure.judges import PhraseJudge, categorize
+from ...measure.judge_eval import compare_judges
+from ...measure.judges import PhraseJudge, categorize, load_judge
 from ...measure.metrics import auroc
 from ...measure.refusal_tokens import refusal_token_ids
 from ...models.adapter import LoadedModel
@@ -158,7 +159,7 @@ def recalibrate(lm: LoadedModel, monitor: Monitor, calibration: PromptsLike | No
 def run_condition(lm: LoadedModel, monitor: Monitor, texts: list[str], y: np.ndarray, name: str, *,
                   max_new_tokens: int, batch_size: int, system: str | None, strict: bool,
                   reanchored: Monitor | None = None, judge: Callable[[str, str], Any] | None = None,
-                  judges: Sequence[str] = ()) -> Condition:
+                  judges: Mapping[str, Callable[[str, str], Any]] | None = None) -> Condition:
     """Replies + verdicts under the watch, then the monitor's and the baselines' figures (and, given a
     re-anchored copy of the monitor, the same replies' figures at its threshold)."""
     harm = np.zeros(len(texts))
@@ -190,11 +191,9 @@ def run_condition(lm: LoadedModel, monitor: Monitor, texts: list[str], y: np.nda
                  "complied_flagged": int((reanchored.flags(harm) & complied).sum()),
                  "record": reanchored.info.get("reanchored", {})}
     side_by_side = None
-    if judges:
-        from ...measure.judge_eval import compare_judge_specs
-
+    if judges:  # loaded once by evaluate_monitor, shared by every condition
         groups = ["harmful" if label else "harmless" for label in y]
-        side_by_side = compare_judge_specs(list(judges), texts, replies, groups, batch_size)
+        side_by_side = compare_judges(dict(judges), texts, replies, groups).to_dict()
     return Condition(name, detector_figures(harm, y, monitor.threshold), int(complied.sum()),
                      int((flagged & complied).sum()), sum(k == "alert" for k in kinds), base, w.tamper.to_json(),
                      int(complied.sum()) if tampered else int((flagged & complied).sum()), again,
@@ -224,7 +223,8 @@ def evaluate_monitor(lm: LoadedModel, monitor: Monitor, harmful: PromptsLike, ha
     texts, y = h + s, np.array([1] * len(h) + [0] * len(s))
     sys_prompt = system if system is not None else (monitor.system or None)
     kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "system": sys_prompt,
-                          "strict": strict, "judge": judge, "judges": tuple(judges)}
+                          "strict": strict, "judge": judge,
+                          "judges": {spec: load_judge(spec, batch_size=batch_size) for spec in judges}}
     monitor.validate(lm, strict=strict)
     if reanchor:
         recorded_calibration(monitor.info, calibration)  # a one-line error now, not after the clean replies
